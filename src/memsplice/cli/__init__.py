@@ -1,0 +1,1 @@
+"""The `memsplice` command line. The library never imports this package."""

@@ -1,0 +1,105 @@
+"""`MemoryConfig`: the memory's architecture, saved as JSON beside its safetensors.
+
+Run arguments (training, evaluation) live in their own dataclasses; this holds only what defines the weights and
+how they are read. Every field is validated in `__post_init__`, and an error names the bad field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+CONFIG_NAME = "memsplice_config.json"
+
+
+@dataclass
+class MemoryConfig:
+    num_slots: int = 16
+    """M: latent slots the encoder emits, i.e. memory positions spliced into the reasoner's cache."""
+    max_memory_tokens: int = 512
+    """L_m: the most tokens the encoder reads in one call (longer input must be chunked or evicted first)."""
+    encoder_layers: int = 4
+    """Depth of the memory transformer."""
+    encoder_width: int = 384
+    """Width of the memory transformer (its input and output are projected from/to the reasoner's width)."""
+    encoder_heads: int = 6
+    """Attention heads of the memory transformer; must divide `encoder_width`."""
+    encoder_mlp_ratio: float = 2.75
+    """Hidden width of the encoder's SwiGLU MLP, as a multiple of `encoder_width`."""
+    dropout: float = 0.0
+    """Dropout inside the encoder (training only)."""
+    operator: str = "prepend_kv"
+    """Injection operator: "prepend_kv", "layer_concat" or "prepend_embed" (see memsplice.inject)."""
+    target_layers: list[int] | None = None
+    """layer_concat only: reasoner layers that receive memory (default: the lower half)."""
+    kv_init: str = "reasoner"
+    """prepend_kv / layer_concat: start projections from the reasoner's own k/v projections, or "random"."""
+    gate_init_bias: float = 2.0
+    """Initial bias of the gate W_g; sigmoid(2) = 0.88, so fresh memory starts mostly open."""
+    max_latent_norm: float = 1000.0
+    """Safety bound: a row with a slot whose L2 norm exceeds this (or any non-finite value) is not injected."""
+    latent_norm_clip: float | None = None
+    """Privacy option: rescale each slot to at most this L2 norm before injection (None: no clipping)."""
+    embed_warmup_updates: int = 1000
+    """N: the token embedding stays tied to (and frozen as) the reasoner's for this many optimizer updates."""
+    reasoner_name: str | None = None
+    """Recorded on save: which reasoner this memory was trained for."""
+    reasoner_fingerprint: str | None = None
+    """Recorded on save: float32 weight hash of that reasoner; loading onto another reasoner is refused."""
+    reasoner_hidden_size: int | None = None
+    reasoner_vocab_size: int | None = None
+    extra: dict = field(default_factory=dict)
+    """Free-form notes (e.g. the training command); never read by the model."""
+
+    def __post_init__(self):
+        from ..inject.registry import OPERATORS
+
+        def need(cond: bool, name: str, msg: str):
+            if not cond:
+                raise ValueError(f"MemoryConfig.{name}: {msg} (got {getattr(self, name)!r})")
+
+        for name in ("num_slots", "max_memory_tokens", "encoder_layers", "encoder_width", "encoder_heads"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(self.encoder_width % self.encoder_heads == 0, "encoder_width", "must be divisible by encoder_heads")
+        need((self.encoder_width // self.encoder_heads) % 2 == 0, "encoder_heads", "head width must be even")
+        need(self.encoder_mlp_ratio > 0, "encoder_mlp_ratio", "must be positive")
+        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(self.operator in OPERATORS, "operator", f"must be one of {sorted(OPERATORS)}")
+        need(self.kv_init in ("reasoner", "random"), "kv_init", 'must be "reasoner" or "random"')
+        need(self.max_latent_norm > 0, "max_latent_norm", "must be positive")
+        need(self.latent_norm_clip is None or self.latent_norm_clip > 0, "latent_norm_clip", "must be positive or None")
+        need(isinstance(self.embed_warmup_updates, int) and self.embed_warmup_updates >= 0, "embed_warmup_updates",
+             "must be a non-negative integer")
+        if self.target_layers is not None:
+            need(all(isinstance(i, int) for i in self.target_layers) and len(self.target_layers) > 0,
+                 "target_layers", "must be a non-empty list of layer indices")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MemoryConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MemoryConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MemoryConfig:
+        path = Path(directory) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{directory} is not a memsplice checkpoint: {CONFIG_NAME} is missing") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
