@@ -1,0 +1,1 @@
+"""Benchmarks behind `memsplice bench <name>`; shared result recording in `memsplice.bench.record`."""
