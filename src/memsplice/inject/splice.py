@@ -58,6 +58,24 @@ def forward_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torch
     )
 
 
+def hidden_states_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              memory: MemoryKV | None = None, **kwargs) -> torch.Tensor:
+    """Final hidden states (B, T, d) of the reasoner's decoder with `memory` in front, without the LM head.
+
+    Training losses that need logits at a few positions only apply `reasoner.model.get_output_embeddings()` to
+    those positions, which avoids materialising (B, T, vocab) logits.
+    """
+    attention_mask = _check_inputs(input_ids, attention_mask, memory)
+    if memory is None or not memory.any_live:
+        return reasoner.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                **kwargs).last_hidden_state
+    full_mask, positions = splice_masks(memory, attention_mask)
+    return reasoner.decoder(
+        input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=memory.to_cache(),
+        use_cache=True, memory_gate_bias=_model_dtype_bias(memory, reasoner), **kwargs,
+    ).last_hidden_state
+
+
 def generate_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          memory: MemoryKV | None = None, **generate_kwargs) -> torch.Tensor:
     """`reasoner.model.generate()` with `memory` in front; returns (B * num_return_sequences, T + new) token ids.
