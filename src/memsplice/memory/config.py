@@ -29,6 +29,12 @@ class MemoryConfig:
     """Hidden width of the encoder's SwiGLU MLP, as a multiple of `encoder_width`."""
     dropout: float = 0.0
     """Dropout inside the encoder (training only)."""
+    encoder_type: str = "transformer"
+    """"transformer": the zero-pretrained MemoryEncoder. "causal_pool": no encoder weights at all; the latents are
+    the reasoner's own final hidden states of the input, mean-pooled over M contiguous chunks (a baseline)."""
+    encoder_init: str = "random"
+    """"random": zero-pretrained. "reasoner": encoder blocks start as copies of the reasoner's first layers (needs
+    encoder_width, encoder_heads and encoder_mlp_ratio equal to the reasoner's; an ablation of the language prior)."""
     operator: str = "prepend_kv"
     """Injection operator: "prepend_kv", "layer_concat" or "prepend_embed" (see memsplice.inject)."""
     target_layers: list[int] | None = None
@@ -67,6 +73,9 @@ class MemoryConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.operator in OPERATORS, "operator", f"must be one of {sorted(OPERATORS)}")
         need(self.kv_init in ("reasoner", "random"), "kv_init", 'must be "reasoner" or "random"')
+        need(self.encoder_type in ("transformer", "causal_pool"), "encoder_type",
+             'must be "transformer" or "causal_pool"')
+        need(self.encoder_init in ("random", "reasoner"), "encoder_init", 'must be "random" or "reasoner"')
         need(self.max_latent_norm > 0, "max_latent_norm", "must be positive")
         need(self.latent_norm_clip is None or self.latent_norm_clip > 0, "latent_norm_clip", "must be positive or None")
         need(isinstance(self.embed_warmup_updates, int) and self.embed_warmup_updates >= 0, "embed_warmup_updates",

@@ -8,6 +8,13 @@ are the latents z (B, M, d).
 Initialisation is random everywhere except the token embedding, which starts *tied* to the reasoner's embedding
 matrix: while tied it is the reasoner's tensor itself (no copy, no gradient). `untie_embedding()` turns it into a
 trainable float32 copy; the training loop does that after `embed_warmup_updates` optimizer updates.
+
+Two variants serve as baselines, chosen by `MemoryConfig.encoder_type` / `encoder_init` through `build_encoder`:
+- `encoder_init="reasoner"` starts the blocks as copies of the reasoner's first layers (the language-prior
+  ablation). The copy is as close as the architectures allow: the encoder is bidirectional and has learned absolute
+  positions instead of RoPE, and attention biases (Qwen2) are not carried over.
+- `encoder_type="causal_pool"` (`CausalPoolEncoder`) has no weights: its latents are the reasoner's own final
+  hidden states of the input, mean-pooled over M contiguous chunks.
 """
 
 from __future__ import annotations
@@ -115,3 +122,110 @@ class MemoryEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, key_mask)
         return self.out_proj(self.final_norm(x[:, t:]))  # (B, M, d)
+
+    @torch.no_grad()
+    def init_from_reasoner(self, reasoner) -> None:
+        """Copy the reasoner's first `len(self.blocks)` layers into the blocks (see the module docstring).
+
+        The encoder must have the reasoner's width, query heads and MLP width; in/out projections start as the
+        identity and the final norm as the reasoner's.
+        """
+        s = reasoner.shapes
+        w = self.in_proj.out_features
+        block = self.blocks[0]
+        hidden = block.down.in_features
+        layers = reasoner.decoder.layers
+        problems = []
+        if w != s.hidden_size:
+            problems.append(f"encoder_width={w} must equal the reasoner's hidden size {s.hidden_size}")
+        if block.heads != s.num_heads or w // block.heads != s.head_dim:
+            problems.append(f"encoder_heads={block.heads} must equal the reasoner's {s.num_heads} query heads")
+        mlp = getattr(layers[0], "mlp", None)
+        if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            problems.append(f"{s.model_type} layers have no gated MLP to copy")
+        elif hidden != mlp.gate_proj.out_features:
+            problems.append(f"encoder MLP width {hidden} must equal the reasoner's {mlp.gate_proj.out_features} "
+                            f"(encoder_mlp_ratio={mlp.gate_proj.out_features / w!r})")
+        if len(self.blocks) > len(layers):
+            problems.append(f"encoder_layers={len(self.blocks)} exceeds the reasoner's {len(layers)} layers")
+        if problems:
+            raise ValueError("encoder_init='reasoner' needs an encoder shaped like the reasoner: " + "; ".join(problems))
+        rep = s.num_heads // s.num_kv_heads
+        for mine, theirs in zip(self.blocks, layers, strict=False):
+            attn = theirs.self_attn
+            k = attn.k_proj.weight.float().view(s.num_kv_heads, s.head_dim, -1).repeat_interleave(rep, 0)
+            v = attn.v_proj.weight.float().view(s.num_kv_heads, s.head_dim, -1).repeat_interleave(rep, 0)
+            mine.qkv.weight.copy_(torch.cat([attn.q_proj.weight.float(), k.reshape(w, -1), v.reshape(w, -1)]))
+            mine.out.weight.copy_(attn.o_proj.weight.float())
+            mine.gate_up.weight.copy_(torch.cat([theirs.mlp.gate_proj.weight.float(), theirs.mlp.up_proj.weight.float()]))
+            mine.down.weight.copy_(theirs.mlp.down_proj.weight.float())
+            mine.attn_norm.weight.copy_(theirs.input_layernorm.weight.float())
+            mine.mlp_norm.weight.copy_(theirs.post_attention_layernorm.weight.float())
+        self.in_proj.weight.copy_(torch.eye(w))
+        self.out_proj.weight.copy_(torch.eye(w))
+        norm = getattr(reasoner.decoder, "norm", None)
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            self.final_norm.weight.copy_(norm.weight.float())
+
+
+class CausalPoolEncoder(nn.Module):
+    """Latents from the reasoner's own causal hidden states: no trainable weights (a baseline, not a memory).
+
+    The reasoner reads the input as ordinary text; its final hidden states (B, T, d) are mean-pooled over M
+    contiguous chunks of each row's tokens (a row shorter than M repeats tokens) into latents (B, M, d).
+    """
+
+    def __init__(self, config, reasoner):
+        super().__init__()
+        self.num_slots = config.num_slots
+        self.max_tokens = config.max_memory_tokens
+        self.vocab_size = reasoner.shapes.vocab_size
+        self.__dict__["reasoner"] = reasoner
+        self.token_embedding = None
+
+    @property
+    def embedding_tied(self) -> bool:
+        return True
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.reasoner.embedding_weight
+
+    def untie_embedding(self):
+        raise ValueError("the causal-pool encoder reads through the frozen reasoner; it has no embedding to untie")
+
+    def pooling_weights(self, lengths: torch.Tensor, t: int) -> torch.Tensor:
+        """(B, M, T) averaging weights: slot j covers tokens [j*n/M, (j+1)*n/M) of a row with n tokens."""
+        m = self.num_slots
+        j = torch.arange(m, device=lengths.device, dtype=torch.float64)
+        n = lengths.to(torch.float64)[:, None]  # (B, 1)
+        start = torch.floor(j[None] * n / m).long()  # (B, M)
+        end = torch.maximum(torch.floor((j[None] + 1) * n / m).long(), start + 1)
+        pos = torch.arange(t, device=lengths.device)
+        inside = (pos[None, None] >= start[..., None]) & (pos[None, None] < end[..., None])  # (B, M, T)
+        weights = inside.float()
+        return weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t = input_ids.shape
+        if t > self.max_tokens:
+            raise ValueError(f"memory input has {t} tokens; the encoder reads at most {self.max_tokens} "
+                             "(max_memory_tokens): chunk or evict first")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.long().sum(1).clamp(min=1)
+        if bool((attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any()):
+            raise ValueError("the causal-pool encoder needs right-padded input (ones, then zeros)")
+        with torch.no_grad():
+            hidden = self.reasoner.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                           use_cache=False).last_hidden_state  # (B, T, d)
+        return torch.bmm(self.pooling_weights(lengths, t), hidden.float())  # (B, M, d)
+
+
+def build_encoder(config, reasoner) -> nn.Module:
+    """The encoder `config` asks for, bound to `reasoner` (see the module docstring)."""
+    if config.encoder_type == "causal_pool":
+        return CausalPoolEncoder(config, reasoner)
+    encoder = MemoryEncoder(config, reasoner.embedding_weight)
+    if config.encoder_init == "reasoner":
+        encoder.init_from_reasoner(reasoner)
+    return encoder

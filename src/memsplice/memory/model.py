@@ -32,7 +32,7 @@ from ..inject.memory_kv import MemoryKV
 from ..inject.registry import get_operator
 from ..inject.splice import forward_with_memory, generate_with_memory
 from .config import CONFIG_NAME, MemoryConfig
-from .encoder import MemoryEncoder
+from .encoder import build_encoder
 from .safety import NON_FINITE_KV, FallbackEvent, FallbackLog, check_latents
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class MemoryModel(nn.Module):
         config.reasoner_hidden_size, config.reasoner_vocab_size = s.hidden_size, s.vocab_size
         self.config = config
         self.__dict__["reasoner"] = reasoner  # not a submodule: never trained, never saved
-        self.encoder = MemoryEncoder(config, reasoner.embedding_weight)
+        self.encoder = build_encoder(config, reasoner)
         self.gate = nn.Linear(s.hidden_size, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, config.gate_init_bias)
@@ -255,7 +255,7 @@ class MemoryModel(nn.Module):
                 "for this one."
             )
         weight_fields = {"num_slots", "max_memory_tokens", "encoder_layers", "encoder_width", "encoder_heads",
-                         "encoder_mlp_ratio", "operator", "target_layers"}
+                         "encoder_mlp_ratio", "operator", "target_layers", "encoder_type"}
         if bad := sorted(set(overrides) & weight_fields):
             raise ValueError(f"cannot override {bad} at load time: they define the weights")
         for k, v in overrides.items():

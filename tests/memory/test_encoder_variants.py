@@ -1,0 +1,93 @@
+"""The baseline encoders: causal pooling of the reasoner's own states, and an encoder initialised from its layers."""
+
+import pytest
+import torch
+
+from memsplice.memory import CausalPoolEncoder, MemoryConfig, MemoryModel
+from tiny import tiny_reasoner
+
+
+def test_causal_pool_latents_are_chunk_means_of_reasoner_states():
+    reasoner = tiny_reasoner("llama")
+    memory = MemoryModel(
+        MemoryConfig(num_slots=4, max_memory_tokens=64, encoder_type="causal_pool"), reasoner
+    )
+    assert isinstance(memory.encoder, CausalPoolEncoder)
+    assert not any(n.startswith("encoder.") for n, _ in memory.named_parameters())
+    ids = torch.randint(3, 300, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # row 1 has 6 tokens
+    z = memory.encode(ids, mask)
+    hidden = reasoner.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(z[0, 1], hidden[0, 2:4].mean(0))
+    # 6 tokens into 4 slots: chunks [0,1) [1,3) [3,4) [4,6)
+    torch.testing.assert_close(z[1, 1], hidden[1, 1:3].mean(0))
+    torch.testing.assert_close(z[1, 3], hidden[1, 4:6].mean(0))
+    # fewer tokens than slots still fills every slot from the row's own tokens
+    short = memory.encode(ids[:1, :2])
+    assert torch.isfinite(short).all()
+
+
+def test_causal_pool_refuses_left_padding():
+    memory = MemoryModel(
+        MemoryConfig(num_slots=2, max_memory_tokens=64, encoder_type="causal_pool"), tiny_reasoner("llama")
+    )
+    with pytest.raises(ValueError, match="right-padded"):
+        memory.encode(torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 1, 1, 1]]))
+
+
+def test_causal_pool_checkpoint_round_trip(tmp_path):
+    reasoner = tiny_reasoner("llama")
+    memory = MemoryModel(
+        MemoryConfig(num_slots=2, max_memory_tokens=64, encoder_type="causal_pool"), reasoner
+    )
+    with torch.no_grad():
+        memory.operator.key_bias.add_(0.5)
+    memory.save_pretrained(tmp_path / "ckpt")
+    loaded = MemoryModel.from_pretrained(tmp_path / "ckpt", reasoner=reasoner)
+    ids = torch.randint(3, 300, (1, 6))
+    torch.testing.assert_close(loaded.write(ids).kv.keys[0], memory.write(ids).kv.keys[0])
+
+
+def test_reasoner_init_copies_the_first_layers():
+    reasoner = tiny_reasoner("llama")
+    s = reasoner.shapes
+    mlp_width = reasoner.decoder.layers[0].mlp.gate_proj.out_features
+    cfg = MemoryConfig(
+        num_slots=2,
+        max_memory_tokens=64,
+        encoder_layers=2,
+        encoder_width=s.hidden_size,
+        encoder_heads=s.num_heads,
+        encoder_mlp_ratio=mlp_width / s.hidden_size,
+        encoder_init="reasoner",
+    )
+    memory = MemoryModel(cfg, reasoner)
+    x = torch.randn(3, 5, s.hidden_size)
+    for mine, theirs in zip(memory.encoder.blocks, reasoner.decoder.layers, strict=False):
+        gate, up = mine.gate_up(x).chunk(2, dim=-1)
+        torch.testing.assert_close(mine.down(torch.nn.functional.silu(gate) * up), theirs.mlp(x))
+        q, k, v = mine.qkv(x).chunk(3, dim=-1)
+        torch.testing.assert_close(q, theirs.self_attn.q_proj(x))
+        rep = s.num_heads // s.num_kv_heads
+        kv_k = theirs.self_attn.k_proj(x).view(3, 5, s.num_kv_heads, s.head_dim).repeat_interleave(rep, 2)
+        torch.testing.assert_close(k, kv_k.reshape(3, 5, -1))
+    random = MemoryModel(
+        MemoryConfig(
+            **{**cfg.to_dict(), "encoder_init": "random", "reasoner_name": None, "reasoner_fingerprint": None}
+        ),
+        reasoner,
+    )
+    assert not torch.equal(random.encoder.blocks[0].qkv.weight, memory.encoder.blocks[0].qkv.weight)
+
+
+def test_reasoner_init_names_the_mismatched_field():
+    with pytest.raises(ValueError, match="encoder_width"):
+        MemoryModel(
+            MemoryConfig(
+                num_slots=2, max_memory_tokens=64, encoder_width=32, encoder_heads=2, encoder_init="reasoner"
+            ),
+            tiny_reasoner("llama"),
+        )
+    with pytest.raises(ValueError, match="encoder_init"):
+        MemoryConfig(encoder_init="pretrained")
