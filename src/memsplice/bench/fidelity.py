@@ -1,0 +1,142 @@
+"""`memsplice bench fidelity`: held-out reconstruction at 4x-32x compression, next to the baselines.
+
+For each passage length (default 64, 128, 256 and 512 tokens, i.e. 4x-32x into 16 slots) and each system, the
+teacher-forced token accuracy and exact-match rate of regenerating held-out passages (see memsplice.train.evaluate):
+    latent      a trained memory checkpoint (one row per --checkpoint; each names its injection operator)
+    floor       the reasoner with no memory at all, reading the same instruction and passage
+    causal      --causal: a memory whose latents are the reasoner's own hidden states, pooled into slots
+    prior_init  --prior: a memory whose encoder started from the reasoner's layers instead of at random
+Passages come from the held-out side of the fixed corpus split, never trained on, identical for every system.
+With --save the numbers go to benchmarks/results/formation-fidelity.json and to summary.json under "formation".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SYSTEM_ORDER = ("latent", "floor", "causal", "prior_init")
+
+
+def add_arguments(p) -> None:
+    from ..cli.common import add_reasoner_flags
+
+    p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                   help="trained memory checkpoint (repeatable, e.g. one per injection operator; default: the "
+                        "checkpoint shipped for SmolLM2-135M-Instruct)")
+    p.add_argument("--causal", default=None, metavar="DIR", help="causal-embedding baseline checkpoint")
+    p.add_argument("--prior", default=None, metavar="DIR", help="language-prior (reasoner-initialised) checkpoint")
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="passage lengths in tokens")
+    p.add_argument("--passages", type=int, default=128, help="held-out passages per length")
+    p.add_argument("--batch-rows", type=int, default=32, help="passages per forward pass")
+    p.add_argument("--data", default=None, metavar="DIR", help="corpus directory (default: $MEMSPLICE_DATA)")
+    p.add_argument("--sources", nargs="+", default=None,
+                   help="corpora for held-out passages (default: those the first checkpoint was trained on)")
+    p.add_argument("--train-run", default=None, metavar="DIR",
+                   help="a training run directory whose summary.json throughput goes into the saved summary")
+    p.add_argument("--save", action="store_true", help="save under benchmarks/results/ and update summary.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_reasoner_flags(p)
+
+
+def _load(directory, reasoner):
+    from ..memory.model import MemoryModel
+
+    memory = MemoryModel.from_pretrained(directory, reasoner=reasoner)
+    memory.eval()
+    return memory
+
+
+def run(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..checkpoints import default_checkpoint_dir
+    from ..cli.common import load_reasoner_from
+    from ..train.config import DataArgs
+    from ..train.data import corpus_tokens, heldout_passages
+    from ..train.evaluate import reconstruction_fidelity
+
+    checkpoints = [Path(c) for c in args.checkpoint] or [default_checkpoint_dir()]
+    for c in [*checkpoints, *(Path(x) for x in (args.causal, args.prior) if x)]:
+        if not c.is_dir():
+            raise FileNotFoundError(f"no memory checkpoint at {c}")
+    if args.passages < 1 or args.batch_rows < 1 or any(n < 2 for n in args.lengths):
+        raise ValueError("--passages and --batch-rows must be >= 1 and --lengths >= 2")
+    reasoner = load_reasoner_from(args)
+    tok = reasoner.require_tokenizer()
+    systems: list[tuple[str, str, object]] = []  # (system, label, memory)
+    for c in checkpoints:
+        m = _load(c, reasoner)
+        systems.append(("latent", f"latent:{m.config.operator}", m))
+    systems.append(("floor", "floor", None))
+    if args.causal:
+        systems.append(("causal", "causal", _load(args.causal, reasoner)))
+    if args.prior:
+        systems.append(("prior_init", "prior_init", _load(args.prior, reasoner)))
+    first = systems[0][2]
+    extra = first.config.extra or {}
+    sources = args.sources or extra.get("data_sources") or DataArgs().sources
+    instruction_text = extra.get("instruction") or DataArgs().instruction
+    instruction = torch.tensor(tok(instruction_text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    heldout = corpus_tokens(tok, DataArgs(root=args.data, sources=list(sources)), "heldout")
+    slots = first.config.num_slots
+    too_long = [n for n in args.lengths if n > min(m.config.max_memory_tokens for _, _, m in systems if m)]
+    if too_long:
+        raise ValueError(f"--lengths {too_long} exceed what the checkpoints read (max_memory_tokens)")
+
+    rows = []
+    total = len(args.lengths) * len(systems) * args.passages
+    with tqdm(total=total, desc="fidelity", unit="passage", disable=args.json) as bar:
+        for n in args.lengths:
+            passages = heldout_passages(heldout, n, args.passages)
+            for system, label, memory in systems:
+                m = memory.config.num_slots if memory is not None else slots
+                f = reconstruction_fidelity(reasoner, memory, passages, instruction, batch_rows=args.batch_rows,
+                                            progress=bar)
+                rows.append({"length": n, "slots": m, "compression": f"{n // m}x" if n % m == 0 else f"{n / m:.1f}x",
+                             "system": system, "label": label, **f.to_dict()})
+    result = {"reasoner": reasoner.name, "instruction": instruction_text, "sources": list(sources),
+              "passages_per_length": args.passages, "checkpoints": [str(c) for c in checkpoints],
+              "causal": args.causal, "prior": args.prior, "rows": rows}
+    if args.save:
+        from .record import save_result, update_summary
+
+        save_result("formation-fidelity", result, device=reasoner.device)
+        update_summary("formation", _summary(rows, args.train_run), device=reasoner.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"held-out reconstruction, {args.passages} passages per length ({reasoner.name})")
+        print(f"{'length':>6} {'ratio':>6}  {'system':<22} {'token acc':>9} {'exact':>7}")
+        for r in rows:
+            print(f"{r['length']:>6} {r['compression']:>6}  {r['label']:<22} {100 * r['token_accuracy']:>8.2f}% "
+                  f"{100 * r['exact_match']:>6.1f}%")
+    return 0
+
+
+def _summary(rows: list[dict], train_run: str | None) -> dict:
+    """{"4x": {"latent": best operator, "floor", "causal", "prior_init"}, ..., throughput} for summary.json."""
+    out: dict = {}
+    latent_slots = next(r["slots"] for r in rows if r["system"] == "latent")
+    for r in rows:
+        key = f"{r['length'] // latent_slots}x"
+        entry = out.setdefault(key, {})
+        name = r["system"]
+        if name == "latent":
+            if r["token_accuracy"] >= entry.get("latent", -1.0):
+                entry["latent"] = r["token_accuracy"]
+                entry["latent_operator"] = r["label"].split(":", 1)[1]
+                entry["latent_exact_match"] = r["exact_match"]
+        else:
+            entry[name] = r["token_accuracy"]
+    if train_run:
+        path = Path(train_run) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--train-run {train_run} has no summary.json")
+        throughput = json.loads(path.read_text()).get("throughput", {})
+        if "tokens_per_s" in throughput:
+            out["train_tokens_per_s"] = throughput["tokens_per_s"]
+        if "mfu" in throughput:
+            out["train_mfu"] = throughput["mfu"]
+    return out

@@ -1,0 +1,92 @@
+"""Fused gated attention for training: memory, gate and causal mask in one SDPA kernel call.
+
+The core's gated attention (`memsplice.inject.attention`) adds `log g` to the memory columns of a materialised
+float mask (B, 1, T, M+T) in every layer. That is exact for any layout, but a float mask that carries a gradient
+keeps SDPA off its fastest kernels. Training batches have a fixed layout: every row's memory is live, the text is
+unpadded, and text token i sees all M memory slots and text tokens <= i. For that layout this module computes the
+same attention with no mask tensor at all:
+
+- the mask is the lower-right-aligned causal mask of a (T, M+T) score matrix (`causal_lower_right`), which SDPA
+  runs in the flash or memory-efficient kernel;
+- the gate becomes one extra key dimension: queries get a constant 1 there, memory keys get log(g) / scale and text
+  keys 0, so every score gains exactly log(g) on memory columns (gradients reach the gate through the keys). Head
+  dims are zero-padded by `EXTRA_DIMS` so they stay a multiple of 8.
+
+Guarantee: inside `fused_memory_attention(reasoner)`, a forward pass with `memory_gate_bias` computes what the core
+gated attention computes for that layout (tests/train/test_fused_attention.py checks logits and gradients against
+it); a forward pass without memory is the stock attention, unchanged. Callers must only use it for the layout above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from ..compat import attention_registries, base_attention_function, set_attention_implementation
+from ..inject.attention import GATED_PREFIX
+
+FUSED_NAME = "memsplice_fused_training"
+EXTRA_DIMS = 8
+GATE_FLOOR = -1e4
+"""log g below this counts as a closed slot (a finite stand-in for -inf, so no 0 * inf reaches the gradients)."""
+_registered = False
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if n == 1 else x.repeat_interleave(n, dim=1)
+
+
+def fused_gated_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, memory_gate_bias: torch.Tensor | None = None, **kwargs):
+    """query (B, Hq, T, D); key, value (B, H, M+T, D) with memory first; memory_gate_bias (B, L, M)."""
+    if memory_gate_bias is None:
+        return base_attention_function("sdpa")(module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
+    b, hq, t, d = query.shape
+    hk, s = key.shape[1], key.shape[2]
+    m = s - t
+    assert memory_gate_bias.shape[-1] == m, "fused attention needs the memory at the front of the cache"
+    scale = scaling if scaling is not None else d**-0.5
+    bias = memory_gate_bias[:, module.layer_idx].clamp(min=GATE_FLOOR).to(query.dtype) / scale  # (B, M)
+    key_extra = torch.cat([bias, bias.new_zeros(b, t)], dim=1)  # (B, M+T)
+    q = torch.cat([query, query.new_ones(b, hq, t, 1), query.new_zeros(b, hq, t, EXTRA_DIMS - 1)], dim=-1)
+    k = torch.cat([key, key_extra[:, None, :, None].expand(b, hk, s, 1), key.new_zeros(b, hk, s, EXTRA_DIMS - 1)],
+                  dim=-1)  # (B, H, M+T, D+8)
+    v = F.pad(value, (0, EXTRA_DIMS))
+    rep = hq // hk
+    out = F.scaled_dot_product_attention(
+        q, _repeat_kv(k, rep), _repeat_kv(v, rep), attn_mask=causal_lower_right(t, s),
+        dropout_p=dropout if module.training else 0.0, scale=scale,
+    )  # (B, Hq, T, D+8)
+    return out[..., :d].transpose(1, 2).contiguous(), None
+
+
+def register_fused_attention() -> str:
+    global _registered
+    if not _registered:
+        functions, masks = attention_registries()
+        functions.register(FUSED_NAME, fused_gated_attention)
+        masks.register(FUSED_NAME, masks["sdpa"])  # built by the model, never read by the fused kernel
+        _registered = True
+    return FUSED_NAME
+
+
+@contextlib.contextmanager
+def fused_memory_attention(reasoner, enabled: bool = True):
+    """Within this block the reasoner's attention is the fused training attention (when `enabled`)."""
+    model = reasoner.model
+    before = model.config._attn_implementation
+    if not enabled:
+        yield
+        return
+    if before != f"{GATED_PREFIX}sdpa":
+        raise ValueError(f"fused training attention wraps sdpa; the reasoner uses {before!r} "
+                         "(load it with attn_implementation='sdpa' or set run.fused_attention: false)")
+    set_attention_implementation(model, register_fused_attention())
+    try:
+        yield
+    finally:
+        set_attention_implementation(model, before)

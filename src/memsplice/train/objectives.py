@@ -1,0 +1,128 @@
+"""The formation objectives, one function each, and the LM-head loss they share.
+
+Every objective returns an `ObjectiveResult` with a differentiable mean loss plus token counts for metrics:
+- `reconstruction`: the reasoner reads [memory of P][instruction] and regenerates P (teacher-forced cross-entropy).
+- `continuation`: the reasoner reads [memory of P] and predicts the text that follows P.
+- `denoising`: the encoder reads P with spans masked or dropped; the reasoner regenerates the original P.
+- `infonce`: latents of a query span and of the passage it comes from are pulled together against in-batch negatives.
+
+The reasoner's hidden states come from `hidden_states_with_memory`; logits are formed only at target positions and
+in chunks by `lm_head_cross_entropy`, which never holds (tokens, vocab) logits for more than one chunk at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..inject.splice import hidden_states_with_memory
+from .data import DenoiseBatch, PairBatch
+
+LOGIT_CHUNK = 4096
+"""Target positions per LM-head chunk: (chunk, vocab) float32 logits is the largest tensor the loss makes."""
+
+
+class _ChunkedLMHeadCE(torch.autograd.Function):
+    """Sum of cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk.
+
+    The gradient with respect to `hidden` is formed in the forward pass ((softmax - onehot) @ weight, per chunk),
+    so no logits are kept for the backward pass; the frozen LM-head weight gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        # hidden (N, d) in the reasoner's dtype; weight (V, d); targets (N,)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            loss += (lse - picked).sum()
+            correct += (logits.argmax(-1) == y).sum()
+            if grad is not None:
+                probs = torch.exp(logits - lse[:, None])
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss.to(grad.dtype) if grad is not None else None), None, None, None
+
+
+def lm_head_cross_entropy(reasoner, hidden: torch.Tensor, targets: torch.Tensor,
+                          chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, number of argmax hits) of the reasoner's LM head on `hidden` (..., d) against `targets` (...)."""
+    head = reasoner.model.get_output_embeddings()
+    assert not head.weight.requires_grad, "the reasoner's LM head must stay frozen"
+    if getattr(head, "bias", None) is not None:  # rare; fall back to plain logits (small models have no head bias)
+        logits = head(hidden.reshape(-1, hidden.shape[-1])).float()
+        y = targets.reshape(-1)
+        return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(-1) == y).sum()
+    return _ChunkedLMHeadCE.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), chunk)
+
+
+@dataclass
+class ObjectiveResult:
+    loss: torch.Tensor
+    """Mean loss (differentiable)."""
+    tokens: int
+    """Target tokens (or pairs, for InfoNCE) the mean is over."""
+    correct: torch.Tensor | None = None
+    """Argmax hits among the target tokens (no gradient); None for InfoNCE."""
+
+
+def _instruction(ids: torch.Tensor, rows: int) -> torch.Tensor:
+    return ids.to(torch.long).view(1, -1).expand(rows, -1)
+
+
+def read_back(memory_model, memory, prompt: torch.Tensor, target: torch.Tensor) -> ObjectiveResult:
+    """Teacher-forced loss of `target` (B, T) after [memory][prompt (B, I)], at the T target positions only."""
+    b, t = target.shape
+    text = torch.cat([prompt, target], dim=1)  # (B, I+T)
+    hidden = hidden_states_with_memory(memory_model.reasoner, text, None, memory.kv)  # (B, I+T, d)
+    i = prompt.shape[1]
+    loss_sum, correct = lm_head_cross_entropy(memory_model.reasoner, hidden[:, i - 1:i + t - 1], target)
+    return ObjectiveResult(loss_sum / (b * t), b * t, correct)
+
+
+def reconstruction(memory_model, passage: torch.Tensor, instruction: torch.Tensor) -> ObjectiveResult:
+    """passage (B, T) -> memory -> the reasoner regenerates it after `instruction` (I,)."""
+    memory = memory_model.write(passage)
+    return read_back(memory_model, memory, _instruction(instruction, passage.shape[0]), passage)
+
+
+def continuation(memory_model, context: torch.Tensor, following: torch.Tensor) -> ObjectiveResult:
+    """context (B, T) -> memory; the reasoner predicts following[1:] (B, Tf-1) from following[:-1]."""
+    memory = memory_model.write(context)
+    return read_back(memory_model, memory, following[:, :1], following[:, 1:])
+
+
+def denoising(memory_model, batch: DenoiseBatch, instruction: torch.Tensor) -> ObjectiveResult:
+    """The encoder reads the corrupted passage; the reasoner regenerates the original."""
+    memory = memory_model.write(batch.corrupted, batch.corrupted_mask)
+    return read_back(memory_model, memory, _instruction(instruction, batch.passage.shape[0]), batch.passage)
+
+
+def pooled_latent(memory_model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, d) unit-norm mean of the M latents of `ids`."""
+    z = memory_model.encode(ids, mask)  # (B, M, d)
+    return F.normalize(z.float().mean(dim=1), dim=-1)
+
+
+def infonce(memory_model, batch: PairBatch, temperature: float) -> ObjectiveResult:
+    """Symmetric InfoNCE: row i's query and row i's passage are positives, other rows negatives."""
+    q = pooled_latent(memory_model, batch.query, batch.query_mask)  # (B, d)
+    a = pooled_latent(memory_model, batch.passage)  # (B, d)
+    logits = q @ a.T / temperature  # (B, B)
+    labels = torch.arange(len(q), device=q.device)
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return ObjectiveResult(loss, len(q), None)

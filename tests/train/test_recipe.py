@@ -1,0 +1,117 @@
+"""The formation recipe end to end on a tiny reasoner: learning, exact resume, atomic checkpoints, a frozen reasoner."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from tiny import tiny_reasoner
+
+from memsplice.memory import MemoryModel
+from memsplice.train import FormationRecipe, latest_checkpoint
+from memsplice.train.state import LATEST, checkpoint_root
+
+
+def _run(config, resume=False, reasoner=None):
+    recipe = FormationRecipe(config, resume=resume, reasoner=reasoner or tiny_reasoner("llama"), show_progress=False)
+    recipe.setup()
+    summary = recipe.train()
+    recipe.cleanup()
+    return recipe, summary
+
+
+def _train_losses(output):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def test_run_writes_everything_and_keeps_the_reasoner_frozen(corpus, tmp_path):
+    out = tmp_path / "run"
+    reasoner = tiny_reasoner("llama")
+    digest = reasoner.weights_digest()
+    recipe, summary = _run(tiny_config(corpus, out), reasoner=reasoner)
+    assert summary["finished"] and summary["step"] == 6
+    assert set(summary["eval"]) == {"8", "16"}
+    assert reasoner.weights_digest() == digest
+    assert not any(p.requires_grad for p in reasoner.model.parameters())
+    assert (out / "metrics.jsonl").is_file() and (out / "summary.json").is_file()
+    assert (out / "curves.png").stat().st_size > 1000
+    loaded = MemoryModel.from_pretrained(out / "memory", reasoner=reasoner)
+    assert loaded.config.extra["instruction"] == "<|im_start|>assistant\n"
+    assert next(iter(loaded.state_dict().values())).dtype == torch.float32  # masters are float32 again on load
+    assert latest_checkpoint(out).name == "step-00000006"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    assert all("loss/reconstruction" in r and "loss/infonce" in r for r in records if r["kind"] == "train")
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    full, _ = _run(tiny_config(corpus, tmp_path / "full"))
+    part = tiny_config(corpus, tmp_path / "part", run={"max_minutes": 1e-9})  # stops (and saves) after step 1
+    first, summary = _run(part)
+    assert summary["stopped_by_time"] and summary["step"] == 1
+    resumed, summary = _run(tiny_config(corpus, tmp_path / "part"), resume=True)
+    assert summary["finished"]
+    for (name, a), b in zip(full.memory.state_dict().items(), resumed.memory.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert _train_losses(tmp_path / "full") == _train_losses(tmp_path / "part")
+
+
+def test_stage_two_freezes_the_encoder(corpus, tmp_path):
+    recipe = FormationRecipe(tiny_config(corpus, tmp_path / "s2", run={"stage2_fraction": 0.5}),
+                             reasoner=tiny_reasoner("llama"), show_progress=False)
+    recipe.setup()
+    before = {n: p.detach().clone() for n, p in recipe.memory.named_parameters()}
+    for _ in range(3):
+        recipe.train_step()
+    mid = {n: p.detach().clone() for n, p in recipe.memory.named_parameters()}
+    assert recipe.stage == "retention" and any(not torch.equal(before[n], mid[n]) for n in mid if "encoder" in n)
+    for _ in range(3):
+        recipe.train_step()
+    assert recipe.stage == "reading"
+    after = dict(recipe.memory.named_parameters())
+    for n, p in after.items():
+        if n.startswith("encoder."):
+            assert torch.equal(p, mid[n]), n
+    assert any(not torch.equal(after[n], mid[n]) for n in after if n.startswith("operator."))
+
+
+def test_embedding_untie_survives_resume(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path / "u", memory={"embed_warmup_updates": 2})
+    full, _ = _run(cfg)
+    assert not full.memory.encoder.embedding_tied and full.state.embedding_untied
+    part = tiny_config(corpus, tmp_path / "u2", memory={"embed_warmup_updates": 2}, run={"max_minutes": 1e-9,
+                                                                                          "steps": 6})
+    _run(part)
+    part2 = tiny_config(corpus, tmp_path / "u2", memory={"embed_warmup_updates": 2})
+    resumed, _ = _run(part2, resume=True)
+    torch.testing.assert_close(resumed.memory.encoder.token_embedding, full.memory.encoder.token_embedding)
+
+
+def test_checkpoints_are_atomic_and_pruned(corpus, tmp_path):
+    out = tmp_path / "ck"
+    _run(tiny_config(corpus, out, run={"save_every_steps": 1, "keep_checkpoints": 2}))
+    root = checkpoint_root(out)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000005", "step-00000006"]
+    assert not list(root.glob(".*tmp*"))
+    (root / LATEST).write_text("step-00000099\n")
+    with pytest.raises(FileNotFoundError, match="incomplete or missing"):
+        latest_checkpoint(out)
+
+
+def test_causal_pool_baseline_trains_projections_only(corpus, tmp_path):
+    recipe, summary = _run(tiny_config(corpus, tmp_path / "causal",
+                                       memory={"encoder_type": "causal_pool"},
+                                       objectives={"infonce": 0.0, "denoising": 0.0}))
+    assert summary["finished"]
+    assert not any(n.startswith("encoder.") for n, _ in recipe.memory.named_parameters())
+
+
+def test_learns_on_a_fixed_passage_set(corpus, tmp_path):
+    """A seeded short curve: the reconstruction loss falls over a short run."""
+    cfg = tiny_config(corpus, tmp_path / "learn", objectives={"continuation": 0.0, "denoising": 0.0, "infonce": 0.0},
+                      optim={"lr": 1e-2, "warmup_steps": 1}, run={"steps": 25, "eval_every": 0, "log_every": 5},
+                      data={"synthetic_fraction": 0.0})
+    _run(cfg)
+    losses = [loss for _, loss in _train_losses(tmp_path / "learn")]
+    assert losses[-1] < 0.95 * losses[0]
