@@ -14,16 +14,19 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     assert again.memory.to_dict() == cfg.memory.to_dict()
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"optim": {"lr": -1}}, "optim.lr"),
-    ({"data": {"lengths": []}}, "data.lengths"),
-    ({"run": {"compile": "max"}}, "run.compile"),
-    ({"objectives": {"reconstruction": 0.0}}, "objectives.reconstruction"),
-    ({"run": {"stpes": 3}}, "unknown fields in run"),
-    ({"traning": {}}, "unknown config sections"),
-    ({"memory": {"num_slots": 0}}, "MemoryConfig.num_slots"),
-    ({"data": {"lengths": [1024]}}, "max_memory_tokens"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"optim": {"lr": -1}}, "optim.lr"),
+        ({"data": {"lengths": []}}, "data.lengths"),
+        ({"run": {"compile": "max"}}, "run.compile"),
+        ({"objectives": {"reconstruction": 0.0}}, "objectives.reconstruction"),
+        ({"run": {"stpes": 3}}, "unknown fields in run"),
+        ({"traning": {}}, "unknown config sections"),
+        ({"memory": {"num_slots": 0}}, "MemoryConfig.num_slots"),
+        ({"data": {"lengths": [1024]}}, "max_memory_tokens"),
+    ],
+)
 def test_bad_values_name_the_field(data, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(data)

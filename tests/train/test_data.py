@@ -3,26 +3,47 @@
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_tokenizer
 
 from memsplice.data import iter_documents, split_of
 from memsplice.train.config import DataArgs, ObjectiveArgs
 from memsplice.train.data import PassageSource, corpus_tokens, fact_text, fact_tokens, heldout_passages
+from tiny import tiny_tokenizer
 
 
 def _source(corpus, tmp_path, **kw):
     tok = tiny_tokenizer()
-    args = DataArgs(root=str(corpus), sources=["tinyshakespeare", "gutenberg-nltk"], lengths=[8, 16, 32],
-                    tokens_per_step=128, cache_dir=str(tmp_path / "cache"), **kw)
+    args = DataArgs(
+        root=str(corpus),
+        sources=["tinyshakespeare", "gutenberg-nltk"],
+        lengths=[8, 16, 32],
+        tokens_per_step=128,
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
     train = corpus_tokens(tok, args, "train")
-    return PassageSource(train, args, ObjectiveArgs(aux_rows=4), seed=7, fact_stream=fact_tokens(tok, 0, 2000),
-                         mask_token_id=0), args, tok
+    return (
+        PassageSource(
+            train,
+            args,
+            ObjectiveArgs(aux_rows=4),
+            seed=7,
+            fact_stream=fact_tokens(tok, 0, 2000),
+            mask_token_id=0,
+        ),
+        args,
+        tok,
+    )
 
 
 def test_heldout_and_train_documents_are_disjoint(corpus, tmp_path):
     tok = tiny_tokenizer()
-    args = DataArgs(root=str(corpus), sources=["tinyshakespeare", "gutenberg-nltk"], lengths=[8],
-                    tokens_per_step=64, cache_dir=str(tmp_path / "cache"))
+    args = DataArgs(
+        root=str(corpus),
+        sources=["tinyshakespeare", "gutenberg-nltk"],
+        lengths=[8],
+        tokens_per_step=64,
+        cache_dir=str(tmp_path / "cache"),
+    )
     docs = list(iter_documents(corpus, sources=args.sources, block_chars=4000))
     held = [d for d in docs if split_of(d.id) == "heldout"]
     train = [d for d in docs if split_of(d.id) == "train"]
@@ -37,8 +58,13 @@ def test_heldout_and_train_documents_are_disjoint(corpus, tmp_path):
 
 def test_corpus_cache_round_trips(corpus, tmp_path):
     tok = tiny_tokenizer()
-    args = DataArgs(root=str(corpus), sources=["tinyshakespeare"], lengths=[8], tokens_per_step=64,
-                    cache_dir=str(tmp_path / "cache"))
+    args = DataArgs(
+        root=str(corpus),
+        sources=["tinyshakespeare"],
+        lengths=[8],
+        tokens_per_step=64,
+        cache_dir=str(tmp_path / "cache"),
+    )
     first = corpus_tokens(tok, args, "train")
     assert list((tmp_path / "cache").glob("*.npy"))
     assert np.array_equal(first, corpus_tokens(tok, args, "train"))
@@ -49,11 +75,17 @@ def test_batches_are_a_function_of_seed_step_and_rank(corpus, tmp_path):
     source, args, _ = _source(corpus, tmp_path, synthetic_fraction=0.5)
     a, b = source.reconstruction(5), source.reconstruction(5)
     assert torch.equal(a, b)
-    assert not torch.equal(source.reconstruction(5), source.reconstruction(6)) or a.shape != source.reconstruction(6).shape
-    other = PassageSource(source.stream, args, source.objectives, seed=7, rank=1, world_size=2,
-                          fact_stream=source.facts)
+    assert (
+        not torch.equal(source.reconstruction(5), source.reconstruction(6))
+        or a.shape != source.reconstruction(6).shape
+    )
+    other = PassageSource(
+        source.stream, args, source.objectives, seed=7, rank=1, world_size=2, fact_stream=source.facts
+    )
     assert other.length_at(5) == source.length_at(5)  # ranks agree on the shape
-    assert not torch.equal(other.reconstruction(5), source.reconstruction(5)[: other.rows_for(other.length_at(5))])
+    assert not torch.equal(
+        other.reconstruction(5), source.reconstruction(5)[: other.rows_for(other.length_at(5))]
+    )
     assert source.rows_for(16) * 16 == args.tokens_per_step
 
 
@@ -76,7 +108,7 @@ def test_pairs_are_spans_of_their_passages(corpus, tmp_path):
     b = source.pairs(2)
     for q, m, p in zip(b.query.tolist(), b.query_mask.tolist(), b.passage.tolist(), strict=True):
         q = [t for t, keep in zip(q, m, strict=True) if keep]
-        assert any(p[i:i + len(q)] == q for i in range(len(p) - len(q) + 1))
+        assert any(p[i : i + len(q)] == q for i in range(len(p) - len(q) + 1))
 
 
 def test_heldout_passages_are_fixed_and_sized():

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import random_ids, small_memory
 
+from helpers import random_ids, small_memory
 from memsplice.inject import hidden_states_with_memory
 from memsplice.train.fused_attention import fused_memory_attention
 

@@ -2,8 +2,8 @@
 
 import torch
 import torch.nn.functional as F
-from helpers import random_ids, small_memory
 
+from helpers import random_ids, small_memory
 from memsplice.inject import forward_with_memory
 from memsplice.train import objectives as obj
 from memsplice.train.data import DenoiseBatch, PairBatch
@@ -41,9 +41,12 @@ def test_every_objective_reaches_the_memory_weights(reasoner):
     results = {
         "reconstruction": obj.reconstruction(memory, passage, instruction),
         "continuation": obj.continuation(memory, passage, random_ids(3, 5)),
-        "denoising": obj.denoising(memory, DenoiseBatch(passage, passage[:, :5], torch.ones(3, 5, dtype=torch.long)),
-                                   instruction),
-        "infonce": obj.infonce(memory, PairBatch(passage[:, 2:5], torch.ones(3, 3, dtype=torch.long), passage), 0.1),
+        "denoising": obj.denoising(
+            memory, DenoiseBatch(passage, passage[:, :5], torch.ones(3, 5, dtype=torch.long)), instruction
+        ),
+        "infonce": obj.infonce(
+            memory, PairBatch(passage[:, 2:5], torch.ones(3, 3, dtype=torch.long), passage), 0.1
+        ),
     }
     for name, result in results.items():
         memory.zero_grad()

@@ -4,16 +4,18 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
-from tiny import tiny_reasoner
 
+from formation_helpers import tiny_config
 from memsplice.memory import MemoryModel
 from memsplice.train import FormationRecipe, latest_checkpoint
 from memsplice.train.state import LATEST, checkpoint_root
+from tiny import tiny_reasoner
 
 
 def _run(config, resume=False, reasoner=None):
-    recipe = FormationRecipe(config, resume=resume, reasoner=reasoner or tiny_reasoner("llama"), show_progress=False)
+    recipe = FormationRecipe(
+        config, resume=resume, reasoner=reasoner or tiny_reasoner("llama"), show_progress=False
+    )
     recipe.setup()
     summary = recipe.train()
     recipe.cleanup()
@@ -21,8 +23,11 @@ def _run(config, resume=False, reasoner=None):
 
 
 def _train_losses(output):
-    return [(r["step"], r["loss"]) for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"]
+    return [
+        (r["step"], r["loss"])
+        for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
+    ]
 
 
 def test_run_writes_everything_and_keeps_the_reasoner_frozen(corpus, tmp_path):
@@ -38,7 +43,9 @@ def test_run_writes_everything_and_keeps_the_reasoner_frozen(corpus, tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
     loaded = MemoryModel.from_pretrained(out / "memory", reasoner=reasoner)
     assert loaded.config.extra["instruction"] == "<|im_start|>assistant\n"
-    assert next(iter(loaded.state_dict().values())).dtype == torch.float32  # masters are float32 again on load
+    assert (
+        next(iter(loaded.state_dict().values())).dtype == torch.float32
+    )  # masters are float32 again on load
     assert latest_checkpoint(out).name == "step-00000006"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train", "eval"}
@@ -52,20 +59,27 @@ def test_resume_is_exact(corpus, tmp_path):
     assert summary["stopped_by_time"] and summary["step"] == 1
     resumed, summary = _run(tiny_config(corpus, tmp_path / "part"), resume=True)
     assert summary["finished"]
-    for (name, a), b in zip(full.memory.state_dict().items(), resumed.memory.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        full.memory.state_dict().items(), resumed.memory.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert _train_losses(tmp_path / "full") == _train_losses(tmp_path / "part")
 
 
 def test_stage_two_freezes_the_encoder(corpus, tmp_path):
-    recipe = FormationRecipe(tiny_config(corpus, tmp_path / "s2", run={"stage2_fraction": 0.5}),
-                             reasoner=tiny_reasoner("llama"), show_progress=False)
+    recipe = FormationRecipe(
+        tiny_config(corpus, tmp_path / "s2", run={"stage2_fraction": 0.5}),
+        reasoner=tiny_reasoner("llama"),
+        show_progress=False,
+    )
     recipe.setup()
     before = {n: p.detach().clone() for n, p in recipe.memory.named_parameters()}
     for _ in range(3):
         recipe.train_step()
     mid = {n: p.detach().clone() for n, p in recipe.memory.named_parameters()}
-    assert recipe.stage == "retention" and any(not torch.equal(before[n], mid[n]) for n in mid if "encoder" in n)
+    assert recipe.stage == "retention" and any(
+        not torch.equal(before[n], mid[n]) for n in mid if "encoder" in n
+    )
     for _ in range(3):
         recipe.train_step()
     assert recipe.stage == "reading"
@@ -80,8 +94,9 @@ def test_embedding_untie_survives_resume(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "u", memory={"embed_warmup_updates": 2})
     full, _ = _run(cfg)
     assert not full.memory.encoder.embedding_tied and full.state.embedding_untied
-    part = tiny_config(corpus, tmp_path / "u2", memory={"embed_warmup_updates": 2}, run={"max_minutes": 1e-9,
-                                                                                          "steps": 6})
+    part = tiny_config(
+        corpus, tmp_path / "u2", memory={"embed_warmup_updates": 2}, run={"max_minutes": 1e-9, "steps": 6}
+    )
     _run(part)
     part2 = tiny_config(corpus, tmp_path / "u2", memory={"embed_warmup_updates": 2})
     resumed, _ = _run(part2, resume=True)
@@ -100,18 +115,56 @@ def test_checkpoints_are_atomic_and_pruned(corpus, tmp_path):
 
 
 def test_causal_pool_baseline_trains_projections_only(corpus, tmp_path):
-    recipe, summary = _run(tiny_config(corpus, tmp_path / "causal",
-                                       memory={"encoder_type": "causal_pool"},
-                                       objectives={"infonce": 0.0, "denoising": 0.0}))
+    recipe, summary = _run(
+        tiny_config(
+            corpus,
+            tmp_path / "causal",
+            memory={"encoder_type": "causal_pool"},
+            objectives={"infonce": 0.0, "denoising": 0.0},
+        )
+    )
     assert summary["finished"]
     assert not any(n.startswith("encoder.") for n, _ in recipe.memory.named_parameters())
 
 
 def test_learns_on_a_fixed_passage_set(corpus, tmp_path):
     """A seeded short curve: the reconstruction loss falls over a short run."""
-    cfg = tiny_config(corpus, tmp_path / "learn", objectives={"continuation": 0.0, "denoising": 0.0, "infonce": 0.0},
-                      optim={"lr": 1e-2, "warmup_steps": 1}, run={"steps": 25, "eval_every": 0, "log_every": 5},
-                      data={"synthetic_fraction": 0.0})
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "learn",
+        objectives={"continuation": 0.0, "denoising": 0.0, "infonce": 0.0},
+        optim={"lr": 1e-2, "warmup_steps": 1},
+        run={"steps": 25, "eval_every": 0, "log_every": 5},
+        data={"synthetic_fraction": 0.0},
+    )
     _run(cfg)
     losses = [loss for _, loss in _train_losses(tmp_path / "learn")]
     assert losses[-1] < 0.95 * losses[0]
+
+
+def test_continue_schedule_from_exported_weights(corpus, tmp_path):
+    """An interrupted run's export (bf16-free here) carries its step; --continue-schedule picks the schedule up."""
+    part = tiny_config(corpus, tmp_path / "a", run={"max_minutes": 1e-9})
+    first, summary = _run(part)
+    assert summary["stopped_by_time"]
+    exported = MemoryModel.from_pretrained(tmp_path / "a" / "memory", reasoner=first.reasoner)
+    assert exported.config.extra["train_state"]["step"] == 1
+    recipe = FormationRecipe(
+        tiny_config(corpus, tmp_path / "b"),
+        init_from=tmp_path / "a" / "memory",
+        continue_schedule=True,
+        reasoner=first.reasoner,
+        show_progress=False,
+    )
+    recipe.setup()
+    assert recipe.state.step == 1 and recipe.state.planned_steps == 6
+    summary = recipe.train()
+    assert summary["finished"] and summary["step"] == 6
+    with pytest.raises(ValueError, match="--init-from"):
+        FormationRecipe(tiny_config(corpus, tmp_path / "c"), continue_schedule=True)
+
+
+def test_plan_minutes_sizes_the_schedule(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path / "plan", run={"plan_minutes": 0.01, "steps": 1000, "eval_every": 0})
+    recipe, summary = _run(cfg)
+    assert summary["finished"] and 16 <= summary["planned_steps"] < 1000

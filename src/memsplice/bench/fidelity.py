@@ -21,20 +21,39 @@ SYSTEM_ORDER = ("latent", "floor", "causal", "prior_init")
 def add_arguments(p) -> None:
     from ..cli.common import add_reasoner_flags
 
-    p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
-                   help="trained memory checkpoint (repeatable, e.g. one per injection operator; default: the "
-                        "checkpoint shipped for SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="trained memory checkpoint (repeatable, e.g. one per injection operator; default: the "
+        "checkpoint shipped for SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--causal", default=None, metavar="DIR", help="causal-embedding baseline checkpoint")
-    p.add_argument("--prior", default=None, metavar="DIR", help="language-prior (reasoner-initialised) checkpoint")
-    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="passage lengths in tokens")
+    p.add_argument(
+        "--prior", default=None, metavar="DIR", help="language-prior (reasoner-initialised) checkpoint"
+    )
+    p.add_argument(
+        "--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="passage lengths in tokens"
+    )
     p.add_argument("--passages", type=int, default=128, help="held-out passages per length")
     p.add_argument("--batch-rows", type=int, default=32, help="passages per forward pass")
     p.add_argument("--data", default=None, metavar="DIR", help="corpus directory (default: $MEMSPLICE_DATA)")
-    p.add_argument("--sources", nargs="+", default=None,
-                   help="corpora for held-out passages (default: those the first checkpoint was trained on)")
-    p.add_argument("--train-run", default=None, metavar="DIR",
-                   help="a training run directory whose summary.json throughput goes into the saved summary")
-    p.add_argument("--save", action="store_true", help="save under benchmarks/results/ and update summary.json")
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        default=None,
+        help="corpora for held-out passages (default: those the first checkpoint was trained on)",
+    )
+    p.add_argument(
+        "--train-run",
+        default=None,
+        metavar="DIR",
+        help="a training run directory whose summary.json throughput goes into the saved summary",
+    )
+    p.add_argument(
+        "--save", action="store_true", help="save under benchmarks/results/ and update summary.json"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_reasoner_flags(p)
 
@@ -92,13 +111,29 @@ def run(args) -> int:
             passages = heldout_passages(heldout, n, args.passages)
             for system, label, memory in systems:
                 m = memory.config.num_slots if memory is not None else slots
-                f = reconstruction_fidelity(reasoner, memory, passages, instruction, batch_rows=args.batch_rows,
-                                            progress=bar)
-                rows.append({"length": n, "slots": m, "compression": f"{n // m}x" if n % m == 0 else f"{n / m:.1f}x",
-                             "system": system, "label": label, **f.to_dict()})
-    result = {"reasoner": reasoner.name, "instruction": instruction_text, "sources": list(sources),
-              "passages_per_length": args.passages, "checkpoints": [str(c) for c in checkpoints],
-              "causal": args.causal, "prior": args.prior, "rows": rows}
+                f = reconstruction_fidelity(
+                    reasoner, memory, passages, instruction, batch_rows=args.batch_rows, progress=bar
+                )
+                rows.append(
+                    {
+                        "length": n,
+                        "slots": m,
+                        "compression": f"{n // m}x" if n % m == 0 else f"{n / m:.1f}x",
+                        "system": system,
+                        "label": label,
+                        **f.to_dict(),
+                    }
+                )
+    result = {
+        "reasoner": reasoner.name,
+        "instruction": instruction_text,
+        "sources": list(sources),
+        "passages_per_length": args.passages,
+        "checkpoints": [str(c) for c in checkpoints],
+        "causal": args.causal,
+        "prior": args.prior,
+        "rows": rows,
+    }
     if args.save:
         from .record import save_result, update_summary
 
@@ -110,8 +145,10 @@ def run(args) -> int:
         print(f"held-out reconstruction, {args.passages} passages per length ({reasoner.name})")
         print(f"{'length':>6} {'ratio':>6}  {'system':<22} {'token acc':>9} {'exact':>7}")
         for r in rows:
-            print(f"{r['length']:>6} {r['compression']:>6}  {r['label']:<22} {100 * r['token_accuracy']:>8.2f}% "
-                  f"{100 * r['exact_match']:>6.1f}%")
+            print(
+                f"{r['length']:>6} {r['compression']:>6}  {r['label']:<22} {100 * r['token_accuracy']:>8.2f}% "
+                f"{100 * r['exact_match']:>6.1f}%"
+            )
     return 0
 
 

@@ -15,6 +15,15 @@ from .loop import FormationRecipe, learning_rate
 from .state import TrainState, latest_checkpoint
 
 __all__ = [
-    "DataArgs", "Fidelity", "FormationRecipe", "ObjectiveArgs", "OptimArgs", "RunArgs", "TrainConfig", "TrainState",
-    "latest_checkpoint", "learning_rate", "reconstruction_fidelity",
+    "DataArgs",
+    "Fidelity",
+    "FormationRecipe",
+    "ObjectiveArgs",
+    "OptimArgs",
+    "RunArgs",
+    "TrainConfig",
+    "TrainState",
+    "latest_checkpoint",
+    "learning_rate",
+    "reconstruction_fidelity",
 ]

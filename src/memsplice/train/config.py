@@ -33,7 +33,13 @@ class DataArgs:
     root: str | None = None
     """Corpus directory (the project's shared/data layout); None: `$MEMSPLICE_DATA` or a shared/data found nearby."""
     sources: list[str] = field(
-        default_factory=lambda: ["wikitext-2", "gutenberg-nltk", "tinyshakespeare", "chitchat", "topical-chat"]
+        default_factory=lambda: [
+            "wikitext-2",
+            "gutenberg-nltk",
+            "tinyshakespeare",
+            "chitchat",
+            "topical-chat",
+        ]
     )
     """Corpora to read (prose documents and dialogues); the held-out split of each is never trained on."""
     synthetic_fraction: float = 0.1
@@ -64,22 +70,53 @@ class DataArgs:
         _need(s, self, 0.0 <= self.synthetic_fraction <= 1.0, "synthetic_fraction", "must be in [0, 1]")
         bad = sorted(set(self.synthetic_kinds) - {"shuffled", "facts"})
         _need(s, self, not bad, "synthetic_kinds", 'may hold only "shuffled" and "facts"')
-        _need(s, self, bool(self.synthetic_kinds) or self.synthetic_fraction == 0, "synthetic_kinds",
-              "must not be empty when synthetic_fraction > 0")
-        _need(s, self, bool(self.lengths) and all(isinstance(n, int) and n >= 2 for n in self.lengths), "lengths",
-              "must be a non-empty list of integers >= 2")
+        _need(
+            s,
+            self,
+            bool(self.synthetic_kinds) or self.synthetic_fraction == 0,
+            "synthetic_kinds",
+            "must not be empty when synthetic_fraction > 0",
+        )
+        _need(
+            s,
+            self,
+            bool(self.lengths) and all(isinstance(n, int) and n >= 2 for n in self.lengths),
+            "lengths",
+            "must be a non-empty list of integers >= 2",
+        )
         if self.length_weights is not None:
-            _need(s, self, len(self.length_weights) == len(self.lengths) and all(w >= 0 for w in self.length_weights)
-                  and sum(self.length_weights) > 0, "length_weights",
-                  "must have one non-negative weight per length, not all zero")
-        _need(s, self, self.tokens_per_step >= max(self.lengths), "tokens_per_step",
-              f"must be at least the longest passage length {max(self.lengths)}")
+            _need(
+                s,
+                self,
+                len(self.length_weights) == len(self.lengths)
+                and all(w >= 0 for w in self.length_weights)
+                and sum(self.length_weights) > 0,
+                "length_weights",
+                "must have one non-negative weight per length, not all zero",
+            )
+        _need(
+            s,
+            self,
+            self.tokens_per_step >= max(self.lengths),
+            "tokens_per_step",
+            f"must be at least the longest passage length {max(self.lengths)}",
+        )
         _need(s, self, self.curriculum_steps >= 0, "curriculum_steps", "must be >= 0")
-        _need(s, self, self.curriculum_steps == 0 or self.curriculum_start >= min(self.lengths), "curriculum_start",
-              f"must be at least the shortest length {min(self.lengths)}")
+        _need(
+            s,
+            self,
+            self.curriculum_steps == 0 or self.curriculum_start >= min(self.lengths),
+            "curriculum_start",
+            f"must be at least the shortest length {min(self.lengths)}",
+        )
         _need(s, self, bool(self.sources), "sources", "must name at least one corpus")
-        _need(s, self, self.max_corpus_tokens is None or self.max_corpus_tokens > 4 * max(self.lengths),
-              "max_corpus_tokens", "must be null or comfortably larger than the longest passage")
+        _need(
+            s,
+            self,
+            self.max_corpus_tokens is None or self.max_corpus_tokens > 4 * max(self.lengths),
+            "max_corpus_tokens",
+            "must be null or comfortably larger than the longest passage",
+        )
 
 
 @dataclass
@@ -111,15 +148,26 @@ class ObjectiveArgs:
         s = "objectives"
         for name in ("reconstruction", "continuation", "denoising", "infonce"):
             _need(s, self, getattr(self, name) >= 0, name, "must be >= 0")
-        _need(s, self, any(getattr(self, n) > 0 for n in ("reconstruction", "continuation", "denoising", "infonce")),
-              "reconstruction", "at least one objective needs a positive weight")
+        _need(
+            s,
+            self,
+            any(getattr(self, n) > 0 for n in ("reconstruction", "continuation", "denoising", "infonce")),
+            "reconstruction",
+            "at least one objective needs a positive weight",
+        )
         _need(s, self, self.continuation_length >= 2, "continuation_length", "must be >= 2")
         _need(s, self, 0.0 < self.denoise_ratio < 1.0, "denoise_ratio", "must be in (0, 1)")
         _need(s, self, self.denoise_span >= 1.0, "denoise_span", "must be >= 1")
         _need(s, self, 0.0 <= self.denoise_drop <= 1.0, "denoise_drop", "must be in [0, 1]")
         _need(s, self, self.infonce_temperature > 0, "infonce_temperature", "must be positive")
         q = self.infonce_query_length
-        _need(s, self, len(q) == 2 and 1 <= q[0] <= q[1], "infonce_query_length", "must be [min, max] with 1 <= min <= max")
+        _need(
+            s,
+            self,
+            len(q) == 2 and 1 <= q[0] <= q[1],
+            "infonce_query_length",
+            "must be [min, max] with 1 <= min <= max",
+        )
         _need(s, self, self.aux_rows >= 2, "aux_rows", "must be >= 2")
 
 
@@ -150,10 +198,21 @@ class OptimArgs:
         _need(s, self, 0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         _need(s, self, self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _need(s, self, self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _need(s, self, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
+        _need(
+            s,
+            self,
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            "must be two values in [0, 1)",
+        )
         _need(s, self, self.grad_clip >= 0, "grad_clip", "must be >= 0")
-        _need(s, self, self.operator_lr_scale >= 0 and self.gate_lr_scale >= 0, "operator_lr_scale",
-              "learning-rate multipliers must be >= 0")
+        _need(
+            s,
+            self,
+            self.operator_lr_scale >= 0 and self.gate_lr_scale >= 0,
+            "operator_lr_scale",
+            "learning-rate multipliers must be >= 0",
+        )
 
 
 @dataclass
@@ -180,6 +239,11 @@ class RunArgs:
     """Stop this invocation after this much training time and save (the run can be resumed); None: no limit."""
     plan_minutes: float | None = None
     """For a fresh run: time a few steps, then set `steps` so the whole schedule fits in this many minutes."""
+    stop_at: float | None = None
+    """Unix time by which this invocation stops and saves (caps max_minutes, not the planned schedule, which may
+    span several invocations); None: no deadline."""
+    rewarm_steps: int = 20
+    """After `--init-from ... --continue-schedule` (fresh optimizer moments), ramp the LR back up over this many steps."""
     stage2_fraction: float = 0.0
     """Last share of the steps in which the encoder is frozen and only the projections and gate train."""
     eval_every: int = 200
@@ -204,22 +268,67 @@ class RunArgs:
     def __post_init__(self):
         s = "run"
         _need(s, self, self.steps >= 1, "steps", "must be >= 1")
-        _need(s, self, self.compile in ("none", "encoder", "all"), "compile", 'must be "none", "encoder" or "all"')
-        _need(s, self, self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive or null")
-        _need(s, self, self.plan_minutes is None or self.plan_minutes > 0, "plan_minutes", "must be positive or null")
+        _need(
+            s,
+            self,
+            self.compile in ("none", "encoder", "all"),
+            "compile",
+            'must be "none", "encoder" or "all"',
+        )
+        _need(
+            s,
+            self,
+            self.max_minutes is None or self.max_minutes > 0,
+            "max_minutes",
+            "must be positive or null",
+        )
+        _need(
+            s,
+            self,
+            self.plan_minutes is None or self.plan_minutes > 0,
+            "plan_minutes",
+            "must be positive or null",
+        )
         _need(s, self, 0.0 <= self.stage2_fraction < 1.0, "stage2_fraction", "must be in [0, 1)")
-        _need(s, self, self.eval_every >= 0 and self.log_every >= 1, "eval_every", "eval_every >= 0, log_every >= 1")
-        _need(s, self, self.eval_passages >= 1 and bool(self.eval_lengths), "eval_passages",
-              "needs >= 1 passage and at least one eval length")
-        _need(s, self, self.save_every_steps >= 0 and self.save_every_minutes > 0, "save_every_minutes",
-              "save_every_steps >= 0 and save_every_minutes > 0")
+        _need(
+            s,
+            self,
+            self.eval_every >= 0 and self.log_every >= 1,
+            "eval_every",
+            "eval_every >= 0, log_every >= 1",
+        )
+        _need(
+            s,
+            self,
+            self.eval_passages >= 1 and bool(self.eval_lengths),
+            "eval_passages",
+            "needs >= 1 passage and at least one eval length",
+        )
+        _need(
+            s,
+            self,
+            self.save_every_steps >= 0 and self.save_every_minutes > 0,
+            "save_every_minutes",
+            "save_every_steps >= 0 and save_every_minutes > 0",
+        )
         _need(s, self, self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-        _need(s, self, self.save_dtype in ("float32", "bfloat16", "float16"), "save_dtype",
-              'must be "float32", "bfloat16" or "float16"')
+        _need(
+            s,
+            self,
+            self.save_dtype in ("float32", "bfloat16", "float16"),
+            "save_dtype",
+            'must be "float32", "bfloat16" or "float16"',
+        )
         _need(s, self, self.save_shard_mb >= 0, "save_shard_mb", "must be >= 0")
 
 
-SECTIONS = {"memory": MemoryConfig, "data": DataArgs, "objectives": ObjectiveArgs, "optim": OptimArgs, "run": RunArgs}
+SECTIONS = {
+    "memory": MemoryConfig,
+    "data": DataArgs,
+    "objectives": ObjectiveArgs,
+    "optim": OptimArgs,
+    "run": RunArgs,
+}
 
 
 @dataclass
@@ -232,11 +341,15 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.memory.max_memory_tokens < max(self.data.lengths):
-            raise ValueError(f"data.lengths: the longest passage ({max(self.data.lengths)}) exceeds "
-                             f"memory.max_memory_tokens ({self.memory.max_memory_tokens})")
+            raise ValueError(
+                f"data.lengths: the longest passage ({max(self.data.lengths)}) exceeds "
+                f"memory.max_memory_tokens ({self.memory.max_memory_tokens})"
+            )
         if max(self.run.eval_lengths) > self.memory.max_memory_tokens:
-            raise ValueError(f"run.eval_lengths: {max(self.run.eval_lengths)} exceeds memory.max_memory_tokens "
-                             f"({self.memory.max_memory_tokens})")
+            raise ValueError(
+                f"run.eval_lengths: {max(self.run.eval_lengths)} exceeds memory.max_memory_tokens "
+                f"({self.memory.max_memory_tokens})"
+            )
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

@@ -41,7 +41,9 @@ def _texts(args: DataArgs, split: str):
     dialogues = [s for s in args.sources if s in DIALOGUE_SOURCES]
     unknown = sorted(set(args.sources) - set(DOCUMENT_SOURCES) - set(DIALOGUE_SOURCES))
     if unknown:
-        raise ValueError(f"data.sources: unknown corpora {unknown}; known: {list(DOCUMENT_SOURCES + DIALOGUE_SOURCES)}")
+        raise ValueError(
+            f"data.sources: unknown corpora {unknown}; known: {list(DOCUMENT_SOURCES + DIALOGUE_SOURCES)}"
+        )
     for doc in iter_documents(root, sources=docs, split=split):
         yield doc.text
     for dialogue in iter_dialogues(root, sources=dialogues, split=split):
@@ -59,9 +61,16 @@ def corpus_tokens(tokenizer, args: DataArgs, split: str, cache: bool = True) -> 
 
     cap = args.max_corpus_tokens if split == "train" else None
     root = data_root(args.root)
-    sizes = sorted((str(p.relative_to(root)), p.stat().st_size) for s in args.sources if (root / s).is_dir()
-                   for p in (root / s).rglob("*") if p.is_file())
-    key = hashlib.sha256(json.dumps([sorted(args.sources), split, cap, tokenizer_key(tokenizer), sizes]).encode())
+    sizes = sorted(
+        (str(p.relative_to(root)), p.stat().st_size)
+        for s in args.sources
+        if (root / s).is_dir()
+        for p in (root / s).rglob("*")
+        if p.is_file()
+    )
+    key = hashlib.sha256(
+        json.dumps([sorted(args.sources), split, cap, tokenizer_key(tokenizer), sizes]).encode()
+    )
     path = Path(args.cache_dir or cache_root() / "corpora") / f"{split}-{key.hexdigest()[:20]}.npy"
     if cache and path.is_file():
         return np.load(path)
@@ -97,14 +106,85 @@ def corpus_tokens(tokenizer, args: DataArgs, split: str, cache: bool = True) -> 
 
 
 # -- synthetic text --------------------------------------------------------------------------------------------
-_NAMES = ["Ada", "Bruno", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hiro", "Imani", "Jonas", "Keiko", "Lars",
-          "Mira", "Nadim", "Olga", "Pavel", "Quinn", "Rosa", "Sami", "Tomas", "Uma", "Viktor", "Wen", "Yara", "Zane"]
-_PLACES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Kyoto", "Tbilisi", "Quito", "Hanoi", "Dakar", "Perth", "Bergen",
-           "Porto", "Cusco", "Sapporo", "Tallinn", "Accra", "Leeds", "Graz", "Izmir", "Salta"]
-_JOBS = ["carpenter", "nurse", "pilot", "chemist", "baker", "lawyer", "teacher", "welder", "violinist", "botanist",
-         "editor", "plumber", "surgeon", "farmer", "architect", "librarian"]
-_THINGS = ["a red bicycle", "two cats", "a blue kettle", "an old radio", "seven books", "a green scarf",
-           "a broken clock", "three plants", "a silver ring", "a wooden chair"]
+_NAMES = [
+    "Ada",
+    "Bruno",
+    "Chiara",
+    "Dmitri",
+    "Esme",
+    "Farid",
+    "Greta",
+    "Hiro",
+    "Imani",
+    "Jonas",
+    "Keiko",
+    "Lars",
+    "Mira",
+    "Nadim",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tomas",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yara",
+    "Zane",
+]
+_PLACES = [
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Kyoto",
+    "Tbilisi",
+    "Quito",
+    "Hanoi",
+    "Dakar",
+    "Perth",
+    "Bergen",
+    "Porto",
+    "Cusco",
+    "Sapporo",
+    "Tallinn",
+    "Accra",
+    "Leeds",
+    "Graz",
+    "Izmir",
+    "Salta",
+]
+_JOBS = [
+    "carpenter",
+    "nurse",
+    "pilot",
+    "chemist",
+    "baker",
+    "lawyer",
+    "teacher",
+    "welder",
+    "violinist",
+    "botanist",
+    "editor",
+    "plumber",
+    "surgeon",
+    "farmer",
+    "architect",
+    "librarian",
+]
+_THINGS = [
+    "a red bicycle",
+    "two cats",
+    "a blue kettle",
+    "an old radio",
+    "seven books",
+    "a green scarf",
+    "a broken clock",
+    "three plants",
+    "a silver ring",
+    "a wooden chair",
+]
 _TEMPLATES = [
     "{name} lives in {place} and works as a {job}.",
     "{name} was born in {year} in {place}.",
@@ -123,14 +203,21 @@ def fact_text(rng: np.random.Generator, sentences: int) -> str:
     out = []
     for _ in range(sentences):
         t = _TEMPLATES[rng.integers(len(_TEMPLATES))]
-        out.append(t.format(
-            name=_NAMES[rng.integers(len(_NAMES))], name2=_NAMES[rng.integers(len(_NAMES))],
-            place=_PLACES[rng.integers(len(_PLACES))], place2=_PLACES[rng.integers(len(_PLACES))],
-            job=_JOBS[rng.integers(len(_JOBS))], thing=_THINGS[rng.integers(len(_THINGS))],
-            year=int(rng.integers(1900, 2030)), code=int(rng.integers(1000, 99999)),
-            day=_DAYS[rng.integers(7)], time=f"{int(rng.integers(1, 13))}:{int(rng.integers(0, 60)):02d}",
-            amount=int(rng.integers(2, 5000)),
-        ))
+        out.append(
+            t.format(
+                name=_NAMES[rng.integers(len(_NAMES))],
+                name2=_NAMES[rng.integers(len(_NAMES))],
+                place=_PLACES[rng.integers(len(_PLACES))],
+                place2=_PLACES[rng.integers(len(_PLACES))],
+                job=_JOBS[rng.integers(len(_JOBS))],
+                thing=_THINGS[rng.integers(len(_THINGS))],
+                year=int(rng.integers(1900, 2030)),
+                code=int(rng.integers(1000, 99999)),
+                day=_DAYS[rng.integers(7)],
+                time=f"{int(rng.integers(1, 13))}:{int(rng.integers(0, 60)):02d}",
+                amount=int(rng.integers(2, 5000)),
+            )
+        )
     return " ".join(out)
 
 
@@ -179,13 +266,24 @@ def _windows(stream: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
 class PassageSource:
     """Draws training batches from the train stream (plus synthetic text) as a pure function of the step."""
 
-    def __init__(self, train_tokens: np.ndarray, args: DataArgs, objectives: ObjectiveArgs, *, seed: int,
-                 rank: int = 0, world_size: int = 1, fact_stream: np.ndarray | None = None,
-                 mask_token_id: int = 0):
+    def __init__(
+        self,
+        train_tokens: np.ndarray,
+        args: DataArgs,
+        objectives: ObjectiveArgs,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        fact_stream: np.ndarray | None = None,
+        mask_token_id: int = 0,
+    ):
         if len(train_tokens) < 2 * max(args.lengths) + objectives.continuation_length + 1:
-            raise ValueError(f"the training corpus has only {len(train_tokens)} tokens; it needs more than "
-                             f"{2 * max(args.lengths) + objectives.continuation_length} for passages of "
-                             f"{max(args.lengths)} tokens")
+            raise ValueError(
+                f"the training corpus has only {len(train_tokens)} tokens; it needs more than "
+                f"{2 * max(args.lengths) + objectives.continuation_length} for passages of "
+                f"{max(args.lengths)} tokens"
+            )
         self.stream = train_tokens
         self.args, self.objectives = args, objectives
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -212,7 +310,9 @@ class PassageSource:
         a = self.args
         cap = self.max_length_at(step)
         lengths = np.asarray(a.lengths)
-        weights = np.asarray(a.length_weights if a.length_weights is not None else [1.0] * len(lengths), float)
+        weights = np.asarray(
+            a.length_weights if a.length_weights is not None else [1.0] * len(lengths), float
+        )
         allowed = lengths <= cap
         if not allowed.any() or weights[allowed].sum() == 0:
             return int(lengths.min())
@@ -242,7 +342,7 @@ class PassageSource:
                     out[i] = rng.choice(len(self.unigram), size=length, p=self.unigram)
                 else:
                     start = int(rng.integers(0, len(self.facts) - length))
-                    out[i] = self.facts[start:start + length]
+                    out[i] = self.facts[start : start + length]
         return torch.from_numpy(out.astype(np.int64))
 
     def reconstruction(self, step: int) -> torch.Tensor:
@@ -254,8 +354,11 @@ class PassageSource:
         length = self.length_at(step)
         follow = self.objectives.continuation_length
         rows = max(1, self.objectives.aux_rows // self.world_size)
-        window = _windows(self.stream, self._rng(step, _CONT).integers(0, len(self.stream) - length - follow, rows),
-                          length + follow)
+        window = _windows(
+            self.stream,
+            self._rng(step, _CONT).integers(0, len(self.stream) - length - follow, rows),
+            length + follow,
+        )
         window = torch.from_numpy(window.astype(np.int64))
         return window[:, :length], window[:, length:]
 
@@ -292,8 +395,8 @@ class PassageSource:
         ids = torch.zeros(rows, width, dtype=torch.long)
         mask = torch.zeros(rows, width, dtype=torch.long)
         for r, seq in enumerate(corrupted):
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
         return DenoiseBatch(passage, ids, mask)
 
     def pairs(self, step: int) -> PairBatch:
@@ -310,7 +413,7 @@ class PassageSource:
         mask = torch.zeros_like(query)
         for r, n in enumerate(sizes.tolist()):
             start = int(rng.integers(0, length - n + 1))
-            query[r, :n] = passage[r, start:start + n]
+            query[r, :n] = passage[r, start : start + n]
             mask[r, :n] = 1
         return PairBatch(query, mask, passage)
 
@@ -318,7 +421,9 @@ class PassageSource:
 def heldout_passages(heldout_tokens: np.ndarray, length: int, count: int, seed: int = 1234) -> torch.Tensor:
     """(count, length) fixed evaluation passages from the held-out stream, spread evenly over it."""
     if len(heldout_tokens) < length + 1:
-        raise ValueError(f"the held-out corpus has {len(heldout_tokens)} tokens, fewer than one passage of {length}")
+        raise ValueError(
+            f"the held-out corpus has {len(heldout_tokens)} tokens, fewer than one passage of {length}"
+        )
     rng = np.random.default_rng([seed, length, _EVAL])
     span = (len(heldout_tokens) - length) / count
     starts = (np.arange(count) * span + rng.random(count) * span).astype(np.int64)

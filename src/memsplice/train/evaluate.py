@@ -25,8 +25,12 @@ class Fidelity:
     tokens: int
 
     def to_dict(self) -> dict:
-        return {"token_accuracy": self.token_accuracy, "exact_match": self.exact_match, "passages": self.passages,
-                "tokens": self.tokens}
+        return {
+            "token_accuracy": self.token_accuracy,
+            "exact_match": self.exact_match,
+            "passages": self.passages,
+            "tokens": self.tokens,
+        }
 
 
 @torch.no_grad()
@@ -36,25 +40,33 @@ def position_hits(reasoner, hidden: torch.Tensor, targets: torch.Tensor) -> torc
     flat, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     hits = torch.empty_like(y, dtype=torch.bool)
     for start in range(0, len(y), LOGIT_CHUNK):
-        hits[start:start + LOGIT_CHUNK] = head(flat[start:start + LOGIT_CHUNK]).argmax(-1) == y[start:start + LOGIT_CHUNK]
+        hits[start : start + LOGIT_CHUNK] = (
+            head(flat[start : start + LOGIT_CHUNK]).argmax(-1) == y[start : start + LOGIT_CHUNK]
+        )
     return hits.view_as(targets)
 
 
 @torch.no_grad()
-def reconstruction_fidelity(reasoner, memory_model, passages: torch.Tensor, instruction: torch.Tensor,
-                            batch_rows: int = 32, progress=None) -> Fidelity:
+def reconstruction_fidelity(
+    reasoner,
+    memory_model,
+    passages: torch.Tensor,
+    instruction: torch.Tensor,
+    batch_rows: int = 32,
+    progress=None,
+) -> Fidelity:
     """Fidelity of `memory_model` (or of no memory, when None) on `passages` (N, T)."""
     device = reasoner.device
     instruction = instruction.to(device)
     hits_total, exact, n = 0, 0, passages.shape[0]
     for start in range(0, n, batch_rows):
-        p = passages[start:start + batch_rows].to(device)
+        p = passages[start : start + batch_rows].to(device)
         b, t = p.shape
         memory = memory_model.write(p).kv if memory_model is not None else None
         text = torch.cat([instruction.view(1, -1).expand(b, -1), p], dim=1)
         hidden = hidden_states_with_memory(reasoner, text, None, memory)
         i = instruction.numel()
-        hits = position_hits(reasoner, hidden[:, i - 1:i + t - 1], p)  # (B, T)
+        hits = position_hits(reasoner, hidden[:, i - 1 : i + t - 1], p)  # (B, T)
         hits_total += int(hits.sum())
         exact += int(hits.all(dim=1).sum())
         if progress is not None:

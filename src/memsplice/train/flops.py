@@ -52,7 +52,9 @@ class ReasonerCost:
         s = reasoner.shapes
         linear = 0
         for layer in reasoner.decoder.layers:
-            linear += sum(2 * m.in_features * m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear))
+            linear += sum(
+                2 * m.in_features * m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear)
+            )
         return cls(linear, 2 * 2 * s.num_heads * s.head_dim * s.num_layers, 2 * s.hidden_size * s.vocab_size)
 
 
@@ -63,16 +65,22 @@ def _causal_pairs(queries: int, prefix: int) -> float:
 
 def reasoner_read_flops(cost: ReasonerCost, rows: int, memory_slots: int, text: int, targets: int) -> float:
     """Forward + activation gradient of the reasoner reading `text` tokens after M slots, `targets` scored."""
-    forward = rows * (text * cost.linear_per_token + _causal_pairs(text, memory_slots) * cost.attn_per_query_key
-                      + targets * cost.head_per_token)
+    forward = rows * (
+        text * cost.linear_per_token
+        + _causal_pairs(text, memory_slots) * cost.attn_per_query_key
+        + targets * cost.head_per_token
+    )
     return 2.0 * forward
 
 
 def encoder_flops(memory_model, rows: int, tokens: int) -> float:
     """Forward + backward of the memory encoder over `tokens` (+M slots) and of the injection projections."""
     cfg = memory_model.config
-    params_linear = sum(2 * m.in_features * m.out_features for m in memory_model.encoder.modules()
-                        if isinstance(m, torch.nn.Linear))
+    params_linear = sum(
+        2 * m.in_features * m.out_features
+        for m in memory_model.encoder.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
     s_len = tokens + cfg.num_slots
     forward = 0.0
     if cfg.encoder_type == "transformer":
@@ -82,6 +90,8 @@ def encoder_flops(memory_model, rows: int, tokens: int) -> float:
         forward += rows * (tokens * in_out + s_len * blocks + cfg.num_slots * out)
         forward += rows * 2 * 2 * cfg.encoder_width * s_len * s_len * cfg.encoder_layers  # full attention
     op = memory_model.operator
-    kv = 2 * sum(p.numel() for n, p in op.named_parameters() if n.endswith("weight"))  # 2 * d * (H*D) per layer
+    kv = 2 * sum(
+        p.numel() for n, p in op.named_parameters() if n.endswith("weight")
+    )  # 2 * d * (H*D) per layer
     forward += rows * cfg.num_slots * kv
     return 3.0 * forward

@@ -39,12 +39,22 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
-def fused_gated_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                          scaling: float | None = None, memory_gate_bias: torch.Tensor | None = None, **kwargs):
+def fused_gated_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    memory_gate_bias: torch.Tensor | None = None,
+    **kwargs,
+):
     """query (B, Hq, T, D); key, value (B, H, M+T, D) with memory first; memory_gate_bias (B, L, M)."""
     if memory_gate_bias is None:
-        return base_attention_function("sdpa")(module, query, key, value, attention_mask, dropout=dropout,
-                                               scaling=scaling, **kwargs)
+        return base_attention_function("sdpa")(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     b, hq, t, d = query.shape
     hk, s = key.shape[1], key.shape[2]
     m = s - t
@@ -53,13 +63,19 @@ def fused_gated_attention(module, query, key, value, attention_mask, dropout: fl
     bias = memory_gate_bias[:, module.layer_idx].clamp(min=GATE_FLOOR).to(query.dtype) / scale  # (B, M)
     key_extra = torch.cat([bias, bias.new_zeros(b, t)], dim=1)  # (B, M+T)
     q = torch.cat([query, query.new_ones(b, hq, t, 1), query.new_zeros(b, hq, t, EXTRA_DIMS - 1)], dim=-1)
-    k = torch.cat([key, key_extra[:, None, :, None].expand(b, hk, s, 1), key.new_zeros(b, hk, s, EXTRA_DIMS - 1)],
-                  dim=-1)  # (B, H, M+T, D+8)
+    k = torch.cat(
+        [key, key_extra[:, None, :, None].expand(b, hk, s, 1), key.new_zeros(b, hk, s, EXTRA_DIMS - 1)],
+        dim=-1,
+    )  # (B, H, M+T, D+8)
     v = F.pad(value, (0, EXTRA_DIMS))
     rep = hq // hk
     out = F.scaled_dot_product_attention(
-        q, _repeat_kv(k, rep), _repeat_kv(v, rep), attn_mask=causal_lower_right(t, s),
-        dropout_p=dropout if module.training else 0.0, scale=scale,
+        q,
+        _repeat_kv(k, rep),
+        _repeat_kv(v, rep),
+        attn_mask=causal_lower_right(t, s),
+        dropout_p=dropout if module.training else 0.0,
+        scale=scale,
     )  # (B, Hq, T, D+8)
     return out[..., :d].transpose(1, 2).contiguous(), None
 
@@ -83,8 +99,10 @@ def fused_memory_attention(reasoner, enabled: bool = True):
         yield
         return
     if before != f"{GATED_PREFIX}sdpa":
-        raise ValueError(f"fused training attention wraps sdpa; the reasoner uses {before!r} "
-                         "(load it with attn_implementation='sdpa' or set run.fused_attention: false)")
+        raise ValueError(
+            f"fused training attention wraps sdpa; the reasoner uses {before!r} "
+            "(load it with attn_implementation='sdpa' or set run.fused_attention: false)"
+        )
     set_attention_implementation(model, register_fused_attention())
     try:
         yield

@@ -63,8 +63,12 @@ class FormationObjective(nn.Module):
     def forward(self, batches: dict) -> tuple[torch.Tensor, dict]:
         w = self.weights
         total, stats = None, {}
-        for name, weight in (("reconstruction", w.reconstruction), ("continuation", w.continuation),
-                             ("denoising", w.denoising), ("infonce", w.infonce)):
+        for name, weight in (
+            ("reconstruction", w.reconstruction),
+            ("continuation", w.continuation),
+            ("denoising", w.denoising),
+            ("infonce", w.infonce),
+        ):
             if weight <= 0:
                 continue
             b = batches[name]
@@ -90,7 +94,13 @@ class StepCost:
 
 def _param_groups(memory: MemoryModel, config: TrainConfig) -> list[dict]:
     o = config.optim
-    groups = {"encoder_decay": [], "encoder_no_decay": [], "operator_decay": [], "operator_no_decay": [], "gate": []}
+    groups = {
+        "encoder_decay": [],
+        "encoder_no_decay": [],
+        "operator_decay": [],
+        "operator_no_decay": [],
+        "gate": [],
+    }
     for name, p in memory.named_parameters():
         if name == "encoder.token_embedding":
             continue  # added as its own group when untied
@@ -101,10 +111,21 @@ def _param_groups(memory: MemoryModel, config: TrainConfig) -> list[dict]:
         else:
             decay = p.ndim >= 2 and not name.endswith(("position", "slots"))
             groups["encoder_decay" if decay else "encoder_no_decay"].append(p)
-    scale = {"operator_decay": o.operator_lr_scale, "operator_no_decay": o.operator_lr_scale, "gate": o.gate_lr_scale}
-    return [{"params": ps, "name": n, "lr_scale": scale.get(n, 1.0),
-             "weight_decay": o.weight_decay if n.endswith("_decay") and not n.endswith("no_decay") else 0.0}
-            for n, ps in groups.items() if ps]
+    scale = {
+        "operator_decay": o.operator_lr_scale,
+        "operator_no_decay": o.operator_lr_scale,
+        "gate": o.gate_lr_scale,
+    }
+    return [
+        {
+            "params": ps,
+            "name": n,
+            "lr_scale": scale.get(n, 1.0),
+            "weight_decay": o.weight_decay if n.endswith("_decay") and not n.endswith("no_decay") else 0.0,
+        }
+        for n, ps in groups.items()
+        if ps
+    ]
 
 
 def learning_rate(config: TrainConfig, step: int, planned: int) -> float:
@@ -119,11 +140,26 @@ def learning_rate(config: TrainConfig, step: int, planned: int) -> float:
 class FormationRecipe:
     """Offline training of the memory encoder and injection projections against a frozen reasoner."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, init_from: str | Path | None = None,
-                 reasoner=None, show_progress: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        init_from: str | Path | None = None,
+        continue_schedule: bool = False,
+        reasoner=None,
+        show_progress: bool = True,
+    ):
+        """resume: continue exactly from the latest checkpoint in run.output_dir (fresh start when there is none).
+        init_from: start from these memory weights with a new optimizer; with `continue_schedule`, also take the
+        step and schedule recorded in them (an export of an interrupted run) and re-warm the learning rate."""
+        if continue_schedule and not init_from:
+            raise ValueError("--continue-schedule needs --init-from")
         self.config = config
         self.resume = resume
         self.init_from = Path(init_from) if init_from else None
+        self.continue_schedule = continue_schedule
+        self.rewarm_from: int | None = None
         self.reasoner = reasoner
         self.show_progress = show_progress
         self.output_dir = Path(config.run.output_dir)
@@ -137,7 +173,9 @@ class FormationRecipe:
         if self.reasoner is None:
             from ..reasoner import load_reasoner
 
-            self.reasoner = load_reasoner(cfg.run.reasoner, device=self.dist.device, dtype=cfg.run.reasoner_dtype)
+            self.reasoner = load_reasoner(
+                cfg.run.reasoner, device=self.dist.device, dtype=cfg.run.reasoner_dtype
+            )
         elif self.reasoner.device != self.dist.device:
             self.reasoner.to(self.dist.device)
         self.device = self.reasoner.device
@@ -154,8 +192,12 @@ class FormationRecipe:
         else:
             self.memory = MemoryModel(MemoryConfig.from_dict(cfg.memory.to_dict()), self.reasoner)
         # what the fidelity bench needs to read this memory back the way it was trained
-        self.memory.config.extra = {**self.memory.config.extra, "trained_with": "memsplice train",
-                                    "instruction": cfg.data.instruction, "data_sources": list(cfg.data.sources)}
+        self.memory.config.extra = {
+            **self.memory.config.extra,
+            "trained_with": "memsplice train",
+            "instruction": cfg.data.instruction,
+            "data_sources": list(cfg.data.sources),
+        }
         self.memory.train()
 
         # data
@@ -165,21 +207,41 @@ class FormationRecipe:
         if "facts" in cfg.data.synthetic_kinds and cfg.data.synthetic_fraction > 0:
             facts = fact_tokens(tok, cfg.run.seed, 20 * max(cfg.data.lengths) + 50_000)
         mask_id = tok.unk_token_id if tok.unk_token_id is not None else (tok.pad_token_id or 0)
-        self.source = PassageSource(self.train_tokens, cfg.data, cfg.objectives, seed=cfg.run.seed,
-                                    rank=self.dist.rank, world_size=self.dist.world_size, fact_stream=facts,
-                                    mask_token_id=mask_id)
+        self.source = PassageSource(
+            self.train_tokens,
+            cfg.data,
+            cfg.objectives,
+            seed=cfg.run.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            fact_stream=facts,
+            mask_token_id=mask_id,
+        )
         instruction = tok(cfg.data.instruction, add_special_tokens=False)["input_ids"]
         if not instruction:
             raise ValueError("data.instruction must tokenize to at least one token")
         self.instruction = torch.tensor(instruction, dtype=torch.long, device=self.device)
-        self.eval_sets = {n: heldout_passages(self.heldout_tokens, n, cfg.run.eval_passages)
-                          for n in cfg.run.eval_lengths}
+        self.eval_sets = {
+            n: heldout_passages(self.heldout_tokens, n, cfg.run.eval_passages) for n in cfg.run.eval_lengths
+        }
 
         # state, optimizer, resume
         self.state = TrainState(planned_steps=cfg.run.steps)
         payload = load_trainer_file(ckpt) if ckpt is not None else None
         if payload is not None:
             self.state = TrainState.from_dict(payload["state"])
+        elif self.init_from is not None and self.continue_schedule:
+            recorded = self.memory.config.extra.get("train_state") or {}
+            if "step" not in recorded:
+                raise ValueError(f"{self.init_from} records no training step; drop --continue-schedule")
+            self.state = TrainState.from_dict(recorded)
+            self.rewarm_from = self.state.step
+            logger.info(
+                "continuing the schedule of %s at step %d of %s",
+                self.init_from,
+                self.state.step,
+                self.state.planned_steps,
+            )
         if self.state.embedding_untied and self.memory.encoder.embedding_tied:
             self.memory.encoder.untie_embedding()
         self.objective = FormationObjective(self.memory, cfg, self.instruction).to(self.device)
@@ -196,23 +258,35 @@ class FormationRecipe:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "train_config.yaml").write_text(cfg.to_yaml())
-            self.metrics = MetricsLog(self.output_dir / "metrics.jsonl",
-                                      resume_step=self.state.step if payload is not None else None)
-        self.autocast = (self.device.type == "cuda" and cfg.run.autocast)
+            self.metrics = MetricsLog(
+                self.output_dir / "metrics.jsonl",
+                resume_step=self.state.step if payload is not None else None,
+            )
+        self.autocast = self.device.type == "cuda" and cfg.run.autocast
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
         groups = _param_groups(self.memory, self.config)
         if not self.memory.encoder.embedding_tied:
-            groups.append({"params": [self.memory.encoder.token_embedding], "name": "embedding", "lr_scale": 1.0,
-                           "weight_decay": 0.0})
+            groups.append(
+                {
+                    "params": [self.memory.encoder.token_embedding],
+                    "name": "embedding",
+                    "lr_scale": 1.0,
+                    "weight_decay": 0.0,
+                }
+            )
         kwargs = {"fused": True} if self.device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kwargs)
 
     def _stage_at(self, step: int) -> str:
         planned = self.state.planned_steps or self.config.run.steps
         frac = self.config.run.stage2_fraction
-        if frac > 0 and self.memory.config.encoder_type == "transformer" and step >= int(planned * (1 - frac)):
+        if (
+            frac > 0
+            and self.memory.config.encoder_type == "transformer"
+            and step >= int(planned * (1 - frac))
+        ):
             return "reading"
         return "retention"
 
@@ -233,10 +307,15 @@ class FormationRecipe:
             from torch.nn.parallel import DistributedDataParallel
 
             w = self.config.objectives
-            unused = w.reconstruction == w.continuation == w.denoising == 0  # InfoNCE alone skips the projections
-            self.model = DistributedDataParallel(self.objective, device_ids=[self.device.index] if
-                                                 self.device.type == "cuda" else None,
-                                                 broadcast_buffers=False, find_unused_parameters=unused)
+            unused = (
+                w.reconstruction == w.continuation == w.denoising == 0
+            )  # InfoNCE alone skips the projections
+            self.model = DistributedDataParallel(
+                self.objective,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                find_unused_parameters=unused,
+            )
         else:
             self.model = self.objective
 
@@ -259,7 +338,11 @@ class FormationRecipe:
             out["continuation"] = tuple(t.to(dev) for t in s.continuation(step))
         if w.denoising > 0:
             b = s.denoising(step)
-            b.passage, b.corrupted, b.corrupted_mask = b.passage.to(dev), b.corrupted.to(dev), b.corrupted_mask.to(dev)
+            b.passage, b.corrupted, b.corrupted_mask = (
+                b.passage.to(dev),
+                b.corrupted.to(dev),
+                b.corrupted_mask.to(dev),
+            )
             out["denoising"] = b
         if w.infonce > 0:
             b = s.pairs(step)
@@ -288,7 +371,9 @@ class FormationRecipe:
         if "continuation" in batches:
             ctx, follow = batches["continuation"]
             encode(*ctx.shape)
-            flops += reasoner_read_flops(self.cost, follow.shape[0], m, follow.shape[1] - 1, follow.shape[1] - 1)
+            flops += reasoner_read_flops(
+                self.cost, follow.shape[0], m, follow.shape[1] - 1, follow.shape[1] - 1
+            )
         if "denoising" in batches:
             d = batches["denoising"]
             encode(*d.corrupted.shape)
@@ -308,11 +393,16 @@ class FormationRecipe:
     def train_step(self) -> dict:
         """One optimizer step at `self.state.step`; returns this rank's numbers (tensors stay on the device)."""
         cfg, step = self.config, self.state.step
-        if (self.memory.encoder.embedding_tied and self.memory.config.encoder_type == "transformer"
-                and step >= self.memory.config.embed_warmup_updates):
+        if (
+            self.memory.encoder.embedding_tied
+            and self.memory.config.encoder_type == "transformer"
+            and step >= self.memory.config.embed_warmup_updates
+        ):
             self._untie_embedding()
         self._apply_stage()
         lr = learning_rate(cfg, step, self.state.planned_steps or cfg.run.steps)
+        if self.rewarm_from is not None and cfg.run.rewarm_steps:
+            lr *= min(1.0, (step - self.rewarm_from + 1) / cfg.run.rewarm_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         batches = self._batches(step)
@@ -321,17 +411,33 @@ class FormationRecipe:
             loss, stats = self.model(batches)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            if cfg.optim.grad_clip > 0
+            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        )
         self.optimizer.step()
         cost = self._step_cost(batches)
         self.state.step += 1
-        return {"loss": loss.detach(), "stats": stats, "lr": lr, "grad_norm": grad_norm.detach(), "cost": cost}
+        return {
+            "loss": loss.detach(),
+            "stats": stats,
+            "lr": lr,
+            "grad_norm": grad_norm.detach(),
+            "cost": cost,
+        }
 
     def _untie_embedding(self) -> None:
         emb = self.memory.encoder.untie_embedding()
-        self.optimizer.add_param_group({"params": [emb], "name": "embedding", "lr_scale": 1.0, "weight_decay": 0.0,
-                                        "lr": self.optimizer.param_groups[0]["lr"]})
+        self.optimizer.add_param_group(
+            {
+                "params": [emb],
+                "name": "embedding",
+                "lr_scale": 1.0,
+                "weight_decay": 0.0,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
         self.state.embedding_untied = True
         self.stage = None  # force a DDP re-wrap: the trainable set changed
         logger.info("step %d: untied the encoder's token embedding", self.state.step)
@@ -345,8 +451,13 @@ class FormationRecipe:
         if self.dist.is_main:
             with self._autocast(), fused_memory_attention(self.reasoner, self.config.run.fused_attention):
                 for n, passages in self.eval_sets.items():
-                    f = reconstruction_fidelity(self.reasoner, self.memory, passages, self.instruction,
-                                                batch_rows=max(1, min(64, 16384 // n)))
+                    f = reconstruction_fidelity(
+                        self.reasoner,
+                        self.memory,
+                        passages,
+                        self.instruction,
+                        batch_rows=max(1, min(64, 16384 // n)),
+                    )
                     out[str(n)] = {"accuracy": f.token_accuracy, "exact_match": f.exact_match}
         self.memory.train()
         out = broadcast_object(self.dist, out)
@@ -358,8 +469,14 @@ class FormationRecipe:
         """A training checkpoint (float32, with optimizer and RNG) under output_dir/checkpoints."""
         if not self.dist.is_main:
             return None
-        return save_checkpoint(self.output_dir, self.memory, self.optimizer, self.state, self.config.to_yaml(),
-                               keep=self.config.run.keep_checkpoints)
+        return save_checkpoint(
+            self.output_dir,
+            self.memory,
+            self.optimizer,
+            self.state,
+            self.config.to_yaml(),
+            keep=self.config.run.keep_checkpoints,
+        )
 
     def export(self) -> Path | None:
         """The final memory (run.save_dtype, sharded) at output_dir/memory, ready for from_pretrained."""
@@ -368,25 +485,49 @@ class FormationRecipe:
         r = self.config.run
         dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[r.save_dtype]
         shard = int(r.save_shard_mb * 2**20) or None
+        self.memory.config.extra["train_state"] = {
+            k: v for k, v in self.state.to_dict().items() if k != "last_eval"
+        }
+        self.memory.config.extra["heldout_eval"] = self.state.last_eval
         return self.memory.save_pretrained(self.output_dir / "memory", dtype=dtype, max_shard_bytes=shard)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _plan(self, seconds_per_step: float) -> None:
-        minutes = self.config.run.plan_minutes
+        minutes = self._plan_minutes
         steps = max(self.state.step + 1, int(0.92 * minutes * 60 / seconds_per_step))
         steps = broadcast_object(self.dist, steps)
         self.state.planned_steps = steps
         logger.info("planned %d steps (%.3f s/step for %.1f minutes)", steps, seconds_per_step, minutes)
 
     def train(self) -> dict:
-        cfg, r = self.config, self.config.run
+        r = self.config.run
         start_wall = time.perf_counter()
+        max_minutes, plan_minutes = r.max_minutes, r.plan_minutes
+        if r.stop_at is not None:
+            left = (r.stop_at - time.time()) / 60
+            if left <= 0:
+                raise ValueError(f"run.stop_at lies {-left:.1f} minutes in the past")
+            max_minutes = min(max_minutes or left, left)
+        self._plan_minutes = plan_minutes
         last_save = start_wall
-        planning = r.plan_minutes is not None and self.state.step == 0
-        bar = tqdm(total=self.state.planned_steps, initial=self.state.step, desc="formation", unit="step",
-                   disable=not (self.dist.is_main and self.show_progress), dynamic_ncols=True)
-        window = {"t": time.perf_counter(), "steps": 0, "flops": 0.0, "tokens": 0, "losses": {}, "correct": 0,
-                  "targets": 0}
+        planning = plan_minutes is not None and self.state.step == 0
+        bar = tqdm(
+            total=self.state.planned_steps,
+            initial=self.state.step,
+            desc="formation",
+            unit="step",
+            disable=not (self.dist.is_main and self.show_progress),
+            dynamic_ncols=True,
+        )
+        window = {
+            "t": time.perf_counter(),
+            "steps": 0,
+            "flops": 0.0,
+            "tokens": 0,
+            "losses": {},
+            "correct": 0,
+            "targets": 0,
+        }
         probe_t0 = None
         stopped_by_time = False
         while self.state.step < self.state.planned_steps:
@@ -405,17 +546,26 @@ class FormationRecipe:
             if step % r.log_every == 0 or step == self.state.planned_steps:
                 record = self._flush(window)
                 self.state.train_seconds += record["seconds"]
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('accuracy/train', 0):.3f}",
-                                mfu=f"{record.get('mfu', 0):.2f}" if "mfu" in record else None, refresh=False)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    acc=f"{record.get('accuracy/train', 0):.3f}",
+                    mfu=f"{record.get('mfu', 0):.2f}" if "mfu" in record else None,
+                    refresh=False,
+                )
             if step >= self.state.planned_steps:
                 break
             elapsed = time.perf_counter() - start_wall
-            out_of_time = r.max_minutes is not None and elapsed > 60 * r.max_minutes
+            out_of_time = max_minutes is not None and elapsed > 60 * max_minutes
             eval_due = bool(r.eval_every) and step % r.eval_every == 0
-            save_due = out_of_time or (r.save_every_steps and step % r.save_every_steps == 0) or \
-                (time.perf_counter() - last_save) > 60 * r.save_every_minutes
+            save_due = (
+                out_of_time
+                or (r.save_every_steps and step % r.save_every_steps == 0)
+                or (time.perf_counter() - last_save) > 60 * r.save_every_minutes
+            )
             if eval_due or save_due:
-                self.state.train_seconds += self._flush(window)["seconds"]  # keep eval and saving out of the timing
+                self.state.train_seconds += self._flush(window)[
+                    "seconds"
+                ]  # keep eval and saving out of the timing
                 if eval_due:
                     self._log_eval()
                 if save_due:
@@ -427,8 +577,12 @@ class FormationRecipe:
                 break
         bar.close()
         self._check_reasoner_unchanged()
-        summary = {"step": self.state.step, "planned_steps": self.state.planned_steps,
-                   "finished": self.state.step >= self.state.planned_steps, "stopped_by_time": stopped_by_time}
+        summary = {
+            "step": self.state.step,
+            "planned_steps": self.state.planned_steps,
+            "finished": self.state.step >= self.state.planned_steps,
+            "stopped_by_time": stopped_by_time,
+        }
         summary["eval"] = self._log_eval()
         if not stopped_by_time:  # a stop by time has just saved
             self.save()
@@ -436,8 +590,11 @@ class FormationRecipe:
         summary["throughput"] = self._throughput_summary()
         if self.dist.is_main:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            plot_curves(self.metrics.read(), self.output_dir / "curves.png",
-                        title=f"memory formation ({self.memory.config.operator}, {self.memory.config.num_slots} slots)")
+            plot_curves(
+                self.metrics.read(),
+                self.output_dir / "curves.png",
+                title=f"memory formation ({self.memory.config.operator}, {self.memory.config.num_slots} slots)",
+            )
         return summary
 
     def _sync(self) -> None:
@@ -468,17 +625,26 @@ class FormationRecipe:
         names = list(window["losses"])
         means = torch.stack([torch.stack(window["losses"][n]).float().mean() for n in names])
         correct = torch.as_tensor(window["correct"], device=self.device, dtype=torch.float64).reshape(1)
-        extra = torch.tensor([window["targets"], window["tokens"], window["flops"]], device=self.device,
-                             dtype=torch.float64)
+        extra = torch.tensor(
+            [window["targets"], window["tokens"], window["flops"]], device=self.device, dtype=torch.float64
+        )
         summed = all_reduce_sum(self.dist, torch.cat([means.double(), correct, extra]))
         k = len(names)
         means = (summed[:k] / self.dist.world_size).tolist()
         hits, targets, tokens, flops = summed[k:].tolist()
-        record = {"kind": "train", "step": self.state.step, "lr": window["lr"],
-                  "grad_norm": float(window["grad_norm"]), "seconds": seconds,
-                  "loss": means[0], **{f"loss/{n}": v for n, v in zip(names[1:], means[1:], strict=True)},
-                  "tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds,
-                  "tokens_seen": self.state.tokens_seen, "stage": self.stage}
+        record = {
+            "kind": "train",
+            "step": self.state.step,
+            "lr": window["lr"],
+            "grad_norm": float(window["grad_norm"]),
+            "seconds": seconds,
+            "loss": means[0],
+            **{f"loss/{n}": v for n, v in zip(names[1:], means[1:], strict=True)},
+            "tokens_per_s": tokens / seconds,
+            "flops_per_s": flops / seconds,
+            "tokens_seen": self.state.tokens_seen,
+            "stage": self.stage,
+        }
         if targets:
             record["accuracy/train"] = hits / targets
         if self.peak:
@@ -486,7 +652,9 @@ class FormationRecipe:
         if self.dist.is_main:
             self.metrics.write(record)
         self._windows = getattr(self, "_windows", []) + [record]
-        window.update({"t": now, "steps": 0, "flops": 0.0, "tokens": 0, "losses": {}, "correct": 0, "targets": 0})
+        window.update(
+            {"t": now, "steps": 0, "flops": 0.0, "tokens": 0, "losses": {}, "correct": 0, "targets": 0}
+        )
         return record
 
     def _log_eval(self) -> dict:
@@ -497,8 +665,11 @@ class FormationRecipe:
                 record[f"accuracy/{n}"] = v["accuracy"]
                 record[f"exact_match/{n}"] = v["exact_match"]
             self.metrics.write(record)
-            logger.info("step %d held-out accuracy %s", self.state.step,
-                        {n: round(v["accuracy"], 4) for n, v in results.items()})
+            logger.info(
+                "step %d held-out accuracy %s",
+                self.state.step,
+                {n: round(v["accuracy"], 4) for n, v in results.items()},
+            )
         return results
 
     def _throughput_summary(self) -> dict:
@@ -510,8 +681,12 @@ class FormationRecipe:
             return {}
         tokens = sum(w["tokens_per_s"] * w["seconds"] for w in steady)
         flops = sum(w["flops_per_s"] * w["seconds"] for w in steady)
-        out = {"tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds, "seconds_measured": seconds,
-               "world_size": self.dist.world_size}
+        out = {
+            "tokens_per_s": tokens / seconds,
+            "flops_per_s": flops / seconds,
+            "seconds_measured": seconds,
+            "world_size": self.dist.world_size,
+        }
         if self.peak:
             out["mfu"] = flops / seconds / (self.peak * self.dist.world_size)
             out["peak_flops_per_device"] = self.peak

@@ -38,7 +38,7 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.T).float()  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, y[:, None]).squeeze(1)
@@ -47,7 +47,7 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
             if grad is not None:
                 probs = torch.exp(logits - lse[:, None])
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(correct)
         return loss, correct
@@ -58,16 +58,21 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
         return (grad * grad_loss.to(grad.dtype) if grad is not None else None), None, None, None
 
 
-def lm_head_cross_entropy(reasoner, hidden: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_head_cross_entropy(
+    reasoner, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, number of argmax hits) of the reasoner's LM head on `hidden` (..., d) against `targets` (...)."""
     head = reasoner.model.get_output_embeddings()
     assert not head.weight.requires_grad, "the reasoner's LM head must stay frozen"
-    if getattr(head, "bias", None) is not None:  # rare; fall back to plain logits (small models have no head bias)
+    if (
+        getattr(head, "bias", None) is not None
+    ):  # rare; fall back to plain logits (small models have no head bias)
         logits = head(hidden.reshape(-1, hidden.shape[-1])).float()
         y = targets.reshape(-1)
         return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(-1) == y).sum()
-    return _ChunkedLMHeadCE.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), chunk)
+    return _ChunkedLMHeadCE.apply(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), chunk
+    )
 
 
 @dataclass
@@ -90,7 +95,7 @@ def read_back(memory_model, memory, prompt: torch.Tensor, target: torch.Tensor) 
     text = torch.cat([prompt, target], dim=1)  # (B, I+T)
     hidden = hidden_states_with_memory(memory_model.reasoner, text, None, memory.kv)  # (B, I+T, d)
     i = prompt.shape[1]
-    loss_sum, correct = lm_head_cross_entropy(memory_model.reasoner, hidden[:, i - 1:i + t - 1], target)
+    loss_sum, correct = lm_head_cross_entropy(memory_model.reasoner, hidden[:, i - 1 : i + t - 1], target)
     return ObjectiveResult(loss_sum / (b * t), b * t, correct)
 
 

@@ -88,13 +88,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     path = root / marker.read_text().strip()
     if not (path / TRAINER_FILE).is_file():
-        raise FileNotFoundError(f"{marker} names {path.name}, which is incomplete or missing; remove {marker} to "
-                                "start over, or point LATEST at an intact checkpoint")
+        raise FileNotFoundError(
+            f"{marker} names {path.name}, which is incomplete or missing; remove {marker} to "
+            "start over, or point LATEST at an intact checkpoint"
+        )
     return path
 
 
-def save_checkpoint(output_dir: str | Path, memory_model, optimizer, state: TrainState, config_yaml: str,
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    output_dir: str | Path, memory_model, optimizer, state: TrainState, config_yaml: str, keep: int = 2
+) -> Path:
     """Write a checkpoint atomically, point LATEST at it and prune all but the `keep` newest."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Memory formation on one GPU, in commands of at most 10 minutes, each self-contained:
+#
+#   scripts/gpu/formation.sh main       train the shipped recipe until this command's deadline (the schedule spans
+#                                       PLAN_MINUTES of training, default 14, i.e. two commands), export, bench
+#   scripts/gpu/formation.sh resume     continue that schedule: exactly from /root state when the machine is still
+#                                       warm, else from the exported bf16 weights in $INIT (fresh optimizer moments,
+#                                       re-warmed LR); export, bench
+#   scripts/gpu/formation.sh baselines  train the causal-embedding and language-prior baselines (BASELINE_MINUTES
+#                                       each, default 2.5), then the full fidelity bench against $MAIN_CKPT, saved
+#                                       under benchmarks/results/ (summary.json "formation")
+#   scripts/gpu/formation.sh throughput tokens/s and MFU for compile=none/encoder/all (SECONDS_EACH, default 60)
+#
+# Everything that comes back is under $OUT (at most 8 files, each <= 16 MiB):
+#   memory/memsplice_config.json, memory/model.safetensors.index.json, memory/model-0000k-of-0000n.safetensors
+#   results.tgz   metrics.jsonl, curves.png, train summary, train_config.yaml, bench JSON, benchmarks/results/*, log
+# SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PHASE=${1:?usage: formation.sh main|resume|baselines|throughput}
+T0=$(date +%s)
+LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
+RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
+export PYTHONPATH=src
+export MEMSPLICE_DATA=${MEMSPLICE_DATA:-/root/stage/data}
+export TOKENIZERS_PARALLELISM=true
+RUN=${RUN:-/root/formation}
+OUT=${OUT:?set OUT to the folder whose files come back}
+PY=${PY:-python}
+MAIN_CKPT=${MAIN_CKPT:-$RUN/main/memory}
+INIT=${INIT:-src/memsplice/checkpoints/smollm2-135m-instruct}
+mkdir -p "$RUN" "$OUT"
+STAGE="$RUN/stage-$PHASE"; rm -rf "$STAGE"; mkdir -p "$STAGE/results"
+export MEMSPLICE_RESULTS="$STAGE/results"
+LOG="$STAGE/log.txt"
+exec > >(tee -a "$LOG") 2>&1
+
+SMALL_FLAGS=()
+PASSAGES=${PASSAGES:-128}
+PLAN=${PLAN_MINUTES:-14}
+MIN=${BASELINE_MINUTES:-2.5}
+if [ "${SMALL:-0}" = 1 ]; then
+  SMALL_FLAGS=(--device cpu --set data.tokens_per_step=256 --set "data.lengths=[32,64]" --set data.length_weights=null
+               --set data.curriculum_steps=0 --set data.max_corpus_tokens=200000 --set "data.sources=[tinyshakespeare]"
+               --set run.eval_passages=4 --set "run.eval_lengths=[32,64]" --set run.eval_every=4
+               --set run.log_every=2 --set memory.encoder_layers=2 --set optim.warmup_steps=2)
+  PASSAGES=4; PLAN=0.3; MIN=0.2
+fi
+BENCH_SMALL=()
+[ "${SMALL:-0}" = 1 ] && BENCH_SMALL=(--device cpu --lengths 32 64 --sources tinyshakespeare)
+
+deadline() {  # unix time by which training must stop so that RESERVE_S remains
+  echo $(( T0 + LIMIT_S - RESERVE_S ))
+}
+
+package() {  # copy what comes back into $OUT: the memory (sharded) and one archive of everything else
+  local run_dir=$1
+  if [ -n "$run_dir" ] && [ -d "$run_dir/memory" ]; then
+    rm -rf "$OUT/memory"; cp -r "$run_dir/memory" "$OUT/memory"
+  fi
+  for f in metrics.jsonl curves.png summary.json train_config.yaml; do
+    [ -n "$run_dir" ] && [ -f "$run_dir/$f" ] && cp "$run_dir/$f" "$STAGE/" || true
+  done
+  tar -czf "$OUT/results.tgz" -C "$STAGE" .
+  ls -la "$OUT" "$OUT/memory" 2>/dev/null || true
+}
+
+echo "== formation $PHASE on $(hostname) at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+$PY - <<'PY'
+import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+                    torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+PY
+
+case "$PHASE" in
+  main)
+    $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/main" --quiet \
+      --plan-minutes "$PLAN" --stop-at "$(deadline)" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary.json" || { package "$RUN/main"; exit 1; }
+    $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/main/memory" --passages "$PASSAGES" --json \
+      "${BENCH_SMALL[@]}" > "$STAGE/fidelity-main.json" || true
+    package "$RUN/main"
+    ;;
+  resume)
+    if [ -f "$RUN/main/checkpoints/LATEST" ]; then
+      echo "resuming exactly from $RUN/main/checkpoints/$(cat "$RUN/main/checkpoints/LATEST")"
+      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/main" --quiet \
+        --resume --stop-at "$(deadline)" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary.json" \
+        || { package "$RUN/main"; exit 1; }
+    else
+      echo "no training state on this machine; continuing the schedule from the weights in $INIT"
+      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/main" --quiet \
+        --init-from "$INIT" --continue-schedule --stop-at "$(deadline)" "${SMALL_FLAGS[@]}" \
+        | tee "$STAGE/train-summary.json" || { package "$RUN/main"; exit 1; }
+    fi
+    $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/main/memory" --passages "$PASSAGES" --json \
+      "${BENCH_SMALL[@]}" > "$STAGE/fidelity-main.json" || true
+    package "$RUN/main"
+    ;;
+  baselines)
+    [ -d "$MAIN_CKPT" ] || MAIN_CKPT=$INIT
+    [ -f "$MAIN_CKPT/memsplice_config.json" ] || { echo "no main checkpoint at $MAIN_CKPT (set MAIN_CKPT)"; exit 2; }
+    for name in causal prior; do
+      STOP=$($PY -c "import time; print(int(time.time() + 60 * $MIN + 120))")
+      $PY -m memsplice.cli.main train --config "configs/formation-$name.yaml" --output "$RUN/$name" --quiet \
+        --plan-minutes "$MIN" --stop-at "$STOP" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary-$name.json"
+      for f in metrics.jsonl curves.png; do cp "$RUN/$name/$f" "$STAGE/$name-$f" || true; done
+    done
+    TRAIN_RUN=$RUN/main; [ -f "$TRAIN_RUN/summary.json" ] || TRAIN_RUN=""
+    $PY -m memsplice.cli.main bench fidelity --checkpoint "$MAIN_CKPT" --causal "$RUN/causal/memory" \
+      --prior "$RUN/prior/memory" --passages "$PASSAGES" --save ${TRAIN_RUN:+--train-run "$TRAIN_RUN"} --json \
+      "${BENCH_SMALL[@]}" > "$STAGE/fidelity-all.json"
+    cat "$STAGE/results/summary.json"
+    package ""
+    ;;
+  throughput)
+    SECS=${SECONDS_EACH:-60}
+    for mode in none encoder all; do
+      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/tp-$mode" --quiet \
+        --steps 100000 --max-minutes "$($PY -c "print($SECS / 60)")" --set run.compile="$mode" \
+        --set "data.lengths=[256]" --set data.length_weights=null --set data.curriculum_steps=0 \
+        --set run.eval_every=0 --set "run.eval_lengths=[64]" --set run.eval_passages=8 "${SMALL_FLAGS[@]}" \
+        | tee "$STAGE/throughput-$mode.json" || echo "compile=$mode failed"
+    done
+    package ""
+    ;;
+  *)
+    echo "unknown phase $PHASE"; exit 2 ;;
+esac
+echo "== done in $(( $(date +%s) - T0 )) s"
