@@ -3,7 +3,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_memory
+from conversation_builders import tiny_memory
 
 from memsplice.conversation import ConversationConfig, ConversationMemory
 from memsplice.conversation.hierarchy import compose

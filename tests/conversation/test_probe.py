@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_memory
+from conversation_builders import tiny_memory
 
 from memsplice.conversation import ConversationConfig, ConversationMemory, memory_attention
 from memsplice.inject import forward_with_memory
