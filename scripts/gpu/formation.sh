@@ -98,8 +98,10 @@ case "$PHASE" in
   baselines)
     [ -d "$MAIN_CKPT" ] || MAIN_CKPT=$INIT
     [ -f "$MAIN_CKPT/memsplice_config.json" ] || { echo "no main checkpoint at $MAIN_CKPT (set MAIN_CKPT)"; exit 2; }
+    HALF=$(( (LIMIT_S - RESERVE_S) / 2 ))
     for name in causal prior; do
-      STOP=$($PY -c "import time; print(int(time.time() + 60 * $MIN + 120))")
+      # each baseline must be done by its half of this command's training time, whatever its plan says
+      if [ "$name" = causal ]; then STOP=$(( T0 + HALF )); else STOP=$(( T0 + 2 * HALF )); fi
       $PY -m memsplice.cli.main train --config "configs/formation-$name.yaml" --output "$RUN/$name" --quiet \
         --plan-minutes "$MIN" --stop-at "$STOP" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary-$name.json"
       for f in metrics.jsonl curves.png; do cp "$RUN/$name/$f" "$STAGE/$name-$f" || true; done
