@@ -9,8 +9,10 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     cfg = TrainConfig()
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
-    again = TrainConfig.from_yaml(path, ["run.steps=7", "optim.lr=0.002", "data.lengths=[64, 128]"])
+    again = TrainConfig.from_yaml(path, ["run.steps=7", "optim.lr=2e-3", "data.lengths=[64, 128]"])
     assert again.run.steps == 7 and again.optim.lr == 0.002 and again.data.lengths == [64, 128]
+    path.write_text("optim:\n  lr: 3e-4\n  min_lr_ratio: .5\n")
+    assert TrainConfig.from_yaml(path).optim.lr == 3e-4
     assert again.memory.to_dict() == cfg.memory.to_dict()
 
 

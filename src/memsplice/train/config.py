@@ -15,12 +15,29 @@ through `from_dict`, and `apply_overrides(["run.steps=10"])` changes single fiel
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from ..memory.config import MemoryConfig
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 as a string; configs mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _need(section: str, obj, cond: bool, name: str, msg: str) -> None:
@@ -379,7 +396,7 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no training config at {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{path} is not valid YAML: {e}") from None
         return cls.from_dict(apply_overrides(data, overrides or []))
@@ -398,5 +415,5 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ValueError(f"override {item!r} must look like section.field=value (e.g. run.steps=100)")
         if section not in SECTIONS:
             raise ValueError(f"override {item!r}: unknown section {section!r}; known: {list(SECTIONS)}")
-        out.setdefault(section, {})[name] = yaml.safe_load(raw)
+        out.setdefault(section, {})[name] = load_yaml(raw)
     return out
