@@ -24,6 +24,8 @@ RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, p
 export PYTHONPATH=src
 export MEMSPLICE_DATA=${MEMSPLICE_DATA:-/root/stage/data}
 export TOKENIZERS_PARALLELISM=true
+# results record the commit; a copy of the tree without .git takes it from here (pass MEMSPLICE_COMMIT=...)
+export MEMSPLICE_COMMIT=${MEMSPLICE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 RUN=${RUN:-/root/formation}
 OUT=${OUT:?set OUT to the folder whose files come back}
 PY=${PY:-python}
@@ -65,7 +67,7 @@ package() {  # copy what comes back into $OUT: the memory (sharded) and one arch
   ls -la "$OUT" "$OUT/memory" 2>/dev/null || true
 }
 
-echo "== formation $PHASE on $(hostname) at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "== formation $PHASE on $(hostname) at $(date -u +%FT%TZ), commit $MEMSPLICE_COMMIT"
 $PY - <<'PY'
 import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
                     torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
