@@ -56,5 +56,7 @@ def load_memory(reasoner, checkpoint: str | Path | None = None):
     shipped = checkpoint_for(reasoner)
     if shipped is not None:
         return MemoryModel.from_pretrained(shipped, reasoner=reasoner)
-    logger.warning("no trained memory checkpoint for %s; using an untrained memory (pass --checkpoint)", reasoner.name)
+    logger.warning(
+        "no trained memory checkpoint for %s; using an untrained memory (pass --checkpoint)", reasoner.name
+    )
     return MemoryModel(MemoryConfig(), reasoner)
