@@ -91,3 +91,21 @@ def test_reasoner_init_names_the_mismatched_field():
         )
     with pytest.raises(ValueError, match="encoder_init"):
         MemoryConfig(encoder_init="pretrained")
+
+
+def test_sink_init_starts_every_slot_as_the_reasoners_first_token():
+    from memsplice.compat import cache_layer_tensors
+    from transformers import DynamicCache
+
+    reasoner = tiny_reasoner("llama")
+    memory = MemoryModel(MemoryConfig(num_slots=3, max_memory_tokens=64, kv_init="sink", kv_init_scale=1e-8),
+                         reasoner)
+    cache = DynamicCache()
+    bos = reasoner.tokenizer.bos_token_id
+    reasoner.decoder(input_ids=torch.tensor([[bos]]), past_key_values=cache, use_cache=True)
+    mem = memory.write(torch.randint(3, 300, (2, 5)))
+    for layer, (k, v) in enumerate(cache_layer_tensors(cache)):
+        torch.testing.assert_close(mem.kv.values[layer], v.expand(2, -1, 3, -1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mem.kv.keys[layer][:, :, :1], k.expand(2, -1, 1, -1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="kv_init_scale"):
+        MemoryConfig(kv_init="sink", kv_init_scale=0.0)

@@ -4,7 +4,10 @@
 k_l = rope(rmsnorm(z) A_l + a_l), v_l = rmsnorm(z) B_l + b_l, rotated at positions 0..M-1.
 `layer_concat`: the same projections for chosen target layers only; the other layers see no memory.
 
-Initialisation ("kv_init"): "reasoner" starts A_l, B_l as the reasoner's own k/v projections of layer l composed with
+Initialisation ("kv_init"): "sink" starts a_l, b_l as the K/V the reasoner computes for its first token (BOS) at layer
+l, and A_l, B_l as `kv_init_scale` times the "reasoner" projections, so that every slot of an untrained memory reads
+like a copy of the sequence start (which a causal LM has learned to treat as harmless) instead of as random tokens
+that pull attention away from the text; "reasoner" starts A_l, B_l as the reasoner's own k/v projections of layer l composed with
 that layer's input norm weight, so an untrained latent already acts like a residual-stream state read by every layer;
 "random" starts them at small random values.
 """
@@ -35,7 +38,7 @@ class PrependKV(InjectionOperator):
         self.value_weight = nn.Parameter(torch.empty(n, d, w))
         self.key_bias = nn.Parameter(torch.zeros(n, w))
         self.value_bias = nn.Parameter(torch.zeros(n, w))
-        self.reset_parameters(config.kv_init, reasoner)
+        self.reset_parameters(config.kv_init, reasoner, sink_scale=getattr(config, "kv_init_scale", 0.1))
 
     def target_layers_from(self, config) -> list[int]:
         return list(range(self.shapes.num_layers))
@@ -44,7 +47,7 @@ class PrependKV(InjectionOperator):
         return self._layers
 
     @torch.no_grad()
-    def reset_parameters(self, kv_init: str, reasoner) -> None:
+    def reset_parameters(self, kv_init: str, reasoner, sink_scale: float = 0.1) -> None:
         if kv_init == "random":
             nn.init.normal_(self.key_weight, std=self.shapes.hidden_size**-0.5)
             nn.init.normal_(self.value_weight, std=self.shapes.hidden_size**-0.5)
@@ -61,6 +64,28 @@ class PrependKV(InjectionOperator):
                 self.key_bias[i].copy_(attn.k_proj.bias.float())
             if getattr(attn.v_proj, "bias", None) is not None:
                 self.value_bias[i].copy_(attn.v_proj.bias.float())
+        if kv_init == "sink":
+            self.key_weight.mul_(sink_scale)
+            self.value_weight.mul_(sink_scale)
+            for i, (k, v) in enumerate(self._sink_kv(reasoner)):
+                self.key_bias[i].copy_(k)
+                self.value_bias[i].copy_(v)
+
+    def _sink_kv(self, reasoner) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per target layer, the reasoner's own (pre-RoPE = position 0) key and value of its first token, (H*D,)."""
+        from transformers import DynamicCache
+
+        from ..compat import cache_layer_tensors
+
+        tok = reasoner.tokenizer
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        if bos is None:
+            bos = getattr(reasoner.model.config, "bos_token_id", None)
+        bos = 0 if bos is None else int(bos)
+        cache = DynamicCache()
+        reasoner.decoder(input_ids=torch.tensor([[bos]], device=reasoner.device), past_key_values=cache, use_cache=True)
+        pairs = cache_layer_tensors(cache)  # (1, H, 1, D) per layer; RoPE at position 0 is the identity
+        return [(pairs[j][0].reshape(-1).float(), pairs[j][1].reshape(-1).float()) for j in self._layers]
 
     def forward(self, latents, reasoner):
         s = self.shapes

@@ -40,7 +40,11 @@ class MemoryConfig:
     target_layers: list[int] | None = None
     """layer_concat only: reasoner layers that receive memory (default: the lower half)."""
     kv_init: str = "reasoner"
-    """prepend_kv / layer_concat: start projections from the reasoner's own k/v projections, or "random"."""
+    """prepend_kv / layer_concat: "reasoner" starts the projections as the reasoner's own k/v projections; "sink"
+    starts every slot as the K/V the reasoner computes for its first (BOS) token, with the reasoner's projections
+    scaled by `kv_init_scale` on top, so an untrained memory is nearly harmless; "random": small random values."""
+    kv_init_scale: float = 0.1
+    """kv_init="sink" only: scale of the reasoner's k/v projections added to the sink K/V."""
     gate_init_bias: float = 2.0
     """Initial bias of the gate W_g; sigmoid(2) = 0.88, so fresh memory starts mostly open."""
     max_latent_norm: float = 1000.0
@@ -72,7 +76,8 @@ class MemoryConfig:
         need(self.encoder_mlp_ratio > 0, "encoder_mlp_ratio", "must be positive")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.operator in OPERATORS, "operator", f"must be one of {sorted(OPERATORS)}")
-        need(self.kv_init in ("reasoner", "random"), "kv_init", 'must be "reasoner" or "random"')
+        need(self.kv_init in ("reasoner", "random", "sink"), "kv_init", 'must be "reasoner", "random" or "sink"')
+        need(self.kv_init_scale > 0, "kv_init_scale", "must be positive")
         need(self.encoder_type in ("transformer", "causal_pool"), "encoder_type",
              'must be "transformer" or "causal_pool"')
         need(self.encoder_init in ("random", "reasoner"), "encoder_init", 'must be "random" or "reasoner"')
