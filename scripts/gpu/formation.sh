@@ -28,7 +28,7 @@ export TOKENIZERS_PARALLELISM=true
 export MEMSPLICE_COMMIT=${MEMSPLICE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 RUN=${RUN:-/root/formation}
 OUT=${OUT:?set OUT to the folder whose files come back}
-PY=${PY:-python}
+PY=${PY:-python3}
 MAIN_CKPT=${MAIN_CKPT:-$RUN/main/memory}
 INIT=${INIT:-src/memsplice/checkpoints/smollm2-135m-instruct}
 mkdir -p "$RUN" "$OUT"
