@@ -59,27 +59,23 @@ logger = logging.getLogger("memsplice.serve")
 
 
 # -- middleware --------------------------------------------------------------------------------------------------
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`: from Content-Length before reading, or while reading a chunked body."""
+    """413 for a body over `max_bytes`: from Content-Length before reading, or while a chunked body is read (the
+    route reading it then fails with the 413 APIError, before it acted on anything)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> APIError:
+        return APIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _send_error(
-                send,
-                APIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large"),
-            )
+            return await _send_error(send, self._error())
         seen = 0
-        started = False
 
         async def counting_receive():
             nonlocal seen
@@ -87,25 +83,60 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise self._error()
             return message
 
-        async def tracking_send(message):
-            nonlocal started
+        await self.app(scope, counting_receive, send)
+
+
+class ObserveMiddleware:
+    """Per request: a request id (echoed as x-request-id), Prometheus counters and latency, one structured log line.
+    Routes are labelled by their template, never by the concrete path."""
+
+    def __init__(self, app, service: MemoryService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                }
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_error(
-                    send,
-                    APIError(
-                        413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large"
-                    ),
-                )
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            dt = time.perf_counter() - t0
+            metrics = self.service.metrics
+            metrics.requests.labels(scope["method"], route, str(status)).inc()
+            metrics.latency.labels(scope["method"], route).observe(dt)
+            metrics.queue_depth.set(self.service.worker.pending)
+            logger.info(
+                "%s %s %d",
+                scope["method"],
+                route,
+                status,
+                extra={
+                    "event": "request",
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "ms": round(dt * 1000, 2),
+                },
+            )
 
 
 async def _send_error(send, err: APIError) -> None:
@@ -151,38 +182,8 @@ def create_app(service: MemoryService) -> FastAPI:
     app.state.service = service
     metrics = service.metrics
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            response.headers["x-request-id"] = rid
-            return response
-        finally:
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            dt = time.perf_counter() - t0
-            metrics.requests.labels(request.method, route, str(status)).inc()
-            metrics.latency.labels(request.method, route).observe(dt)
-            metrics.queue_depth.set(service.worker.pending)
-            logger.info(
-                "%s %s %d",
-                request.method,
-                route,
-                status,
-                extra={
-                    "event": "request",
-                    "request_id": rid,
-                    "method": request.method,
-                    "route": route,
-                    "status": status,
-                    "ms": round(dt * 1000, 2),
-                },
-            )
-
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(ObserveMiddleware, service=service)
 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
