@@ -59,7 +59,11 @@ def test_chat_writes_the_exchange_and_reads_it_next_time(client):
     second = chat(client, "Where does Ada live?").json()
     assert second["memsplice"]["live"] is True and second["memsplice"]["resident_turns"] == len(spans)
     # without a scope (or with memory off) nothing is read or written
-    assert chat(client, "stateless", scope=None).json()["memsplice"] == {"scope": None}
+    assert chat(client, "stateless", scope=None).json()["memsplice"] == {
+        "scope": None,
+        "live": False,
+        "memory": "no scope",
+    }
     chat(client, "not stored", memory=False)
     texts = [
         s["text"] for s in client.get("/v1/memory/scopes/alice/spans", headers=h.headers()).json()["data"]

@@ -304,7 +304,7 @@ def create_app(service: MemoryService) -> FastAPI:
         cid = completion_id()
         if not req.stream:
             result = await service.chat(req, scope)
-            extra = {**result.memory} if scope else {"scope": None}
+            extra = result.memory
             return chat_completion(
                 cid,
                 service.model_id,
@@ -453,7 +453,7 @@ async def _stream(service: MemoryService, req: ChatCompletionRequest, scope: str
                     APIError(500, "internal server error", type="server_error", code="internal_error").body()
                 )
                 return
-            extra = {**result.memory} if scope else {"scope": None}
+            extra = result.memory
             yield sse(chat_chunk(cid, model, created, {}, finish_reason=result.finish_reason, extra=extra))
             if include_usage:
                 yield sse(

@@ -353,7 +353,9 @@ class MemoryService:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
         ]
         if scope is None or not req.memory:
-            return await self.worker.run(self._generate, None, messages, params, sink, cancel)
+            result = await self.worker.run(self._generate, None, messages, params, sink, cancel)
+            result.memory = {"scope": scope, "live": False, "memory": "off" if scope else "no scope"}
+            return result
         async with self._locks(scope):
             sm = await self._scope_memory(scope)
             try:
