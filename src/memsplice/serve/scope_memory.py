@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -52,6 +52,8 @@ class Turn:
     tokens: int
     """Tokens of the rendered line "role: text\\n"."""
     time: float = field(default_factory=time.time)
+    last_read: float | None = None
+    """When a request last spliced memory that held this turn (the LRU state the inspector shows)."""
 
 
 class ScopeMemory:
@@ -159,6 +161,8 @@ class ScopeMemory:
             return None
         self.last_read = time.time()
         self.reads += 1
+        for t in self.turns:
+            t.last_read = self.last_read
         with torch.inference_mode():
             return self.memory.inject(self.latents.to(self.memory.reasoner.device), scope=self.scope).kv
 
@@ -189,7 +193,7 @@ class ScopeMemory:
 
     def span_states(self) -> dict[int, dict]:
         """LRU state of resident spans by transcript number: {"resident": True, "last_read": time or None}."""
-        return {t.seq: {"resident": True, "last_read": self.last_read} for t in self.turns}
+        return {t.seq: {"resident": True, "last_read": t.last_read} for t in self.turns}
 
     # -- persistence -----------------------------------------------------------------------------------------
     def to_state(self) -> tuple[str, dict, bytes | None]:
@@ -198,7 +202,7 @@ class ScopeMemory:
             "state_version": STATE_VERSION,
             "window_tokens": self.window_tokens,
             "evicted": self.evicted,
-            "turns": [t.__dict__ for t in self.turns],
+            "turns": [asdict(t) for t in self.turns],
             "gate": self.gate,
             "slot_norms": self.slot_norms,
             "weights": self.weights,
