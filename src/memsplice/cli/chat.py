@@ -1,0 +1,172 @@
+"""`memsplice chat`: an interactive chat whose history lives in latent memory, not in the prompt.
+
+Each turn, the reasoner sees only the system prompt and the new message (plus, with --window, the most recent
+turns verbatim); everything said before reaches it through the memory injected into its KV cache. The transcript
+is written to --memory-file after every turn (atomically), so a later `memsplice chat --memory-file` resumes the
+same memory. After each answer a status line shows the slots in use, the gate values, the write and answer times
+and any safety fallback.
+
+Lines starting with "/" are commands: /stats, /forget (erase the memory and its file), /quit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .common import add_checkpoint_flag, add_reasoner_flags, load_reasoner_from
+
+FILE_VERSION = 1
+
+
+def add_parser(sub):
+    p = sub.add_parser("chat", help="chat with a reasoner whose history is kept in latent memory",
+                       description=__doc__.split("\n\n")[0], epilog="Commands: /stats, /forget, /quit.")
+    add_reasoner_flags(p)
+    add_checkpoint_flag(p)
+    p.add_argument("--memory-file", default="memsplice-chat.json", metavar="FILE",
+                   help="where the conversation memory is kept between runs (default: %(default)s)")
+    p.add_argument("--system", default="You are a helpful assistant. Use what you remember about the user.",
+                   help="system prompt")
+    p.add_argument("--window", type=int, default=0, metavar="TOKENS",
+                   help="also put the most recent turns verbatim in the prompt, up to this many tokens (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
+    return p
+
+
+def _load_file(path: Path, reasoner) -> dict:
+    if not path.exists():
+        return {"turns": []}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a memsplice chat file ({e}); pass another --memory-file") from None
+    if not isinstance(data, dict) or data.get("version") != FILE_VERSION or not isinstance(data.get("turns"), list):
+        raise ValueError(f"{path} is not a memsplice chat file (version {FILE_VERSION}); pass another --memory-file")
+    if data.get("reasoner_fingerprint") not in (None, reasoner.fingerprint):
+        raise ValueError(f"{path} was written with another reasoner ({data.get('reasoner')}); pass another "
+                         "--memory-file or the same --reasoner")
+    return data
+
+
+def _save_file(path: Path, session: ChatSession, checkpoint: str | None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    r = session.reasoner
+    tmp.write_text(json.dumps({"version": FILE_VERSION, "reasoner": r.name, "reasoner_fingerprint": r.fingerprint,
+                               "checkpoint": checkpoint, "turns": session.turns,
+                               "conversation": session.conversation.to_dict()}))
+    os.replace(tmp, path)
+
+
+class ChatSession:
+    """One conversation: its transcript, its `ConversationMemory`, and answering with that memory."""
+
+    def __init__(self, reasoner, memory, system: str, window_tokens: int = 0, state: dict | None = None):
+        from memsplice.conversation import ConversationConfig, ConversationMemory
+
+        self.reasoner, self.memory, self.system, self.window_tokens = reasoner, memory, system, window_tokens
+        state = state or {}
+        self.turns: list[dict] = list(state.get("turns", []))
+        if state.get("conversation"):
+            self.conversation = ConversationMemory.from_dict(state["conversation"], memory)
+        else:  # a file written before memory state was kept, or a new chat: rebuild from the transcript
+            self.conversation = ConversationMemory(memory, ConversationConfig(scope="chat"))
+            for t in self.turns:
+                self.conversation.add_turn(t["role"], t["text"])
+
+    def forget(self) -> None:
+        from memsplice.conversation import ConversationMemory
+
+        self.turns = []
+        self.conversation = ConversationMemory(self.memory, self.conversation.config)
+
+    def _recent_window(self) -> list[dict]:
+        if self.window_tokens <= 0:
+            return []
+        tok, budget, picked = self.reasoner.require_tokenizer(), self.window_tokens, []
+        for t in reversed(self.turns):
+            n = len(tok(t["text"], add_special_tokens=False)["input_ids"])
+            if n > budget:
+                break
+            budget -= n
+            picked.append({"role": t["role"], "content": t["text"]})
+        return picked[::-1]
+
+    def answer(self, message: str, max_new_tokens: int, temperature: float) -> tuple[str, dict]:
+        import torch
+
+        kv = self.conversation.memory_kv()
+        messages = [{"role": "system", "content": self.system}, *self._recent_window(),
+                    {"role": "user", "content": message}]
+        ids = torch.tensor([self.reasoner.chat_ids(messages)], device=self.reasoner.device)
+        t0 = time.perf_counter()
+        gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+        if temperature > 0:
+            gen["temperature"] = temperature
+        out = self.memory.generate(ids, memory=kv, **gen)
+        answer_s = time.perf_counter() - t0
+        text = self.reasoner.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        events_before = self.memory.fallback_log.total
+        writes = [self.conversation.add_turn("user", message), self.conversation.add_turn("assistant", text)]
+        now = time.time()
+        self.turns += [{"role": "user", "text": message, "time": now}, {"role": "assistant", "text": text, "time": now}]
+        new_events = self.memory.fallback_log.recent(self.memory.fallback_log.total - events_before)
+        status = {"slots": 0 if kv is None else int(kv.num_slots), "prompt_tokens": int(ids.shape[1]),
+                  "write_ms": round(sum(w.seconds for w in writes) * 1e3, 1), "answer_ms": round(answer_s * 1e3, 1),
+                  "fallbacks": [e.reason for e in new_events] if self.memory.fallback_log.total > events_before else []}
+        if kv is not None and kv.any_live:
+            g = kv.gate_bias[0].amax(dim=0).exp()  # (S,) per slot, from the layers that hold it
+            g = g[g > 0]
+            if g.numel():
+                status["gate"] = {"mean": round(float(g.mean()), 3), "min": round(float(g.min()), 3),
+                                  "max": round(float(g.max()), 3)}
+        return text, status
+
+
+def _format_status(s: dict) -> str:
+    gate = s.get("gate")
+    gate_txt = f"gate {gate['mean']:.2f} (min {gate['min']:.2f}, max {gate['max']:.2f})" if gate else "gate -"
+    fb = f"fallback: {', '.join(s['fallbacks'])}" if s["fallbacks"] else "no fallback"
+    return (f"  [memory {s['slots']} slots | {gate_txt} | prompt {s['prompt_tokens']} tokens | "
+            f"write {s['write_ms']:.0f} ms | answer {s['answer_ms']:.0f} ms | {fb}]")
+
+
+def run(args) -> int:
+    from memsplice.checkpoints import load_memory
+
+    reasoner = load_reasoner_from(args)
+    memory = load_memory(reasoner, args.checkpoint)
+    path = Path(args.memory_file)
+    session = ChatSession(reasoner, memory, args.system, args.window, state=_load_file(path, reasoner))
+    interactive = sys.stdin.isatty()
+    print(f"memsplice chat: {reasoner.name}, memory {args.checkpoint or 'default checkpoint'}, "
+          f"{len(session.turns)} turns remembered from {path}. /quit to leave.", flush=True)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/forget":
+            session.forget()
+            path.unlink(missing_ok=True)
+            print("  [memory erased]")
+            continue
+        if line == "/stats":
+            st = session.conversation.stats()
+            print(f"  [{len(session.turns)} turns, {st['slots']} slots, "
+                  f"{json.dumps({k: v for k, v in st.items() if k not in ('slots', 'turns')})}, "
+                  f"fallback events {dict(memory.fallback_log.counts)}]")
+            continue
+        text, status = session.answer(line, args.max_new_tokens, args.temperature)
+        print(f"assistant> {text}\n{_format_status(status)}", flush=True)
+        _save_file(path, session, args.checkpoint)
+    return 0
