@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from tests.serve.harness import Harness
 
 from memsplice.inject.memory_kv import MemoryKV
 
@@ -57,7 +58,7 @@ def test_chat_writes_the_exchange_and_reads_it_next_time(client):
     assert spans[-1]["text"] == "Ada lives in Lisbon." and spans[-1]["role"] == "user"
     assert all(s["resident"] for s in spans)
     second = chat(client, "Where does Ada live?").json()
-    assert second["memsplice"]["live"] is True and second["memsplice"]["resident_turns"] == len(spans)
+    assert second["memsplice"]["live"] is True and second["memsplice"]["turns_in_memory"] == len(spans)
     # without a scope (or with memory off) nothing is read or written
     assert chat(client, "stateless", scope=None).json()["memsplice"] == {
         "scope": None,
@@ -139,13 +140,13 @@ def test_memory_endpoints(client):
     )
     assert r.json()["seqs"] == [2]
     summary = client.get("/v1/memory/scopes/alice", headers=h.headers()).json()
-    assert summary["turns"] == 3 and summary["memory"]["resident_turns"] == 3 and summary["memory"]["written"]
+    assert summary["turns"] == 3 and summary["memory"]["turns"] == 3 and summary["memory"]["live_spans"] == 3
     assert summary["rows"]["spans"] == 3 and summary["rows"]["scope_states"] == 1
     slots = client.get("/v1/memory/scopes/alice/slots", headers=h.headers()).json()
-    assert len(slots["slots"]) == h.memory.config.num_slots
-    assert all(0 <= s["gate"] <= 1 and s["norm"] > 0 for s in slots["slots"])
+    assert len(slots["slots"]) == summary["memory"]["slots"] >= h.memory.config.num_slots
+    assert all(0 <= s["gate"] <= 1 and s["norm"] > 0 and s["turns"] for s in slots["slots"])
     gate = client.get("/v1/memory/scopes/alice/gate", headers=h.headers()).json()
-    assert gate["min"] <= gate["mean"] <= gate["max"] and len(gate["per_slot"]) == h.memory.config.num_slots
+    assert gate["min"] <= gate["mean"] <= gate["max"] and len(gate["per_slot"]) == len(slots["slots"])
     assert client.get("/v1/memory/scopes/alice/events", headers=h.headers()).json()["data"] == []
     listed = client.get("/v1/memory/scopes", headers=h.headers(h.admin_key)).json()["data"]
     assert [s["id"] for s in listed] == ["alice"]
@@ -153,24 +154,30 @@ def test_memory_endpoints(client):
     assert client.get("/v1/memory/scopes/alice:other", headers=h.headers()).status_code == 404
 
 
-def test_eviction_keeps_the_transcript_and_marks_lru_state(client):
-    h = client.harness
-    for i in range(12):
-        client.post(
-            "/v1/memory/scopes/alice/text",
-            headers=h.headers(),
-            json={"text": f"Fact number {i}: the quick brown fox jumps over the lazy dog."},
-        )
-    spans = client.get("/v1/memory/scopes/alice/spans", headers=h.headers(), params={"limit": 100}).json()[
-        "data"
-    ]
-    assert len(spans) == 12
+def test_eviction_keeps_the_transcript_and_marks_lru_state(tmp_path):
+    from fastapi.testclient import TestClient
+
+    h = Harness(tmp_path, memory_max_live_tokens=120)
+    with TestClient(h.app) as client:
+        for i in range(12):
+            client.post(
+                "/v1/memory/scopes/alice/text",
+                headers=h.headers(),
+                json={"text": f"Fact number {i}: the quick brown fox jumps over the lazy dog."},
+            )
+        spans = client.get(
+            "/v1/memory/scopes/alice/spans", headers=h.headers(), params={"limit": 100}
+        ).json()["data"]
+        summary = client.get("/v1/memory/scopes/alice", headers=h.headers()).json()["memory"]
+    assert len(spans) == 12  # the store keeps the whole transcript
     resident = [s["seq"] for s in spans if s["resident"]]
-    assert 0 < len(resident) < 12 and max(resident) == 11  # newest kept, oldest evicted
+    assert 0 < len(resident) < 12 and max(resident) == 11  # newest kept, least recently used evicted
     assert sorted(resident) == list(range(12 - len(resident), 12))
-    summary = client.get("/v1/memory/scopes/alice", headers=h.headers()).json()["memory"]
-    assert summary["resident_tokens"] <= summary["window_tokens"] == h.memory.config.max_memory_tokens
-    assert summary["evicted_turns"] == 12 - len(resident)
+    evicted = [s for s in spans if not s["resident"]]
+    assert all(s["evicted_because"] == "token_cap" for s in evicted)
+    assert all(s["steps_since_use"] >= 0 for s in spans)
+    assert summary["live_tokens"] <= summary["max_live_tokens"] == 120
+    assert summary["evictions"] == 12 - len(resident) and summary["live_spans"] == len(resident)
 
 
 def test_export_import_into_another_scope_gives_the_same_memory(client):
@@ -231,7 +238,7 @@ def test_delete_removes_the_scope_from_every_store(client):
 def test_fallback_runs_the_bare_reasoner_and_records_the_event(tmp_path):
     """A latent over the safety bound is never spliced: the answer equals the bare reasoner's, an event is stored."""
     from fastapi.testclient import TestClient
-    from tests.serve.harness import Harness, small_memory
+    from tests.serve.harness import small_memory
 
     h = Harness(tmp_path, memory=small_memory(max_latent_norm=1e-3))
     with TestClient(h.app) as client:

@@ -39,7 +39,8 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
 def test_inspector_renders_in_headless_chromium(tmp_path):
-    h = Harness(tmp_path)
+    # a small token cap so that some spans are evicted, and attention tracking to drive the LRU clock
+    h = Harness(tmp_path, memory_max_live_tokens=160, memory_track_attention=True)
     svc = h.service
     with live(h) as url:
         import httpx
@@ -74,7 +75,7 @@ def test_inspector_renders_in_headless_chromium(tmp_path):
         html = dom.stdout
         assert 'data-ready="1"' in html, html[-3000:]
         assert "Fact 9: Ada lives in Lisbon" in html and "Where does Ada live?" in html  # spans
-        assert "resident" in html and "evicted" in html  # LRU state of spans
+        assert 'class="pill resident"' in html and 'class="pill evicted"' in html  # LRU state of spans
         assert "non_finite" in html  # the fallback event
         assert 'aria-label="gate values"' in html and "<rect" in html  # gate bars
         assert "loss" in html and "<path" in html  # training curve

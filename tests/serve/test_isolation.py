@@ -64,7 +64,7 @@ def test_concurrent_requests_see_only_their_own_scope(tmp_path):
         row = h2_store.load_state(scope)
         alone = ScopeMemory.from_state(scope, h.memory, row["kind"], row["state"], row["tensors"])
         assert kv_digest(alone.memory_kv()) == digests[scope]
-        fresh = ScopeMemory(scope, h.memory)
-        fresh.add_turns([("note", FACTS[scope])], 0, alone.weights)
+        fresh = ScopeMemory(scope, h.memory, h.service.conversation_config)
+        fresh.add_turns([("note", FACTS[scope])])
         assert kv_digest(fresh.memory_kv()) == digests[scope]  # recomputed from the text alone
     h2_store.close()

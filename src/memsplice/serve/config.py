@@ -59,8 +59,15 @@ class ServeConfig:
     """Most turns one memory write may add."""
     max_turn_chars: int = 32_000
     """Longest text of one turn written to memory."""
-    memory_window_tokens: int | None = None
-    """Tokens of recent transcript the memory encoder reads (default: the memory's max_memory_tokens)."""
+    memory_chunk_tokens: int | None = None
+    """Transcript tokens per memory chunk, i.e. per encoder call (default: the memory's max_memory_tokens)."""
+    memory_slot_budget: int = 256
+    """Most memory slots a scope's conversation uses; older chunks are compressed to stay within it."""
+    memory_max_live_tokens: int = 65536
+    """Most transcript tokens a scope's memory is built from; least-recently-used spans beyond it are evicted."""
+    memory_track_attention: bool = False
+    """After each chat, measure the reasoner's attention to memory to keep the spans' LRU clock (one extra
+    forward pass per request); off: least recently written is evicted first."""
     write_chat_turns: bool = True
     """A chat request with a scope writes its last user message and the reply into that scope's memory."""
     scope_cache_size: int = 256
@@ -99,6 +106,8 @@ class ServeConfig:
             "max_turn_chars",
             "scope_cache_size",
             "online_batch_size",
+            "memory_slot_budget",
+            "memory_max_live_tokens",
         ):
             need(
                 isinstance(getattr(self, name), int) and getattr(self, name) > 0,
@@ -111,9 +120,9 @@ class ServeConfig:
             "must not exceed max_new_tokens",
         )
         need(
-            self.memory_window_tokens is None
-            or (isinstance(self.memory_window_tokens, int) and self.memory_window_tokens > 0),
-            "memory_window_tokens",
+            self.memory_chunk_tokens is None
+            or (isinstance(self.memory_chunk_tokens, int) and self.memory_chunk_tokens > 0),
+            "memory_chunk_tokens",
             "must be a positive integer or null",
         )
         need(
@@ -142,6 +151,17 @@ class ServeConfig:
         )
 
     # -- derived -------------------------------------------------------------------------------------------------
+    def conversation_config(self):
+        """The `ConversationConfig` every scope's memory is built with."""
+        from ..conversation import ConversationConfig
+
+        return ConversationConfig(
+            chunk_tokens=self.memory_chunk_tokens,
+            slot_budget=self.memory_slot_budget,
+            max_live_tokens=self.memory_max_live_tokens,
+            track_attention=self.memory_track_attention,
+        )
+
     @property
     def store_url(self) -> str:
         if self.database_url:

@@ -1,17 +1,20 @@
 """`ScopeMemory`: the memory of one scope (a user, an agent), as the server reads, writes and persists it.
 
-What the memory holds: the scope's most recent transcript that fits in `window_tokens` tokens, rendered as
-"role: text" lines and read by the memory encoder (`MemoryModel.write`) into M latent slots. Older turns are
-evicted oldest first (the store keeps the full transcript). The latents are computed when turns are written, not
-when memory is read, and persisted with the state; a read projects them into a fresh `MemoryKV`.
+It is a thin adapter around `memsplice.conversation.ConversationMemory`: turns go into the conversation's
+transcript, live spans are encoded chunk by chunk into latent slots (older chunks compressed within a slot budget,
+least-recently-used spans evicted beyond a token cap), and a read composes the kept slots into one `MemoryKV`.
+The adapter adds what a server needs on top: a copy of the memory per request, read statistics, per-slot and
+per-span views for the inspector, and a state the store can hold.
 
-Guarantees:
-- `memory_kv()` builds a new `MemoryKV` from this scope's own latents on every call (caches are mutated in place by
-  a forward pass, so nothing spliced is ever shared between requests or scopes).
-- Latents computed by other memory weights than the ones serving now (after an online update or a checkpoint
-  change) are never used: the state records the weights' digest, and a stale state is re-encoded from its turns.
-- `to_state()` / `from_state()` round-trip exactly (JSON plus safetensors bytes), so a restart resumes with the
-  same latents.
+Guarantees (the conversation memory's own, plus):
+- `memory_kv()` returns a `MemoryKV` whose tensors belong to this call alone (cloned from the scope's composed
+  memory), so nothing a request splices is shared with another request or scope.
+- Latents computed by other memory weights than the ones serving now (after an online update) are never used: the
+  conversation memory re-encodes stale chunks before a read or a write.
+- `to_state()` / `from_state()` round-trip: a restart resumes with the same latents (no encoder call when the
+  weights are the ones that wrote them).
+- Every method that may run the encoder (`add_turns`, `memory_kv`, `to_state`, `from_state`, `stats`, `slots`)
+  is meant for the server's inference worker.
 """
 
 from __future__ import annotations
@@ -20,23 +23,21 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
+from ..conversation import ConversationConfig, ConversationMemory
 from ..inject.memory_kv import MemoryKV
-from ..memory.model import MemoryModel, pad_rows
+from ..memory.model import MemoryModel
 
 logger = logging.getLogger(__name__)
 
-KIND = "recent_window"
+KIND = "conversation"
 STATE_VERSION = 1
 
 
 def weights_digest(memory: MemoryModel) -> str:
-    """sha256 of the memory's weights (what latents depend on), 16 hex characters."""
+    """sha256 of the memory's weights (what latents depend on), 16 hex characters, for display and exports."""
     h = hashlib.sha256()
     for name, tensor in sorted(memory.memory_state_dict().items()):
         h.update(name.encode())
@@ -44,206 +45,175 @@ def weights_digest(memory: MemoryModel) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class Turn:
-    seq: int
-    role: str
-    text: str
-    tokens: int
-    """Tokens of the rendered line "role: text\\n"."""
-    time: float = field(default_factory=time.time)
-    last_read: float | None = None
-    """When a request last spliced memory that held this turn (the LRU state the inspector shows)."""
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 class ScopeMemory:
-    """The recent-transcript memory of one scope, bound to the serving `MemoryModel`."""
+    """The conversation memory of one scope, bound to the serving `MemoryModel`."""
 
     kind = KIND
 
-    def __init__(self, scope: str, memory: MemoryModel, window_tokens: int | None = None):
+    def __init__(
+        self,
+        scope: str,
+        memory: MemoryModel,
+        config: ConversationConfig | None = None,
+        conversation: ConversationMemory | None = None,
+    ):
         self.scope = scope
         self.memory = memory
-        limit = memory.config.max_memory_tokens
-        self.window_tokens = min(window_tokens or limit, limit)
-        self.turns: list[Turn] = []
-        """Resident turns, oldest first."""
-        self.evicted = 0
-        """Turns evicted so far (they stay in the store's transcript)."""
-        self.latents: torch.Tensor | None = None
-        """(1, M, d) float32 on the CPU, or None when nothing was written."""
-        self.gate: list[float] = []
-        """Per-slot gate values g = sigmoid(W_g z) of the current latents."""
-        self.slot_norms: list[float] = []
-        self.weights: str | None = None
-        """Digest of the memory weights that computed `latents`."""
-        self.last_read: float | None = None
+        if conversation is None:
+            config = ConversationConfig(**{**(config.to_dict() if config else {}), "scope": scope})
+            conversation = ConversationMemory(memory, config)
+        self.conversation = conversation
         self.reads = 0
-        self.writes = 0
+        self.last_read: float | None = None
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def _render(self, role: str, text: str) -> list[int]:
-        tok = self.memory.reasoner.require_tokenizer()
-        return tok(f"{role}: {text}\n", add_special_tokens=False)["input_ids"]
-
-    def add_turns(self, turns: list[tuple[str, str]], first_seq: int, weights: str) -> dict:
-        """Append (role, text) turns (transcript numbers first_seq, ...), evict what no longer fits, re-encode.
-
-        Runs the memory encoder: call it from the inference worker. Returns write statistics.
-        """
-        new = [
-            Turn(first_seq + i, role, text, len(self._render(role, text)))
-            for i, (role, text) in enumerate(turns)
-        ]
-        self.turns.extend(new)
-        evicted = self._evict()
-        self._encode(weights)
-        self.writes += 1
+    def add_turns(self, turns: list[tuple[str, str]]) -> dict:
+        """Append (role, text) turns; returns write statistics with the tokens of each turn."""
+        stats = [self.conversation.add_turn(role, text) for role, text in turns]
         return {
             "added": len(turns),
-            "tokens": [t.tokens for t in new],
-            "evicted": evicted,
-            "resident_turns": len(self.turns),
-            "resident_tokens": self.resident_tokens,
+            "tokens": [s.tokens for s in stats],
+            "evicted": sum(s.evicted for s in stats),
+            "encoded_tokens": sum(s.encoded_tokens for s in stats),
+            "refreshed": any(s.refreshed for s in stats),
+            "fallback": bool(stats and stats[-1].fallback),
+            "slots": self.conversation.num_slots,
+            "write_ms": round(1000 * sum(s.seconds for s in stats), 2),
         }
-
-    def _evict(self) -> int:
-        evicted = 0
-        # Keep the newest turns that fit; the newest turn always stays (it is truncated from the left if too long).
-        while len(self.turns) > 1 and self.resident_tokens > self.window_tokens:
-            self.turns.pop(0)
-            evicted += 1
-        self.evicted += evicted
-        return evicted
-
-    @property
-    def resident_tokens(self) -> int:
-        return sum(t.tokens for t in self.turns)
-
-    def window_ids(self) -> list[int]:
-        """Token ids the encoder reads: the resident turns, cut to the newest `window_tokens` tokens."""
-        ids: list[int] = []
-        for t in self.turns:
-            ids.extend(self._render(t.role, t.text))
-        return ids[-self.window_tokens :]
-
-    def _encode(self, weights: str) -> None:
-        ids = self.window_ids()
-        if not ids:
-            self.latents, self.gate, self.slot_norms, self.weights = None, [], [], weights
-            return
-        device = self.memory.reasoner.device
-        input_ids, mask = pad_rows([ids], pad_id=0, device=device)
-        with torch.inference_mode():
-            latents = self.memory.encode(input_ids, mask).float()  # (1, M, d)
-            gate = self.memory.gate_values(latents)[0]
-        self.latents = latents.cpu()
-        # Non-finite values are kept out of the JSON state (the safety check refuses such latents at read time).
-        self.gate = [x if math.isfinite(x) else None for x in gate.tolist()]
-        self.slot_norms = [x if math.isfinite(x) else None for x in latents[0].norm(dim=-1).tolist()]
-        self.weights = weights
-
-    def refresh(self, weights: str) -> bool:
-        """Re-encode when the latents came from other weights; True when it did (inference worker only)."""
-        if self.turns and self.weights != weights:
-            self._encode(weights)
-            return True
-        return False
 
     # -- reading ---------------------------------------------------------------------------------------------
     def memory_kv(self) -> MemoryKV | None:
-        """A fresh `MemoryKV` (batch 1) from this scope's latents, or None when the scope has no memory yet.
+        """A `MemoryKV` (batch 1) for one request, or None when nothing live is in memory.
 
-        The safety check runs here: a non-finite or oversized latent gives a MemoryKV whose row is not live, and a
-        fallback event is recorded in the memory's FallbackLog under this scope.
+        Chunks whose latents failed the safety check were left out when they were written (and a fallback event
+        was recorded under this scope), so a scope whose memory fell back entirely reads as the bare reasoner.
         """
-        if self.latents is None:
-            return None
-        self.last_read = time.time()
+        kv = self.conversation.memory_kv()
         self.reads += 1
-        for t in self.turns:
-            t.last_read = self.last_read
-        with torch.inference_mode():
-            return self.memory.inject(self.latents.to(self.memory.reasoner.device), scope=self.scope).kv
+        self.last_read = time.time()
+        if kv is None:
+            return None
+        return MemoryKV(
+            [k.clone() for k in kv.keys],
+            [v.clone() for v in kv.values],
+            kv.gate_bias.clone(),
+            kv.live.clone(),
+        )
+
+    def probe(self, input_ids: torch.Tensor, query_mask: torch.Tensor) -> None:
+        """Record which spans the reasoner's attention used (the spans' LRU clock); no-op unless tracking is on."""
+        self.conversation.probe(input_ids, query_mask=query_mask)
+
+    @property
+    def turns(self) -> int:
+        return self.conversation.turns
 
     def stats(self) -> dict:
-        g = [x for x in self.gate if x is not None]
+        s = self.conversation.stats()
+        gates = [x["gate"] for x in self.slots() if x["gate"] is not None]
         return {
             "kind": self.kind,
             "scope": self.scope,
-            "slots": self.memory.config.num_slots,
-            "window_tokens": self.window_tokens,
-            "resident_turns": len(self.turns),
-            "resident_tokens": self.resident_tokens,
-            "evicted_turns": self.evicted,
-            "first_resident_seq": self.turns[0].seq if self.turns else None,
-            "written": self.latents is not None,
-            "weights": self.weights,
+            "turns": s["turns"],
+            "slots": s["slots"],
+            "slot_budget": s["slot_budget"],
+            "slots_per_chunk": self.memory.config.num_slots,
+            "chunks": s["chunks"],
+            "chunk_tokens": self.conversation.chunk_tokens,
+            "live_spans": s["spans_live"],
+            "archived_spans": s["spans_archived"],
+            "live_tokens": s["live_tokens"],
+            "max_live_tokens": self.conversation.config.max_live_tokens,
+            "evictions": s["evictions"],
+            "fallback_chunks": s["fallback_chunks"],
+            "kv_bytes": s["kv_bytes"],
+            "stored_bytes": s["stored_bytes"],
+            "track_attention": self.conversation.config.track_attention,
             "reads": self.reads,
-            "writes": self.writes,
             "last_read": self.last_read,
-            "gate": {"mean": sum(g) / len(g), "min": min(g), "max": max(g)} if g else None,
+            "gate": {"mean": sum(gates) / len(gates), "min": min(gates), "max": max(gates)}
+            if gates
+            else None,
         }
 
     def slots(self) -> list[dict]:
-        return [
-            {"slot": i, "gate": g, "norm": n}
-            for i, (g, n) in enumerate(zip(self.gate, self.slot_norms, strict=True))
-        ]
+        """Per slot of the composed memory: its chunk, gate value, latent norm and the turns it was encoded from."""
+        conv = self.conversation
+        out = []
+        for i, (chunk_id, slot) in enumerate(conv.slot_sources()):
+            chunk = conv.chunks[chunk_id]
+            out.append(
+                {
+                    "slot": i,
+                    "chunk": chunk_id,
+                    "chunk_slot": slot,
+                    "gate": _finite(float(chunk.gate[slot])) if chunk.gate is not None else None,
+                    "norm": _finite(float(chunk.latents[slot].norm())) if chunk.latents is not None else None,
+                    "turns": sorted({conv.store[s].turn for s in chunk.span_ids}),
+                }
+            )
+        return out
 
     def span_states(self) -> dict[int, dict]:
-        """LRU state of resident spans by transcript number: {"resident": True, "last_read": time or None}."""
-        return {t.seq: {"resident": True, "last_read": t.last_read} for t in self.turns}
+        """LRU state by turn number: live (resident) or archived (evicted, and why), last use (write step), uses."""
+        store = self.conversation.store
+        out: dict[int, dict] = {}
+        for span in store.spans.values():
+            st = out.setdefault(
+                span.turn,
+                {
+                    "resident": True,
+                    "last_used_step": span.last_used,
+                    "uses": 0,
+                    "evicted_because": None,
+                    "salience": 0.0,
+                },
+            )
+            st["resident"] = st["resident"] and not span.archived
+            st["last_used_step"] = max(st["last_used_step"], span.last_used)
+            st["uses"] += span.uses
+            st["salience"] = max(st["salience"], span.salience)
+            if span.archived:
+                st["evicted_because"] = span.archive_reason
+        for st in out.values():
+            st["steps_since_use"] = store.step - st["last_used_step"]
+        return out
 
     # -- persistence -----------------------------------------------------------------------------------------
     def to_state(self) -> tuple[str, dict, bytes | None]:
-        """(kind, JSON-able state, safetensors bytes of the latents or None)."""
+        """(kind, JSON-able state, tensor bytes or None): the conversation memory's own plain-JSON state."""
         state = {
             "state_version": STATE_VERSION,
-            "window_tokens": self.window_tokens,
-            "evicted": self.evicted,
-            "turns": [asdict(t) for t in self.turns],
-            "gate": self.gate,
-            "slot_norms": self.slot_norms,
-            "weights": self.weights,
-            "last_read": self.last_read,
+            "conversation": self.conversation.to_dict(),
             "reads": self.reads,
-            "writes": self.writes,
+            "last_read": self.last_read,
         }
-        tensors = None if self.latents is None else save_tensors({"latents": self.latents.contiguous()})
-        return self.kind, state, tensors
+        return self.kind, state, None
 
     @classmethod
     def from_state(
-        cls,
-        scope: str,
-        memory: MemoryModel,
-        kind: str,
-        state: dict,
-        tensors: bytes | None,
-        window_tokens: int | None = None,
+        cls, scope: str, memory: MemoryModel, kind: str, state: dict, tensors: bytes | None = None
     ) -> ScopeMemory:
         if kind != KIND:
+            raise ValueError(f"scope {scope!r} holds memory of kind {kind!r}; this server reads {KIND!r}")
+        if not isinstance(state, dict) or state.get("state_version") != STATE_VERSION:
             raise ValueError(
-                f"scope {scope!r} holds memory of kind {kind!r}, which this server does not read"
+                f"scope {scope!r}: unknown state version "
+                f"{state.get('state_version') if isinstance(state, dict) else None!r}"
             )
-        if state.get("state_version") != STATE_VERSION:
-            raise ValueError(f"scope {scope!r}: unknown state version {state.get('state_version')!r}")
-        self = cls(scope, memory, window_tokens or state.get("window_tokens"))
-        self.turns = [Turn(**t) for t in state.get("turns", [])]
-        self.evicted = int(state.get("evicted", 0))
-        self.gate, self.slot_norms = list(state.get("gate", [])), list(state.get("slot_norms", []))
-        self.weights, self.last_read = state.get("weights"), state.get("last_read")
-        self.reads, self.writes = int(state.get("reads", 0)), int(state.get("writes", 0))
-        if tensors is not None:
-            latents = load_tensors(bytes(tensors))["latents"]
-            m, d = memory.config.num_slots, memory.reasoner.shapes.hidden_size
-            if tuple(latents.shape) != (1, m, d):
-                # Another memory shape: the turns are kept, the latents are recomputed on first use.
-                self.weights = None
-            else:
-                self.latents = latents.float()
-        if self.window_tokens != state.get("window_tokens"):
-            self._evict()
-            self.weights = None
+        data = state.get("conversation")
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("config"), dict)
+            and data["config"].get("scope") != scope
+        ):
+            # an import into another scope: fallback events, also those of restoring, must name the new scope
+            data = {**data, "config": {**data["config"], "scope": scope}}
+        conversation = ConversationMemory.from_dict(data, memory)
+        self = cls(scope, memory, conversation=conversation)
+        self.reads, self.last_read = int(state.get("reads", 0)), state.get("last_read")
         return self

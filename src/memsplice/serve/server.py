@@ -2,8 +2,9 @@
 
 Memory weights on startup, first match wins:
 1. `<data_dir>/memory/` (what this server served before: a restart resumes with the same weights),
-2. `--checkpoint DIR` (copied to `<data_dir>/memory/` atomically),
-3. a fresh, untrained memory seeded with `seed` (saved to `<data_dir>/memory/` so every restart agrees).
+2. `--checkpoint DIR`, else the checkpoint shipped for this reasoner (`memsplice.checkpoints`), else a fresh,
+   untrained memory seeded with `seed`; whichever it is, it is saved to `<data_dir>/memory/` atomically, so every
+   restart serves the same weights.
 A checkpoint trained for another reasoner is refused.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..memory import MemoryConfig, MemoryModel
+from ..memory import MemoryModel
 from ..memory.config import CONFIG_NAME
 from ..store import MemoryStore
 from .config import ServeConfig
@@ -32,14 +33,12 @@ def load_memory(config: ServeConfig, reasoner) -> MemoryModel:
     if (weights / CONFIG_NAME).is_file():
         logger.info("resuming memory weights from %s", weights)
         return MemoryModel.from_pretrained(weights, reasoner=reasoner)
-    if config.checkpoint:
-        memory = MemoryModel.from_pretrained(config.checkpoint, reasoner=reasoner)
-        logger.info("starting from memory checkpoint %s", config.checkpoint)
-    else:
-        logger.warning("no memory checkpoint given: serving a fresh, untrained memory (seed %d)", config.seed)
-        torch.manual_seed(config.seed)
-        memory = MemoryModel(MemoryConfig(), reasoner)
+    from ..checkpoints import load_memory as load_checkpoint
+
+    torch.manual_seed(config.seed)  # only an untrained memory draws random numbers here
+    memory = load_checkpoint(reasoner, config.checkpoint)
     memory.save_pretrained(weights)
+    logger.info("memory weights from %s saved to %s", config.checkpoint or "the default checkpoint", weights)
     return memory
 
 

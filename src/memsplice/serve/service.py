@@ -20,6 +20,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -174,6 +175,7 @@ class MemoryService:
         self.store = store
         self.config = config or ServeConfig()
         self.model_id = self.config.model_id or f"memsplice-{self.reasoner.name}"
+        self.conversation_config = self.config.conversation_config()
         self.metrics = ServerMetrics()
         self.worker = InferenceWorker()
         self.weights = weights_digest(memory)
@@ -247,16 +249,11 @@ class MemoryService:
             return sm
         row = await asyncio.to_thread(self.store.load_state, scope)
         if row is None:
-            sm = ScopeMemory(scope, self.memory, self.config.memory_window_tokens)
+            sm = ScopeMemory(scope, self.memory, self.conversation_config)
         else:
-            try:
-                sm = ScopeMemory.from_state(
-                    scope,
-                    self.memory,
-                    row["kind"],
-                    row["state"],
-                    row["tensors"],
-                    self.config.memory_window_tokens,
+            try:  # restoring may re-encode (weights changed since): model work, so on the inference worker
+                sm = await self.worker.run(
+                    ScopeMemory.from_state, scope, self.memory, row["kind"], row["state"], row["tensors"]
                 )
             except ValueError as e:
                 raise APIError(
@@ -298,12 +295,10 @@ class MemoryService:
 
     async def _write_locked(self, scope: str, turns: list[tuple[str, str]]) -> dict:
         sm = await self._scope_memory(scope)
-        head = await asyncio.to_thread(self.store.get_scope, scope)
-        first_seq = head["turns"] if head else 0
         events: list[dict] = []
         try:
-            stats = await self.worker.run(sm.add_turns, turns, first_seq, self.weights)
-            kind, state, tensors = sm.to_state()
+            stats = await self.worker.run(sm.add_turns, turns)
+            kind, state, tensors = await self.worker.run(sm.to_state)
             new_spans = [(r, x, n) for (r, x), n in zip(turns, stats.pop("tokens"), strict=True)]
             events = self._take_events(scope)
             training = [{"role": r, "text": x} for r, x in turns] if self.online is not None else []
@@ -319,6 +314,13 @@ class MemoryService:
             self._drop(scope)  # the RAM copy may be ahead of the store: reload what was committed
             self._return_events(scope, events)
             raise
+        if result["seqs"] and result["seqs"][-1] != sm.turns - 1:
+            logger.warning(
+                "scope %s: transcript seq %d and memory turn %d disagree",
+                scope,
+                result["seqs"][-1],
+                sm.turns - 1,
+            )
         if self.online is not None:
             self.online.wake()
         self.metrics.memory_writes.inc()
@@ -396,14 +398,15 @@ class MemoryService:
             )
         kv, info = None, {}
         if sm is not None:
-            sm.refresh(self.weights)
             kv = sm.memory_kv()
+            stats = sm.stats()
             info = {
                 "scope": sm.scope,
                 "live": bool(kv is not None and kv.any_live),
-                "slots": self.memory.config.num_slots,
-                "resident_turns": len(sm.turns),
-                "gate_mean": (sm.stats()["gate"] or {}).get("mean"),
+                "slots": kv.num_slots if kv is not None else 0,
+                "turns_in_memory": stats["turns"],
+                "live_spans": stats["live_spans"],
+                "gate_mean": (stats["gate"] or {}).get("mean"),
             }
             if self.config.expose_memory_digest:
                 info["kv_sha256"] = kv_digest(kv)
@@ -426,6 +429,11 @@ class MemoryService:
         with torch.inference_mode():
             out = self.memory.generate(input_ids, torch.ones_like(input_ids), memory=kv, **gen)
         new = out[0, len(ids) :].tolist()
+        if sm is not None and kv is not None and new and sm.conversation.config.track_attention:
+            # Which spans the answer's attention used: the LRU clock of eviction (one extra forward pass).
+            query = torch.zeros(1, out.shape[1], dtype=torch.bool, device=out.device)
+            query[0, len(ids) :] = True
+            sm.probe(out[:1], query)
         if stream.stopped.is_set() or (new and new[-1] in self._eos):
             finish = "stop"
         elif cancel.is_set():
@@ -441,13 +449,17 @@ class MemoryService:
         task.add_done_callback(self._tasks.discard)
 
     # -- inspection ------------------------------------------------------------------------------------------
+    async def _inspect(self, scope: str, fn):
+        """Run `fn(scope_memory)` on the inference worker (reading memory may compose or re-encode it)."""
+        async with self._locks(scope):
+            sm = await self._scope_memory(scope)
+            return await self.worker.run(fn, sm)
+
     async def scope_summary(self, scope: str) -> dict | None:
         head = await asyncio.to_thread(self.store.get_scope, scope)
         if head is None:
             return None
-        async with self._locks(scope):
-            sm = await self._scope_memory(scope)
-            stats = sm.stats()
+        stats = await self._inspect(scope, ScopeMemory.stats)
         rows = await asyncio.to_thread(self.store.row_counts, scope)
         return {
             "scope": scope,
@@ -456,36 +468,45 @@ class MemoryService:
             "turns": head["turns"],
             "memory": stats,
             "weights": self.weights,
-            "stale": bool(sm.turns) and sm.weights != self.weights,
             "rows": rows,
         }
 
     async def spans(self, scope: str, limit: int, offset: int) -> list[dict]:
+        """Transcript spans, newest first, with their LRU state in memory (resident or evicted, last use)."""
         rows = await asyncio.to_thread(self.store.spans, scope, limit, offset, True)
-        async with self._locks(scope):
-            states = (await self._scope_memory(scope)).span_states()
+        states = await self._inspect(scope, ScopeMemory.span_states)
         for r in rows:
             st = states.get(r["seq"])
-            r["resident"] = st is not None
-            r["last_read"] = st["last_read"] if st else None
+            r["resident"] = bool(st and st["resident"])
+            r.update(
+                {k: st[k] for k in ("last_used_step", "steps_since_use", "uses", "evicted_because")}
+                if st
+                else {
+                    "last_used_step": None,
+                    "steps_since_use": None,
+                    "uses": 0,
+                    "evicted_because": "unknown",
+                }
+            )
         return rows
 
     async def slots(self, scope: str) -> dict:
-        async with self._locks(scope):
-            sm = await self._scope_memory(scope)
-            return {
-                "scope": scope,
-                "slots": sm.slots(),
-                "weights": sm.weights,
-                "stale": sm.weights != self.weights,
-            }
+        slots = await self._inspect(scope, ScopeMemory.slots)
+        return {"scope": scope, "slots": slots, "weights": self.weights}
 
     async def gate(self, scope: str) -> dict:
-        async with self._locks(scope):
-            sm = await self._scope_memory(scope)
-            g = [x for x in sm.gate if x is not None]
+        slots = await self._inspect(scope, ScopeMemory.slots)
+        g = [x["gate"] for x in slots if x["gate"] is not None]
         if not g:
-            return {"scope": scope, "slots": 0, "mean": None, "min": None, "max": None, "open_fraction": None}
+            return {
+                "scope": scope,
+                "slots": 0,
+                "mean": None,
+                "min": None,
+                "max": None,
+                "open_fraction": None,
+                "per_slot": [],
+            }
         return {
             "scope": scope,
             "slots": len(g),
@@ -517,25 +538,45 @@ class MemoryService:
         return data
 
     async def import_scope(self, scope: str, data: dict, replace: bool) -> dict:
+        """Load an export into `scope`; a state this server cannot read is refused before anything is written."""
         state = data.get("state") if isinstance(data, dict) else None
-        if isinstance(state, dict) and state.get("kind") is not None:
-            try:  # refuse a state this server could not read before anything is written
-                import base64
-
-                tensors = base64.b64decode(state["tensors"]) if state.get("tensors") else None
-                ScopeMemory.from_state(scope, self.memory, state["kind"], state.get("state") or {}, tensors)
-            except Exception as e:
-                raise APIError(
-                    400, f"state cannot be read by this server: {e}", code="invalid_import", param="state"
-                ) from None
         async with self._locks(scope):
+            pending = self._take_events(scope)
+            sm = None
             try:
-                written = await asyncio.to_thread(self.store.import_scope, scope, data, replace)
-            except ScopeExistsError as e:
-                raise APIError(409, str(e), code="scope_exists") from None
-            except (ValueError, KeyError, TypeError) as e:
-                raise APIError(400, f"invalid import: {e}", code="invalid_import") from None
+                if isinstance(state, dict) and state.get("kind") is not None:
+                    try:
+                        tensors = base64.b64decode(state["tensors"]) if state.get("tensors") else None
+                        sm = await self.worker.run(
+                            ScopeMemory.from_state,
+                            scope,
+                            self.memory,
+                            state["kind"],
+                            state.get("state"),
+                            tensors,
+                        )
+                    except Exception as e:
+                        raise APIError(
+                            400,
+                            f"state cannot be read by this server: {e}",
+                            code="invalid_import",
+                            param="state",
+                        ) from None
+                try:
+                    written = await asyncio.to_thread(self.store.import_scope, scope, data, replace)
+                except ScopeExistsError as e:
+                    raise APIError(409, str(e), code="scope_exists") from None
+                except (ValueError, KeyError, TypeError) as e:
+                    raise APIError(400, f"invalid import: {e}", code="invalid_import") from None
+            except BaseException:
+                self._take_events(scope)  # events of restoring a refused import do not belong to the scope
+                self._return_events(scope, pending)
+                raise
             self._drop(scope)
+            if sm is not None:
+                self._scopes[scope] = sm
+            if events := pending + self._take_events(scope):
+                await asyncio.to_thread(self.store.add_events, scope, events)
         if self.online is not None:
             self.online.wake()
         return {"scope": scope, "imported": written}
