@@ -262,3 +262,17 @@ def test_metrics_are_global(store):
     assert [p["value"] for p in m["loss"]] == [3.0, 2.0] and [p["step"] for p in m["ewc"]] == [1]
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(training_metrics)).scalar() == 3
+
+
+def test_list_scopes_by_key_patterns(store):
+    for scope in ("alice", "alice:work", "Alice", "bob", "team-a:x", "team-a:y", "team-b:z"):
+        store.commit_write(scope, new_spans=[("user", "x", 1)])
+    ids = lambda **kw: [s["id"] for s in store.list_scopes(**kw)]  # noqa: E731
+    assert ids() == sorted(["alice", "alice:work", "Alice", "bob", "team-a:x", "team-a:y", "team-b:z"])
+    assert ids(patterns=["alice"]) == ["alice"]  # case-sensitive, exact
+    assert ids(patterns=["alice", "alice:*"]) == ["alice", "alice:work"]
+    assert ids(patterns=["team-?:*"]) == ["team-a:x", "team-a:y", "team-b:z"]
+    assert ids(patterns=["team-[ab]:x"]) == ["team-a:x"]
+    assert ids(patterns=["*"], limit=2, offset=1) == sorted(["alice", "alice:work", "Alice", "bob"])[1:3]
+    assert ids(patterns=["team-*"], limit=1, offset=1) == ["team-a:y"]
+    assert ids(patterns=[]) == []

@@ -222,7 +222,8 @@ def create_app(service: MemoryService) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         try:
-            store = await asyncio.wait_for(asyncio.to_thread(service.store.integrity_check), timeout=5)
+            ok = await asyncio.wait_for(asyncio.to_thread(service.store.ping), timeout=5)
+            store = "ok" if ok else "error"
         except Exception as e:
             store = f"error: {type(e).__name__}"
         body = {
@@ -319,8 +320,10 @@ def create_app(service: MemoryService) -> FastAPI:
     @app.get("/v1/memory/scopes")
     async def list_scopes(request: Request, limit: int = 1000, offset: int = 0):
         key = await key_of(request)
-        rows = await asyncio.to_thread(service.store.list_scopes, max(1, min(limit, 10_000)), max(0, offset))
-        return {"object": "list", "data": [r for r in rows if key.may_touch(r["id"])]}
+        rows = await asyncio.to_thread(
+            service.store.list_scopes, max(1, min(limit, 10_000)), max(0, offset), key.scopes
+        )
+        return {"object": "list", "data": rows}
 
     @app.get("/v1/memory/scopes/{scope}")
     async def scope_summary(scope: str, request: Request):

@@ -19,13 +19,14 @@ Guarantees:
 from __future__ import annotations
 
 import base64
+import fnmatch
 import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import keys as keylib
@@ -55,6 +56,12 @@ class StoreError(RuntimeError):
 
 class ScopeExistsError(ValueError):
     """An import would overwrite a scope that already holds data."""
+
+
+def _like(pattern: str) -> str:
+    """A shell-style pattern as a SQL LIKE pattern (escape character backslash)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
 
 
 def _finite(x: Any) -> float | None:
@@ -118,11 +125,38 @@ class MemoryStore:
         with self._read() as conn:
             return str(conn.exec_driver_sql("PRAGMA integrity_check").scalar())
 
-    # -- scopes ------------------------------------------------------------------------------------------------
-    def list_scopes(self, limit: int = 1000, offset: int = 0) -> list[dict]:
+    def ping(self) -> bool:
+        """A cheap round trip to the database (for health checks; `integrity_check` reads the whole file)."""
         with self._read() as conn:
-            rows = conn.execute(select(scopes).order_by(scopes.c.id).limit(limit).offset(offset)).mappings()
-            return [dict(r) for r in rows]
+            return conn.execute(select(1)).scalar() == 1
+
+    # -- scopes ------------------------------------------------------------------------------------------------
+    def list_scopes(
+        self, limit: int = 1000, offset: int = 0, patterns: Iterable[str] | None = None
+    ) -> list[dict]:
+        """Scopes in id order; with `patterns` (shell-style, as API keys hold them) only the scopes matching one."""
+        stmt = select(scopes).order_by(scopes.c.id)
+        patterns = None if patterns is None else list(patterns)
+        if patterns is not None:
+            if not patterns:
+                return []
+            if not any(c in p for p in patterns for c in "[]"):  # LIKE narrows it down; fnmatch decides below
+                stmt = stmt.where(or_(*[scopes.c.id.like(_like(p), escape="\\") for p in patterns]))
+        out: list[dict] = []
+        with self._read() as conn:
+            if patterns is None:
+                return [dict(r) for r in conn.execute(stmt.limit(limit).offset(offset)).mappings()]
+            skipped = 0
+            for r in conn.execute(stmt).mappings():
+                if not any(fnmatch.fnmatchcase(r["id"], p) for p in patterns):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                out.append(dict(r))
+                if len(out) >= limit:
+                    break
+        return out
 
     def get_scope(self, scope: str) -> dict | None:
         with self._read() as conn:
