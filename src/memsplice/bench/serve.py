@@ -287,6 +287,7 @@ def run(args) -> int:
             info = httpx.get(
                 f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30
             ).json()
+            load_before = os.getloadavg()[0]
             result = run_load(
                 url,
                 key,
@@ -295,6 +296,12 @@ def run(args) -> int:
                 max_tokens=args.max_tokens,
                 timeout=args.timeout,
             )
+            # Clients and server share the machine, and so may other work: the load average says how busy it was.
+            result["load_avg_1m"] = {
+                "start": round(load_before, 2),
+                "end": round(os.getloadavg()[0], 2),
+                "cpus": os.cpu_count(),
+            }
         result["reasoner"] = info["data"][0]["memsplice"]["reasoner"]
         result["store"] = "postgresql" if (args.database_url or "").startswith("postgres") else "sqlite"
         result["server_device"] = args.device
