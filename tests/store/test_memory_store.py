@@ -114,7 +114,7 @@ def test_api_keys_are_stored_hashed_and_checked(store):
     assert info.may_touch("alice") and info.may_touch("team:x") and not info.may_touch("alice2")
     assert store.verify_key(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
     assert store.verify_key("msk_nothing") is None and store.verify_key("") is None
-    secret = key.rsplit("_", 1)[1]
+    secret = key[len("msk_") + 13 :]
     with store.engine.connect() as conn:
         for row in conn.execute(select(api_keys)).mappings():
             for value in row.values():
