@@ -94,8 +94,9 @@ def test_reasoner_init_names_the_mismatched_field():
 
 
 def test_sink_init_starts_every_slot_as_the_reasoners_first_token():
-    from memsplice.compat import cache_layer_tensors
     from transformers import DynamicCache
+
+    from memsplice.compat import cache_layer_tensors
 
     reasoner = tiny_reasoner("llama")
     memory = MemoryModel(MemoryConfig(num_slots=3, max_memory_tokens=64, kv_init="sink", kv_init_scale=1e-8),
