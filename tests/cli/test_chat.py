@@ -1,0 +1,57 @@
+"""memsplice chat, driven through stdin: memory file written each turn, resumed, refused when foreign or corrupt."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from memsplice.cli.main import main
+from tiny import tiny_reasoner
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    r = tiny_reasoner("llama")
+    r.model.save_pretrained(tmp_path / "tiny")
+    r.tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def _chat(monkeypatch, capsys, model_dir, memory_file, lines):
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    code = main(["chat", "--reasoner", str(model_dir), "--device", "cpu", "--memory-file", str(memory_file),
+                 "--max-new-tokens", "4"])
+    return code, capsys.readouterr()
+
+
+def test_chat_writes_and_resumes_memory(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    f = tmp_path / "chat.json"
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["Ada lives in Lisbon.", "Where does Ada live?"])
+    assert code == 0
+    turns = json.loads(f.read_text())["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert "memory 0 slots" in out.out and "memory 4 slots" not in out.out.split("\n")[2]
+    assert "gate" in out.out and "no fallback" in out.out
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["/stats"])
+    assert "4 turns remembered" in out.out and "[4 turns" in out.out
+
+
+def test_forget_erases_the_memory_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    f = tmp_path / "chat.json"
+    _chat(monkeypatch, capsys, tiny_model_dir, f, ["hello"])
+    assert f.exists()
+    _chat(monkeypatch, capsys, tiny_model_dir, f, ["/forget"])
+    assert not f.exists()
+
+
+def test_corrupt_or_foreign_memory_file_is_refused(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    f = tmp_path / "chat.json"
+    f.write_text("{not json")
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hi"])
+    assert code == 2 and "not a memsplice chat file" in out.err
+    f.write_text(json.dumps({"version": 1, "turns": [], "reasoner": "x", "reasoner_fingerprint": "0" * 64}))
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hi"])
+    assert code == 2 and "another reasoner" in out.err
+    assert json.loads(f.read_text())["reasoner"] == "x", "a refused file must not be overwritten"
