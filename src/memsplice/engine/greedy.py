@@ -100,6 +100,7 @@ class GreedyDecoder:
     cuda_graphs: capture decode and prefill as CUDA graphs (default: on when the reasoner is on a CUDA device).
     pad_prompts: pad prompts to power-of-two lengths so that a few prefill graphs serve every prompt (default: as
     `cuda_graphs`); exposed so the CPU tests can check that padding changes nothing.
+    compile_decode: run the decode step through `torch.compile` (compiled on first use; slow to start).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class GreedyDecoder:
         max_new_tokens: int = 32,
         cuda_graphs: bool | None = None,
         pad_prompts: bool | None = None,
+        compile_decode: bool = False,
     ):
         if max_len < 2 or max_new_tokens < 1:
             raise ValueError("GreedyDecoder needs max_len >= 2 and max_new_tokens >= 1")
@@ -141,6 +143,12 @@ class GreedyDecoder:
         self._decode_graph = None
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self.compile_decode = bool(compile_decode)
+        # torch.compile fuses the step's many small elementwise kernels (norms, rotary, residuals); the compiled
+        # step is then captured in the decode graph like the eager one. Compiled for the (1, 1) decode shape only.
+        self._decode_forward = (
+            torch.compile(self._forward_next, dynamic=False) if self.compile_decode else self._forward_next
+        )
 
     # -- one forward step, shared by the eager path and graph capture -----------------------------------------
     def _forward_next(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -160,7 +168,7 @@ class GreedyDecoder:
         return logits.argmax(-1)
 
     def _decode_body(self) -> None:
-        nxt = self._forward_next(self._tok, self._pos, self._zero_index)
+        nxt = self._decode_forward(self._tok, self._pos, self._zero_index)
         self._out.index_copy_(0, self._step, nxt)
         self._tok.copy_(nxt.view(1, 1))
         self._pos.add_(1)
@@ -214,24 +222,18 @@ class GreedyDecoder:
         return self._prompt[length]
 
     # -- memory ----------------------------------------------------------------------------------------------
-    def _load_memory(self, memory: MemoryKV | None) -> int:
-        """Put live memory into positions 0..M-1 and its gate into the bias row; returns M (0 for none)."""
+    def _load_memory(self, memory: MemoryKV | None, slots: int, uniform: bool) -> None:
+        """Put live memory into positions 0..M-1 and its gate into the bias row (no host sync: this is timed)."""
         self._bias_row.zero_()
         self._gate_kwargs = {}
-        if memory is None or not memory.any_live:
-            return 0
-        if memory.batch_size != 1:
-            raise ValueError(
-                f"GreedyDecoder decodes one row at a time; memory holds {memory.batch_size} rows"
-            )
-        m = memory.num_slots
+        if not slots:
+            return
         self.cache.write_prefix(memory.keys, memory.values)
         bias = memory.gate_bias[0].to(device=self.device, dtype=self.reasoner.dtype)  # (L, M)
-        if _uniform_gate(memory):
-            self._bias_row[:m].copy_(bias[0])
+        if uniform:
+            self._bias_row[:slots].copy_(bias[0])
         else:  # a per-layer gate cannot be one mask; the gated attention applies it, without graphs
             self._gate_kwargs = {"memory_gate_bias": bias[None]}
-        return m
 
     # -- the request -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -258,12 +260,17 @@ class GreedyDecoder:
                 f"max_new_tokens must be in 1..{self.max_new_tokens} for this decoder, got {new}"
             )
         slots = memory.num_slots if memory is not None and memory.any_live else 0
+        if slots and memory.batch_size != 1:
+            raise ValueError(
+                f"GreedyDecoder decodes one row at a time; memory holds {memory.batch_size} rows"
+            )
         if slots + n + new > self.max_len:
             raise ValueError(
                 f"{slots} memory slots + {n} prompt tokens + {new} new tokens exceed this decoder's "
                 f"{self.max_len} positions"
             )
-        graphs = self.cuda_graphs and not (slots and not _uniform_gate(memory))
+        uniform = bool(slots) and _uniform_gate(memory)
+        graphs = self.cuda_graphs and (uniform or not slots)
         length = _bucket(n) if self.pad_prompts and slots + _bucket(n) <= self.max_len else n
         buf = self._prompt_buffer(length)
         if graphs and self._decode_graph is None:
@@ -275,7 +282,8 @@ class GreedyDecoder:
         graphs = graphs and self.cuda_graphs  # a failed capture turns graphs off for good
         clock = _Clock(self.device)
         clock.mark()
-        m = self._load_memory(memory)
+        m = slots
+        self._load_memory(memory, slots, uniform)
         buf[0, :n].copy_(ids)
         self._start.fill_(m)
         self._last.fill_(n - 1)
