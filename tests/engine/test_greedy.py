@@ -7,7 +7,7 @@ import torch
 
 from helpers import small_memory
 from memsplice.engine import GreedyDecoder, PositionedKVCache
-from memsplice.inject import generate_with_memory
+from memsplice.inject import forward_with_memory, generate_with_memory
 
 NEW = 12
 
@@ -95,3 +95,24 @@ def test_cache_writes_where_told(reasoner):
     assert torch.equal(keys[:, :, 5], k[:, :, 0]) and torch.equal(keys[:, :, 2], k[:, :, 1])
     assert torch.equal(values[:, :, 2], -k[:, :, 1])
     assert keys.shape[2] == 8 and float(keys[:, :, [0, 1, 3, 4, 6, 7]].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("case", ["none", "memory", "layer_concat"])
+def test_cache_holds_what_the_reference_forward_computes(reasoner, case):
+    """Stronger than equal tokens (tiny random models often repeat one token): after prefill, every layer's
+    cache equals the K/V of `forward_with_memory` for the same memory and prompt, so memory reached every layer."""
+    memory = (
+        None if case == "none" else _memory(reasoner, operator="prepend_kv" if case == "memory" else case)
+    )
+    prompt = list(range(5, 5 + 11))
+    decoder = GreedyDecoder(reasoner, max_len=64, max_new_tokens=2, pad_prompts=True)
+    decoder.generate(prompt, memory, max_new_tokens=1)
+    ids = torch.tensor([prompt])
+    ref = forward_with_memory(reasoner, ids, None, memory, use_cache=True).past_key_values
+    n = 4 + len(prompt) if memory is not None else len(prompt)
+    for layer, ref_layer in zip(decoder.cache.layers, ref.layers, strict=True):
+        torch.testing.assert_close(layer.keys[:, :, :n], ref_layer.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values[:, :, :n], ref_layer.values, atol=1e-5, rtol=1e-5)
+    if memory is not None:  # and memory changed what the text computed beyond the first layer
+        bare = forward_with_memory(reasoner, ids, None, None, use_cache=True).past_key_values
+        assert not torch.allclose(decoder.cache.layers[-1].keys[:, :, 4:n], bare.layers[-1].keys, atol=1e-4)

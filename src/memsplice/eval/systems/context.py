@@ -19,13 +19,14 @@ from .base import System, register_system, text_bytes
 def recent_window(turns: Sequence[Turn], budget: int, count_tokens) -> tuple[list[Turn], list[Turn]]:
     """(older turns, most recent turns whose text fits `budget` tokens), splitting `turns` at one point.
 
-    Each turn costs its rendered line plus one session header for the first turn of each session in the window.
+    Each turn costs its rendered line, plus one session header for each session the window shows (as
+    `render_history` writes them: the window's first turn always opens with one).
     """
     used = 0
     start = len(turns)
     for i in range(len(turns) - 1, -1, -1):
         cost = count_tokens(render_turn(turns[i])) + 1
-        if i == 0 or turns[i - 1].session != turns[i].session:
+        if start == len(turns) or turns[start].session != turns[i].session:
             cost += count_tokens(render_session_header(turns[i]))
         if used + cost > budget:
             break

@@ -5,7 +5,8 @@ held-out dialogues, "train" from the rest, so a test history never reuses a dial
 a corpus directory the 300 dialogues bundled with the package are used, split in two halves by the same hash rule.
 
 Guarantees: the same (split, data, seed) gives the same stream of turns; whole dialogues are taken in order, so the
-filler reads like conversation; the stream cycles (reshuffled) when a split runs out.
+filler reads like conversation; no test dialogue is also a train dialogue (duplicates in the corpora are dropped
+from test); the stream cycles (reshuffled) when a split runs out.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def _dialogues(split: str, data: str | None) -> tuple[tuple[str, ...], ...]:
             for d in bundled_dialogues()
             if (split_of(d.id, BUNDLED_HELDOUT_FRACTION) == "heldout") == (split == "test")
         ]
-    return tuple(tuple(text for _, text in d.turns) for d in dialogues)
+    texts = tuple(tuple(text for _, text in d.turns) for d in dialogues)
+    if split == "test":  # the corpora hold a few duplicates under two ids; keep test filler out of train's
+        train = set(_dialogues("train", data))
+        texts = tuple(t for t in texts if t not in train)
+    return texts
 
 
 def filler_turns(split: str, seed: int, data: Path | None = None) -> Iterator[str]:
