@@ -129,3 +129,10 @@ def test_config_checks_names_before_loading_anything():
         EvalConfig(task="bogus")
     with pytest.raises(ValueError, match="twice"):
         EvalConfig(systems=("none", "none"))
+
+
+def test_time_budget_stops_between_episodes(eval_reasoner, tmp_path):
+    config = _config("passkey", systems=("none",), time_budget_s=0.0)
+    results = run_eval(config, reasoner=eval_reasoner)
+    assert results["episodes"] == 1 and results["episodes_planned"] == 2 and results["questions"] == 1
+    assert "of 2 planned" in write_report(results, tmp_path)["report"].read_text()

@@ -174,3 +174,15 @@ def test_unknown_system_and_bad_args():
         SystemArgs(window_tokens=0)
     with pytest.raises(ValueError, match="top_k"):
         SystemArgs(top_k=0)
+
+
+def test_embedder_without_sentence_transformers_matches_it():
+    """The transformers-only path (for machines without sentence-transformers) embeds like sentence-transformers."""
+    from memsplice.eval.systems.embedder import SentenceEmbedder
+
+    texts = ["Maya adopted a grey cat called Juniper.", "Ravi flies to Lisbon next month.", "ok"]
+    a = SentenceEmbedder().encode(texts)
+    b = SentenceEmbedder(use_sentence_transformers=False).encode(texts)
+    assert a.shape == b.shape == (3, 384)
+    assert (a * b).sum(1).min() > 0.9999
+    assert abs(float((b * b).sum(1).mean()) - 1.0) < 1e-5

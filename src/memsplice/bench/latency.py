@@ -66,7 +66,7 @@ class LatencyArgs:
     cuda_graphs: bool | None = None
     """Engine with CUDA graphs (default: on CUDA devices)."""
     compile: bool = False
-    """Also time the engine with a `torch.compile`d decode step on the `none` and `memory-*` scenarios."""
+    """Also time the engine with a `torch.compile`d decode step on `none` and the first `memory-*` scenario."""
 
     def __post_init__(self):
         for name in ("question_tokens", "new_tokens", "memory_tokens", "repeats"):
@@ -119,6 +119,12 @@ def add_arguments(p):
         "--save",
         action="store_true",
         help="write benchmarks/results/latency.json and the headline into summary.json",
+    )
+    p.add_argument(
+        "--save-as",
+        default=None,
+        metavar="NAME",
+        help="write benchmarks/results/NAME.json only (summary.json untouched), e.g. for a variant run",
     )
 
 
@@ -277,7 +283,7 @@ def measure_latency(reasoner, memory_model, args: LatencyArgs) -> dict:
             "cache_positions": size,
             "engine": _time_engine(engine, prompt, memory, args),
         }
-        if args.compile and not name.startswith("full-"):
+        if args.compile and (name == "none" or name == f"memory-{args.slots[0]}"):
             t0 = time.perf_counter()
             try:
                 compiled = GreedyDecoder(
@@ -402,6 +408,8 @@ def run(args) -> int:
     memory_model = load_memory(reasoner, args.checkpoint).eval()
     result = measure_latency(reasoner, memory_model, largs)
     result["checkpoint"] = args.checkpoint
+    if args.save_as:
+        result["saved"] = str(save_result(args.save_as, result, device=reasoner.device))
     if args.save:
         path = save_result("latency", result, device=reasoner.device)
         h = result["headline"]

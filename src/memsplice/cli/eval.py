@@ -134,6 +134,13 @@ def add_parser(sub):
         help="also save the summary as benchmarks/results/NAME.json and merge the main scores into "
         'benchmarks/results/summary.json under "eval"',
     )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new episode after this long; the report says how many ran (default: no limit)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_reasoner_flags(p)
     add_checkpoint_flag(p)
@@ -169,6 +176,7 @@ def run(args) -> int:
         dtype=args.dtype,
         cuda_graphs=False if args.no_graphs else None,
         progress=not args.quiet,
+        time_budget_s=args.time_budget,
     )
     results = run_eval(config)
     paths = write_report(results, args.out)

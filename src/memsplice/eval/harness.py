@@ -51,6 +51,8 @@ class EvalConfig:
     """Decode with CUDA graphs (default: on CUDA devices)."""
     progress: bool = True
     """Show a progress bar."""
+    time_budget_s: float | None = None
+    """Start no new episode after this many seconds (at least one always runs; the results say how many did)."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -102,7 +104,18 @@ def run_eval(config: EvalConfig, reasoner=None) -> dict:
     feeds: list[dict] = []
     total = sum(len(e.questions) for e in episodes) * len(systems)
     bar = tqdm(total=total, desc=f"eval {config.task}", unit="answer", disable=not config.progress)
+    started = time.perf_counter()
+    done = 0
     for episode in episodes:
+        if done and config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
+            logger.warning(
+                "time budget of %.0f s spent: %d of %d episodes ran",
+                config.time_budget_s,
+                done,
+                len(episodes),
+            )
+            break
+        done += 1
         history_tokens = reader.count_tokens(render_history(episode.turns))
         length = length_of(episode, history_tokens)
         for system in systems:
@@ -162,8 +175,9 @@ def run_eval(config: EvalConfig, reasoner=None) -> dict:
             "max_positions": reader.window,
         },
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "episodes": len(episodes),
-        "questions": sum(len(e.questions) for e in episodes),
+        "episodes": done,
+        "episodes_planned": len(episodes),
+        "questions": sum(len(e.questions) for e in episodes[:done]),
         "provenance": provenance(reasoner.device),
         "records": records,
         "feeds": feeds,

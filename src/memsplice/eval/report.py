@@ -137,7 +137,13 @@ def render_markdown(results: dict, summary: dict) -> str:
         f"- reasoner {results['reasoner']['name']} ({results['reasoner']['dtype']}, window "
         f"{results['reasoner']['max_positions']} tokens); memory checkpoint: "
         f"{results['checkpoint'] or 'none (untrained memory: latent scores are a floor)'}",
-        f"- {results['episodes']} episodes, {results['questions']} questions; main score: {main} "
+        f"- {results['episodes']} episodes"
+        + (
+            f" (of {results['episodes_planned']} planned: the time budget ran out)"
+            if results.get("episodes_planned", results["episodes"]) > results["episodes"]
+            else ""
+        )
+        + f", {results['questions']} questions; main score: {main} "
         "(percent of questions answered; n/a: the prompt did not fit the reasoner's window)",
         "",
         "## Scores",

@@ -45,7 +45,11 @@ def default_embedder_path() -> Path:
 
 class SentenceEmbedder:
     def __init__(
-        self, path: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 64
+        self,
+        path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        use_sentence_transformers: bool = True,
     ):
         self.path = Path(path) if path is not None else default_embedder_path()
         if not (self.path / "config.json").is_file():
@@ -57,6 +61,8 @@ class SentenceEmbedder:
             from sentence_transformers import SentenceTransformer
         except ImportError:
             SentenceTransformer = None
+        if not use_sentence_transformers:
+            SentenceTransformer = None
         if SentenceTransformer is not None:
             self._st = SentenceTransformer(str(self.path), device=str(self.device), local_files_only=True)
             self.backend = "sentence-transformers"
@@ -65,7 +71,8 @@ class SentenceEmbedder:
 
             self._st = None
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self._model = AutoModel.from_pretrained(self.path).to(self.device).eval()
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            self._model = AutoModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
             self.backend = "transformers"
         logger.info("sentence embedder %s via %s", self.path, self.backend)
 
