@@ -38,9 +38,9 @@ def add_parser(sub):
     return p
 
 
-def _load_transcript(path: Path, reasoner) -> list[dict]:
+def _load_file(path: Path, reasoner) -> dict:
     if not path.exists():
-        return []
+        return {"turns": []}
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -50,40 +50,39 @@ def _load_transcript(path: Path, reasoner) -> list[dict]:
     if data.get("reasoner_fingerprint") not in (None, reasoner.fingerprint):
         raise ValueError(f"{path} was written with another reasoner ({data.get('reasoner')}); pass another "
                          "--memory-file or the same --reasoner")
-    return data["turns"]
+    return data
 
 
-def _save_transcript(path: Path, reasoner, checkpoint: str | None, turns: list[dict]) -> None:
+def _save_file(path: Path, session: ChatSession, checkpoint: str | None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"version": FILE_VERSION, "reasoner": reasoner.name,
-                               "reasoner_fingerprint": reasoner.fingerprint, "checkpoint": checkpoint,
-                               "turns": turns}, indent=1))
+    r = session.reasoner
+    tmp.write_text(json.dumps({"version": FILE_VERSION, "reasoner": r.name, "reasoner_fingerprint": r.fingerprint,
+                               "checkpoint": checkpoint, "turns": session.turns,
+                               "conversation": session.conversation.to_dict()}))
     os.replace(tmp, path)
 
 
 class ChatSession:
-    """One conversation: its transcript, the memory built from it, and answering with that memory."""
+    """One conversation: its transcript, its `ConversationMemory`, and answering with that memory."""
 
-    def __init__(self, reasoner, memory, system: str, window_tokens: int = 0):
+    def __init__(self, reasoner, memory, system: str, window_tokens: int = 0, state: dict | None = None):
+        from memsplice.conversation import ConversationConfig, ConversationMemory
+
         self.reasoner, self.memory, self.system, self.window_tokens = reasoner, memory, system, window_tokens
-        self.turns: list[dict] = []
+        state = state or {}
+        self.turns: list[dict] = list(state.get("turns", []))
+        if state.get("conversation"):
+            self.conversation = ConversationMemory.from_dict(state["conversation"], memory)
+        else:  # a file written before memory state was kept, or a new chat: rebuild from the transcript
+            self.conversation = ConversationMemory(memory, ConversationConfig(scope="chat"))
+            for t in self.turns:
+                self.conversation.add_turn(t["role"], t["text"])
 
-    def _transcript_ids(self) -> list[int]:
-        tok = self.reasoner.require_tokenizer()
-        text = "".join(f"{t['role']}: {t['text']}\n" for t in self.turns)
-        return tok(text, add_special_tokens=False)["input_ids"]
+    def forget(self) -> None:
+        from memsplice.conversation import ConversationMemory
 
-    def build_memory(self):
-        """Memory of the whole transcript (its most recent max_memory_tokens tokens), or None when empty."""
-        import torch
-
-        ids = self._transcript_ids()[-self.memory.config.max_memory_tokens:]
-        if not ids:
-            return None, 0.0
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            mem = self.memory.write(torch.tensor([ids], device=self.reasoner.device), scope="chat")
-        return mem, time.perf_counter() - t0
+        self.turns = []
+        self.conversation = ConversationMemory(self.memory, self.conversation.config)
 
     def _recent_window(self) -> list[dict]:
         if self.window_tokens <= 0:
@@ -100,7 +99,7 @@ class ChatSession:
     def answer(self, message: str, max_new_tokens: int, temperature: float) -> tuple[str, dict]:
         import torch
 
-        mem, write_s = self.build_memory()
+        kv = self.conversation.memory_kv()
         messages = [{"role": "system", "content": self.system}, *self._recent_window(),
                     {"role": "user", "content": message}]
         ids = torch.tensor([self.reasoner.chat_ids(messages)], device=self.reasoner.device)
@@ -108,18 +107,23 @@ class ChatSession:
         gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
         if temperature > 0:
             gen["temperature"] = temperature
-        out = self.memory.generate(ids, memory=mem, **gen)
+        out = self.memory.generate(ids, memory=kv, **gen)
         answer_s = time.perf_counter() - t0
         text = self.reasoner.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        events_before = self.memory.fallback_log.total
+        writes = [self.conversation.add_turn("user", message), self.conversation.add_turn("assistant", text)]
         now = time.time()
         self.turns += [{"role": "user", "text": message, "time": now}, {"role": "assistant", "text": text, "time": now}]
-        status = {"slots": 0 if mem is None else int(mem.kv.num_slots), "prompt_tokens": int(ids.shape[1]),
-                  "write_ms": round(write_s * 1e3, 1), "answer_ms": round(answer_s * 1e3, 1),
-                  "fallbacks": [e.reason for e in (mem.events if mem else [])]}
-        if mem is not None and bool(mem.kv.live.all()):
-            g = mem.gate[0]
-            status["gate"] = {"mean": round(float(g.mean()), 3), "min": round(float(g.min()), 3),
-                              "max": round(float(g.max()), 3)}
+        new_events = self.memory.fallback_log.recent(self.memory.fallback_log.total - events_before)
+        status = {"slots": 0 if kv is None else int(kv.num_slots), "prompt_tokens": int(ids.shape[1]),
+                  "write_ms": round(sum(w.seconds for w in writes) * 1e3, 1), "answer_ms": round(answer_s * 1e3, 1),
+                  "fallbacks": [e.reason for e in new_events] if self.memory.fallback_log.total > events_before else []}
+        if kv is not None and kv.any_live:
+            g = kv.gate_bias[0].amax(dim=0).exp()  # (S,) per slot, from the layers that hold it
+            g = g[g > 0]
+            if g.numel():
+                status["gate"] = {"mean": round(float(g.mean()), 3), "min": round(float(g.min()), 3),
+                                  "max": round(float(g.max()), 3)}
         return text, status
 
 
@@ -137,8 +141,7 @@ def run(args) -> int:
     reasoner = load_reasoner_from(args)
     memory = load_memory(reasoner, args.checkpoint)
     path = Path(args.memory_file)
-    session = ChatSession(reasoner, memory, args.system, args.window)
-    session.turns = _load_transcript(path, reasoner)
+    session = ChatSession(reasoner, memory, args.system, args.window, state=_load_file(path, reasoner))
     interactive = sys.stdin.isatty()
     print(f"memsplice chat: {reasoner.name}, memory {args.checkpoint or 'default checkpoint'}, "
           f"{len(session.turns)} turns remembered from {path}. /quit to leave.", flush=True)
@@ -153,15 +156,17 @@ def run(args) -> int:
         if line == "/quit":
             break
         if line == "/forget":
-            session.turns = []
+            session.forget()
             path.unlink(missing_ok=True)
             print("  [memory erased]")
             continue
         if line == "/stats":
-            print(f"  [{len(session.turns)} turns, {len(session._transcript_ids())} tokens in the transcript, "
+            st = session.conversation.stats()
+            print(f"  [{len(session.turns)} turns, {st['slots']} slots, "
+                  f"{json.dumps({k: v for k, v in st.items() if k not in ('slots', 'turns')})}, "
                   f"fallback events {dict(memory.fallback_log.counts)}]")
             continue
         text, status = session.answer(line, args.max_new_tokens, args.temperature)
         print(f"assistant> {text}\n{_format_status(status)}", flush=True)
-        _save_transcript(path, reasoner, args.checkpoint, session.turns)
+        _save_file(path, session, args.checkpoint)
     return 0

@@ -1,0 +1,23 @@
+"""Memory of a whole, growing conversation: transcript spans, chunked hierarchical memory, attention-based usage."""
+
+from .chunks import Chunk
+from .hierarchy import Hierarchy, Node, compose
+from .memory import ConversationConfig, ConversationMemory, WriteStats, weights_signature
+from .probe import MemoryAttention, memory_attention
+from .transcript import EvictionRecord, Span, TranscriptStore
+
+__all__ = [
+    "Chunk",
+    "ConversationConfig",
+    "ConversationMemory",
+    "EvictionRecord",
+    "Hierarchy",
+    "MemoryAttention",
+    "Node",
+    "Span",
+    "TranscriptStore",
+    "WriteStats",
+    "compose",
+    "memory_attention",
+    "weights_signature",
+]

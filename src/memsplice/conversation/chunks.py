@@ -1,0 +1,130 @@
+"""Chunks: consecutive live spans that one encoder call turns into M memory slots.
+
+A conversation's memory is a sequence of chunks, oldest first. Each chunk holds at most `chunk_tokens` tokens
+(never more than the encoder's `max_memory_tokens`); the newest chunk is *open* and grows with every turn, older
+ones are *sealed*. Writing a turn re-encodes only the chunks whose spans changed (the open chunk, and any chunk that
+lost spans to eviction), so the cost of a write does not grow with the length of the conversation.
+
+Every chunk keeps its full encoder output (latents, gate and K/V of all M slots, batch 1) and a `quota`: how many of
+its slots the composed memory uses (M at full resolution, fewer once the hierarchy has compressed it). Which slots
+are kept is decided by `select_slots` from the gate (the memory's own estimate of a slot's worth) or from the
+attention the slots received.
+
+Guarantees: `encode_chunks` runs without autograd, in batches, and leaves every chunk it was given with a fresh
+encoding of exactly its current spans; a chunk whose latents fell back (safety check) is marked not live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..inject.memory_kv import MemoryKV
+from ..memory.model import pad_rows
+from .transcript import TranscriptStore
+
+
+@dataclass
+class Chunk:
+    id: int
+    span_ids: list[int] = field(default_factory=list)
+    tokens: int = 0
+    """Tokens of the chunk's spans (the encoder's input length)."""
+    sealed: bool = False
+    quota: int = 0
+    """Slots of this chunk the composed memory uses (0 until first encoded)."""
+    latents: torch.Tensor | None = None
+    """(M, d) float32: the encoder's output for the current spans."""
+    gate: torch.Tensor | None = None
+    """(M,) gate values of the slots."""
+    kv: MemoryKV | None = None
+    """All M slots as memory of batch 1, keys rotated at positions 0..M-1."""
+    slot_attention: list[float] = field(default_factory=list)
+    """Per slot, a moving average of the attention mass it received (empty until the probe runs)."""
+    dirty: bool = True
+    """True when the spans changed since the last encoding."""
+    encoded_with: tuple | None = None
+    """The memory weights' version when encoded (see `weights_version`)."""
+
+    @property
+    def live(self) -> bool:
+        return self.kv is not None and bool(self.kv.live.all())
+
+
+def weights_version(memory) -> tuple:
+    """Changes whenever a memory parameter is updated in place (optimizer step) or replaced (embedding untied)."""
+    return tuple((id(p), p._version) for p in memory.parameters())
+
+
+def chunk_input(chunk: Chunk, store: TranscriptStore) -> list[int]:
+    ids: list[int] = []
+    for span_id in chunk.span_ids:
+        ids.extend(store[span_id].token_ids)
+    return ids
+
+
+@torch.no_grad()
+def encode_chunks(
+    memory,
+    chunks: list[Chunk],
+    store: TranscriptStore,
+    *,
+    batch_size: int = 16,
+    scope: str | None = None,
+    pad_id: int = 0,
+) -> int:
+    """Encode `chunks` (all must hold spans) with `memory`; returns the number of tokens read."""
+    version = weights_version(memory)
+    tokens = 0
+    was_training = memory.training
+    memory.eval()  # dropout off: what is stored must not depend on the noise of one call
+    try:
+        for start in range(0, len(chunks), batch_size):
+            tokens += _encode_group(memory, chunks[start : start + batch_size], store, scope, pad_id, version)
+    finally:
+        memory.train(was_training)
+    return tokens
+
+
+def _encode_group(
+    memory, group: list[Chunk], store: TranscriptStore, scope, pad_id: int, version: tuple
+) -> int:
+    rows = [chunk_input(c, store) for c in group]
+    assert all(rows), "an empty chunk cannot be encoded"
+    ids, mask = pad_rows(rows, pad_id=pad_id, device=memory.reasoner.device)
+    written = memory.write(ids, mask, scope=scope)
+    for row, chunk in enumerate(group):
+        chunk.latents = written.latents[row].detach().float()
+        chunk.gate = written.gate[row].detach().float()
+        chunk.kv = written.kv.index_rows([row])
+        chunk.dirty = False
+        chunk.encoded_with = version
+        if not chunk.quota:
+            chunk.quota = memory.config.num_slots
+    return sum(len(r) for r in rows)
+
+
+@torch.no_grad()
+def reinject_chunk(memory, chunk: Chunk, scope: str | None = None) -> None:
+    """Rebuild a chunk's gate and K/V from its stored latents (no encoder call): exact under the same weights."""
+    assert chunk.latents is not None
+    written = memory.inject(chunk.latents[None].to(memory.reasoner.device), scope=scope)
+    chunk.gate = written.gate[0].detach().float()
+    chunk.kv = written.kv
+    chunk.dirty = False
+
+
+def select_slots(chunk: Chunk, quota: int, by: str = "gate") -> list[int]:
+    """Indices (ascending) of the `quota` slots of `chunk` to keep: highest gate, or highest received attention
+    (falling back to the gate while no attention was recorded). Ties go to the lower index."""
+    assert chunk.gate is not None
+    m = chunk.gate.shape[0]
+    if quota >= m:
+        return list(range(m))
+    score = chunk.gate.detach().float().cpu()
+    if by == "attention" and chunk.slot_attention:
+        # Attention decides; the gate only breaks ties between slots that received the same attention.
+        score = torch.tensor(chunk.slot_attention, dtype=torch.float32) + 1e-6 * score
+    order = sorted(range(m), key=lambda i: (-float(score[i]), i))
+    return sorted(order[:quota])

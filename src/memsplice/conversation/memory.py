@@ -1,0 +1,663 @@
+"""`ConversationMemory`: the memory of one whole, growing conversation, updated incrementally after each turn.
+
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=256))
+    stats = conv.add_turn("user", "I moved to Lisbon last spring.")    # WriteStats(seconds, tokens, slots, ...)
+    kv = conv.memory_kv()                                               # MemoryKV (batch 1) or None
+    out = generate_with_memory(memory.reasoner, ids, mask, kv, max_new_tokens=32)
+    conv.probe(ids_with_answer, query_mask=answer_positions)            # optional: attention -> span usage
+    state = conv.to_dict(); conv = ConversationMemory.from_dict(state, memory)
+
+How it works: turns go into a `TranscriptStore` as spans; live spans are packed, in order, into chunks of at most
+`chunk_tokens` tokens; each chunk is encoded into M slots; a `Hierarchy` compresses older chunks (fewer slots each)
+to stay within `slot_budget`; `memory_kv()` composes the kept slots of all chunks into one memory.
+
+Guarantees:
+- A write re-encodes only the open chunk and chunks that lost spans to eviction (never the whole history), except
+  when the memory's weights changed since the chunks were encoded (online learning): then every chunk is
+  re-encoded once, with the new weights, and `WriteStats.refreshed` says so.
+- After every write: live tokens <= `max_live_tokens`, slots in use <= `slot_budget`, every live span sits in
+  exactly one chunk, and evicted spans are archived (with a log record), never deleted.
+- `to_dict()` is plain JSON; `from_dict(d, memory)` rebuilds the same memory: from the stored latents when the
+  memory weights are the ones that wrote them (no encoder call), else by re-encoding the live spans.
+- All methods are safe to call from several threads (one lock per conversation).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from ..inject.memory_kv import MemoryKV
+from .chunks import Chunk, encode_chunks, reinject_chunk, weights_version
+from .hierarchy import Hierarchy, compose
+from .probe import MemoryAttention, memory_attention
+from .transcript import SLOT_BUDGET, TranscriptStore
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "memsplice.conversation/1"
+SLOT_SELECTION = ("gate", "attention")
+
+
+@dataclass
+class ConversationConfig:
+    chunk_tokens: int | None = None
+    """Tokens per chunk, i.e. per encoder call (default and maximum: the memory's `max_memory_tokens`)."""
+    slot_budget: int = 256
+    """Most memory slots in use (the KV the reasoner reads); older chunks are compressed to stay within it."""
+    max_live_tokens: int = 65536
+    """Most transcript tokens memory is built from; least-recently-used spans beyond it go to the archive."""
+    min_slots_per_chunk: int = 1
+    """Fewest slots a compressed chunk keeps; when even that does not fit, least-recently-used chunks are evicted."""
+    keep_full_chunks: int = 2
+    """Newest sealed chunks never compressed (the open chunk never is either)."""
+    slot_selection: str = "gate"
+    """Which slots a compressed chunk keeps: "gate" (highest gate value) or "attention" (most attention received,
+    from the probe; the gate until the probe has run)."""
+    turn_template: str = "{role}: {text}\n"
+    """How a turn is written into the encoder's input."""
+    track_attention: bool = False
+    """Let `probe()` measure the reasoner's attention to memory and update span usage (costs one forward pass)."""
+    probe_layers: list[int] | None = None
+    """Reasoner layers the probe reads (default: the last)."""
+    use_threshold: float = 0.5
+    """A chunk's spans count as used by a read when the chunk got at least this fraction of the attention that a
+    uniform spread over all slots would give it."""
+    protect_fraction: float = 0.1
+    """Fraction of live spans protected from eviction by salience (0: off). Salience needs the probe."""
+    salience_decay: float = 0.9
+    """Moving-average weight of the old salience at each probed read."""
+    attention_decay: float = 0.8
+    """Moving-average weight of the old per-slot attention at each probed read."""
+    encode_batch: int = 16
+    """Chunks encoded per encoder call when several need it (refresh, restore)."""
+    scope: str | None = None
+    """Name of the memory scope (user, agent), attached to fallback events."""
+
+    def __post_init__(self):
+        def need(cond: bool, name: str, msg: str):
+            if not cond:
+                raise ValueError(f"ConversationConfig.{name}: {msg} (got {getattr(self, name)!r})")
+
+        def positive_int(name):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+
+        if self.chunk_tokens is not None:
+            positive_int("chunk_tokens")
+        for name in ("slot_budget", "max_live_tokens", "min_slots_per_chunk", "encode_batch"):
+            positive_int(name)
+        need(
+            isinstance(self.keep_full_chunks, int) and self.keep_full_chunks >= 0,
+            "keep_full_chunks",
+            "must be a non-negative integer",
+        )
+        need(self.slot_selection in SLOT_SELECTION, "slot_selection", f"must be one of {SLOT_SELECTION}")
+        need("{text}" in self.turn_template, "turn_template", "must contain {text}")
+        try:
+            self.turn_template.format(role="user", text="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"ConversationConfig.turn_template: may only use {{role}} and {{text}} ({e})"
+            ) from None
+        need(self.use_threshold >= 0.0, "use_threshold", "must be non-negative")
+        need(0.0 <= self.protect_fraction < 1.0, "protect_fraction", "must be in [0, 1)")
+        for name in ("salience_decay", "attention_decay"):
+            need(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConversationConfig:
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ValueError(f"unknown ConversationConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class WriteStats:
+    """What one `add_turn` cost and changed."""
+
+    seconds: float
+    """Wall time of the write (tokenize, evict, encode, compress)."""
+    tokens: int
+    """Tokens of the turn (after the template)."""
+    slots: int
+    """Memory slots in use after the write."""
+    encoded_tokens: int = 0
+    """Tokens the encoder read for this write (the open chunk, plus chunks rebuilt after eviction or a refresh)."""
+    encoder_calls: int = 0
+    spans: int = 0
+    """Spans the turn became (a turn longer than a chunk is split)."""
+    evicted: int = 0
+    """Spans moved to the archive by this write."""
+    merges: int = 0
+    """Hierarchy merges done by this write."""
+    refreshed: bool = False
+    """True when every chunk was re-encoded because the memory's weights had changed."""
+    fallback: bool = False
+    """True when some chunk's latents failed the safety check (that chunk is left out of memory)."""
+
+
+def _tensor_to_b64(t: torch.Tensor) -> dict:
+    arr = t.detach().float().cpu().contiguous().numpy().astype("<f4")
+    return {"shape": list(arr.shape), "dtype": "float32", "data": base64.b64encode(arr.tobytes()).decode()}
+
+
+def _tensor_from_b64(d: dict) -> torch.Tensor:
+    arr = np.frombuffer(base64.b64decode(d["data"]), dtype="<f4").reshape(d["shape"])
+    return torch.from_numpy(arr.copy())
+
+
+def weights_signature(memory) -> str:
+    """sha256 of the memory's weights (and config), as stored: identifies which weights wrote a set of latents."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(memory.memory_state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+class ConversationMemory:
+    def __init__(self, memory, config: ConversationConfig | None = None):
+        self.memory = memory
+        self.config = config or ConversationConfig()
+        mcfg = memory.config
+        cfg = self.config
+        self.chunk_tokens = cfg.chunk_tokens or mcfg.max_memory_tokens
+        if self.chunk_tokens > mcfg.max_memory_tokens:
+            raise ValueError(
+                f"ConversationConfig.chunk_tokens: {self.chunk_tokens} is more than the memory reads in "
+                f"one call (max_memory_tokens={mcfg.max_memory_tokens})"
+            )
+        need_slots = (cfg.keep_full_chunks + 2) * mcfg.num_slots
+        if cfg.slot_budget < need_slots:
+            raise ValueError(
+                f"ConversationConfig.slot_budget: must hold the open chunk, the {cfg.keep_full_chunks} "
+                f"newest sealed chunks (keep_full_chunks) and one more, at {mcfg.num_slots} slots each: "
+                f"at least {need_slots}, got {cfg.slot_budget}"
+            )
+        if cfg.max_live_tokens < self.chunk_tokens:
+            raise ValueError(
+                f"ConversationConfig.max_live_tokens: must be at least one chunk ({self.chunk_tokens} "
+                f"tokens), got {cfg.max_live_tokens}"
+            )
+        if cfg.min_slots_per_chunk > mcfg.num_slots:
+            raise ValueError(
+                f"ConversationConfig.min_slots_per_chunk: at most the memory's {mcfg.num_slots} slots"
+            )
+        self.store = TranscriptStore(
+            max_live_tokens=cfg.max_live_tokens,
+            protect_fraction=cfg.protect_fraction,
+            salience_decay=cfg.salience_decay,
+        )
+        self.hierarchy = Hierarchy(
+            num_slots=mcfg.num_slots, min_slots=cfg.min_slots_per_chunk, keep_full=cfg.keep_full_chunks
+        )
+        self.chunks: dict[int, Chunk] = {}
+        self.open_chunk: Chunk | None = None
+        self.turns = 0
+        self._next_chunk = 0
+        self._composed: tuple[MemoryKV | None, list[tuple[int, int]]] | None = None
+        self._lock = threading.RLock()
+        self._signature: tuple[tuple, str] | None = None
+        self.write_seconds: list[float] = []
+
+    # -- text ------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.memory.reasoner.require_tokenizer()
+
+    def _pad_id(self) -> int:
+        tok = self.memory.reasoner.tokenizer
+        if tok is None:
+            return 0
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def add_turn(self, role: str, text: str) -> WriteStats:
+        """Append one turn to the transcript and update memory incrementally."""
+        if not isinstance(role, str) or not role.strip():
+            raise ValueError(f"add_turn: role must be a non-empty string, got {role!r}")
+        if not isinstance(text, str):
+            raise ValueError(f"add_turn: text must be a string, got {type(text).__name__}")
+        rendered = self.config.turn_template.format(role=role, text=text)
+        ids = list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(
+                "add_turn: the turn has no tokens once rendered; check ConversationConfig.turn_template"
+            )
+        return self.add_turn_ids(role, rendered, ids)
+
+    def add_turn_ids(self, role: str, text: str, token_ids: list[int]) -> WriteStats:
+        """`add_turn` for a turn already rendered and tokenized: `text` is what `token_ids` encode (kept in the
+        archive, and re-tokenized if the conversation is later restored onto another reasoner)."""
+        if not token_ids:
+            raise ValueError("add_turn_ids: token_ids is empty")
+        t0 = time.perf_counter()
+        with self._lock, torch.no_grad():
+            stats = WriteStats(seconds=0.0, tokens=len(token_ids), slots=0)
+            stats.refreshed, calls, tokens = self._refresh_if_stale()
+            self.store.begin_step()
+            turn = self.turns
+            self.turns += 1
+            pieces = [
+                token_ids[i : i + self.chunk_tokens] for i in range(0, len(token_ids), self.chunk_tokens)
+            ]
+            for piece in pieces:
+                piece_text = text if len(pieces) == 1 else self._decode(piece)
+                span = self.store.add(role, piece_text, piece, turn)
+                self._append_span(span.id, span.num_tokens)
+            stats.spans = len(pieces)
+            evicted = self.store.evict_over_cap()
+            for record in evicted:
+                self._remove_span(record.span_id)
+            dirty = [c for c in self._all_chunks() if c.dirty]
+            if dirty:
+                tokens += encode_chunks(
+                    self.memory,
+                    dirty,
+                    self.store,
+                    batch_size=self.config.encode_batch,
+                    scope=self.config.scope,
+                    pad_id=self._pad_id(),
+                )
+                calls += -(-len(dirty) // self.config.encode_batch)
+            stats.merges, dropped = self._fit_budget()
+            stats.evicted = len(evicted) + dropped
+            stats.encoded_tokens, stats.encoder_calls = tokens, calls
+            stats.fallback = any(not c.live for c in self._all_chunks())
+            self._composed = None
+            stats.slots = self.num_slots
+            stats.seconds = time.perf_counter() - t0
+            self.write_seconds.append(stats.seconds)
+        return stats
+
+    def _decode(self, ids: list[int]) -> str:
+        tok = self.memory.reasoner.tokenizer
+        return tok.decode(ids) if tok is not None else ""
+
+    def _all_chunks(self) -> list[Chunk]:
+        """Chunks oldest first, the open chunk last."""
+        order = [self.chunks[c] for c in self.hierarchy.chunk_order()]
+        return order + ([self.open_chunk] if self.open_chunk is not None else [])
+
+    def _new_chunk(self) -> Chunk:
+        chunk = Chunk(id=self._next_chunk)
+        self._next_chunk += 1
+        self.chunks[chunk.id] = chunk
+        return chunk
+
+    def _append_span(self, span_id: int, n_tokens: int) -> None:
+        chunk = self.open_chunk
+        if chunk is not None and chunk.tokens + n_tokens > self.chunk_tokens:
+            self._seal_open()
+            chunk = None
+        if chunk is None:
+            chunk = self.open_chunk = self._new_chunk()
+        chunk.span_ids.append(span_id)
+        chunk.tokens += n_tokens
+        chunk.dirty = True
+
+    def _seal_open(self) -> None:
+        chunk = self.open_chunk
+        if chunk is None:
+            return
+        chunk.sealed = True
+        self.hierarchy.add_sealed(chunk.id)
+        self.open_chunk = None
+
+    def _chunk_of(self, span_id: int) -> Chunk | None:
+        for chunk in self._all_chunks():
+            if span_id in chunk.span_ids:
+                return chunk
+        return None
+
+    def _remove_span(self, span_id: int) -> None:
+        chunk = self._chunk_of(span_id)
+        assert chunk is not None, f"live span {span_id} is in no chunk"
+        chunk.span_ids.remove(span_id)
+        chunk.tokens -= self.store[span_id].num_tokens
+        chunk.dirty = True
+        if not chunk.span_ids:
+            self._drop_chunk(chunk)
+
+    def _drop_chunk(self, chunk: Chunk) -> None:
+        if chunk is self.open_chunk:
+            self.open_chunk = None
+        else:
+            self.hierarchy.remove_chunk(chunk.id)
+        del self.chunks[chunk.id]
+
+    def _fit_budget(self) -> tuple[int, int]:
+        """Compress, then evict whole least-recently-used chunks, until the slots fit the budget."""
+        budget = self.config.slot_budget
+        open_slots = self.open_chunk.quota if self.open_chunk is not None else 0
+        merges = self.hierarchy.compress(self.chunks, budget, extra=open_slots)
+        dropped = 0
+        protected = self.store.protected_ids()
+        while self._quota_total() > budget:
+            sealed = self.hierarchy.chunk_order()[: max(0, len(self.hierarchy.chunk_order()) - 1)]
+            if not sealed:
+                break
+            victim = min(sealed, key=lambda c: self._chunk_eviction_key(self.chunks[c], protected))
+            chunk = self.chunks[victim]
+            for span_id in list(chunk.span_ids):
+                self.store.archive(span_id, SLOT_BUDGET, protected=span_id in protected)
+                dropped += 1
+            self._drop_chunk(chunk)
+            merges += self.hierarchy.compress(self.chunks, budget, extra=open_slots)
+        assert self._quota_total() <= budget or len(self.hierarchy.nodes) <= 1, "slot budget not met"
+        return merges, dropped
+
+    def _chunk_eviction_key(self, chunk: Chunk, protected: set[int]) -> tuple:
+        spans = [self.store[s] for s in chunk.span_ids]
+        return (any(s.id in protected for s in spans), max(s.last_used for s in spans), chunk.id)
+
+    def _quota_total(self) -> int:
+        return sum(c.quota for c in self._all_chunks())
+
+    # -- online learning -------------------------------------------------------------------------------------
+    def _refresh_if_stale(self) -> tuple[bool, int, int]:
+        chunks = [c for c in self._all_chunks() if c.span_ids]
+        version = weights_version(self.memory)
+        stale = [c for c in chunks if c.encoded_with != version and not c.dirty]
+        if not stale:
+            return False, 0, 0
+        tokens = encode_chunks(
+            self.memory,
+            stale,
+            self.store,
+            batch_size=self.config.encode_batch,
+            scope=self.config.scope,
+            pad_id=self._pad_id(),
+        )
+        self._composed = None
+        return True, -(-len(stale) // self.config.encode_batch), tokens
+
+    def refresh(self) -> int:
+        """Re-encode every chunk if the memory's weights changed since it was encoded; returns tokens read."""
+        with self._lock, torch.no_grad():
+            return self._refresh_if_stale()[2]
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def memory_kv(self) -> MemoryKV | None:
+        """The whole conversation's memory (batch 1), or None when nothing live has been written."""
+        with self._lock:
+            self._refresh_if_stale()
+            if self._composed is None:
+                self._composed = compose(self._all_chunks(), self.memory.reasoner, self.config.slot_selection)
+            return self._composed[0]
+
+    def slot_sources(self) -> list[tuple[int, int]]:
+        """For each slot of `memory_kv()`: (chunk id, slot index within that chunk)."""
+        with self._lock:
+            self.memory_kv()
+            return list(self._composed[1])
+
+    def slot_spans(self) -> list[list[int]]:
+        """For each slot of `memory_kv()`: the ids of the spans its chunk was encoded from."""
+        return [list(self.chunks[c].span_ids) for c, _ in self.slot_sources()]
+
+    @property
+    def num_slots(self) -> int:
+        return sum(c.quota for c in self._all_chunks() if c.live)
+
+    # -- usage from attention ----------------------------------------------------------------------------------
+    def record_attention(
+        self, slot_mass, *, focus: float | None = None, slot_sources: list[tuple[int, int]] | None = None
+    ) -> list[int]:
+        """Update span usage from the attention each memory slot received in one read; returns the used span ids.
+
+        slot_mass: (S,) attention weight per slot of the memory that was read. slot_sources: that memory's
+        `slot_sources()` (default: the current memory's; pass it when the memory may have changed since the read).
+        focus: one minus the normalised entropy of the read's attention within memory (feeds salience).
+        """
+        mass = torch.as_tensor(slot_mass, dtype=torch.float32).flatten().cpu()
+        with self._lock:
+            sources = self.slot_sources() if slot_sources is None else list(slot_sources)
+            if mass.numel() != len(sources):
+                raise ValueError(
+                    f"record_attention: got {mass.numel()} slot weights for a memory of {len(sources)} slots"
+                )
+            if not sources:
+                return []
+            per_chunk: dict[int, float] = {}
+            slots_of: dict[int, int] = {}
+            for (chunk_id, slot), w in zip(sources, mass.tolist(), strict=False):
+                per_chunk[chunk_id] = per_chunk.get(chunk_id, 0.0) + w
+                slots_of[chunk_id] = slots_of.get(chunk_id, 0) + 1
+                chunk = self.chunks.get(chunk_id)
+                if chunk is not None and chunk.gate is not None:
+                    if not chunk.slot_attention:
+                        chunk.slot_attention = [0.0] * chunk.gate.shape[0]
+                    a = self.config.attention_decay
+                    chunk.slot_attention[slot] = a * chunk.slot_attention[slot] + (1 - a) * w
+            total = sum(per_chunk.values())
+            used: list[int] = []
+            for chunk_id, chunk_mass in per_chunk.items():
+                chunk = self.chunks.get(chunk_id)
+                if chunk is None:
+                    continue
+                uniform = total * slots_of[chunk_id] / len(sources)
+                is_used = total > 0 and chunk_mass >= self.config.use_threshold * uniform
+                for span_id in chunk.span_ids:
+                    span = self.store[span_id]
+                    share = chunk_mass * span.num_tokens / max(chunk.tokens, 1)
+                    self.store.mark_used(span_id, share, focus=focus, used=is_used)
+                    if is_used:
+                        used.append(span_id)
+            return used
+
+    def probe(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        query_mask: torch.Tensor | None = None,
+        record: bool = True,
+    ) -> MemoryAttention | None:
+        """Measure the attention `input_ids` (batch 1, e.g. question + answer) give to memory, and record it.
+
+        Needs `ConversationConfig.track_attention`; returns None when it is off or memory is empty.
+        """
+        if not self.config.track_attention:
+            return None
+        with self._lock:
+            kv = self.memory_kv()
+            if kv is None:
+                return None
+            sources = list(self._composed[1])
+            reading = memory_attention(
+                self.memory.reasoner,
+                kv,
+                input_ids,
+                attention_mask,
+                layers=self.config.probe_layers,
+                query_mask=query_mask,
+            )
+            if record:
+                self.record_attention(
+                    reading.slot_mass[0], focus=float(reading.focus[0]), slot_sources=sources
+                )
+            return reading
+
+    # -- inspection ------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._lock:
+            kv = self.memory_kv()
+            chunks = self._all_chunks()
+            levels: dict[str, int] = {}
+            for node in self.hierarchy.nodes:
+                levels[str(node.level)] = levels.get(str(node.level), 0) + 1
+            latent_bytes = sum(c.latents.numel() * 4 for c in chunks if c.latents is not None)
+            transcript_bytes = sum(len(s.text.encode()) + 4 * s.num_tokens for s in self.store.spans.values())
+            kv_bytes = kv.nbytes() if kv is not None else 0
+            return {
+                "turns": self.turns,
+                "slots": self.num_slots,
+                "slot_budget": self.config.slot_budget,
+                "chunks": len(chunks),
+                "nodes": len(self.hierarchy.nodes),
+                "node_levels": levels,
+                "spans_live": len(self.store.live()),
+                "spans_archived": len(self.store.archived()),
+                "live_tokens": self.store.live_tokens,
+                "archived_tokens": self.store.archived_tokens,
+                "evictions": len(self.store.eviction_log),
+                "fallback_chunks": sum(1 for c in chunks if c.kv is not None and not c.live),
+                "kv_bytes": kv_bytes,
+                "latent_bytes": latent_bytes,
+                "transcript_bytes": transcript_bytes,
+                "stored_bytes": latent_bytes + transcript_bytes,
+                "mean_write_seconds": (sum(self.write_seconds) / len(self.write_seconds))
+                if self.write_seconds
+                else 0.0,
+            }
+
+    def transcript(self, include_archived: bool = True) -> list[dict]:
+        """The turns written so far (spans of one turn joined), oldest first, with whether they are live."""
+        turns: dict[int, dict] = {}
+        for span in sorted(self.store.spans.values(), key=lambda s: s.id):
+            if span.archived and not include_archived:
+                continue
+            t = turns.setdefault(span.turn, {"turn": span.turn, "role": span.role, "text": "", "live": True})
+            t["text"] += span.text
+            t["live"] = t["live"] and not span.archived
+        return list(turns.values())
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def _weights_signature(self) -> str:
+        version = weights_version(self.memory)
+        if self._signature is None or self._signature[0] != version:
+            self._signature = (version, weights_signature(self.memory))
+        return self._signature[1]
+
+    def to_dict(self) -> dict:
+        """Plain-JSON state: config, transcript, chunks (with latents) and hierarchy."""
+        with self._lock:
+            self._refresh_if_stale()
+            chunks = []
+            for chunk in self._all_chunks():
+                chunks.append(
+                    {
+                        "id": chunk.id,
+                        "span_ids": list(chunk.span_ids),
+                        "tokens": chunk.tokens,
+                        "sealed": chunk.sealed,
+                        "quota": chunk.quota,
+                        "slot_attention": list(chunk.slot_attention),
+                        "latents": None if chunk.latents is None else _tensor_to_b64(chunk.latents),
+                    }
+                )
+            return {
+                "format": FORMAT,
+                "config": self.config.to_dict(),
+                "turns": self.turns,
+                "next_chunk": self._next_chunk,
+                "memory": {
+                    "signature": self._weights_signature(),
+                    "num_slots": self.memory.config.num_slots,
+                    "reasoner_fingerprint": self.memory.config.reasoner_fingerprint,
+                },
+                "transcript": self.store.to_dict(),
+                "chunks": chunks,
+                "open_chunk": None if self.open_chunk is None else self.open_chunk.id,
+                "nodes": self.hierarchy.to_dict(),
+                "write_seconds": list(self.write_seconds[-1000:]),
+            }
+
+    @classmethod
+    def from_dict(cls, data: dict, memory) -> ConversationMemory:
+        """Rebuild a conversation memory saved by `to_dict` onto `memory`."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"not a conversation memory: expected format {FORMAT!r}")
+        try:
+            conv = cls(memory, ConversationConfig.from_dict(data["config"]))
+            conv.store = TranscriptStore.from_dict(data["transcript"])
+            conv.turns = int(data["turns"])
+            conv._next_chunk = int(data["next_chunk"])
+            saved = data["memory"]
+            chunk_rows = data["chunks"]
+            open_id = data["open_chunk"]
+            nodes = data["nodes"]
+            conv.write_seconds = [float(s) for s in data.get("write_seconds", [])]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"conversation memory data is incomplete or malformed: {e}") from e
+        same_reasoner = saved.get("reasoner_fingerprint") == memory.config.reasoner_fingerprint
+        same_weights = same_reasoner and saved.get("signature") == conv._weights_signature()
+        if not same_reasoner:
+            # Token ids belong to the reasoner's tokenizer: re-tokenize the live spans from their text.
+            logger.warning(
+                "conversation memory was written for another reasoner; re-tokenizing its transcript"
+            )
+            for span in conv.store.live():
+                span.token_ids = conv.tokenizer(span.text, add_special_tokens=False)["input_ids"] or [
+                    conv._pad_id()
+                ]
+        for row in chunk_rows:
+            chunk = Chunk(
+                id=int(row["id"]),
+                span_ids=[int(s) for s in row["span_ids"]],
+                tokens=int(row["tokens"]),
+                sealed=bool(row["sealed"]),
+                quota=int(row["quota"]),
+                slot_attention=[float(a) for a in row["slot_attention"]],
+            )
+            if not same_reasoner:
+                chunk.tokens = sum(conv.store[s].num_tokens for s in chunk.span_ids)
+            missing = [s for s in chunk.span_ids if s not in conv.store.spans or conv.store[s].archived]
+            if missing:
+                raise ValueError(
+                    f"conversation memory data is inconsistent: chunk {chunk.id} holds spans "
+                    f"{missing[:5]} that are not live"
+                )
+            conv.chunks[chunk.id] = chunk
+            if (
+                same_weights
+                and row["latents"] is not None
+                and saved.get("num_slots") == memory.config.num_slots
+            ):
+                chunk.latents = _tensor_from_b64(row["latents"]).to(memory.reasoner.device)
+                reinject_chunk(memory, chunk, scope=conv.config.scope)
+                chunk.encoded_with = weights_version(memory)
+            else:
+                chunk.dirty = True
+        conv.hierarchy.load_nodes(nodes)
+        if open_id is not None:
+            conv.open_chunk = conv.chunks[int(open_id)]
+        placed = conv.hierarchy.chunk_order() + ([open_id] if open_id is not None else [])
+        if sorted(placed) != sorted(conv.chunks):
+            raise ValueError("conversation memory data is inconsistent: hierarchy and chunks disagree")
+        dirty = [c for c in conv._all_chunks() if c.dirty]
+        if dirty:
+            logger.info(
+                "re-encoding %d chunks (memory weights differ from the ones that wrote them)", len(dirty)
+            )
+            with torch.no_grad():
+                encode_chunks(
+                    memory,
+                    dirty,
+                    conv.store,
+                    batch_size=conv.config.encode_batch,
+                    scope=conv.config.scope,
+                    pad_id=conv._pad_id(),
+                )
+                conv._fit_budget()
+        return conv
+
+    def __repr__(self) -> str:
+        return (
+            f"ConversationMemory(turns={self.turns}, slots={self.num_slots}/{self.config.slot_budget}, "
+            f"chunks={len(self.chunks)}, live_spans={len(self.store.live())})"
+        )

@@ -1,0 +1,263 @@
+import json
+import random
+
+import pytest
+import torch
+from conversation_builders import tiny_memory
+
+from memsplice.conversation import ConversationConfig, ConversationMemory
+from memsplice.conversation.hierarchy import compose
+from memsplice.inject import concat_slots, forward_with_memory, generate_with_memory
+from memsplice.inject.compose import shift_keys
+
+VOCABULARY = "Ada lives in Lisbon and works as a carpenter the quick brown fox jumps over lazy dog 1234"
+WORDS = VOCABULARY.split()
+
+
+def sentence(rng, n=None):
+    return " ".join(rng.choice(WORDS) for _ in range(n or rng.randint(2, 9)))
+
+
+def count_encoder_tokens(memory):
+    seen = []
+    handle = memory.encoder.register_forward_pre_hook(lambda m, args: seen.append(int(args[1].sum())))
+    return seen, handle
+
+
+def check_invariants(conv):
+    cfg = conv.config
+    assert conv.num_slots <= cfg.slot_budget
+    assert conv.store.live_tokens <= cfg.max_live_tokens
+    homes = {}
+    for chunk in conv._all_chunks():
+        assert chunk.tokens <= conv.chunk_tokens
+        assert chunk.tokens == sum(conv.store[s].num_tokens for s in chunk.span_ids)
+        assert not chunk.dirty
+        for s in chunk.span_ids:
+            assert s not in homes, f"span {s} in two chunks"
+            homes[s] = chunk.id
+    live = {s.id for s in conv.store.live()}
+    assert set(homes) == live
+    assert len(conv.store.archived()) == len(conv.store.eviction_log)
+    kv = conv.memory_kv()
+    if kv is not None:
+        assert kv.batch_size == 1 and kv.num_slots == conv.num_slots == len(conv.slot_sources())
+
+
+def test_empty_memory_is_none(memory):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=16))
+    assert conv.memory_kv() is None
+    assert conv.stats()["slots"] == 0
+
+
+def test_add_turn_writes_incrementally_and_reports_cost(memory):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=64))
+    seen, handle = count_encoder_tokens(memory)
+    rng = random.Random(0)
+    try:
+        for i in range(40):
+            before = len(seen)
+            stats = conv.add_turn("user" if i % 2 == 0 else "assistant", sentence(rng))
+            assert stats.seconds > 0 and stats.tokens > 0 and stats.slots == conv.num_slots
+            # One encoder call over the open chunk only: never the whole history.
+            assert len(seen) - before == stats.encoder_calls == 1
+            assert seen[-1] == stats.encoded_tokens <= conv.chunk_tokens
+            check_invariants(conv)
+    finally:
+        handle.remove()
+    assert conv.stats()["chunks"] > 3
+
+
+def test_long_stream_keeps_budget_and_cap():
+    memory = tiny_memory()
+    conv = ConversationMemory(
+        memory,
+        ConversationConfig(slot_budget=24, max_live_tokens=400, keep_full_chunks=1, min_slots_per_chunk=1),
+    )
+    rng = random.Random(1)
+    merges = 0
+    for _i in range(150):
+        stats = conv.add_turn("user", sentence(rng, rng.randint(1, 30)))
+        merges += stats.merges
+        check_invariants(conv)
+    s = conv.stats()
+    assert merges > 0 and s["spans_archived"] > 0
+    assert max(int(level) for level in s["node_levels"]) >= 1
+    # Older chunks hold fewer slots than newer ones (the hierarchy compresses with age).
+    quotas = [c.quota for c in conv._all_chunks()]
+    assert quotas[0] <= quotas[-1] and min(quotas) < memory.config.num_slots
+
+
+def test_long_turn_is_split_into_spans(memory):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=64))
+    stats = conv.add_turn("user", " ".join(WORDS * 6))
+    assert stats.spans > 1
+    assert len(conv.transcript()) == 1
+    check_invariants(conv)
+
+
+def test_compose_equals_concat_slots_at_full_resolution(memory):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=64))
+    rng = random.Random(2)
+    while len(conv._all_chunks()) < 3:
+        conv.add_turn("user", sentence(rng))
+    chunks = conv._all_chunks()
+    assert all(c.quota == memory.config.num_slots for c in chunks)
+    ours = conv.memory_kv()
+    theirs = concat_slots([c.kv for c in chunks], memory.reasoner)
+    for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=False):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours.gate_bias, theirs.gate_bias)
+
+
+def test_compressed_slots_keep_their_distance_to_the_text(memory):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=64))
+    conv.add_turn("user", "Ada lives in Lisbon")
+    chunk = conv._all_chunks()[0]
+    m = memory.config.num_slots
+    chunk.quota = 2
+    kv, layout = compose([chunk], memory.reasoner)
+    assert [c for c, _ in layout] == [chunk.id] * 2
+    # A query at the text's first position (S) scores a kept slot exactly as a query at position M scored it alone.
+    d = kv.keys[0].shape[-1]
+    q = torch.randn(1, 1, 1, d)
+    q_at_s = shift_keys(q, kv.num_slots, memory.reasoner)
+    q_at_m = shift_keys(q, m, memory.reasoner)
+    for pos, (_, j) in enumerate(layout):
+        s_new = (q_at_s * kv.keys[1][:, :1, pos : pos + 1]).sum()
+        s_old = (q_at_m * chunk.kv.keys[1][:, :1, j : j + 1]).sum()
+        torch.testing.assert_close(s_new, s_old, atol=1e-4, rtol=1e-4)
+
+
+def test_memory_reads_into_the_reasoner(memory):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=16))
+    conv.add_turn("user", "Ada lives in Lisbon")
+    tok = memory.reasoner.tokenizer
+    ids = torch.tensor([tok("Where does Ada live?")["input_ids"]])
+    kv = conv.memory_kv()
+    bare = forward_with_memory(memory.reasoner, ids).logits
+    with_memory = forward_with_memory(memory.reasoner, ids, memory=kv).logits
+    assert torch.isfinite(with_memory).all() and not torch.allclose(bare, with_memory)
+    out = generate_with_memory(
+        memory.reasoner, ids, memory=kv, max_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_round_trip_restores_the_same_memory_without_encoding():
+    memory = tiny_memory()
+    conv = ConversationMemory(
+        memory, ConversationConfig(slot_budget=24, max_live_tokens=200, keep_full_chunks=1)
+    )
+    rng = random.Random(3)
+    for _ in range(30):
+        conv.add_turn("user", sentence(rng))
+    conv.record_attention(torch.rand(conv.num_slots), focus=0.5)
+    state = json.loads(json.dumps(conv.to_dict()))
+    seen, handle = count_encoder_tokens(memory)
+    try:
+        again = ConversationMemory.from_dict(state, memory)
+    finally:
+        handle.remove()
+    assert seen == []
+    a, b = conv.memory_kv(), again.memory_kv()
+    for x, y in zip(a.keys + a.values, b.keys + b.values, strict=False):
+        torch.testing.assert_close(x, y)
+    assert again.stats() | {"mean_write_seconds": 0} == conv.stats() | {"mean_write_seconds": 0}
+    # Writing continues where it stopped.
+    s1, s2 = conv.add_turn("user", "one more"), again.add_turn("user", "one more")
+    assert s1.slots == s2.slots
+    check_invariants(again)
+
+
+def test_changed_weights_trigger_one_refresh_and_restore_reencodes():
+    memory = tiny_memory()
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=32))
+    rng = random.Random(4)
+    for _ in range(12):
+        conv.add_turn("user", sentence(rng))
+    state = conv.to_dict()
+    with torch.no_grad():
+        memory.encoder.slots.add_(0.5)  # an in-place update, as an optimizer step makes
+    stats = conv.add_turn("user", "after the update")
+    assert stats.refreshed and stats.encoder_calls >= 1
+    assert not conv.add_turn("user", "and again").refreshed
+    # The stored latents came from the old weights: restoring re-encodes and matches a fresh build.
+    restored = ConversationMemory.from_dict(state, memory)
+    fresh = ConversationMemory(memory, ConversationConfig(slot_budget=32))
+    for t in restored.transcript():
+        fresh.add_turn_ids(
+            "user",
+            t["text"],
+            [i for s in restored.store.spans.values() if s.turn == t["turn"] for i in s.token_ids],
+        )
+    torch.testing.assert_close(restored.memory_kv().values[0], fresh.memory_kv().values[0])
+
+
+def test_attention_usage_keeps_used_spans_from_eviction():
+    memory = tiny_memory()
+    conv = ConversationMemory(
+        memory, ConversationConfig(slot_budget=32, max_live_tokens=100, protect_fraction=0.0)
+    )
+    rng = random.Random(5)
+    for _ in range(4):  # turns of ~20 tokens: one chunk each
+        conv.add_turn("user", sentence(rng, 12))
+    assert len({conv._chunk_of(i).id for i in range(4)}) == 4
+    # The reasoner's attention goes to the chunk holding turn 0 only.
+    turn0_chunk = conv._chunk_of(0).id
+    mass = torch.tensor([1.0 if c == turn0_chunk else 0.0 for c, _ in conv.slot_sources()])
+    assert conv.record_attention(mass, focus=1.0) == [0]
+    while not conv.store.archived():
+        conv.add_turn("user", sentence(rng, 12))
+    assert not conv.store[0].archived, "the span the reasoner attended to must outlive unused older ones"
+    assert conv.store[1].archived
+    assert conv.store.eviction_log[0].span_id == 1
+
+
+def test_record_attention_checks_length(memory):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=16))
+    conv.add_turn("user", "hi")
+    with pytest.raises(ValueError, match="slot weights"):
+        conv.record_attention(torch.ones(conv.num_slots + 1))
+
+
+def test_fallback_chunks_are_left_out():
+    memory = tiny_memory(max_latent_norm=1e-6)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=16, scope="u1"))
+    stats = conv.add_turn("user", "Ada lives in Lisbon")
+    assert stats.fallback and conv.memory_kv() is None and conv.num_slots == 0
+    event = memory.fallback_log.recent(1)[0]
+    assert event.scope == "u1" and event.detail["input_ids"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"slot_budget": 0},
+        {"slot_selection": "random"},
+        {"turn_template": "no text here"},
+        {"turn_template": "{speaker}: {text}"},
+        {"protect_fraction": 1.0},
+        {"keep_full_chunks": -1},
+    ],
+)
+def test_bad_config_names_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ConversationConfig(**bad)
+
+
+def test_config_that_does_not_fit_the_memory_is_refused(memory):
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        ConversationMemory(memory, ConversationConfig(chunk_tokens=64))
+    with pytest.raises(ValueError, match="slot_budget"):
+        ConversationMemory(memory, ConversationConfig(slot_budget=8))
+
+
+@pytest.mark.parametrize("role,text", [("", "x"), (None, "x"), ("user", None)])
+def test_bad_turns_are_refused_and_change_nothing(memory, role, text):
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=16))
+    conv.add_turn("user", "hello")
+    before = conv.to_dict()
+    with pytest.raises(ValueError):
+        conv.add_turn(role, text)
+    assert conv.to_dict() == before
