@@ -14,14 +14,11 @@ scores are a floor, not a result).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ...inject.compose import concat_slots
 from ..reader import Answer, render_session_header
 from ..tasks.base import Question, Turn
 from .base import System, register_system, text_bytes
@@ -55,75 +52,11 @@ def load_memory_model(runtime):
 
 
 def new_conversation(runtime):
+    from ...conversation import ConversationConfig, ConversationMemory
+
     model = load_memory_model(runtime)
-    try:
-        from ...conversation import ConversationConfig, ConversationMemory
-    except ImportError:
-        return ChunkedConversation(model)
     overrides = {} if runtime.args.slot_budget is None else {"slot_budget": runtime.args.slot_budget}
     return ConversationMemory(model, ConversationConfig(**overrides))
-
-
-@dataclass
-class ChunkWrite:
-    seconds: float
-    tokens: int
-    slots: int
-
-
-class ChunkedConversation:
-    """`ConversationMemory`'s interface over plain chunks, for builds without `memsplice.conversation`.
-
-    Turns ("role: text\n") are packed in order into chunks of at most `max_memory_tokens` tokens; a chunk is written
-    with `MemoryModel.write` when it is full (and the open one when memory is read), and all chunks are composed
-    along the slot axis with `concat_slots`. Nothing is ever compressed or evicted.
-    """
-
-    def __init__(self, memory):
-        self.memory = memory
-        self.chunk_tokens = memory.config.max_memory_tokens
-        self.sealed: list = []  # MemoryKV per full chunk
-        self.open: list[int] = []
-        self.turns = 0
-        self._text_bytes = 0
-        self._composed = None
-        self._dirty = False
-
-    def _write(self, ids: list[int]):
-        tensor = torch.tensor([ids], device=self.memory.reasoner.device)
-        with torch.no_grad():
-            return self.memory.write(tensor).kv
-
-    def add_turn(self, role: str, text: str) -> ChunkWrite:
-        t0 = time.perf_counter()
-        rendered = f"{role}: {text}\n"
-        ids = self.memory.reasoner.require_tokenizer()(rendered, add_special_tokens=False)["input_ids"]
-        for i in range(0, len(ids), self.chunk_tokens):
-            piece = ids[i : i + self.chunk_tokens]
-            if len(self.open) + len(piece) > self.chunk_tokens:
-                self.sealed.append(self._write(self.open))
-                self.open = []
-            self.open.extend(piece)
-        self.turns += 1
-        self._text_bytes += len(rendered.encode())
-        self._dirty = True
-        return ChunkWrite(time.perf_counter() - t0, len(ids), self.num_slots)
-
-    @property
-    def num_slots(self) -> int:
-        return self.memory.config.num_slots * (len(self.sealed) + bool(self.open))
-
-    def memory_kv(self):
-        if self._dirty:
-            parts = self.sealed + ([self._write(self.open)] if self.open else [])
-            self._composed = concat_slots(parts, self.memory.reasoner) if parts else None
-            self._dirty = False
-        return self._composed
-
-    def stats(self) -> dict:
-        chunks = len(self.sealed) + bool(self.open)
-        latent_bytes = chunks * self.memory.config.num_slots * self.memory.reasoner.shapes.hidden_size * 4
-        return {"turns": self.turns, "slots": self.num_slots, "stored_bytes": latent_bytes + self._text_bytes}
 
 
 class _LatentBase(System):
