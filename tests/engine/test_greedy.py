@@ -116,3 +116,18 @@ def test_cache_holds_what_the_reference_forward_computes(reasoner, case):
     if memory is not None:  # and memory changed what the text computed beyond the first layer
         bare = forward_with_memory(reasoner, ids, None, None, use_cache=True).past_key_values
         assert not torch.allclose(decoder.cache.layers[-1].keys[:, :, 4:n], bare.layers[-1].keys, atol=1e-4)
+
+
+def test_long_prompts_pad_to_multiples_of_512():
+    from memsplice.engine.greedy import _bucket
+
+    assert [_bucket(n) for n in (1, 16, 17, 300, 512, 513, 1100, 8000)] == [
+        16,
+        16,
+        32,
+        512,
+        512,
+        1024,
+        1536,
+        8192,
+    ]

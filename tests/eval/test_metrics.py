@@ -64,3 +64,14 @@ def test_score_answer_combines():
     assert (s.em, s.f1, s.contains) == (1.0, 1.0, 1.0)
     s = score_answer("He lives in Porto", "Porto")
     assert s.em == 0.0 and 0 < s.f1 < 1 and s.contains == 1.0
+
+
+def test_aliases_count_as_the_answer():
+    from memsplice.eval.tasks.synthetic import answer_aliases
+
+    aliases = answer_aliases("birthday", "9 September")
+    assert "September 9" in aliases and "September 9th" in aliases
+    s = score_answer("Her birthday is on September 9.", "9 September", aliases=aliases)
+    assert s.contains == 1.0 and s.f1 == pytest.approx(0.5)  # 2 of 6 predicted tokens, both gold tokens
+    assert score_answer("Her birthday is on September 9.", "9 September").contains == 0.0
+    assert answer_aliases("birthday", "21 May")[1] == "May 21st" and answer_aliases("city", "Porto") == ()

@@ -11,9 +11,14 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 def test_passkey_with_the_real_reasoner(real_reasoner):
-    config = EvalConfig(task="passkey", systems=("none", "oracle", "window", "latent"), progress=False,
-                        task_args=TaskArgs(examples=1, lengths=(512,), depths=(0.0, 1.0)),
-                        system_args=SystemArgs(window_tokens=256), generation=GenerationSettings(max_new_tokens=12))
+    config = EvalConfig(
+        task="passkey",
+        systems=("none", "oracle", "window", "latent"),
+        progress=False,
+        task_args=TaskArgs(examples=1, lengths=(512,), depths=(0.0, 1.0)),
+        system_args=SystemArgs(window_tokens=256),
+        generation=GenerationSettings(max_new_tokens=12),
+    )
     results = run_eval(config, reasoner=real_reasoner)
     s = summarise(results)["systems"]
     # The key is in the oracle's context (and, at depth 1, in the window's): a working prompt and decoder read it.

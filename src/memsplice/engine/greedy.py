@@ -91,7 +91,10 @@ def _uniform_gate(memory: MemoryKV) -> bool:
 
 
 def _bucket(n: int) -> int:
-    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    """Padded prompt length: a power of two up to 512, then a multiple of 512 (so padding wastes at most 512)."""
+    if n <= 512:
+        return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    return -(-n // 512) * 512
 
 
 class GreedyDecoder:

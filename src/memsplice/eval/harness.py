@@ -152,6 +152,7 @@ def run_eval(config: EvalConfig, reasoner=None) -> dict:
                         answer.text,
                         question.answer,
                         adversarial=question.adversarial,
+                        aliases=question.aliases,
                         multi_hop=question.category.startswith("1 ") and config.task == "locomo",
                     )
                     record.update(scores.to_dict())

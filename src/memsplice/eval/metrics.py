@@ -12,7 +12,9 @@ Scores per question (all in [0, 1]):
 - `contains`: the normalised answer occurs in the normalised prediction as a whole-word phrase (the main score of
   the synthetic and passkey tasks, whose answers are single facts inside free-form replies);
 - adversarial items (LoCoMo category 5) score 1 on every metric when the prediction says the history does not
-  contain the answer, else 0.
+  contain the answer, else 0;
+- a task may declare aliases of an answer (other spellings, e.g. "September 9" for "9 September"); every metric
+  takes the best over the answer and its aliases.
 """
 
 from __future__ import annotations
@@ -96,14 +98,23 @@ class Scores:
 
 
 def score_answer(
-    prediction: str, answer: str, *, adversarial: bool = False, multi_hop: bool = False
+    prediction: str,
+    answer: str,
+    *,
+    adversarial: bool = False,
+    multi_hop: bool = False,
+    aliases: tuple[str, ...] | list[str] = (),
 ) -> Scores:
-    """All scores of one prediction (see the module docstring for the rules)."""
+    """All scores of one prediction (see the module docstring for the rules); each metric takes the best over the
+    answer and its `aliases` (other spellings of the same answer that a task declares)."""
     if adversarial:
         s = float(abstains(prediction))
         return Scores(s, s, s)
-    f1 = multi_answer_f1(prediction, answer) if multi_hop else token_f1(prediction, answer)
-    return Scores(exact_match(prediction, answer), f1, contains_answer(prediction, answer))
+    golds = [answer, *aliases]
+    f1 = max((multi_answer_f1 if multi_hop else token_f1)(prediction, g) for g in golds)
+    return Scores(
+        max(exact_match(prediction, g) for g in golds), f1, max(contains_answer(prediction, g) for g in golds)
+    )
 
 
 METRICS = ("em", "f1", "contains")

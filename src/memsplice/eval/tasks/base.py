@@ -40,6 +40,8 @@ class Question:
     """Ids of the turns that establish the answer."""
     adversarial_answer: str | None = None
     """LoCoMo category 5: the tempting wrong answer; the right response is to say the history does not say."""
+    aliases: tuple[str, ...] = ()
+    """Other ways of writing the gold answer that count as it (e.g. "September 9" for "9 September")."""
 
     @property
     def adversarial(self) -> bool:

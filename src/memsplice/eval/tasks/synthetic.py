@@ -464,6 +464,15 @@ def _pool(kind: str, values: tuple[str, ...], split: str) -> list[str]:
     return pool
 
 
+def answer_aliases(attribute: str, value: str) -> tuple[str, ...]:
+    """Other spellings of a value that count as the answer: dates as "September 9", "September 9th", "9th September"."""
+    if attribute != "birthday":
+        return ()
+    day, month = value.split()
+    suffix = "th" if 10 <= int(day) % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(int(day) % 10, "th")
+    return (f"{month} {day}", f"{month} {day}{suffix}", f"{day}{suffix} {month}", f"{day}{suffix} of {month}")
+
+
 def _sentence(opener: str, text: str) -> str:
     if not opener.endswith(", "):
         text = text[0].upper() + text[1:]
@@ -535,6 +544,7 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
             answer=value,
             category=kind,
             evidence=(placed[f"{i}:answer"],),
+            aliases=answer_aliases(attribute.name, value),
         )
         for i, person, attribute, value, kind in facts
     )
