@@ -136,3 +136,13 @@ def test_time_budget_stops_between_episodes(eval_reasoner, tmp_path):
     results = run_eval(config, reasoner=eval_reasoner)
     assert results["episodes"] == 1 and results["episodes_planned"] == 2 and results["questions"] == 1
     assert "of 2 planned" in write_report(results, tmp_path)["report"].read_text()
+
+
+def test_partial_results_after_every_episode(eval_reasoner, tmp_path):
+    seen = []
+    results = run_eval(
+        _config("passkey", systems=("none", "window")),
+        reasoner=eval_reasoner,
+        on_episode=lambda partial: seen.append((partial["episodes"], len(partial["records"]))),
+    )
+    assert seen == [(1, 2), (2, 4)] and results["episodes"] == 2

@@ -178,7 +178,8 @@ def run(args) -> int:
         progress=not args.quiet,
         time_budget_s=args.time_budget,
     )
-    results = run_eval(config)
+    # The report is rewritten after every episode: a run stopped from outside still leaves one for what it did.
+    results = run_eval(config, on_episode=lambda partial: write_report(partial, args.out))
     paths = write_report(results, args.out)
     summary = __import__("json").loads(paths["results"].read_text())["summary"]
     main = summary["main_metric"]

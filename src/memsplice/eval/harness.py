@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,8 +84,12 @@ def length_of(episode: Episode, history_tokens: int) -> int:
     return int(episode.meta.get("target_tokens", history_tokens))
 
 
-def run_eval(config: EvalConfig, reasoner=None) -> dict:
-    """Run `config` and return the raw results (records per answer and per fed history, plus the config)."""
+def run_eval(config: EvalConfig, reasoner=None, on_episode: Callable[[dict], None] | None = None) -> dict:
+    """Run `config` and return the raw results (records per answer and per fed history, plus the config).
+
+    on_episode: called with the results so far after every episode (e.g. to write a partial report, so that a run
+    stopped from outside still leaves one behind).
+    """
     seed_everything(config.task_args.seed)
     if reasoner is None:
         from ..reasoner import load_reasoner
@@ -102,6 +107,32 @@ def run_eval(config: EvalConfig, reasoner=None) -> dict:
 
     records: list[dict] = []
     feeds: list[dict] = []
+    from ..bench.record import provenance
+
+    prov = provenance(reasoner.device)
+
+    def collect(done: int) -> dict:
+        return {
+            "task": config.task,
+            "main_metric": MAIN_METRIC[config.task],
+            "systems": list(config.systems),
+            "config": config.to_dict(),
+            "reasoner": {
+                "name": reasoner.name,
+                "fingerprint": reasoner.fingerprint,
+                "dtype": str(reasoner.dtype),
+                "device": str(reasoner.device),
+                "max_positions": reader.window,
+            },
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "episodes": done,
+            "episodes_planned": len(episodes),
+            "questions": sum(len(e.questions) for e in episodes[:done]),
+            "provenance": prov,
+            "records": list(records),
+            "feeds": list(feeds),
+        }
+
     total = sum(len(e.questions) for e in episodes) * len(systems)
     bar = tqdm(total=total, desc=f"eval {config.task}", unit="answer", disable=not config.progress)
     started = time.perf_counter()
@@ -160,26 +191,7 @@ def run_eval(config: EvalConfig, reasoner=None) -> dict:
                     record.update({"em": None, "f1": None, "contains": None})
                 records.append(record)
                 bar.update(1)
+        if on_episode is not None:
+            on_episode(collect(done))
     bar.close()
-    from ..bench.record import provenance
-
-    return {
-        "task": config.task,
-        "main_metric": MAIN_METRIC[config.task],
-        "systems": list(config.systems),
-        "config": config.to_dict(),
-        "reasoner": {
-            "name": reasoner.name,
-            "fingerprint": reasoner.fingerprint,
-            "dtype": str(reasoner.dtype),
-            "device": str(reasoner.device),
-            "max_positions": reader.window,
-        },
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "episodes": done,
-        "episodes_planned": len(episodes),
-        "questions": sum(len(e.questions) for e in episodes[:done]),
-        "provenance": provenance(reasoner.device),
-        "records": records,
-        "feeds": feeds,
-    }
+    return collect(done)

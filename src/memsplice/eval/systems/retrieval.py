@@ -10,6 +10,7 @@ Indexing and embedding happen when turns are fed (timed as write cost); the sear
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -37,6 +38,7 @@ class BM25Retrieval(System):
         except ImportError:
             raise ImportError("rag-bm25 needs bm25s: pip install 'memsplice[eval]'") from None
         self._bm25s = bm25s
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
         self._stem = _stemmer()
         self._retriever = None
 
