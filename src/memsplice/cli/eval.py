@@ -216,6 +216,8 @@ def run(args) -> int:
             {
                 args.task: {
                     "metric": main,
+                    "data": results["config"]["task_args"]["data"],
+                    "lengths": results["config"]["task_args"]["lengths"],
                     "checkpoint": results["checkpoint"],
                     "scores": {n: summary["systems"][n]["main"] for n in results["systems"]},
                     "answered": {n: summary["systems"][n]["score"]["answered"] for n in results["systems"]},
