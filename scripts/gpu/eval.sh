@@ -9,7 +9,10 @@
 # them with `python scripts/gpu/stage_extras.py` and carry .gpu/extras to the host.
 #
 # Phases share a deadline (DEADLINE seconds, default 570) so the whole run fits a 10-minute slot; each eval phase
-# stops starting new episodes at its time budget and says so in its report. $OUT ends up with at most 8 files:
+# stops starting new episodes at its time budget and says so in its report (rewritten after every episode, so a
+# phase cut by its timeout still leaves one). PHASES picks phases (default: latency synthetic passkey locomo
+# compiled), e.g. PHASES=compiled for a second run of the torch.compile variant alone. $OUT ends up with at most
+# 5 files:
 #   run.log, summary.json, latency.json, latency-compiled.json, gpu-eval.tar.gz (every report, results.json, plot)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -49,8 +52,10 @@ LOG="$OUT/run.log"
 log() { echo "[$SECONDS s] $*" | tee -a "$LOG"; }
 left() { echo $(( DEADLINE - SECONDS )); }
 # phase NAME MAX_SECONDS CMD...: run with a timeout of min(MAX_SECONDS, time left), log how it ended
+PHASES=${PHASES:-latency synthetic passkey locomo compiled}
 phase() {
     local name=$1 max=$2; shift 2
+    case " $PHASES " in *" $name "*) ;; *) log "$name: not in PHASES"; return ;; esac
     local t; t=$(left); (( t > max )) && t=$max
     if (( t < 20 )); then log "$name: skipped, deadline reached"; return; fi
     log "$name: start (timeout ${t}s): $*"
