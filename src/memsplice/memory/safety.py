@@ -91,6 +91,15 @@ class FallbackLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def forget(self, scope: str) -> int:
+        """Drop the kept events of `scope` (their detail may hold its inputs); returns how many. Counts stay."""
+        with self._lock:
+            kept = [e for e in self.events if e.scope != scope]
+            dropped = len(self.events) - len(kept)
+            self.events.clear()
+            self.events.extend(kept)
+        return dropped
+
     def recent(self, n: int = 50, scope: str | None = None) -> list[FallbackEvent]:
         with self._lock:
             events = [e for e in self.events if scope is None or e.scope == scope]
