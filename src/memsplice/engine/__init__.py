@@ -1,0 +1,6 @@
+"""A plain KV-cache engine for timed greedy decoding: a preallocated cache and CUDA-graph replay of each step."""
+
+from .greedy import DecodeResult, GreedyDecoder
+from .static_cache import PositionedKVCache
+
+__all__ = ["DecodeResult", "GreedyDecoder", "PositionedKVCache"]

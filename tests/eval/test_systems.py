@@ -1,0 +1,188 @@
+"""Systems under test: each decides what the reasoner sees, and only that; costs are reported the same way."""
+
+from __future__ import annotations
+
+import pytest
+
+from memsplice.eval.reader import (
+    GenerationSettings,
+    Reader,
+    render_history,
+    render_session_header,
+    render_turn,
+)
+from memsplice.eval.systems import Runtime, SystemArgs, build_system
+from memsplice.eval.systems.context import recent_window
+from memsplice.eval.tasks import Question, Turn, load_locomo
+
+
+def _runtime(reasoner, **kw):
+    reader = Reader(reasoner, settings=GenerationSettings(max_new_tokens=4))
+    return Runtime(reader, SystemArgs(**kw))
+
+
+def _turns(n: int, session_every: int = 5) -> list[Turn]:
+    return [
+        Turn(
+            id=f"t{i}",
+            speaker="AB"[i % 2],
+            text=f"turn number {i} about topic {i * 7 % 11}",
+            session=1 + i // session_every,
+            date=f"day {1 + i // session_every}",
+        )
+        for i in range(n)
+    ]
+
+
+def _question(evidence=()):
+    return Question(
+        id="q", question="What topic came up?", answer="topic", category="x", evidence=tuple(evidence)
+    )
+
+
+def test_recent_window_is_the_longest_suffix_within_budget(eval_reasoner):
+    count = Reader(eval_reasoner).count_tokens
+    turns = _turns(30)
+
+    def cost(window):
+        total = 0
+        for i, t in enumerate(window):
+            total += count(render_turn(t)) + 1
+            if i == 0 or window[i - 1].session != t.session:
+                total += count(render_session_header(t))
+        return total
+
+    for budget in (1, 40, 150, 10_000):
+        older, recent = recent_window(turns, budget, count)
+        assert older + recent == turns
+        assert cost(recent) <= budget
+        if older:  # one more turn would not fit
+            assert cost([older[-1], *recent]) > budget
+
+
+def test_same_prompt_for_systems_without_history_text(eval_reasoner):
+    runtime = _runtime(eval_reasoner)
+    q = _question()
+    answers = {}
+    for name in ("none", "latent"):
+        system = build_system(name, runtime)
+        system.reset()
+        system.feed(_turns(12))
+        answers[name] = system.answer(q).costs
+    assert answers["none"].prompt_tokens == answers["latent"].prompt_tokens
+    assert answers["none"].context_tokens == answers["latent"].context_tokens == 0
+    assert answers["none"].memory_slots == 0 and answers["latent"].memory_slots > 0
+    assert answers["latent"].kv_bytes > answers["none"].kv_bytes
+
+
+def test_full_answers_when_it_fits_and_reports_what_it_would_need_otherwise(eval_reasoner):
+    runtime = _runtime(eval_reasoner)
+    full = build_system("full", runtime)
+    full.reset()
+    turns = _turns(10)
+    full.feed(turns)
+    costs = full.answer(_question()).costs
+    assert costs.fits and costs.context_tokens == runtime.reader.count_tokens(render_history(turns))
+    full.reset()
+    long = _turns(400)
+    full.feed(long)
+    answer = full.answer(_question())
+    history = runtime.reader.count_tokens(render_history(long))
+    assert history > runtime.reader.window and not answer.costs.fits and answer.text == ""
+    assert answer.costs.kv_bytes >= history * runtime.reader.kv_bytes_per_position
+
+
+def test_oracle_sees_exactly_the_evidence(eval_reasoner):
+    runtime = _runtime(eval_reasoner)
+    oracle = build_system("oracle", runtime)
+    oracle.reset()
+    turns = _turns(20)
+    oracle.feed(turns)
+    picked = [turns[3], turns[17]]
+    costs = oracle.answer(_question([t.id for t in picked])).costs
+    assert costs.context_tokens == runtime.reader.count_tokens(render_history(picked))
+    assert oracle.answer(_question()).costs.context_tokens == 0
+
+
+def test_window_and_reset(eval_reasoner):
+    runtime = _runtime(eval_reasoner, window_tokens=60)
+    window = build_system("window", runtime)
+    window.reset()
+    turns = _turns(30)
+    window.feed(turns)
+    _, recent = recent_window(turns, 60, runtime.reader.count_tokens)
+    assert window.answer(_question()).costs.context_tokens == runtime.reader.count_tokens(
+        render_history(recent)
+    )
+    window.reset()
+    assert window.answer(_question()).costs.context_tokens == 0
+
+
+def test_bm25_finds_the_turn_with_the_rare_word(eval_reasoner):
+    runtime = _runtime(eval_reasoner, top_k=2)
+    bm25 = build_system("rag-bm25", runtime)
+    bm25.reset()
+    turns = _turns(25)
+    turns[11] = Turn(id="t11", speaker="A", text="My neighbour collects zanzibarite crystals.", session=3)
+    bm25.feed(turns)
+    assert 11 in bm25.search("Who collects zanzibarite?")
+    answer = bm25.answer(Question(id="q", question="Who collects zanzibarite?", answer="", category="x"))
+    assert answer.costs.retrieval_s > 0 and answer.costs.ttft_s >= answer.costs.retrieval_s
+    assert bm25.stored_bytes() > sum(len(render_turn(t)) for t in turns)
+
+
+def test_dense_retrieval_ranks_by_meaning(eval_reasoner, locomo_path):
+    runtime = _runtime(eval_reasoner, top_k=1)
+    dense = build_system("rag-dense", runtime)
+    episode = load_locomo(locomo_path)[0]
+    dense.reset()
+    dense.feed(episode.turns)
+    (best,) = dense.search("What is the name of the pet Maya adopted?")
+    assert episode.turns[best].id in ("D1:1", "D1:3")
+    (best,) = dense.search("Where is Ravi travelling for work?")
+    assert episode.turns[best].id == "D2:3"
+
+
+def test_latent_plus_window_writes_only_what_left_the_window(eval_reasoner):
+    runtime = _runtime(eval_reasoner, window_tokens=80)
+    system = build_system("latent+window", runtime)
+    system.reset()
+    turns = _turns(30)
+    costs = system.feed(turns)
+    older, recent = recent_window(turns, 80, runtime.reader.count_tokens)
+    assert system.window == recent
+    headers = len({t.session for t in older})
+    assert system.conversation.turns == len(older) + headers
+    answer = system.answer(_question())
+    assert answer.costs.memory_slots > 0
+    assert answer.costs.context_tokens == runtime.reader.count_tokens(render_history(recent))
+    assert costs.stored_bytes > 0 and costs.write_s > 0
+
+
+def test_short_history_leaves_latent_window_without_memory(eval_reasoner):
+    runtime = _runtime(eval_reasoner, window_tokens=10_000)
+    system = build_system("latent+window", runtime)
+    system.reset()
+    system.feed(_turns(5))
+    assert system.answer(_question()).costs.memory_slots == 0
+
+
+def test_unknown_system_and_bad_args():
+    with pytest.raises(ValueError, match="unknown system 'nope'"):
+        build_system("nope", None)
+    with pytest.raises(ValueError, match="window_tokens"):
+        SystemArgs(window_tokens=0)
+    with pytest.raises(ValueError, match="top_k"):
+        SystemArgs(top_k=0)
+
+
+def test_embedder_without_sentence_transformers_matches_it():
+    """The transformers-only path (for machines without sentence-transformers) embeds like sentence-transformers."""
+    from memsplice.eval.systems.embedder import SentenceEmbedder
+
+    texts = ["Maya adopted a grey cat called Juniper.", "Ravi flies to Lisbon next month.", "ok"]
+    a = SentenceEmbedder().encode(texts)
+    b = SentenceEmbedder(use_sentence_transformers=False).encode(texts)
+    assert a.shape == b.shape == (3, 384)
+    assert (a * b).sum(1).min() > 0.9999
+    assert abs(float((b * b).sum(1).mean()) - 1.0) < 1e-5
