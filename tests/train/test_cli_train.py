@@ -10,6 +10,7 @@ import pytest
 
 from formation_helpers import save_tiny_reasoner
 from memsplice.cli.main import main
+from memsplice.train import TrainConfig
 
 ROOT = Path(__file__).parents[2]
 SMOKE = ROOT / "configs" / "tiny-cpu.yaml"
@@ -39,12 +40,13 @@ def test_smoke_config_runs_and_resumes(corpus, tmp_path, capsys):
     reasoner_dir = save_tiny_reasoner(tmp_path / "reasoner")
     out = tmp_path / "run"
     assert main(_args(corpus, reasoner_dir, out)) == 0
+    steps = TrainConfig.from_yaml(SMOKE).run.steps
     summary = json.loads(capsys.readouterr().out)
-    assert summary["finished"] and summary["step"] == 6
+    assert summary["finished"] and summary["step"] == steps
     assert (out / "memory" / "memsplice_config.json").is_file() and (out / "curves.png").is_file()
     # a resume of a finished run trains nothing more and keeps the result
     assert main(_args(corpus, reasoner_dir, out, "--resume")) == 0
-    assert json.loads(capsys.readouterr().out)["step"] == 6
+    assert json.loads(capsys.readouterr().out)["step"] == steps
 
 
 def test_bad_flags_give_one_line_errors(corpus, tmp_path, capsys):
