@@ -1,0 +1,17 @@
+"""Memory that keeps learning from its own interaction traces: Algorithm 1 with replay, EWC and privacy options."""
+
+from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
+from .ewc import ElasticAnchor
+from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
+
+__all__ = [
+    "ElasticAnchor",
+    "FallbackQueue",
+    "Interaction",
+    "InteractionBuffer",
+    "PrivacyAccountant",
+    "PrivacyConfig",
+    "ReplayReservoir",
+    "corrupt_spans",
+    "private_gradients",
+]
