@@ -1,0 +1,1 @@
+"""Training the memory against the frozen reasoner: the objectives shared by offline formation and online learning."""
