@@ -2,6 +2,7 @@
 
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
 from .ewc import ElasticAnchor
+from .loop import OnlineConfig, OnlineLearner, StepResult, UpdateStats
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
 
 __all__ = [
@@ -9,9 +10,13 @@ __all__ = [
     "FallbackQueue",
     "Interaction",
     "InteractionBuffer",
+    "OnlineConfig",
+    "OnlineLearner",
     "PrivacyAccountant",
     "PrivacyConfig",
     "ReplayReservoir",
+    "StepResult",
+    "UpdateStats",
     "corrupt_spans",
     "private_gradients",
 ]
