@@ -21,6 +21,7 @@ PY="${PYTHON:-python3}"
 HISTORY="${HISTORY:-16384 32768 65536}"
 UPDATES="${UPDATES:-10000}"
 STABILITY_SECONDS="${STABILITY_SECONDS:-300}"
+TOTAL_SECONDS="${TOTAL_SECONDS:-560}"   # the whole command stays under the host's 10-minute limit
 EVAL_EVERY="${EVAL_EVERY:-500}"
 REASONER="${REASONER:-}"   # a reasoner source other than the default SmolLM2-135M-Instruct GGUF
 EXTRA="${EXTRA:-}"         # more flags for every part, e.g. "--device cpu --facts 8" for a rehearsal
@@ -35,7 +36,12 @@ $PY -c "import sys; from memsplice.reasoner import load_reasoner; load_reasoner(
 echo "reasoner ready after $(( $(date +%s) - t0 )) s"
 $PY -m memsplice.cli.main bench online --part cost "${ck[@]}" $EXTRA --history-tokens $HISTORY \
   --mem0-turns 3 --save > "$OUT/cost.log" 2>&1 || echo "cost part failed (see cost.log)"
-echo "cost done after $(( $(date +%s) - t0 )) s"
+elapsed=$(( $(date +%s) - t0 ))
+echo "cost done after $elapsed s"
+# What is left of the command's budget goes to the stream (minus set-up, final evaluation and summary).
+left=$(( TOTAL_SECONDS - elapsed - 60 ))
+[ "$left" -lt "$STABILITY_SECONDS" ] && STABILITY_SECONDS=$(( left > 30 ? left : 30 ))
+echo "stability streams get $STABILITY_SECONDS s each"
 pids=()
 for variant in ewc_replay plain; do
   timeout $(( STABILITY_SECONDS + 150 )) $PY -m memsplice.cli.main bench online --part stability --variant "$variant" \
