@@ -55,3 +55,29 @@ def test_corrupt_or_foreign_memory_file_is_refused(monkeypatch, capsys, tiny_mod
     code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hi"])
     assert code == 2 and "another reasoner" in out.err
     assert json.loads(f.read_text())["reasoner"] == "x", "a refused file must not be overwritten"
+
+
+def test_chat_learn_updates_saves_and_resumes(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    f, learn = tmp_path / "chat.json", tmp_path / "learner"
+
+    def chat(lines):
+        monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+        code = main(["chat", "--reasoner", str(tiny_model_dir), "--device", "cpu", "--memory-file", str(f),
+                     "--max-new-tokens", "3", "--learn", "--learn-dir", str(learn), "--learn-batch", "2"])
+        return code, capsys.readouterr()
+
+    code, out = chat(["Ada lives in Lisbon.", "Where does Ada live?", "Thanks."])
+    assert code == 0 and out.out.count("online update") == 1 and "learning online" in out.out
+    state = json.loads((learn / "online_state.json").read_text())
+    assert state["updates"] == 1 and state["steps"] == 3 and len(state["buffer"]) == 1
+    assert (learn / "memory" / "memsplice_config.json").is_file()
+    code, out = chat(["One more."])
+    assert code == 0 and "online update 2" in out.out
+    assert json.loads((learn / "online_state.json").read_text())["updates"] == 2
+
+
+def test_chat_learn_batch_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    code = main(["chat", "--reasoner", str(tiny_model_dir), "--device", "cpu", "--memory-file",
+                 str(tmp_path / "c.json"), "--learn", "--learn-batch", "0"])
+    assert code == 2 and "--learn-batch" in capsys.readouterr().err

@@ -13,6 +13,7 @@ BENCHES = {
     "core": "load time (cold, cached) and CPU forward latency with and without memory",
     "fidelity": "held-out reconstruction accuracy of a memory checkpoint at 4x-32x compression",
     "latency": "time to first token and decode ms/token: no memory, memory slots, full context",
+    "online": "conversation memory write cost and answer latency; stability of online learning (forgetting, perplexity)",
     "serve": "concurrent clients against a live server: requests per second, latency percentiles, lost writes",
 }
 

@@ -6,6 +6,11 @@ is written to --memory-file after every turn (atomically), so a later `memsplice
 same memory. After each answer a status line shows the slots in use, the gate values, the write and answer times
 and any safety fallback.
 
+With --learn the memory keeps learning from the conversation (`memsplice.online`, Algorithm 1): every exchange
+goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC
+towards a slow anchor, replay), and the updated memory plus the learner's state are saved to --learn-dir, from
+which a later `--learn` run resumes.
+
 Lines starting with "/" are commands: /stats, /forget (erase the memory and its file), /quit.
 """
 
@@ -35,6 +40,13 @@ def add_parser(sub):
                    help="also put the most recent turns verbatim in the prompt, up to this many tokens (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
+    p.add_argument("--learn", action="store_true",
+                   help="keep training the memory online from this conversation (replay, EWC; see memsplice.online)")
+    p.add_argument("--learn-dir", default=None, metavar="DIR",
+                   help="where --learn keeps the updated memory and the learner's state, and resumes from "
+                        "(default: the memory file's name with .learner)")
+    p.add_argument("--learn-batch", type=int, default=4, metavar="N",
+                   help="exchanges per online update with --learn (default: %(default)s)")
     return p
 
 
@@ -135,16 +147,37 @@ def _format_status(s: dict) -> str:
             f"write {s['write_ms']:.0f} ms | answer {s['answer_ms']:.0f} ms | {fb}]")
 
 
+def _learner_for(args, reasoner, path: Path):
+    """The online learner for --learn: resumed from --learn-dir when it holds one, else new on the checkpoint."""
+    from memsplice.checkpoints import load_memory
+    from memsplice.online import OnlineConfig, OnlineLearner
+
+    if args.learn_batch < 1:
+        raise ValueError(f"--learn-batch must be at least 1 (got {args.learn_batch})")
+    directory = Path(args.learn_dir) if args.learn_dir else path.with_name(path.stem + ".learner")
+    if (directory / "online_state.json").is_file():
+        return OnlineLearner.load(directory, reasoner=reasoner), directory
+    memory = load_memory(reasoner, args.checkpoint)
+    return OnlineLearner(memory, OnlineConfig(batch_size=args.learn_batch)), directory
+
+
 def run(args) -> int:
     from memsplice.checkpoints import load_memory
 
     reasoner = load_reasoner_from(args)
-    memory = load_memory(reasoner, args.checkpoint)
     path = Path(args.memory_file)
-    session = ChatSession(reasoner, memory, args.system, args.window, state=_load_file(path, reasoner))
+    state = _load_file(path, reasoner)
+    learner = learn_dir = None
+    if args.learn:
+        learner, learn_dir = _learner_for(args, reasoner, path)
+        memory = learner.memory
+    else:
+        memory = load_memory(reasoner, args.checkpoint)
+    session = ChatSession(reasoner, memory, args.system, args.window, state=state)
     interactive = sys.stdin.isatty()
+    learning = f", learning online (state in {learn_dir})" if learner is not None else ""
     print(f"memsplice chat: {reasoner.name}, memory {args.checkpoint or 'default checkpoint'}, "
-          f"{len(session.turns)} turns remembered from {path}. /quit to leave.", flush=True)
+          f"{len(session.turns)} turns remembered from {path}{learning}. /quit to leave.", flush=True)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -166,7 +199,18 @@ def run(args) -> int:
                   f"{json.dumps({k: v for k, v in st.items() if k not in ('slots', 'turns')})}, "
                   f"fallback events {dict(memory.fallback_log.counts)}]")
             continue
+        context = learner.history_ids(session.conversation) if learner is not None else None
         text, status = session.answer(line, args.max_new_tokens, args.temperature)
         print(f"assistant> {text}\n{_format_status(status)}", flush=True)
+        if learner is not None:
+            update, refreshed = learner.observe_exchange(session.conversation, line, text, context)
+            if update is not None:
+                print(f"  [online update {update.update}: loss {update.loss:.3f} "
+                      f"({', '.join(f'{k} {v:.3f}' for k, v in update.parts.items())}), "
+                      f"{update.replayed} replayed, {update.seconds * 1e3:.0f} ms"
+                      f"{', anchor refreshed' if refreshed else ''}]", flush=True)
+                learner.save(learn_dir)
         _save_file(path, session, args.checkpoint)
+    if learner is not None:
+        learner.save(learn_dir)
     return 0

@@ -1,0 +1,702 @@
+"""`memsplice bench online`: what conversation memory costs, and whether online learning stays stable.
+
+Parts (`--part`):
+- `cost`: a conversation of real dialogue turns is written into a `ConversationMemory` turn by turn until the history
+  reaches `--history-tokens`; per-turn write time (mean, p50, p95), tokens the encoder read per turn, slots in use,
+  and the KV bytes the memory holds against the KV bytes the full history would take in context (`kv_fraction`).
+  Answer latency: `--answer-tokens` greedy tokens for a question with that memory, and with no memory. For contrast,
+  a Mem0-style text-memory write measured with the same reasoner on the same device: one LLM call that extracts
+  facts from the turn and one that decides ADD/UPDATE/DELETE against retrieved memories (`--mem0-extract-tokens` +
+  `--mem0-update-tokens` generated tokens). A hosted Mem0 uses a larger LLM over an API, so this is a lower bound
+  on its write cost, not a measurement of Mem0 itself.
+- `stability`: a stream of interactions (consecutive dialogue turns of one long conversation, with fact statements
+  spliced into its first part) drives `OnlineLearner` for `--updates` updates or `--max-seconds`, whichever ends
+  first. Every `--eval-every` updates: accuracy on the early facts (memory written from the history that holds the
+  fact, re-encoded with the current weights; the reasoner answers the question, teacher-forced: answer-token
+  accuracy and exact match), and the perplexity of held-out prose with memory of the text before it injected (gate as
+  learned). `--variant ewc_replay` (EWC + replay, the default config) or `plain` (both off) for the contrast.
+- `recall`: the eval harness's synthetic multi-session task (test split) at `--history-tokens` with the systems
+  `latent`, `latent+window`, `rag-bm25` and `oracle` (only the evidence turns in context); accuracy per length and
+  system (the task's main metric), plus the latent systems' KV bytes against full context. Needs `memsplice.eval`.
+- `summary`: merges the saved cost and stability results into benchmarks/results/summary.json under "online".
+
+Every number is saved with `memsplice.bench.record` (command, commit, device, date) when `--save` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .record import RESULTS_DIR, save_result, update_summary
+
+logger = logging.getLogger(__name__)
+
+RELATIONS = (
+    "sister",
+    "brother",
+    "cousin",
+    "neighbour",
+    "colleague",
+    "aunt",
+    "uncle",
+    "friend",
+    "boss",
+    "landlord",
+)
+NAMES = (
+    "Ada",
+    "Bram",
+    "Clea",
+    "Dario",
+    "Elif",
+    "Femi",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kaia",
+    "Luca",
+    "Mira",
+    "Nils",
+    "Oona",
+    "Pavel",
+    "Rosa",
+    "Sami",
+    "Tilde",
+    "Umar",
+    "Vera",
+    "Wim",
+    "Xenia",
+    "Yusuf",
+    "Zora",
+)
+CITIES = (
+    "Lisbon",
+    "Porto",
+    "Lyon",
+    "Oslo",
+    "Bergen",
+    "Krakow",
+    "Seville",
+    "Ghent",
+    "Utrecht",
+    "Tallinn",
+    "Riga",
+    "Zagreb",
+    "Graz",
+    "Bologna",
+    "Turin",
+    "Dublin",
+    "Galway",
+    "Cardiff",
+    "Leeds",
+    "Aarhus",
+    "Malmo",
+    "Geneva",
+    "Basel",
+    "Bremen",
+    "Leipzig",
+    "Dresden",
+    "Munich",
+    "Naples",
+    "Palermo",
+    "Brno",
+)
+
+
+def add_arguments(p):
+    p.add_argument("--part", choices=["cost", "stability", "recall", "summary"], default="cost")
+    p.add_argument("--reasoner", default=None, help="reasoner source (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument(
+        "--checkpoint", default=None, help="memory checkpoint (default: the shipped one, else untrained)"
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--data", default=None, help="corpus directory (default: $MEMSPLICE_DATA or the bundled sample)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    # cost
+    p.add_argument(
+        "--history-tokens",
+        type=int,
+        nargs="+",
+        default=[16384],
+        help="history lengths (reasoner tokens) to write (cost)",
+    )
+    p.add_argument(
+        "--slot-budget",
+        type=int,
+        default=None,
+        help="ConversationConfig.slot_budget (default: history tokens / 16 for each length)",
+    )
+    p.add_argument("--answer-tokens", type=int, default=32)
+    p.add_argument("--mem0-turns", type=int, default=8, help="turns timed for the Mem0-style write")
+    p.add_argument("--mem0-extract-tokens", type=int, default=64)
+    p.add_argument("--mem0-update-tokens", type=int, default=48)
+    # recall
+    p.add_argument("--systems", nargs="+", default=["latent", "latent+window", "rag-bm25", "oracle"])
+    p.add_argument("--examples", type=int, default=2, help="episodes per history length (recall)")
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="start no new episode after this long (recall)"
+    )
+    # stability
+    p.add_argument("--variant", choices=["ewc_replay", "plain"], default="ewc_replay")
+    p.add_argument("--updates", type=int, default=10000)
+    p.add_argument(
+        "--max-seconds", type=float, default=None, help="stop the stream after this long (stability)"
+    )
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=2, help="interactions per update")
+    p.add_argument("--replay", type=int, default=2, help="replayed interactions per update (ewc_replay)")
+    p.add_argument("--ewc-weight", type=float, default=10.0)
+    p.add_argument(
+        "--anchor-interval", type=int, default=200, help="interaction steps between anchor refreshes"
+    )
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--context-tokens", type=int, default=128)
+    p.add_argument("--target-tokens", type=int, default=32)
+    p.add_argument("--contrastive-weight", type=float, default=0.1)
+    p.add_argument(
+        "--objective-schedule",
+        choices=["all", "alternate"],
+        default="alternate",
+        help="next-token and denoising in every update, or one of them per update (half the cost)",
+    )
+    p.add_argument("--facts", type=int, default=64, help="facts spliced into the start of the stream")
+    p.add_argument("--ppl-passages", type=int, default=32)
+    p.add_argument("--compile", action="store_true", help="torch.compile the reasoner's decoder layers")
+    p.add_argument("--results", default=None, help="results directory (default: benchmarks/results)")
+    p.add_argument("--save", action="store_true", help="save results (and summary.json for --part summary)")
+    p.add_argument("--json", action="store_true")
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+def dialogue_turns(data: str | None, split: str, seed: int):
+    """(role, text) turns of many dialogues, shuffled by dialogue, endlessly (the second pass reshuffles)."""
+    from ..data import bundled_dialogues, iter_dialogues
+
+    try:
+        dialogues = list(iter_dialogues(data, split=split))
+    except FileNotFoundError:
+        dialogues = []
+    if not dialogues:
+        dialogues = bundled_dialogues(split=split) or bundled_dialogues()
+    rng = random.Random(seed)
+    epoch = 0
+    while True:
+        order = list(range(len(dialogues)))
+        rng.shuffle(order)
+        for i in order:
+            for k, (_, text) in enumerate(dialogues[i].turns):
+                yield ("user" if k % 2 == 0 else "assistant"), text, epoch
+        epoch += 1
+
+
+def heldout_prose(data: str | None, count: int) -> list[str]:
+    from ..data import bundled_dialogues, iter_documents
+
+    try:
+        texts = [d.text for d in iter_documents(data, split="heldout")]
+    except FileNotFoundError:
+        texts = []
+    if not texts:  # no corpus directory: held-out dialogues of the bundled sample, as plain text
+        texts = [
+            " ".join(t for _, t in d.turns) for d in bundled_dialogues(split="heldout") or bundled_dialogues()
+        ]
+    random.Random(1234).shuffle(texts)
+    return texts[: count * 4]
+
+
+def make_fact(rng: random.Random, used: set) -> tuple[str, str, str, str]:
+    while True:
+        rel, name, city = rng.choice(RELATIONS), rng.choice(NAMES), rng.choice(CITIES)
+        if (rel, name) not in used:
+            used.add((rel, name))
+            break
+    return (
+        f"By the way, my {rel} {name} lives in {city} now.",
+        f"Good to know, your {rel} {name} lives in {city}.",
+        f"Where does my {rel} {name} live?",
+        city,
+    )
+
+
+def build_stream(tok, template: str, args, n_interactions: int):
+    """Interactions of fixed shape (context: the last `context_tokens` tokens of the history; x_t y_t: at least
+    `target_tokens` + 1 tokens) from one long conversation, with `args.facts` fact exchanges in its first part.
+
+    Returns (interactions, probes, epochs): a probe holds a fact's question, answer and the history right after the
+    fact was told (what memory is written from when the fact is asked about); epochs counts passes over the corpus.
+    """
+    from ..online import Interaction
+
+    rng = random.Random(args.seed)
+    turns = dialogue_turns(args.data, "train", args.seed)
+
+    def ids(role, text):
+        return tok(template.format(role=role, text=text), add_special_tokens=False)["input_ids"]
+
+    history: list[int] = []
+    stream, probes, used = [], [], set()
+    epochs = 0
+    exchanges = 0
+    while len(stream) < n_interactions:
+        exchanges += 1
+        probe = None
+        if len(probes) < args.facts and exchanges % 4 == 0 and len(history) >= args.context_tokens:
+            x, y, question, answer = make_fact(rng, used)
+            probe = {"question": question, "answer": answer}
+        else:
+            (_, x, _), (_, y, e) = next(turns), next(turns)
+            epochs = max(epochs, e)
+        q_ids, r_ids = ids("user", x), ids("assistant", y)
+        if len(history) >= args.context_tokens and len(q_ids) + len(r_ids) > args.target_tokens:
+            stream.append(
+                Interaction(id=-1, context=history[-args.context_tokens :], query=q_ids, response=r_ids)
+            )
+        history = (history + q_ids + r_ids)[-4 * args.context_tokens :]
+        if probe is not None:
+            probe["context"] = history[-args.context_tokens :]
+            probes.append(probe)
+    return stream, probes, epochs
+
+
+# -- measurements ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def fact_accuracy(memory, probes: list[dict]) -> dict:
+    """Teacher-forced answer accuracy for each probe: memory of its context, question in the chat template."""
+    from ..inject import forward_with_memory
+    from ..memory.model import pad_rows
+
+    reasoner = memory.reasoner
+    tok = reasoner.require_tokenizer()
+    memory.eval()
+    ctx, cmask = pad_rows([p["context"] for p in probes], pad_id=0, device=reasoner.device)
+    mem = memory.write(ctx, cmask)
+    rows, spans = [], []
+    for p in probes:
+        prompt = reasoner.chat_ids([{"role": "user", "content": p["question"]}])
+        answer = tok(p["answer"], add_special_tokens=False)["input_ids"]
+        rows.append(prompt + answer)
+        spans.append((len(prompt), len(answer)))
+    ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
+    logits = forward_with_memory(reasoner, ids, mask, mem.kv).logits.float()
+    hits, exact, total = 0, 0, 0
+    t = ids.shape[1]
+    for i, (start, n) in enumerate(spans):
+        offset = t - len(rows[i])
+        pred = logits[i, offset + start - 1 : offset + start + n - 1].argmax(-1)
+        gold = ids[i, offset + start : offset + start + n]
+        ok = (pred == gold).sum().item()
+        hits, total, exact = hits + ok, total + n, exact + int(ok == n)
+    return {"token_accuracy": hits / max(total, 1), "exact": exact / max(len(probes), 1)}
+
+
+def prose_passages(
+    tok, data, count: int, memory_tokens: int, target_tokens: int
+) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for text in heldout_prose(data, count):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= memory_tokens + target_tokens:
+            out.append((ids[:memory_tokens], ids[memory_tokens : memory_tokens + target_tokens]))
+        if len(out) == count:
+            break
+    return out
+
+
+@torch.no_grad()
+def prose_perplexity(memory, passages, with_memory: bool = True) -> float:
+    from ..inject import forward_with_memory
+
+    reasoner = memory.reasoner
+    memory.eval()
+    ctx = torch.tensor([p[0] for p in passages], device=reasoner.device)
+    text = torch.tensor([p[1] for p in passages], device=reasoner.device)
+    kv = memory.write(ctx).kv if with_memory else None
+    logits = forward_with_memory(reasoner, text, None, kv).logits.float()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), text[:, 1:].reshape(-1)
+    )
+    return math.exp(float(nll))
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _compile_layers(reasoner) -> None:
+    for layer in reasoner.decoder.layers:
+        layer.compile(dynamic=False)
+
+
+def _uncompile_layers(reasoner) -> None:
+    for layer in reasoner.decoder.layers:
+        layer._compiled_call_impl = None
+
+
+# -- parts ---------------------------------------------------------------------------------------------------
+def run_stability(args, reasoner, memory) -> dict:
+    from ..online import OnlineConfig, OnlineLearner
+
+    cfg = OnlineConfig(
+        batch_size=args.batch_size,
+        lr=args.lr,
+        context_tokens=args.context_tokens,
+        target_tokens=args.target_tokens,
+        contrastive_weight=args.contrastive_weight,
+        anchor_interval=args.anchor_interval,
+        seed=args.seed,
+        objective_schedule=args.objective_schedule,
+        ewc_weight=args.ewc_weight if args.variant == "ewc_replay" else 0.0,
+        replay_per_update=args.replay if args.variant == "ewc_replay" else 0,
+    )
+    learner = OnlineLearner(memory, cfg)
+    tok = reasoner.require_tokenizer()
+    t0 = time.perf_counter()
+    stream, probes, epochs = build_stream(tok, "{role}: {text}\n", args, args.updates * args.batch_size)
+    passages = prose_passages(tok, args.data, args.ppl_passages, args.context_tokens, 64)
+    logger.info(
+        "stream of %d interactions, %d fact probes, %d prose passages built in %.1f s",
+        len(stream),
+        len(probes),
+        len(passages),
+        time.perf_counter() - t0,
+    )
+    if not probes or not passages:
+        raise ValueError("stability: could not build fact probes or held-out passages; check --data")
+    bare_ppl = prose_perplexity(memory, passages, with_memory=False)
+    curve = []
+
+    def evaluate(update: int):
+        acc = fact_accuracy(memory, probes)
+        curve.append(
+            {
+                "update": update,
+                "seconds": round(time.perf_counter() - start, 2),
+                **acc,
+                "perplexity": prose_perplexity(memory, passages),
+            }
+        )
+        logger.info("update %d: %s", update, curve[-1])
+
+    if args.compile:
+        _compile_layers(reasoner)
+    start = time.perf_counter()
+    evaluate(0)
+    losses: list[float] = []
+    update_seconds: list[float] = []
+    compiled = args.compile
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.updates, desc=f"online updates ({args.variant})", unit="upd")
+    i = 0
+    stopped = "updates"
+    while learner.updates < args.updates:
+        if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+            stopped = "max_seconds"
+            break
+        if i >= len(stream):
+            stopped = "stream"
+            break
+        try:
+            stats, _ = learner.observe(stream[i])
+        except Exception:
+            if not compiled:
+                raise
+            logger.exception("compiled layers failed; continuing without torch.compile")
+            _uncompile_layers(reasoner)
+            compiled = False
+            learner.buffer.items.clear()
+            continue
+        i += 1
+        if stats is None:
+            continue
+        bar.update(1)
+        losses.append(stats.loss)
+        update_seconds.append(stats.seconds)
+        if learner.updates % args.eval_every == 0:
+            evaluate(learner.updates)
+    bar.close()
+    if curve[-1]["update"] != learner.updates:
+        evaluate(learner.updates)
+    first, last = curve[0], curve[-1]
+    base_acc = first["token_accuracy"]
+    return {
+        "variant": args.variant,
+        "updates": learner.updates,
+        "updates_target": args.updates,
+        "stopped_by": stopped,
+        "interactions": i,
+        "stream_epochs": epochs,
+        "config": cfg.to_dict(),
+        "compiled": compiled,
+        "facts": len(probes),
+        "ppl_passages": len(passages),
+        "bare_perplexity": bare_ppl,
+        "curve": curve,
+        "forgetting_drop": max(0.0, (base_acc - last["token_accuracy"]) / base_acc) if base_acc > 0 else None,
+        "forgetting_drop_exact": (
+            max(0.0, (first["exact"] - last["exact"]) / first["exact"]) if first["exact"] > 0 else None
+        ),
+        "perplexity_drop": max(0.0, (last["perplexity"] - first["perplexity"]) / first["perplexity"]),
+        "mean_update_ms": 1e3 * statistics.fmean(update_seconds) if update_seconds else None,
+        "loss_first_100": statistics.fmean(losses[:100]) if losses else None,
+        "loss_last_100": statistics.fmean(losses[-100:]) if losses else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _mem0_style_write_seconds(reasoner, turns: list[str], args) -> list[float]:
+    """Two LLM calls per write, as Mem0 makes: fact extraction, then an ADD/UPDATE/DELETE decision."""
+    memories = ["The user likes hiking.", "The user's sister lives in Porto.", "The user works as a nurse."]
+    out = []
+    for turn in turns:
+        t0 = time.perf_counter()
+        extract = reasoner.chat_ids(
+            [
+                {
+                    "role": "system",
+                    "content": "Extract the facts about the user in this "
+                    "message as a JSON list of short strings.",
+                },
+                {"role": "user", "content": turn},
+            ]
+        )
+        ids = torch.tensor([extract], device=reasoner.device)
+        facts = reasoner.model.generate(
+            input_ids=ids,
+            max_new_tokens=args.mem0_extract_tokens,
+            min_new_tokens=args.mem0_extract_tokens,
+            do_sample=False,
+            pad_token_id=reasoner.tokenizer.eos_token_id,
+        )
+        facts_text = reasoner.tokenizer.decode(facts[0, ids.shape[1] :], skip_special_tokens=True)
+        decide = reasoner.chat_ids(
+            [
+                {
+                    "role": "system",
+                    "content": "For each new fact decide ADD, UPDATE or DELETE "
+                    "against the existing memories; answer as JSON.",
+                },
+                {
+                    "role": "user",
+                    "content": "Existing memories:\n" + "\n".join(memories) + "\nNew facts:\n" + facts_text,
+                },
+            ]
+        )
+        ids = torch.tensor([decide], device=reasoner.device)
+        reasoner.model.generate(
+            input_ids=ids,
+            max_new_tokens=args.mem0_update_tokens,
+            min_new_tokens=args.mem0_update_tokens,
+            do_sample=False,
+            pad_token_id=reasoner.tokenizer.eos_token_id,
+        )
+        _sync(reasoner.device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _median_generate_seconds(reasoner, prompt, memory, gen: dict, repeats: int = 3) -> float:
+    from ..inject import generate_with_memory
+
+    generate_with_memory(reasoner, prompt, None, memory, **gen)  # warm-up
+    _sync(reasoner.device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate_with_memory(reasoner, prompt, None, memory, **gen)
+        _sync(reasoner.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_cost(args, reasoner, memory) -> dict:
+    from ..conversation import ConversationConfig, ConversationMemory
+
+    tok = reasoner.require_tokenizer()
+    s = reasoner.shapes
+    per_token_kv = 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(reasoner.dtype).bits // 8
+    results = []
+    from tqdm import tqdm
+
+    for target in args.history_tokens:
+        budget = args.slot_budget or max(target // 16, 4 * memory.config.num_slots)
+        conv = ConversationMemory(
+            memory, ConversationConfig(slot_budget=budget, max_live_tokens=max(target, 65536))
+        )
+        turns = dialogue_turns(args.data, "heldout", args.seed)
+        writes, tokens = [], 0
+        bar = tqdm(total=target, desc=f"writing {target} tokens", unit="tok")
+        sample_turns = []
+        while tokens < target:
+            role, text, _ = next(turns)
+            stats = conv.add_turn(role, text)
+            _sync(reasoner.device)
+            writes.append(stats)
+            tokens += stats.tokens
+            bar.update(stats.tokens)
+            if len(sample_turns) < args.mem0_turns and role == "user":
+                sample_turns.append(text)
+        bar.close()
+        secs = sorted(w.seconds for w in writes[1:]) or [writes[0].seconds]
+        kv = conv.memory_kv()
+        prompt = torch.tensor(
+            [reasoner.chat_ids([{"role": "user", "content": "What did I tell you about my family?"}])],
+            device=reasoner.device,
+        )
+        gen = dict(
+            max_new_tokens=args.answer_tokens,
+            min_new_tokens=args.answer_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
+
+        mem0 = _mem0_style_write_seconds(reasoner, sample_turns, args)
+        full_kv = tokens * per_token_kv
+        results.append(
+            {
+                "history_tokens": tokens,
+                "turns": len(writes),
+                "slot_budget": budget,
+                "slots": conv.num_slots,
+                "write_ms_mean": 1e3 * statistics.fmean(secs),
+                "write_ms_p50": 1e3 * secs[len(secs) // 2],
+                "write_ms_p95": 1e3 * secs[min(len(secs) - 1, int(0.95 * len(secs)))],
+                "encoded_tokens_per_turn": statistics.fmean(w.encoded_tokens for w in writes),
+                "evicted_spans": sum(w.evicted for w in writes),
+                "merges": sum(w.merges for w in writes),
+                "memory_kv_bytes": kv.nbytes() if kv is not None else 0,
+                "full_context_kv_bytes": full_kv,
+                "kv_fraction": (kv.nbytes() / full_kv) if kv is not None else 0.0,
+                "answer_ms_with_memory": 1e3 * _median_generate_seconds(reasoner, prompt, kv, gen),
+                "answer_ms_no_memory": 1e3 * _median_generate_seconds(reasoner, prompt, None, gen),
+                "answer_tokens": args.answer_tokens,
+                "mem0_style_write_ms_mean": 1e3 * statistics.fmean(mem0) if mem0 else None,
+                "mem0_style_generated_tokens": args.mem0_extract_tokens + args.mem0_update_tokens,
+                "conversation_stats": conv.stats(),
+            }
+        )
+        logger.info("cost at %d tokens: %s", target, results[-1])
+    return {"lengths": results}
+
+
+def run_recall(args, reasoner) -> dict:
+    try:
+        from ..eval import EvalConfig, SystemArgs, TaskArgs, run_eval
+    except ImportError as e:
+        raise NotImplementedError(f"--part recall needs the eval harness (memsplice.eval): {e}") from None
+    s = reasoner.shapes
+    results = {}
+    per_token_kv = 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(reasoner.dtype).bits // 8
+    for length in args.history_tokens:
+        budget = args.slot_budget or length // 16
+        config = EvalConfig(
+            task="synthetic",
+            systems=tuple(args.systems),
+            reasoner=args.reasoner,
+            device=args.device,
+            dtype=args.dtype,
+            time_budget_s=args.time_budget,
+            task_args=TaskArgs(
+                examples=args.examples,
+                lengths=(length,),
+                seed=args.seed,
+                split="test",
+                data=Path(args.data) if args.data else None,
+            ),
+            system_args=SystemArgs(
+                checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                slot_budget=budget,
+                seed=args.seed,
+            ),
+        )
+        out = run_eval(config, reasoner=reasoner)
+        metric = out["main_metric"]
+        by_system: dict[str, list[float]] = {}
+        for r in out["records"]:
+            if r.get(metric) is not None:
+                by_system.setdefault(r["system"], []).append(float(r[metric]))
+        results[str(length)] = {
+            "accuracy": {k: statistics.fmean(v) for k, v in by_system.items()},
+            "metric": metric,
+            "episodes": out["episodes"],
+            "questions": out["questions"],
+            "slot_budget": budget,
+            "kv_fraction": budget * per_token_kv / (length * per_token_kv),
+            "write_s_per_turn": {f["system"]: f["write_s_per_turn"] for f in out["feeds"]},
+        }
+        logger.info("recall at %d tokens: %s", length, results[str(length)]["accuracy"])
+    return {"recall": {k: v["accuracy"] for k, v in results.items()}, "lengths": results}
+
+
+def run_summary(args) -> dict:
+    directory = Path(args.results or RESULTS_DIR)
+    out: dict = {}
+    cost = directory / "online-cost.json"
+    if cost.is_file():
+        data = json.loads(cost.read_text())
+        out["kv_fraction"] = {str(r["history_tokens"]): r["kv_fraction"] for r in data["lengths"]}
+        out["write_ms_per_turn"] = {str(r["history_tokens"]): r["write_ms_mean"] for r in data["lengths"]}
+        out["mem0_style_write_ms"] = {
+            str(r["history_tokens"]): r["mem0_style_write_ms_mean"] for r in data["lengths"]
+        }
+        out["answer_ms"] = {str(r["history_tokens"]): r["answer_ms_with_memory"] for r in data["lengths"]}
+    for variant, key in (("ewc_replay", "with_ewc_replay"), ("plain", "without_ewc_replay")):
+        path = directory / f"online-stability-{variant}.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            out.setdefault("forgetting_drop", {})[key] = data["forgetting_drop"]
+            out.setdefault("perplexity_drop", {})[key] = data["perplexity_drop"]
+            out.setdefault("stability_updates", {})[key] = data["updates"]
+    recall = directory / "online-recall.json"
+    if recall.is_file():
+        data = json.loads(recall.read_text())
+        out["recall"] = data.get("recall", {})
+        out["recall_metric"] = next(iter(data.get("lengths", {}).values()), {}).get("metric")
+    return out
+
+
+def run(args) -> int:
+    from ..checkpoints import load_memory
+    from ..reasoner import load_reasoner
+
+    torch.manual_seed(args.seed)
+    directory = Path(args.results) if args.results else None
+    if args.part == "summary":
+        data = run_summary(args)
+        if args.save:
+            update_summary("online", data, directory=directory)
+        print(json.dumps(data, indent=2))
+        return 0
+    reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
+    memory = load_memory(reasoner, args.checkpoint)
+    if args.part == "cost":
+        data = run_cost(args, reasoner, memory)
+        name = "online-cost"
+    elif args.part == "recall":
+        data = run_recall(args, reasoner)
+        name = "online-recall"
+    else:
+        data = run_stability(args, reasoner, memory)
+        name = f"online-stability-{args.variant}"
+    data["checkpoint"] = args.checkpoint
+    data["memory_config"] = asdict(memory.config)
+    if args.save:
+        path = save_result(name, data, device=reasoner.device, directory=directory)
+        print(f"saved {path}")
+    if args.json or not args.save:
+        print(json.dumps(data, indent=2, default=str))
+    return 0

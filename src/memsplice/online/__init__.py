@@ -1,0 +1,22 @@
+"""Memory that keeps learning from its own interaction traces: Algorithm 1 with replay, EWC and privacy options."""
+
+from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
+from .ewc import ElasticAnchor
+from .loop import OnlineConfig, OnlineLearner, StepResult, UpdateStats
+from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
+
+__all__ = [
+    "ElasticAnchor",
+    "FallbackQueue",
+    "Interaction",
+    "InteractionBuffer",
+    "OnlineConfig",
+    "OnlineLearner",
+    "PrivacyAccountant",
+    "PrivacyConfig",
+    "ReplayReservoir",
+    "StepResult",
+    "UpdateStats",
+    "corrupt_spans",
+    "private_gradients",
+]

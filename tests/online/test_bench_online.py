@@ -1,0 +1,74 @@
+import argparse
+import json
+
+import pytest
+from online_builders import tiny_memory
+
+from memsplice.bench import online as bench
+
+
+def args(**overrides):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    a = p.parse_args([])
+    for k, v in {"facts": 6, "context_tokens": 48, "target_tokens": 12, **overrides}.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_stream_has_fixed_shapes_and_fact_probes():
+    memory = tiny_memory()
+    tok = memory.reasoner.tokenizer
+    a = args()
+    stream, probes, _ = bench.build_stream(tok, "{role}: {text}\n", a, 40)
+    assert len(stream) == 40 and len(probes) == 6
+    assert all(len(it.context) == 48 and len(it.query) + len(it.response) > 12 for it in stream)
+    for p in probes:
+        assert len(p["context"]) == 48
+        assert p["answer"] in tok.decode(p["context"])  # the fact is in what memory is written from
+    acc = bench.fact_accuracy(memory, probes)
+    assert 0.0 <= acc["token_accuracy"] <= 1.0 and 0.0 <= acc["exact"] <= 1.0
+
+
+def test_prose_perplexity_is_finite_and_memory_changes_it():
+    memory = tiny_memory()
+    passages = bench.prose_passages(memory.reasoner.tokenizer, None, 4, 32, 16)
+    assert len(passages) == 4
+    with_memory = bench.prose_perplexity(memory, passages)
+    bare = bench.prose_perplexity(memory, passages, with_memory=False)
+    assert 1.0 < with_memory < 1e6 and 1.0 < bare < 1e6 and with_memory != bare
+
+
+def test_summary_merges_saved_parts(tmp_path):
+    (tmp_path / "online-cost.json").write_text(
+        json.dumps(
+            {
+                "lengths": [
+                    {
+                        "history_tokens": 16384,
+                        "kv_fraction": 0.03,
+                        "write_ms_mean": 5.0,
+                        "mem0_style_write_ms_mean": 900.0,
+                        "answer_ms_with_memory": 40.0,
+                    }
+                ]
+            }
+        )
+    )
+    for variant, drop in (("ewc_replay", 0.01), ("plain", 0.2)):
+        (tmp_path / f"online-stability-{variant}.json").write_text(
+            json.dumps({"forgetting_drop": drop, "perplexity_drop": drop / 2, "updates": 10000})
+        )
+    out = bench.run_summary(args(results=str(tmp_path)))
+    assert out["kv_fraction"] == {"16384": 0.03}
+    assert out["forgetting_drop"] == {"with_ewc_replay": 0.01, "without_ewc_replay": 0.2}
+    assert out["perplexity_drop"]["without_ewc_replay"] == 0.1
+
+
+@pytest.mark.slow
+def test_stability_run_on_a_tiny_model():
+    memory = tiny_memory()
+    a = args(updates=4, eval_every=2, ppl_passages=4, batch_size=2, anchor_interval=4)
+    out = bench.run_stability(a, memory.reasoner, memory)
+    assert out["updates"] == 4 and [c["update"] for c in out["curve"]] == [0, 2, 4]
+    assert out["perplexity_drop"] >= 0 and out["stopped_by"] == "updates"

@@ -1,0 +1,181 @@
+import pytest
+import torch
+from online_builders import interactions, tiny_memory
+
+from memsplice.conversation import ConversationConfig, ConversationMemory
+from memsplice.online import OnlineConfig, OnlineLearner, PrivacyConfig
+
+
+def params(memory):
+    return {n: p.detach().clone() for n, p in memory.named_parameters()}
+
+
+def distance(a, b):
+    return sum(float((a[n] - b[n]).pow(2).sum()) for n in a) ** 0.5
+
+
+def small_config(**overrides):
+    cfg = dict(
+        batch_size=2, anchor_interval=4, context_tokens=24, target_tokens=12, replay_per_update=2, lr=1e-3
+    )
+    cfg.update(overrides)
+    return OnlineConfig(**cfg)
+
+
+def test_updates_follow_the_buffer_and_anchor_interval():
+    memory = tiny_memory()
+    digest = memory.reasoner.weights_digest()
+    learner = OnlineLearner(memory, small_config(batch_size=3, anchor_interval=4))
+    before = params(memory)
+    updates, refreshes = [], []
+    for t, it in enumerate(interactions(12), start=1):
+        stats, refreshed = learner.observe(it)
+        if stats is not None:
+            updates.append(t)
+            assert set(stats.parts) >= {"next_token", "denoising", "infonce", "ewc"}
+            assert all(v == v for v in stats.parts.values())  # no NaN
+        if refreshed:
+            refreshes.append(t)
+    assert updates == [3, 6, 9, 12] and refreshes == [4, 8, 12]
+    assert learner.updates == 4 and len(learner.reservoir) == 12
+    assert distance(before, params(memory)) > 0
+    assert memory.reasoner.weights_digest() == digest
+    assert not any(p.requires_grad for p in memory.reasoner.model.parameters())
+    assert not memory.training
+
+
+def test_loss_falls_on_a_repeated_batch():
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config(lr=3e-3, replay_per_update=0, ewc_weight=0.0))
+    batch = interactions(2, seed=5)
+    losses = [learner.update([it for it in batch]).parts["next_token"] for _ in range(12)]
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_ewc_keeps_important_weights_near_the_anchor():
+    final, fisher = {}, None
+    for weight in (1e4, 0.0):
+        memory = tiny_memory()
+        start = params(memory)
+        learner = OnlineLearner(memory, small_config(ewc_weight=weight, anchor_interval=1000, lr=3e-3))
+        learner.update(
+            interactions(2, seed=1)
+        )  # with EWC, the first update estimates the Fisher at the anchor
+        fisher = fisher or {n: f.clone() for n, f in learner.anchor.fisher.items()}
+        for i in range(10):
+            learner.update(interactions(2, seed=10 + i))
+        final[weight] = (start, params(memory))
+    # Drift weighted by the Fisher (what EWC constrains), for the same Fisher in both runs.
+    drift = {
+        w: sum(float((fisher[n] * (b[n] - a[n]).pow(2)).sum()) for n in fisher) for w, (a, b) in final.items()
+    }
+    assert drift[1e4] < 0.5 * drift[0.0]
+
+
+def test_fallback_inputs_are_queued_and_trained_on():
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config())
+    memory.config.max_latent_norm = 1e-6  # every write now falls back
+    memory.write(torch.tensor([[5, 6, 7, 8]]))
+    assert len(learner.fallbacks) == 1
+    memory.config.max_latent_norm = 1000.0
+    stats = learner.update(interactions(2))
+    assert stats.fallbacks == 1 and "fallback_norm" in stats.parts and len(learner.fallbacks) == 0
+
+
+def test_step_answers_records_and_conversation_follows_the_new_weights():
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config(batch_size=2))
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=32, track_attention=True))
+    first = learner.step(conv, "Ada lives in Lisbon.", max_new_tokens=4)
+    assert first.slots == 0 and first.update is None and conv.turns == 2
+    second = learner.step(conv, "Where does Ada live?", max_new_tokens=4)
+    assert second.slots > 0 and second.gate is not None and second.update is not None
+    assert learner.reservoir.items[0].context == []  # the first step had no history
+    assert learner.reservoir.items[1].context  # the second had the first exchange
+    assert conv.store[0].uses >= 1  # the probe credited the attended span
+    assert conv.add_turn("user", "thanks").refreshed  # memory re-encoded with the updated weights
+
+
+def test_save_and_load_resume_identically(tmp_path):
+    stream = interactions(10, seed=7)
+    memory = tiny_memory()
+    a = OnlineLearner(memory, small_config(anchor_interval=3))
+    for it in stream[:5]:
+        a.observe(it)
+    a.save(tmp_path / "learner")
+    b = OnlineLearner.load(tmp_path / "learner", reasoner=memory.reasoner)
+    assert (b.steps, b.updates, len(b.buffer), len(b.reservoir)) == (
+        a.steps,
+        a.updates,
+        len(a.buffer),
+        len(a.reservoir),
+    )
+    for it in stream[5:]:
+        a.observe(it)
+        b.observe(type(it)(**it.to_dict()))
+    pa, pb = params(a.memory), params(b.memory)
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], atol=1e-6, rtol=1e-5)
+
+
+def test_embedding_unties_after_the_warmup_and_keeps_training():
+    memory = tiny_memory(embed_warmup_updates=2)
+    learner = OnlineLearner(memory, small_config(replay_per_update=0))
+    for i in range(3):
+        learner.update(interactions(2, seed=i))
+    assert not memory.encoder.embedding_tied
+    emb = memory.encoder.token_embedding.detach().clone()
+    learner.update(interactions(2, seed=9))
+    assert not torch.equal(emb, memory.encoder.token_embedding.detach())
+
+
+def test_private_updates_report_epsilon_and_bound_latents():
+    memory = tiny_memory()
+    learner = OnlineLearner(
+        memory, small_config(privacy=PrivacyConfig(noise_multiplier=1.0, latent_norm_clip=5.0))
+    )
+    assert memory.config.latent_norm_clip == 5.0
+    eps = []
+    for i in range(3):
+        stats = learner.update(interactions(2, seed=i))
+        assert "infonce" not in stats.parts and stats.epsilon is not None
+        eps.append(stats.epsilon)
+    assert eps[0] < eps[-1]
+    mem = memory.write(torch.tensor([[5, 6, 7, 8]]))
+    assert float(mem.latents.detach().norm(dim=-1).max()) <= 5.0 + 1e-4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"batch_size": 0},
+        {"lr": 0},
+        {"ewc_weight": -1},
+        {"fisher_decay": 2.0},
+        {"next_token_weight": 0, "denoise_weight": 0, "contrastive_weight": 0},
+    ],
+)
+def test_bad_online_settings_name_the_field(bad):
+    with pytest.raises(ValueError, match="OnlineConfig"):
+        OnlineConfig(**bad)
+
+
+def test_bad_input_is_refused():
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config())
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=32))
+    with pytest.raises(ValueError, match="user_text"):
+        learner.step(conv, "   ")
+    assert learner.steps == 0 and conv.turns == 0
+
+
+def test_alternate_schedule_runs_one_reasoner_objective_per_update():
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config(objective_schedule="alternate"))
+    kinds = []
+    for i in range(4):
+        parts = learner.update(interactions(2, seed=i)).parts
+        kinds.append(("next_token" in parts, "denoising" in parts))
+        assert "infonce" in parts
+    assert kinds == [(True, False), (False, True), (True, False), (False, True)]
