@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:-}"
 OUT="${OUT:?set OUT to the output directory}"
-export PYTHONPATH="${PYTHONPATH:-src}"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export MEMSPLICE_DATA="${MEMSPLICE_DATA:-/root/stage/data}"
 export MEMSPLICE_RESULTS="$OUT/results"
 export TQDM_MININTERVAL="${TQDM_MININTERVAL:-10}"
