@@ -39,9 +39,18 @@ def device_description(device=None) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"
 
 
+def _program() -> str:
+    """How the running command is invoked: `python -m memsplice.cli.main` and the `memsplice` script are both
+    recorded as `memsplice`."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "main.py" and argv0.parent.name == "cli":
+        return "memsplice"
+    return argv0.name
+
+
 def provenance(device=None) -> dict:
     return {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join(shlex.quote(a) for a in [_program(), *sys.argv[1:]]),
         "commit": git_commit(),
         "device": device_description(device),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -24,6 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def checked_memory_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_tokens: int) -> torch.Tensor:
+    """The attention mask of a memory input (all ones when None), after refusing input longer than the encoder reads."""
+    t = input_ids.shape[1]
+    if t > max_tokens:
+        raise ValueError(f"memory input has {t} tokens; the encoder reads at most {max_tokens} "
+                         "(max_memory_tokens): chunk or evict first")
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+
 class RMSNorm(nn.Module):
     def __init__(self, width: int, eps: float = 1e-6):
         super().__init__()
@@ -107,11 +116,7 @@ class MemoryEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) with T <= max_memory_tokens, attention_mask (B, T) -> latents (B, M, d) in float32."""
         b, t = input_ids.shape
-        if t > self.max_tokens:
-            raise ValueError(f"memory input has {t} tokens; the encoder reads at most {self.max_tokens} "
-                             "(max_memory_tokens): chunk or evict first")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = checked_memory_mask(input_ids, attention_mask, self.max_tokens)
         weight = self.embedding_weight()
         dtype = self.in_proj.weight.dtype
         tokens = self.in_proj(F.embedding(input_ids, weight).to(dtype)) + self.position[:t]  # (B, T, w)
@@ -207,11 +212,7 @@ class CausalPoolEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t = input_ids.shape
-        if t > self.max_tokens:
-            raise ValueError(f"memory input has {t} tokens; the encoder reads at most {self.max_tokens} "
-                             "(max_memory_tokens): chunk or evict first")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = checked_memory_mask(input_ids, attention_mask, self.max_tokens)
         lengths = attention_mask.long().sum(1).clamp(min=1)
         if bool((attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any()):
             raise ValueError("the causal-pool encoder needs right-padded input (ones, then zeros)")

@@ -1,6 +1,6 @@
 """Evaluation tasks as data: episodes (history + questions with evidence ids), registered by name."""
 
-from . import locomo, passkey, synthetic  # noqa: F401  (importing registers the tasks)
+from . import demo, locomo, passkey, synthetic  # noqa: F401  (importing registers the tasks)
 from .base import (
     MAIN_METRIC,
     TASK_HELP,
