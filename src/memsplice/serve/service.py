@@ -46,8 +46,8 @@ from ..memory.safety import FallbackEvent
 from ..store import MemoryStore, ScopeExistsError
 from .config import ServeConfig
 from .metrics import ServerMetrics
-from .schemas import APIError, ChatCompletionRequest
 from .online import load_weights, training_sample
+from .schemas import APIError, ChatCompletionRequest
 from .scope_memory import ScopeMemory, weights_digest
 from .worker import InferenceWorker, OnlineLearner, OnlineWorker
 
