@@ -249,7 +249,12 @@ def test_memsplice_serve_online_learning_trains_in_the_server_process(tmp_path):
     store.close()
     port = free_port()
     cmd = server_command(
-        data, port, reasoner=reasoner, checkpoint=str(checkpoint), torch_threads=1, extra=["--online-learning"]
+        data,
+        port,
+        reasoner=reasoner,
+        checkpoint=str(checkpoint),
+        torch_threads=1,
+        extra=["--online-learning"],
     )
     env = {"MEMSPLICE_ONLINE_BATCH_SIZE": "1", "MEMSPLICE_ONLINE_INTERVAL_S": "0.1"}
     with (
@@ -259,7 +264,12 @@ def test_memsplice_serve_online_learning_trains_in_the_server_process(tmp_path):
         model = http.get("/v1/models").json()["data"][0]["id"]
         r = http.post(
             "/v1/chat/completions",
-            json={"model": model, "user": "alice", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+            json={
+                "model": model,
+                "user": "alice",
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
         )
         assert r.status_code == 200
 

@@ -98,7 +98,8 @@ def test_updates_run_in_the_background_without_blocking_requests(tmp_path):
     [first] = learner.seen[0]  # one sample per memory write: its turns, the history before it, token ids
     assert first["scope"] == "alice" and first["turns"] == [{"role": "note", "text": "Ada lives in Lisbon."}]
     assert first["context"] == [] and first["query"] and first["response"] == []
-    chat_sample = learner.seen[1][0]  # a chat exchange: context = alice's note, query = the user turn, response
+    # a chat exchange: context = alice's note, query = the user turn, response = the reply
+    chat_sample = learner.seen[1][0]
     assert [t["role"] for t in chat_sample["turns"]] == ["user", "assistant"]
     assert chat_sample["context"][: len(first["query"])] == first["query"] and chat_sample["response"]
     saved = MemoryModel.from_pretrained(tmp_path / "memory", reasoner=h.memory.reasoner)

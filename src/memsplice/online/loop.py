@@ -301,7 +301,9 @@ class OnlineLearner:
     def history_ids(self, conversation) -> list[int]:
         """The most recent live transcript tokens of `conversation` (at most `context_tokens`): the history an
         interaction's next-token objective writes into memory. Take it before the exchange is added."""
-        return history_ids(conversation, min(self.config.context_tokens, self.memory.config.max_memory_tokens))
+        return history_ids(
+            conversation, min(self.config.context_tokens, self.memory.config.max_memory_tokens)
+        )
 
     def observe_exchange(
         self, conversation, user_text: str, response: str, context: list[int]

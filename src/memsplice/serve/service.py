@@ -341,7 +341,9 @@ class MemoryService:
     def _add_turns_for_training(self, sm: ScopeMemory, turns: list[tuple[str, str]]) -> tuple[dict, dict]:
         """Inference worker job: add the turns, and build this write's online training sample from the history
         before it and the written turns' token ids (tokenized here, so the online thread never tokenizes)."""
-        context = sm.recent_token_ids(min(self.config.online_context_tokens, self.memory.config.max_memory_tokens))
+        context = sm.recent_token_ids(
+            min(self.config.online_context_tokens, self.memory.config.max_memory_tokens)
+        )
         first = sm.turns
         stats = sm.add_turns(turns)
         return stats, training_sample(turns, context, sm.turn_token_ids(first))
