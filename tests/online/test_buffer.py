@@ -64,3 +64,38 @@ def test_corrupt_spans_corrupts_about_the_ratio_and_never_empties():
         assert (0 in out) == (drop == 0.0)
         assert kept == [t for t in row if t in set(kept)]  # order kept
     assert corrupt_spans([7], rng, 0.5, 3.0, 1.0, 0) == [0]
+
+
+def test_forget_drops_one_scope_from_buffer_reservoir_and_fallback_queue():
+    class Event:
+        def __init__(self, ids, scope):
+            self.detail, self.scope = {"input_ids": ids}, scope
+
+    items = interactions(6)
+    for i, it in enumerate(items):
+        it.id, it.scope = i, "alice" if i % 2 else "bob"
+    buf, res, q = InteractionBuffer(batch_size=10), ReplayReservoir(capacity=10), FallbackQueue(maxlen=4)
+    for it in items:
+        buf.append(it)
+        res.add(it)
+    for ids, scope in (([1], "alice"), ([2], "bob"), ([3], "alice")):
+        q(Event(ids, scope))
+    assert (buf.forget("alice"), res.forget("alice"), q.forget("alice")) == (3, 3, 2)
+    assert {it.scope for it in buf.items} == {it.scope for it in res.items} == {"bob"}
+    assert q.pop(5) == [[2]] and res.seen == 6
+    assert buf.forget("carol") == res.forget("carol") == q.forget("carol") == 0
+
+
+def test_fallback_queue_round_trip_keeps_scopes():
+    class Event:
+        def __init__(self, ids, scope):
+            self.detail, self.scope = {"input_ids": ids}, scope
+
+    q = FallbackQueue(maxlen=4)
+    q(Event([1, 2], "alice"))
+    q(Event([3], None))
+    copy = FallbackQueue.from_dict(json.loads(json.dumps(q.to_dict())))
+    assert list(copy.scopes) == ["alice", None] and copy.received == 2
+    assert copy.forget("alice") == 1 and copy.pop(5) == [[3]]
+    old = {"maxlen": 4, "received": 1, "items": [[7]]}  # saved before scopes were kept
+    assert FallbackQueue.from_dict(old).pop(1) == [[7]]

@@ -3,7 +3,7 @@ import torch
 from online_builders import interactions, tiny_memory
 
 from memsplice.conversation import ConversationConfig, ConversationMemory
-from memsplice.online import OnlineConfig, OnlineLearner, PrivacyConfig
+from memsplice.online import Interaction, OnlineConfig, OnlineLearner, PrivacyConfig
 
 
 def params(memory):
@@ -179,3 +179,36 @@ def test_alternate_schedule_runs_one_reasoner_objective_per_update():
         kinds.append(("next_token" in parts, "denoising" in parts))
         assert "infonce" in parts
     assert kinds == [(True, False), (False, True), (True, False), (False, True)]
+
+
+def test_observe_batch_updates_at_once_and_refreshes_the_anchor_on_crossing():
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config(anchor_interval=5))
+    before = params(memory)
+    stats, refreshed = learner.observe_batch(interactions(3, seed=1))
+    assert stats.update == 1 and stats.samples == 3 and stats.loss == stats.loss and not refreshed
+    assert distance(before, params(memory)) > 0 and len(learner.buffer) == 0
+    stats, refreshed = learner.observe_batch(interactions(3, seed=2))  # steps 3 -> 6 pass 5
+    assert refreshed and learner.steps == 6 and stats.replayed == 2
+    assert [it.id for it in learner.reservoir.items] == list(range(6))  # ids assigned in order
+    with pytest.raises(ValueError, match="no interactions"):
+        learner.observe_batch([])
+
+
+def test_forget_removes_a_scope_and_the_saved_state_follows(tmp_path):
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config(batch_size=10))
+    batch = interactions(4, seed=3)
+    for i, it in enumerate(batch):
+        it.scope = "alice" if i < 2 else "bob"
+    learner.observe_batch(batch)
+    learner.observe(Interaction(**{**batch[0].to_dict(), "id": -1}))  # waits in the buffer
+    memory.config.max_latent_norm = 1e-6
+    memory.write(torch.tensor([[5, 6, 7]]), scope="alice")  # a fallback input of alice's
+    memory.config.max_latent_norm = 1000.0
+    assert learner.forget("alice") == 2 + 1 + 1
+    learner.save(tmp_path / "learner")
+    resumed = OnlineLearner.load(tmp_path / "learner", reasoner=memory.reasoner)
+    held = [*resumed.reservoir.items, *resumed.buffer.items]
+    assert {it.scope for it in held} == {"bob"} and len(resumed.fallbacks) == 0
+    assert "alice" not in (tmp_path / "learner" / "online_state.json").read_text()

@@ -95,11 +95,17 @@ def test_updates_run_in_the_background_without_blocking_requests(tmp_path):
         training = http.get("/v1/memory/training").json()
         assert training["enabled"] and training["status"]["step"] >= 2
         assert [p["value"] for p in training["metrics"]["loss"]][:2] == [1.0, 2.0]
-    assert learner.seen[0] == [{"role": "note", "text": "Ada lives in Lisbon.", "scope": "alice"}]
+    [first] = learner.seen[0]  # one sample per memory write: its turns, the history before it, token ids
+    assert first["scope"] == "alice" and first["turns"] == [{"role": "note", "text": "Ada lives in Lisbon."}]
+    assert first["context"] == [] and first["query"] and first["response"] == []
+    # a chat exchange: context = alice's note, query = the user turn, response = the reply
+    chat_sample = learner.seen[1][0]
+    assert [t["role"] for t in chat_sample["turns"]] == ["user", "assistant"]
+    assert chat_sample["context"][: len(first["query"])] == first["query"] and chat_sample["response"]
     saved = MemoryModel.from_pretrained(tmp_path / "memory", reasoner=h.memory.reasoner)
     assert torch.equal(saved.gate.bias, h.memory.gate.bias)  # what is served is what was saved
     replay = h.store.replay(100)
-    assert {r["payload"]["text"] for r in replay} >= {"Ada lives in Lisbon."}
+    assert {t["text"] for r in replay for t in r["payload"]["turns"]} >= {"Ada lives in Lisbon."}
 
 
 def test_deleting_a_scope_during_an_update_keeps_none_of_its_samples(tmp_path):
@@ -114,8 +120,8 @@ def test_deleting_a_scope_during_an_update_keeps_none_of_its_samples(tmp_path):
         wait_for(lambda: h.store.queued_training() == 0 and h.service.online.step >= 1)
         time.sleep(0.2)
     assert all(v == 0 for v in h.store.row_counts("alice").values())
-    texts = {r["payload"]["text"] for r in h.store.replay(100)}
-    assert "alice's secret" not in texts
+    texts = {t["text"] for r in h.store.replay(100) for t in r["payload"]["turns"]}
+    assert "alice's secret" not in texts and "bob's note" in texts
 
 
 def test_queued_samples_survive_a_restart(tmp_path):

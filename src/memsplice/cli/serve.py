@@ -82,7 +82,8 @@ def add_parser(sub):
         action="store_const",
         const=True,
         default=None,
-        help="train the memory online from written turns in a background worker",
+        help="keep training the memory online from every chat exchange and memory write, with replay and EWC, "
+        "in a background worker that never blocks a request (settings: online_* in ServeConfig)",
     )
     p.add_argument("--log-format", dest="log_format", choices=["json", "text"], default=None)
     p.add_argument(

@@ -9,7 +9,9 @@
 - `FallbackQueue`: memory inputs whose latents failed the safety check (taken from `FallbackLog` events); later
   updates train on them so the encoder learns to stay within bounds for such inputs.
 
-Everything here is plain data with `to_dict` / `from_dict`, so the loop's state can be checkpointed as JSON.
+Everything here is plain data with `to_dict` / `from_dict`, so the loop's state can be checkpointed as JSON. Each of
+the three containers has `forget(scope)`, which drops every item of that scope (a deleted user's interactions and
+fallback inputs are never trained on again).
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ class InteractionBuffer:
         items, self.items = self.items, []
         return items
 
+    def forget(self, scope: str) -> int:
+        """Drop the interactions of `scope`; returns how many."""
+        kept = [it for it in self.items if it.scope != scope]
+        dropped, self.items = len(self.items) - len(kept), kept
+        return dropped
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -86,6 +94,13 @@ class ReplayReservoir:
         pool = [it for it in self.items if not exclude or it.id not in exclude]
         return self.rng.sample(pool, min(k, len(pool)))
 
+    def forget(self, scope: str) -> int:
+        """Drop the interactions of `scope`; returns how many. `seen` is kept, so the freed places fill up again
+        at the rate of algorithm R (the rest of the sample stays uniform over what it was drawn from)."""
+        kept = [it for it in self.items if it.scope != scope]
+        dropped, self.items = len(self.items) - len(kept), kept
+        return dropped
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -109,10 +124,12 @@ class ReplayReservoir:
 
 
 class FallbackQueue:
-    """Memory inputs that fell back, waiting to be trained on. Subscribe it to a `FallbackLog`; thread-safe."""
+    """Memory inputs that fell back, waiting to be trained on, each with the scope it came from (None when
+    unknown). Subscribe it to a `FallbackLog`; thread-safe."""
 
     def __init__(self, maxlen: int = 64):
         self.items: deque[list[int]] = deque(maxlen=maxlen)
+        self.scopes: deque[str | None] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
         self.received = 0
 
@@ -122,12 +139,28 @@ class FallbackQueue:
             return
         with self._lock:
             self.items.append([int(i) for i in ids])
+            self.scopes.append(getattr(event, "scope", None))
             self.received += 1
 
     def pop(self, k: int) -> list[list[int]]:
         with self._lock:
-            out = [self.items.popleft() for _ in range(min(k, len(self.items)))]
+            n = min(k, len(self.items))
+            out = [self.items.popleft() for _ in range(n)]
+            for _ in range(n):
+                self.scopes.popleft()
         return out
+
+    def forget(self, scope: str) -> int:
+        """Drop the inputs of `scope`; returns how many."""
+        with self._lock:
+            kept = [(s, ids) for s, ids in zip(self.scopes, self.items, strict=True) if s != scope]
+            dropped = len(self.items) - len(kept)
+            self.items.clear()
+            self.scopes.clear()
+            for s, ids in kept:
+                self.scopes.append(s)
+                self.items.append(ids)
+        return dropped
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,13 +171,25 @@ class FallbackQueue:
                 "maxlen": self.items.maxlen,
                 "received": self.received,
                 "items": [list(i) for i in self.items],
+                "scopes": list(self.scopes),
             }
+
+    def restore(self, d: dict) -> None:
+        """Replace the contents with those of `to_dict()` output, in place (subscriptions stay)."""
+        items = d["items"]
+        scopes = d.get("scopes") or [None] * len(items)  # states saved before scopes were kept
+        with self._lock:
+            self.items.clear()
+            self.scopes.clear()
+            for s, ids in zip(scopes, items, strict=True):
+                self.scopes.append(s)
+                self.items.append([int(i) for i in ids])
+            self.received = int(d["received"])
 
     @classmethod
     def from_dict(cls, d: dict) -> FallbackQueue:
         q = cls(int(d["maxlen"]))
-        q.items.extend(d["items"])
-        q.received = int(d["received"])
+        q.restore(d)
         return q
 
 

@@ -10,7 +10,8 @@ updated incrementally), gated and injected; the reasoner generates y_t for x_t; 
 appended to the transcript and (x_t, y_t, the history) to the buffer B. When B holds `batch_size` interactions the
 memory is updated once (`update`) and B is cleared; every `anchor_interval` steps the EWC anchor is refreshed
 (phi' <- phi) and the Fisher information re-estimated. `observe` does the same for a trace produced elsewhere (a
-server, a benchmark stream), without generating.
+server, a benchmark stream), without generating; `observe_batch` takes a whole batch gathered elsewhere (a server's
+training queue) and updates on it at once.
 
 One update minimises, over the buffer plus `replay_per_update` interactions drawn from the replay reservoir:
   next-token  (`train.objectives.continuation`): memory of the history -> the reasoner predicts x_t y_t;
@@ -24,7 +25,9 @@ hinge on latent norms above half the safety bound, so the encoder learns to stay
 Guarantees: the reasoner stays frozen (asserted after every update); the memory is in eval mode outside updates;
 the learner's state (optimizer, anchor, Fisher, reservoir, buffer, counters, privacy accounting) is saved and
 restored by `save` / `load`; a `ConversationMemory` using this memory re-encodes itself after an update (it notices
-the new weights).
+the new weights); `forget(scope)` removes every interaction and fallback input of a scope from the buffer, the replay
+reservoir and the fallback queue, so nothing of it is trained on afterwards (what earlier updates learned from it
+stays in the weights). The learner's methods may be called from several threads: they serialise on one lock.
 """
 
 from __future__ import annotations
@@ -298,13 +301,9 @@ class OnlineLearner:
     def history_ids(self, conversation) -> list[int]:
         """The most recent live transcript tokens of `conversation` (at most `context_tokens`): the history an
         interaction's next-token objective writes into memory. Take it before the exchange is added."""
-        n = min(self.config.context_tokens, self.memory.config.max_memory_tokens)
-        ids: list[int] = []
-        for span in sorted(conversation.store.live(), key=lambda s: s.id, reverse=True):
-            ids[:0] = span.token_ids
-            if len(ids) >= n:
-                break
-        return ids[-n:]
+        return history_ids(
+            conversation, min(self.config.context_tokens, self.memory.config.max_memory_tokens)
+        )
 
     def observe_exchange(
         self, conversation, user_text: str, response: str, context: list[int]
@@ -341,8 +340,40 @@ class OnlineLearner:
                 refreshed = True
             return stats, refreshed
 
+    def observe_batch(self, items: list[Interaction]) -> tuple[UpdateStats, bool]:
+        """Record `items` (a batch gathered elsewhere, e.g. a server's training queue) and update on them at once,
+        bypassing the buffer; refresh the anchor when the step count passed a multiple of `anchor_interval`.
+        Returns (update stats, anchor refreshed). Ids are assigned here, as `observe` does."""
+        if not items:
+            raise ValueError("observe_batch: no interactions given")
+        for it in items:
+            if not it.query and not it.response:
+                raise ValueError("observe_batch: an interaction needs query or response tokens")
+        with self._lock:
+            for it in items:
+                it.id = self.next_id
+                self.next_id += 1
+            before = self.steps
+            self.steps += len(items)
+            stats = self.update(items)
+            interval = self.config.anchor_interval
+            refreshed = self.steps // interval > before // interval
+            if refreshed:
+                self.refresh_anchor()
+            return stats, refreshed
+
+    def forget(self, scope: str) -> int:
+        """Drop every interaction and fallback input of `scope` (buffer, replay reservoir, fallback queue);
+        returns how many. Waits for an update in flight."""
+        with self._lock:
+            return self.buffer.forget(scope) + self.reservoir.forget(scope) + self.fallbacks.forget(scope)
+
     # -- one update ------------------------------------------------------------------------------------------
     def update(self, items: list[Interaction]) -> UpdateStats:
+        with self._lock:
+            return self._update(items)
+
+    def _update(self, items: list[Interaction]) -> UpdateStats:
         cfg = self.config
         t0 = time.perf_counter()
         replay = self.reservoir.sample(cfg.replay_per_update, exclude={it.id for it in items})
@@ -601,11 +632,20 @@ class OnlineLearner:
         learner.steps, learner.updates, learner.next_id = state["steps"], state["updates"], state["next_id"]
         learner.buffer.items = [Interaction.from_dict(d) for d in state["buffer"]]
         learner.reservoir = ReplayReservoir.from_dict(state["reservoir"])
-        learner.fallbacks.items.extend(state["fallbacks"]["items"])
-        learner.fallbacks.received = state["fallbacks"]["received"]
+        learner.fallbacks.restore(state["fallbacks"])
         version, internal, gauss = state["rng"]
         learner.rng.setstate((version, tuple(internal), gauss))
         if state["accountant"] is not None:
             learner.accountant = PrivacyAccountant.from_dict(state["accountant"])
         learner.history = [UpdateStats(**h) for h in state["history"]]
         return learner
+
+
+def history_ids(conversation, max_tokens: int) -> list[int]:
+    """The most recent live transcript tokens of `conversation`, at most `max_tokens` (most recent last)."""
+    ids: list[int] = []
+    for span in sorted(conversation.store.live(), key=lambda s: s.id, reverse=True):
+        ids[:0] = span.token_ids
+        if len(ids) >= max_tokens:
+            break
+    return ids[-max_tokens:] if max_tokens > 0 else []

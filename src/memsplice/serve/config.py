@@ -73,13 +73,25 @@ class ServeConfig:
     scope_cache_size: int = 256
     """Scope memories kept loaded in RAM (least recently used are dropped and reloaded from the store)."""
     online_learning: bool = False
-    """Train the memory online from written turns in a background worker (needs memsplice.online)."""
+    """Train the memory online from every memory write (a chat exchange, or turns written through the memory
+    API) in a background worker, with replay and EWC (`memsplice.online.OnlineLearner`)."""
     online_interval_s: float = 5.0
     """Seconds the online worker waits when its queue is empty."""
     online_batch_size: int = 8
-    """Queued samples per online update."""
-    replay_capacity: int = 10_000
-    """Replay samples kept in the store for online learning (oldest dropped first)."""
+    """Queued samples (memory writes) per online update."""
+    replay_capacity: int = 2048
+    """Interactions the online learner keeps in its replay reservoir (a uniform sample of all it trained on)."""
+    online_replay_per_update: int = 4
+    """Replayed interactions mixed into each online update (0: no replay)."""
+    online_lr: float = 5e-5
+    """AdamW learning rate of online updates."""
+    online_ewc_weight: float = 10.0
+    """Weight of the EWC pull towards the anchor weights (0: no EWC)."""
+    online_anchor_interval: int = 64
+    """Samples between refreshes of the EWC anchor (and its Fisher estimate)."""
+    online_context_tokens: int = 256
+    """Most history tokens a queued sample keeps as the context its next-token objective writes into memory
+    (capped by the memory's max_memory_tokens)."""
     expose_memory_digest: bool = False
     """Add the sha256 of the memory K/V used to each chat response (for isolation audits)."""
     log_format: str = "json"
@@ -106,6 +118,8 @@ class ServeConfig:
             "max_turn_chars",
             "scope_cache_size",
             "online_batch_size",
+            "online_anchor_interval",
+            "online_context_tokens",
             "memory_slot_budget",
             "memory_max_live_tokens",
         ):
@@ -130,7 +144,14 @@ class ServeConfig:
             "replay_capacity",
             "must be a non-negative integer",
         )
+        need(
+            isinstance(self.online_replay_per_update, int) and self.online_replay_per_update >= 0,
+            "online_replay_per_update",
+            "must be a non-negative integer",
+        )
         need(self.online_interval_s > 0, "online_interval_s", "must be positive")
+        need(self.online_lr > 0, "online_lr", "must be positive")
+        need(self.online_ewc_weight >= 0, "online_ewc_weight", "must be non-negative")
         need(self.graceful_timeout_s >= 0, "graceful_timeout_s", "must be non-negative")
         need(self.log_format in LOG_FORMATS, "log_format", f"must be one of {LOG_FORMATS}")
         need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {LOG_LEVELS}")
@@ -161,6 +182,26 @@ class ServeConfig:
             max_live_tokens=self.memory_max_live_tokens,
             track_attention=self.memory_track_attention,
         )
+
+    def online_config(self):
+        """The `OnlineConfig` of the online learner (`--online-learning`)."""
+        from ..online import OnlineConfig
+
+        return OnlineConfig(
+            batch_size=self.online_batch_size,
+            lr=self.online_lr,
+            ewc_weight=self.online_ewc_weight,
+            anchor_interval=self.online_anchor_interval,
+            replay_capacity=self.replay_capacity,
+            replay_per_update=self.online_replay_per_update,
+            context_tokens=self.online_context_tokens,
+            seed=self.seed,
+        )
+
+    @property
+    def online_dir(self) -> Path:
+        """Where the online learner's state (optimizer, EWC anchor and Fisher, replay) is saved, atomically."""
+        return Path(self.data_dir).expanduser().resolve() / "online"
 
     @property
     def store_url(self) -> str:

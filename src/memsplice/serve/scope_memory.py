@@ -29,6 +29,7 @@ import torch
 from ..conversation import ConversationConfig, ConversationMemory
 from ..inject.memory_kv import MemoryKV
 from ..memory.model import MemoryModel
+from ..online.loop import history_ids
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,20 @@ class ScopeMemory:
             "slots": self.conversation.num_slots,
             "write_ms": round(1000 * sum(s.seconds for s in stats), 2),
         }
+
+    def recent_token_ids(self, max_tokens: int) -> list[int]:
+        """The most recent live transcript tokens (at most `max_tokens`, most recent last): the history an online
+        training sample is written from. Take it before the sample's turns are added."""
+        return history_ids(self.conversation, max_tokens)
+
+    def turn_token_ids(self, first_turn: int) -> list[tuple[str, list[int]]]:
+        """(role, token ids with the turn template applied) of every turn from `first_turn` on, in order; a turn
+        split into several spans is joined again."""
+        turns: dict[int, tuple[str, list[int]]] = {}
+        for span in sorted(self.conversation.store.spans.values(), key=lambda s: s.id):
+            if span.turn >= first_turn:
+                turns.setdefault(span.turn, (span.role, []))[1].extend(span.token_ids)
+        return [turns[t] for t in sorted(turns)]
 
     # -- reading ---------------------------------------------------------------------------------------------
     def memory_kv(self) -> MemoryKV | None:

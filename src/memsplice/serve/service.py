@@ -14,7 +14,12 @@ Guarantees:
   events and training data in one transaction. If anything fails before, the RAM copy is dropped and reloaded
   from the store, so what a reader sees is always what was committed.
 - Deleting a scope removes its rows from every store table, its RAM copy, its pending fallback events, its events
-  in the memory's fallback log and its samples in the online update in flight.
+  in the memory's fallback log, its samples in the online update in flight and, with online learning, everything
+  the learner holds of it (buffer, replay reservoir, fallback inputs) and its saved state: the deletion returns
+  after the learner forgot the scope (after an update in flight, if one is running; other requests never wait).
+- With online learning, the learner trains on its own copy of the memory weights; the serving weights change only
+  in one inference-worker job between requests, so no request reads half-updated weights, and fallback events of
+  the new weights are recorded under the scope that wrote the memory, as before.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ..memory.safety import FallbackEvent
 from ..store import MemoryStore, ScopeExistsError
 from .config import ServeConfig
 from .metrics import ServerMetrics
+from .online import load_weights, training_sample
 from .schemas import APIError, ChatCompletionRequest
 from .scope_memory import ScopeMemory, weights_digest
 from .worker import InferenceWorker, OnlineLearner, OnlineWorker
@@ -190,12 +196,14 @@ class MemoryService:
         memory.fallback_log.subscribe(self._on_fallback)
         self.online: OnlineWorker | None = None
         if learner is not None:
+            keeps_replay = bool(getattr(learner, "keeps_replay", False))
             self.online = OnlineWorker(
                 store,
                 learner,
                 self._swap_weights,
                 batch_size=self.config.online_batch_size,
-                replay_capacity=self.config.replay_capacity,
+                replay_size=0 if keeps_replay else None,
+                replay_capacity=0 if keeps_replay else self.config.replay_capacity,
                 interval_s=self.config.online_interval_s,
                 on_update=self._on_update,
             )
@@ -297,11 +305,14 @@ class MemoryService:
         sm = await self._scope_memory(scope)
         events: list[dict] = []
         try:
-            stats = await self.worker.run(sm.add_turns, turns)
+            if self.online is not None:
+                stats, sample = await self.worker.run(self._add_turns_for_training, sm, turns)
+                training = [sample]
+            else:
+                stats, training = await self.worker.run(sm.add_turns, turns), []
             kind, state, tensors = await self.worker.run(sm.to_state)
             new_spans = [(r, x, n) for (r, x), n in zip(turns, stats.pop("tokens"), strict=True)]
             events = self._take_events(scope)
-            training = [{"role": r, "text": x} for r, x in turns] if self.online is not None else []
             result = await asyncio.to_thread(
                 self.store.commit_write,
                 scope,
@@ -326,6 +337,16 @@ class MemoryService:
         self.metrics.memory_writes.inc()
         self.metrics.turns_written.inc(len(turns))
         return {"scope": scope, "seqs": result["seqs"], "state_version": result["version"], **stats}
+
+    def _add_turns_for_training(self, sm: ScopeMemory, turns: list[tuple[str, str]]) -> tuple[dict, dict]:
+        """Inference worker job: add the turns, and build this write's online training sample from the history
+        before it and the written turns' token ids (tokenized here, so the online thread never tokenizes)."""
+        context = sm.recent_token_ids(
+            min(self.config.online_context_tokens, self.memory.config.max_memory_tokens)
+        )
+        first = sm.turns
+        stats = sm.add_turns(turns)
+        return stats, training_sample(turns, context, sm.turn_token_ids(first))
 
     # -- chat ------------------------------------------------------------------------------------------------
     def generation_params(self, req: ChatCompletionRequest) -> GenerationParams:
@@ -583,25 +604,27 @@ class MemoryService:
 
     async def delete_scope(self, scope: str) -> dict:
         """Remove the scope from the store (every table), RAM, pending events, the fallback log and online work."""
+        learner_items = None
         async with self._locks(scope):
             deleted = await asyncio.to_thread(self.store.delete_scope, scope)
             self._drop(scope)
             self._take_events(scope)
             forgotten = self.memory.fallback_log.forget(scope)
             if self.online is not None:
-                self.online.forget(scope)
+                # awaited without blocking the event loop: done on the online thread after an update in flight
+                learner_items = await asyncio.wrap_future(self.online.forget(scope))
         self.metrics.scope_deletions.inc()
-        return {"scope": scope, "deleted": deleted, "fallback_log_events": forgotten}
+        result = {"scope": scope, "deleted": deleted, "fallback_log_events": forgotten}
+        if learner_items is not None:
+            result["online_learner_items"] = learner_items
+        return result
 
     # -- online learning -------------------------------------------------------------------------------------
     def _swap_weights(self, state_dict: dict) -> None:
         """Online worker thread: load trained weights into the serving model as one inference-worker job."""
 
         def swap():
-            emb = "encoder.token_embedding"
-            if emb in state_dict and self.memory.encoder.embedding_tied:
-                self.memory.encoder.untie_embedding()
-            self.memory.load_state_dict(state_dict, strict=False)
+            load_weights(self.memory, state_dict)
             self.weights = weights_digest(self.memory)
             if self.weights_dir is not None:
                 self.memory.save_pretrained(self.weights_dir)

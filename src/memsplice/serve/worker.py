@@ -7,8 +7,10 @@ go through it and run concurrently.
 
 `OnlineWorker` trains the memory from queued turns in its own thread, on its own copy of the memory weights, and
 hands finished weights to the inference worker as one job (a request sees the old weights or the new ones, never a
-mix). It never blocks a request: it takes no lock a request waits on, and its queue lives in the store, so queued
-training data survives a restart and is deleted with its scope.
+mix), then has the learner save its own state (`persist`, when it has one). It never blocks a request: it takes no
+lock a request waits on, and its queue lives in the store, so queued training data survives a restart and is deleted
+with its scope. Forgetting a scope is done on the worker's thread between updates (a learner is never touched by two
+threads); the caller gets a future to await, which completes once the learner no longer holds the scope.
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ class InferenceWorker:
 
 
 class OnlineLearner(Protocol):
-    """What the online worker drives: one update step of the memory from new samples and replayed ones."""
+    """What the online worker drives: one update step of the memory from new samples and replayed ones.
+
+    Optional members, used when present: `forget(scope) -> int` (drop what the learner holds of a deleted scope),
+    `persist()` (save the learner's state; called after each update and each forget) and `keeps_replay = True`
+    (the learner replays from its own store: the worker neither fetches nor keeps store replay for it).
+    """
 
     def update(self, samples: list[dict], replay: list[dict]) -> dict[str, float]:
         """Train on `samples` (new turns) and `replay` (older ones); return metrics such as {"loss": ...}."""
@@ -103,6 +110,7 @@ class OnlineWorker:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._forgotten: set[str] = set()
+        self._forget_requests: list[tuple[str, concurrent.futures.Future]] = []
         self._forget_lock = threading.Lock()
 
     def start(self) -> None:
@@ -116,10 +124,40 @@ class OnlineWorker:
         """New samples were queued: do not wait for the interval."""
         self._wake.set()
 
-    def forget(self, scope: str) -> None:
-        """A scope was deleted: drop its samples from the update in flight (the store rows are already gone)."""
+    def forget(self, scope: str) -> concurrent.futures.Future:
+        """A scope was deleted: drop its samples from the update in flight (the store rows are already gone) and
+        have the learner forget it. The future completes (with the number of items the learner dropped) once the
+        learner holds nothing of the scope and has saved that, i.e. after the update in flight, if any."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
         with self._forget_lock:
             self._forgotten.add(scope)
+            self._forget_requests.append((scope, future))
+        if self._thread is not None and self._thread.is_alive():
+            self._wake.set()
+        else:  # no thread to do it (not started, or stopped): nothing can be in flight, do it here
+            self._apply_forgets()
+        return future
+
+    def _apply_forgets(self) -> None:
+        with self._forget_lock:
+            requests, self._forget_requests = self._forget_requests, []
+        if not requests:
+            return
+        forget = getattr(self.learner, "forget", None)
+        persist = getattr(self.learner, "persist", None)
+        try:
+            dropped = [forget(scope) if forget is not None else 0 for scope, _ in requests]
+            if persist is not None and any(dropped):
+                persist()
+        except BaseException as e:
+            for _, future in requests:
+                future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            logger.exception("online worker: forgetting a scope failed")
+            return
+        for (_, future), n in zip(requests, dropped, strict=True):
+            future.set_result(n)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the update in flight (its weights are swapped in and saved), then stop."""
@@ -127,6 +165,8 @@ class OnlineWorker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self._apply_forgets()  # a forget that arrived as the thread was leaving
 
     def status(self) -> dict:
         return {
@@ -136,10 +176,12 @@ class OnlineWorker:
             "last_error": self.last_error,
             "last_update": self.last_update,
             "queued": self.store.queued_training(),
+            "learner": self.learner.status() if hasattr(self.learner, "status") else None,
         }
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._apply_forgets()
             try:
                 did = self.run_once()
             except Exception as e:  # the worker must outlive a bad batch; the error is counted and shown
@@ -147,9 +189,11 @@ class OnlineWorker:
                 self.last_error = f"{type(e).__name__}: {e}"
                 logger.exception("online update failed")
                 did = False
+            self._apply_forgets()  # before sleeping, so a deletion during the update is not kept waiting
             if not did:
                 self._wake.wait(self.interval_s)
                 self._wake.clear()
+        self._apply_forgets()
 
     def run_once(self) -> bool:
         """One update if samples are queued; False when the queue was empty."""
@@ -170,6 +214,9 @@ class OnlineWorker:
             t0 = time.perf_counter()
             metrics = self.learner.update(samples, replayed) if samples else {}
             self.swap_weights(self.learner.state_dict())
+            persist = getattr(self.learner, "persist", None)
+            if persist is not None:
+                persist()
             metrics = {**metrics, "update_s": time.perf_counter() - t0, "samples": float(len(samples))}
         except BaseException:
             self.store.release_training(ids)
