@@ -8,8 +8,14 @@ from memsplice import MemoryConfig, MemoryModel
 
 
 def small_memory(reasoner, operator: str = "prepend_kv", **overrides) -> MemoryModel:
-    cfg = dict(num_slots=4, max_memory_tokens=48, encoder_layers=2, encoder_width=32, encoder_heads=2,
-               operator=operator)
+    cfg = dict(
+        num_slots=4,
+        max_memory_tokens=48,
+        encoder_layers=2,
+        encoder_width=32,
+        encoder_heads=2,
+        operator=operator,
+    )
     cfg.update(overrides)
     return MemoryModel(MemoryConfig(**cfg), reasoner)
 

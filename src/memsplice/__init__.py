@@ -9,13 +9,31 @@ The public API:
 """
 
 from .inject import MemoryKV, forward_with_memory, generate_with_memory
-from .memory import CheckpointError, FallbackEvent, FallbackLog, Memory, MemoryConfig, MemoryModel, ReasonerMismatchError
+from .memory import (
+    CheckpointError,
+    FallbackEvent,
+    FallbackLog,
+    Memory,
+    MemoryConfig,
+    MemoryModel,
+    ReasonerMismatchError,
+)
 from .reasoner import Reasoner, ReasonerNotFoundError, load_reasoner
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "FallbackEvent", "FallbackLog", "Memory", "MemoryConfig", "MemoryKV", "MemoryModel",
-    "Reasoner", "ReasonerMismatchError", "ReasonerNotFoundError", "forward_with_memory", "generate_with_memory",
+    "CheckpointError",
+    "FallbackEvent",
+    "FallbackLog",
+    "Memory",
+    "MemoryConfig",
+    "MemoryKV",
+    "MemoryModel",
+    "Reasoner",
+    "ReasonerMismatchError",
+    "ReasonerNotFoundError",
+    "forward_with_memory",
+    "generate_with_memory",
     "load_reasoner",
 ]

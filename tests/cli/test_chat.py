@@ -21,14 +21,27 @@ def tiny_model_dir(tmp_path):
 
 def _chat(monkeypatch, capsys, model_dir, memory_file, lines):
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    code = main(["chat", "--reasoner", str(model_dir), "--device", "cpu", "--memory-file", str(memory_file),
-                 "--max-new-tokens", "4"])
+    code = main(
+        [
+            "chat",
+            "--reasoner",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--memory-file",
+            str(memory_file),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     return code, capsys.readouterr()
 
 
 def test_chat_writes_and_resumes_memory(monkeypatch, capsys, tiny_model_dir, tmp_path):
     f = tmp_path / "chat.json"
-    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["Ada lives in Lisbon.", "Where does Ada live?"])
+    code, out = _chat(
+        monkeypatch, capsys, tiny_model_dir, f, ["Ada lives in Lisbon.", "Where does Ada live?"]
+    )
     assert code == 0
     turns = json.loads(f.read_text())["turns"]
     assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
@@ -62,8 +75,24 @@ def test_chat_learn_updates_saves_and_resumes(monkeypatch, capsys, tiny_model_di
 
     def chat(lines):
         monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
-        code = main(["chat", "--reasoner", str(tiny_model_dir), "--device", "cpu", "--memory-file", str(f),
-                     "--max-new-tokens", "3", "--learn", "--learn-dir", str(learn), "--learn-batch", "2"])
+        code = main(
+            [
+                "chat",
+                "--reasoner",
+                str(tiny_model_dir),
+                "--device",
+                "cpu",
+                "--memory-file",
+                str(f),
+                "--max-new-tokens",
+                "3",
+                "--learn",
+                "--learn-dir",
+                str(learn),
+                "--learn-batch",
+                "2",
+            ]
+        )
         return code, capsys.readouterr()
 
     code, out = chat(["Ada lives in Lisbon.", "Where does Ada live?", "Thanks."])
@@ -78,6 +107,18 @@ def test_chat_learn_updates_saves_and_resumes(monkeypatch, capsys, tiny_model_di
 
 def test_chat_learn_batch_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
-    code = main(["chat", "--reasoner", str(tiny_model_dir), "--device", "cpu", "--memory-file",
-                 str(tmp_path / "c.json"), "--learn", "--learn-batch", "0"])
+    code = main(
+        [
+            "chat",
+            "--reasoner",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--memory-file",
+            str(tmp_path / "c.json"),
+            "--learn",
+            "--learn-batch",
+            "0",
+        ]
+    )
     assert code == 2 and "--learn-batch" in capsys.readouterr().err

@@ -38,6 +38,8 @@ def test_info_json(tiny_model_dir, capsys):
 
 
 def test_bad_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
-    code = main(["info", "--reasoner", str(tiny_model_dir), "--device", "cpu", "--checkpoint", str(tmp_path / "x")])
+    code = main(
+        ["info", "--reasoner", str(tiny_model_dir), "--device", "cpu", "--checkpoint", str(tmp_path / "x")]
+    )
     assert code == 2
     assert "no memory checkpoint directory" in capsys.readouterr().err

@@ -23,7 +23,9 @@ def test_demo_runs_every_system(tmp_path, capsys):
     r = tiny_reasoner("llama")
     r.model.save_pretrained(tmp_path / "tiny")
     r.tokenizer.save_pretrained(tmp_path / "tiny")
-    code = main(["demo", "--reasoner", str(tmp_path / "tiny"), "--device", "cpu", "--max-new-tokens", "3", "--json"])
+    code = main(
+        ["demo", "--reasoner", str(tmp_path / "tiny"), "--device", "cpu", "--max-new-tokens", "3", "--json"]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["systems"]) == {"none", "latent", "latent+window", "full"}

@@ -30,8 +30,9 @@ def test_generate_without_memory_is_bare_generate(reasoner):
     memory = small_memory(reasoner)
     ids = random_ids(2, 6)
     ours = memory.generate(ids, memory=None, max_new_tokens=4, do_sample=False)
-    bare = reasoner.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                   do_sample=False, pad_token_id=0)
+    bare = reasoner.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(ours, bare)
 
 
@@ -47,11 +48,15 @@ def test_generate_twice_with_one_memory_is_repeatable(reasoner):
 def test_sampling_with_several_return_sequences(reasoner):
     memory = small_memory(reasoner)
     mem = memory.write(random_ids(2, 25))
-    out = memory.generate(random_ids(2, 6), memory=mem, max_new_tokens=3, do_sample=True, num_return_sequences=3)
+    out = memory.generate(
+        random_ids(2, 6), memory=mem, max_new_tokens=3, do_sample=True, num_return_sequences=3
+    )
     assert out.shape == (6, 9)
 
 
 def test_beam_search_is_refused_clearly(reasoner):
     memory = small_memory(reasoner)
     with pytest.raises(ValueError, match="num_beams"):
-        memory.generate(random_ids(1, 6), memory=memory.write(random_ids(1, 20)), num_beams=2, max_new_tokens=2)
+        memory.generate(
+            random_ids(1, 6), memory=memory.write(random_ids(1, 20)), num_beams=2, max_new_tokens=2
+        )

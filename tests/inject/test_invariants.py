@@ -67,7 +67,7 @@ def test_splice_exactness(arch, attn):
 
     reasoner = tiny_reasoner(arch, attn=attn)
     x, y = random_ids(2, 13), random_ids(2, 6)
-    in_context = bare_logits(reasoner, torch.cat([x, y], dim=1))[:, x.shape[1]:]
+    in_context = bare_logits(reasoner, torch.cat([x, y], dim=1))[:, x.shape[1] :]
     cache = reasoner.model(input_ids=x, use_cache=True).past_key_values
     spliced = forward_with_memory(reasoner, y, memory=MemoryKV.from_reasoner_cache(cache)).logits
     assert (spliced - in_context).abs().max() < ATOL
@@ -90,7 +90,9 @@ def test_rows_do_not_leak_into_each_other(reasoner, memory):
     ids, mask = pad_rows([random_ids(1, 9)[0].tolist(), random_ids(1, 6)[0].tolist()], 0, "cpu", left=True)
     both = memory(ids, mask, memory=memory.write(mem_ids)).logits
     for row in range(2):
-        alone = memory(ids[row : row + 1], mask[row : row + 1], memory=memory.write(mem_ids[row : row + 1])).logits
+        alone = memory(
+            ids[row : row + 1], mask[row : row + 1], memory=memory.write(mem_ids[row : row + 1])
+        ).logits
         keep = mask[row].bool()
         assert (both[row][keep] - alone[0][keep]).abs().max() < ATOL
     swapped = memory(ids, mask, memory=memory.write(mem_ids.flip(0))).logits

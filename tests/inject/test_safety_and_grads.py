@@ -15,8 +15,9 @@ def _latents_with(memory, mem_ids, row: int, value: float):
     return latents
 
 
-@pytest.mark.parametrize(("value", "reason"), [(float("nan"), "non_finite"), (float("inf"), "non_finite"),
-                                               (1e6, "norm_exceeded")])
+@pytest.mark.parametrize(
+    ("value", "reason"), [(float("nan"), "non_finite"), (float("inf"), "non_finite"), (1e6, "norm_exceeded")]
+)
 def test_bad_latents_fall_back_to_the_bare_reasoner(reasoner, value, reason):
     memory = small_memory(reasoner)
     mem_ids = random_ids(2, 25)
@@ -72,8 +73,11 @@ def test_only_memory_parameters_get_gradients(reasoner, operator):
     out.loss.backward()
     assert all(p.grad is None for p in reasoner.model.parameters())
     grads = {n: p.grad for n, p in memory.named_parameters() if p.requires_grad}
-    assert grads and all(g is not None for n, g in grads.items() if not n.startswith("operator.") or
-                         operator != "prepend_embed")
+    assert grads and all(
+        g is not None
+        for n, g in grads.items()
+        if not n.startswith("operator.") or operator != "prepend_embed"
+    )
     assert any(g.abs().sum() > 0 for g in grads.values() if g is not None)
     torch.optim.AdamW(memory.trainable_parameters(), lr=1e-2).step()
     assert reasoner.weights_digest() == before

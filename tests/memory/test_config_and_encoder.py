@@ -9,15 +9,18 @@ from helpers import random_ids, small_memory
 from memsplice import MemoryConfig
 
 
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("num_slots", 0, "num_slots"),
-    ("operator", "teleport", "operator"),
-    ("encoder_width", 31, "encoder_width"),
-    ("kv_init", "zeros", "kv_init"),
-    ("dropout", 1.5, "dropout"),
-    ("max_latent_norm", -1.0, "max_latent_norm"),
-    ("embed_warmup_updates", -3, "embed_warmup_updates"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("num_slots", 0, "num_slots"),
+        ("operator", "teleport", "operator"),
+        ("encoder_width", 31, "encoder_width"),
+        ("kv_init", "zeros", "kv_init"),
+        ("dropout", 1.5, "dropout"),
+        ("max_latent_norm", -1.0, "max_latent_norm"),
+        ("embed_warmup_updates", -3, "embed_warmup_updates"),
+    ],
+)
 def test_bad_fields_are_named(field, value, match):
     with pytest.raises(ValueError, match=f"MemoryConfig.{match}"):
         MemoryConfig(**{field: value})

@@ -99,8 +99,9 @@ def test_sink_init_starts_every_slot_as_the_reasoners_first_token():
     from memsplice.compat import cache_layer_tensors
 
     reasoner = tiny_reasoner("llama")
-    memory = MemoryModel(MemoryConfig(num_slots=3, max_memory_tokens=64, kv_init="sink", kv_init_scale=1e-8),
-                         reasoner)
+    memory = MemoryModel(
+        MemoryConfig(num_slots=3, max_memory_tokens=64, kv_init="sink", kv_init_scale=1e-8), reasoner
+    )
     cache = DynamicCache()
     bos = reasoner.tokenizer.bos_token_id
     reasoner.decoder(input_ids=torch.tensor([[bos]]), past_key_values=cache, use_cache=True)

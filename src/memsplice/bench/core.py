@@ -21,7 +21,9 @@ from .record import save_result, update_summary
 
 def add_arguments(p):
     p.add_argument("--reasoner", default=None, help="reasoner source (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--checkpoint", default=None, help="memory checkpoint (default: an untrained default config)")
+    p.add_argument(
+        "--checkpoint", default=None, help="memory checkpoint (default: an untrained default config)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--slots", type=int, default=16, help="memory slots when no checkpoint is given")
@@ -74,7 +76,9 @@ def run(args) -> int:
     memory.eval()
     vocab = reasoner.shapes.vocab_size
     gen = torch.Generator().manual_seed(0)
-    mem_ids = torch.randint(100, vocab, (1, min(args.memory_tokens, memory.config.max_memory_tokens)), generator=gen)
+    mem_ids = torch.randint(
+        100, vocab, (1, min(args.memory_tokens, memory.config.max_memory_tokens)), generator=gen
+    )
     q_ids = torch.randint(100, vocab, (1, args.question_tokens), generator=gen).to(reasoner.device)
     sync = torch.cuda.synchronize if reasoner.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
@@ -84,13 +88,23 @@ def run(args) -> int:
             "with_memory": round(_median_ms(lambda: memory(q_ids, memory=mem), args.repeats, sync), 2),
         }
         result["memory_write_ms"] = round(_median_ms(lambda: memory.write(mem_ids), args.repeats, sync), 2)
-    result.update({"slots": memory.config.num_slots, "memory_tokens": mem_ids.shape[1],
-                   "question_tokens": args.question_tokens, "reasoner": reasoner.name,
-                   "checkpoint": args.checkpoint or "untrained default config", "repeats": args.repeats})
+    result.update(
+        {
+            "slots": memory.config.num_slots,
+            "memory_tokens": mem_ids.shape[1],
+            "question_tokens": args.question_tokens,
+            "reasoner": reasoner.name,
+            "checkpoint": args.checkpoint or "untrained default config",
+            "repeats": args.repeats,
+        }
+    )
     if args.save:
         path = save_result("core", result, device=args.device)
-        update_summary("core", {k: result[k] for k in ("load_s_cold", "load_s_cached", "cpu_forward_ms")
-                                if k in result}, device=args.device)
+        update_summary(
+            "core",
+            {k: result[k] for k in ("load_s_cold", "load_s_cached", "cpu_forward_ms") if k in result},
+            device=args.device,
+        )
         result["saved"] = str(path)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -100,6 +114,8 @@ def run(args) -> int:
             print(f"load (cold, dequantize GGUF)  {result['load_s_cold']:8.2f} s")
         print(f"load (cached safetensors)     {result['load_s_cached']:8.2f} s")
         print(f"forward, {args.question_tokens}-token prompt, no memory     {f['without_memory']:8.2f} ms")
-        print(f"forward, {args.question_tokens}-token prompt, {result['slots']} slots     {f['with_memory']:8.2f} ms")
+        print(
+            f"forward, {args.question_tokens}-token prompt, {result['slots']} slots     {f['with_memory']:8.2f} ms"
+        )
         print(f"memory write, {result['memory_tokens']} tokens           {result['memory_write_ms']:8.2f} ms")
     return 0

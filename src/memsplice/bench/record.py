@@ -21,9 +21,15 @@ RESULTS_DIR = Path(os.environ.get("MEMSPLICE_RESULTS", "benchmarks/results"))
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         commit = out.stdout.strip() or os.environ.get("MEMSPLICE_COMMIT", "unknown")
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -33,7 +39,12 @@ def git_commit() -> str:
 def device_description(device=None) -> str:
     import torch
 
-    if device is not None and torch.device(device).type == "cuda" or device is None and torch.cuda.is_available():
+    if (
+        device is not None
+        and torch.device(device).type == "cuda"
+        or device is None
+        and torch.cuda.is_available()
+    ):
         idx = torch.device(device).index if device is not None else None
         return f"{torch.cuda.get_device_name(idx or 0)} (torch {torch.__version__})"
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"
@@ -76,8 +87,14 @@ def update_summary(area: str, data: dict, device=None, directory: Path | None = 
     path = directory / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     prov = provenance(device)
-    summary[area] = {**summary.get(area, {}), **data, "device": prov["device"], "commit": prov["commit"],
-                     "date": prov["date"], "command": prov["command"]}
+    summary[area] = {
+        **summary.get(area, {}),
+        **data,
+        "device": prov["device"],
+        "commit": prov["commit"],
+        "date": prov["date"],
+        "command": prov["command"],
+    }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)

@@ -28,25 +28,53 @@ FILE_VERSION = 1
 
 
 def add_parser(sub):
-    p = sub.add_parser("chat", help="chat with a reasoner whose history is kept in latent memory",
-                       description=__doc__.split("\n\n")[0], epilog="Commands: /stats, /forget, /quit.")
+    p = sub.add_parser(
+        "chat",
+        help="chat with a reasoner whose history is kept in latent memory",
+        description=__doc__.split("\n\n")[0],
+        epilog="Commands: /stats, /forget, /quit.",
+    )
     add_reasoner_flags(p)
     add_checkpoint_flag(p)
-    p.add_argument("--memory-file", default="memsplice-chat.json", metavar="FILE",
-                   help="where the conversation memory is kept between runs (default: %(default)s)")
-    p.add_argument("--system", default="You are a helpful assistant. Use what you remember about the user.",
-                   help="system prompt")
-    p.add_argument("--window", type=int, default=0, metavar="TOKENS",
-                   help="also put the most recent turns verbatim in the prompt, up to this many tokens (default 0)")
+    p.add_argument(
+        "--memory-file",
+        default="memsplice-chat.json",
+        metavar="FILE",
+        help="where the conversation memory is kept between runs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--system",
+        default="You are a helpful assistant. Use what you remember about the user.",
+        help="system prompt",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="also put the most recent turns verbatim in the prompt, up to this many tokens (default 0)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
-    p.add_argument("--learn", action="store_true",
-                   help="keep training the memory online from this conversation (replay, EWC; see memsplice.online)")
-    p.add_argument("--learn-dir", default=None, metavar="DIR",
-                   help="where --learn keeps the updated memory and the learner's state, and resumes from "
-                        "(default: the memory file's name with .learner)")
-    p.add_argument("--learn-batch", type=int, default=4, metavar="N",
-                   help="exchanges per online update with --learn (default: %(default)s)")
+    p.add_argument(
+        "--learn",
+        action="store_true",
+        help="keep training the memory online from this conversation (replay, EWC; see memsplice.online)",
+    )
+    p.add_argument(
+        "--learn-dir",
+        default=None,
+        metavar="DIR",
+        help="where --learn keeps the updated memory and the learner's state, and resumes from "
+        "(default: the memory file's name with .learner)",
+    )
+    p.add_argument(
+        "--learn-batch",
+        type=int,
+        default=4,
+        metavar="N",
+        help="exchanges per online update with --learn (default: %(default)s)",
+    )
     return p
 
 
@@ -57,20 +85,37 @@ def _load_file(path: Path, reasoner) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not a memsplice chat file ({e}); pass another --memory-file") from None
-    if not isinstance(data, dict) or data.get("version") != FILE_VERSION or not isinstance(data.get("turns"), list):
-        raise ValueError(f"{path} is not a memsplice chat file (version {FILE_VERSION}); pass another --memory-file")
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != FILE_VERSION
+        or not isinstance(data.get("turns"), list)
+    ):
+        raise ValueError(
+            f"{path} is not a memsplice chat file (version {FILE_VERSION}); pass another --memory-file"
+        )
     if data.get("reasoner_fingerprint") not in (None, reasoner.fingerprint):
-        raise ValueError(f"{path} was written with another reasoner ({data.get('reasoner')}); pass another "
-                         "--memory-file or the same --reasoner")
+        raise ValueError(
+            f"{path} was written with another reasoner ({data.get('reasoner')}); pass another "
+            "--memory-file or the same --reasoner"
+        )
     return data
 
 
 def _save_file(path: Path, session: ChatSession, checkpoint: str | None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     r = session.reasoner
-    tmp.write_text(json.dumps({"version": FILE_VERSION, "reasoner": r.name, "reasoner_fingerprint": r.fingerprint,
-                               "checkpoint": checkpoint, "turns": session.turns,
-                               "conversation": session.conversation.to_dict()}))
+    tmp.write_text(
+        json.dumps(
+            {
+                "version": FILE_VERSION,
+                "reasoner": r.name,
+                "reasoner_fingerprint": r.fingerprint,
+                "checkpoint": checkpoint,
+                "turns": session.turns,
+                "conversation": session.conversation.to_dict(),
+            }
+        )
+    )
     os.replace(tmp, path)
 
 
@@ -112,8 +157,11 @@ class ChatSession:
         import torch
 
         kv = self.conversation.memory_kv()
-        messages = [{"role": "system", "content": self.system}, *self._recent_window(),
-                    {"role": "user", "content": message}]
+        messages = [
+            {"role": "system", "content": self.system},
+            *self._recent_window(),
+            {"role": "user", "content": message},
+        ]
         ids = torch.tensor([self.reasoner.chat_ids(messages)], device=self.reasoner.device)
         t0 = time.perf_counter()
         gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
@@ -121,21 +169,33 @@ class ChatSession:
             gen["temperature"] = temperature
         out = self.memory.generate(ids, memory=kv, **gen)
         answer_s = time.perf_counter() - t0
-        text = self.reasoner.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        text = self.reasoner.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         events_before = self.memory.fallback_log.total
         writes = [self.conversation.add_turn("user", message), self.conversation.add_turn("assistant", text)]
         now = time.time()
-        self.turns += [{"role": "user", "text": message, "time": now}, {"role": "assistant", "text": text, "time": now}]
+        self.turns += [
+            {"role": "user", "text": message, "time": now},
+            {"role": "assistant", "text": text, "time": now},
+        ]
         new_events = self.memory.fallback_log.recent(self.memory.fallback_log.total - events_before)
-        status = {"slots": 0 if kv is None else int(kv.num_slots), "prompt_tokens": int(ids.shape[1]),
-                  "write_ms": round(sum(w.seconds for w in writes) * 1e3, 1), "answer_ms": round(answer_s * 1e3, 1),
-                  "fallbacks": [e.reason for e in new_events] if self.memory.fallback_log.total > events_before else []}
+        status = {
+            "slots": 0 if kv is None else int(kv.num_slots),
+            "prompt_tokens": int(ids.shape[1]),
+            "write_ms": round(sum(w.seconds for w in writes) * 1e3, 1),
+            "answer_ms": round(answer_s * 1e3, 1),
+            "fallbacks": [e.reason for e in new_events]
+            if self.memory.fallback_log.total > events_before
+            else [],
+        }
         if kv is not None and kv.any_live:
             g = kv.gate_bias[0].amax(dim=0).exp()  # (S,) per slot, from the layers that hold it
             g = g[g > 0]
             if g.numel():
-                status["gate"] = {"mean": round(float(g.mean()), 3), "min": round(float(g.min()), 3),
-                                  "max": round(float(g.max()), 3)}
+                status["gate"] = {
+                    "mean": round(float(g.mean()), 3),
+                    "min": round(float(g.min()), 3),
+                    "max": round(float(g.max()), 3),
+                }
         return text, status
 
 
@@ -143,8 +203,10 @@ def _format_status(s: dict) -> str:
     gate = s.get("gate")
     gate_txt = f"gate {gate['mean']:.2f} (min {gate['min']:.2f}, max {gate['max']:.2f})" if gate else "gate -"
     fb = f"fallback: {', '.join(s['fallbacks'])}" if s["fallbacks"] else "no fallback"
-    return (f"  [memory {s['slots']} slots | {gate_txt} | prompt {s['prompt_tokens']} tokens | "
-            f"write {s['write_ms']:.0f} ms | answer {s['answer_ms']:.0f} ms | {fb}]")
+    return (
+        f"  [memory {s['slots']} slots | {gate_txt} | prompt {s['prompt_tokens']} tokens | "
+        f"write {s['write_ms']:.0f} ms | answer {s['answer_ms']:.0f} ms | {fb}]"
+    )
 
 
 def _learner_for(args, reasoner, path: Path):
@@ -176,8 +238,11 @@ def run(args) -> int:
     session = ChatSession(reasoner, memory, args.system, args.window, state=state)
     interactive = sys.stdin.isatty()
     learning = f", learning online (state in {learn_dir})" if learner is not None else ""
-    print(f"memsplice chat: {reasoner.name}, memory {args.checkpoint or 'default checkpoint'}, "
-          f"{len(session.turns)} turns remembered from {path}{learning}. /quit to leave.", flush=True)
+    print(
+        f"memsplice chat: {reasoner.name}, memory {args.checkpoint or 'default checkpoint'}, "
+        f"{len(session.turns)} turns remembered from {path}{learning}. /quit to leave.",
+        flush=True,
+    )
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -195,9 +260,11 @@ def run(args) -> int:
             continue
         if line == "/stats":
             st = session.conversation.stats()
-            print(f"  [{len(session.turns)} turns, {st['slots']} slots, "
-                  f"{json.dumps({k: v for k, v in st.items() if k not in ('slots', 'turns')})}, "
-                  f"fallback events {dict(memory.fallback_log.counts)}]")
+            print(
+                f"  [{len(session.turns)} turns, {st['slots']} slots, "
+                f"{json.dumps({k: v for k, v in st.items() if k not in ('slots', 'turns')})}, "
+                f"fallback events {dict(memory.fallback_log.counts)}]"
+            )
             continue
         context = learner.history_ids(session.conversation) if learner is not None else None
         text, status = session.answer(line, args.max_new_tokens, args.temperature)
@@ -205,10 +272,13 @@ def run(args) -> int:
         if learner is not None:
             update, refreshed = learner.observe_exchange(session.conversation, line, text, context)
             if update is not None:
-                print(f"  [online update {update.update}: loss {update.loss:.3f} "
-                      f"({', '.join(f'{k} {v:.3f}' for k, v in update.parts.items())}), "
-                      f"{update.replayed} replayed, {update.seconds * 1e3:.0f} ms"
-                      f"{', anchor refreshed' if refreshed else ''}]", flush=True)
+                print(
+                    f"  [online update {update.update}: loss {update.loss:.3f} "
+                    f"({', '.join(f'{k} {v:.3f}' for k, v in update.parts.items())}), "
+                    f"{update.replayed} replayed, {update.seconds * 1e3:.0f} ms"
+                    f"{', anchor refreshed' if refreshed else ''}]",
+                    flush=True,
+                )
                 learner.save(learn_dir)
         _save_file(path, session, args.checkpoint)
     if learner is not None:

@@ -24,13 +24,22 @@ SYSTEMS = ("none", "latent", "latent+window", "full")
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="the scripted multi-session demo: facts told early, asked about later",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "demo",
+        help="the scripted multi-session demo: facts told early, asked about later",
+        description=__doc__.split("\n\n")[0],
+    )
     add_reasoner_flags(p)
     add_checkpoint_flag(p)
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated systems (default: %(default)s)")
-    p.add_argument("--window-tokens", type=int, default=128,
-                   help="latent+window: recent history kept as text (default: %(default)s tokens)")
+    p.add_argument(
+        "--systems", default=",".join(SYSTEMS), help="comma-separated systems (default: %(default)s)"
+    )
+    p.add_argument(
+        "--window-tokens",
+        type=int,
+        default=128,
+        help="latent+window: recent history kept as text (default: %(default)s tokens)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     return p
@@ -55,12 +64,19 @@ def run(args) -> int:
     runtime = Runtime(reader, SystemArgs(window_tokens=args.window_tokens, checkpoint=checkpoint))
     episode = build_demo_episode()
     history_tokens = sum(reader.count_tokens(t.text) for t in episode.turns)
-    results: dict = {"reasoner": reasoner.name, "checkpoint": str(checkpoint) if checkpoint else None,
-                     "turns": len(episode.turns), "history_tokens": history_tokens, "systems": {}}
+    results: dict = {
+        "reasoner": reasoner.name,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "turns": len(episode.turns),
+        "history_tokens": history_tokens,
+        "systems": {},
+    }
     if not args.json:
         print(f"memsplice demo: {reasoner.name}, memory {checkpoint or 'untrained (no checkpoint)'}")
-        print(f"history: {len(episode.turns)} turns over 4 sessions, ~{history_tokens} tokens; "
-              f"{len(episode.questions)} questions in session 5\n")
+        print(
+            f"history: {len(episode.turns)} turns over 4 sessions, ~{history_tokens} tokens; "
+            f"{len(episode.questions)} questions in session 5\n"
+        )
     for name in names:
         system = build_system(name, runtime)
         system.reset()
@@ -69,10 +85,20 @@ def run(args) -> int:
         for q in episode.questions:
             answer = system.answer(q)
             score = score_answer(answer.text, q.answer, aliases=q.aliases)
-            rows.append({"question": q.question, "gold": q.answer, "answer": answer.text.strip(),
-                         "correct": bool(score.contains), "costs": answer.costs.to_dict()})
-        results["systems"][name] = {"feed": feed.to_dict(), "answers": rows,
-                                    "correct": sum(r["correct"] for r in rows)}
+            rows.append(
+                {
+                    "question": q.question,
+                    "gold": q.answer,
+                    "answer": answer.text.strip(),
+                    "correct": bool(score.contains),
+                    "costs": answer.costs.to_dict(),
+                }
+            )
+        results["systems"][name] = {
+            "feed": feed.to_dict(),
+            "answers": rows,
+            "correct": sum(r["correct"] for r in rows),
+        }
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -83,16 +109,22 @@ def run(args) -> int:
             mark = "yes" if row["correct"] else "no "
             print(f"   {name:<14} [{mark}] {row['answer'][:90]!r}")
         print()
-    print(f"{'system':<14} {'correct':>8} {'prompt tok':>11} {'slots':>6} {'KV at answer':>13} "
-          f"{'TTFT ms':>8} {'write ms/turn':>14} {'stored':>10}")
+    print(
+        f"{'system':<14} {'correct':>8} {'prompt tok':>11} {'slots':>6} {'KV at answer':>13} "
+        f"{'TTFT ms':>8} {'write ms/turn':>14} {'stored':>10}"
+    )
     for name in names:
         s = results["systems"][name]
         costs = [r["costs"] for r in s["answers"]]
         n = len(costs)
-        print(f"{name:<14} {s['correct']:>5}/{n:<2} {sum(c['prompt_tokens'] for c in costs) / n:>11.0f} "
-              f"{max(c['memory_slots'] for c in costs):>6} {_mib(int(sum(c['kv_bytes'] for c in costs) / n)):>13} "
-              f"{1e3 * sum(c['ttft_s'] for c in costs) / n:>8.0f} {1e3 * s['feed']['write_s_per_turn']:>14.1f} "
-              f"{s['feed']['stored_bytes'] / 1024:>8.1f} KiB")
-    print("\nThe latent rows use the memory checkpoint shipped for this reasoner; see README 'Results' for how far "
-          "its recall is from the text baselines.")
+        print(
+            f"{name:<14} {s['correct']:>5}/{n:<2} {sum(c['prompt_tokens'] for c in costs) / n:>11.0f} "
+            f"{max(c['memory_slots'] for c in costs):>6} {_mib(int(sum(c['kv_bytes'] for c in costs) / n)):>13} "
+            f"{1e3 * sum(c['ttft_s'] for c in costs) / n:>8.0f} {1e3 * s['feed']['write_s_per_turn']:>14.1f} "
+            f"{s['feed']['stored_bytes'] / 1024:>8.1f} KiB"
+        )
+    print(
+        "\nThe latent rows use the memory checkpoint shipped for this reasoner; see README 'Results' for how far "
+        "its recall is from the text baselines."
+    )
     return 0

@@ -13,6 +13,13 @@ from .corpora import (
 )
 
 __all__ = [
-    "DIALOGUE_SOURCES", "DOCUMENT_SOURCES", "Dialogue", "Document", "bundled_dialogues", "data_root",
-    "iter_dialogues", "iter_documents", "split_of",
+    "DIALOGUE_SOURCES",
+    "DOCUMENT_SOURCES",
+    "Dialogue",
+    "Document",
+    "bundled_dialogues",
+    "data_root",
+    "iter_dialogues",
+    "iter_documents",
+    "split_of",
 ]

@@ -43,7 +43,7 @@ class Dialogue:
 
 
 def split_of(item_id: str, heldout_fraction: float = HELDOUT_FRACTION) -> str:
-    """"heldout" for a fixed `heldout_fraction` of ids (by sha256 of the id), else "train"."""
+    """ "heldout" for a fixed `heldout_fraction` of ids (by sha256 of the id), else "train"."""
     h = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") / 2**64
     return "heldout" if h < heldout_fraction else "train"
 
@@ -100,8 +100,12 @@ def _blocks(text: str, target_chars: int) -> Iterator[str]:
         yield "\n".join(block)
 
 
-def iter_documents(root: str | os.PathLike | None = None, sources=DOCUMENT_SOURCES, split: str | None = None,
-                   block_chars: int = 4000) -> Iterator[Document]:
+def iter_documents(
+    root: str | os.PathLike | None = None,
+    sources=DOCUMENT_SOURCES,
+    split: str | None = None,
+    block_chars: int = 4000,
+) -> Iterator[Document]:
     """Prose documents: WikiText articles, and Gutenberg / Shakespeare text in blocks of ~`block_chars`."""
     base = data_root(root)
     for source in sources:
@@ -109,12 +113,18 @@ def iter_documents(root: str | os.PathLike | None = None, sources=DOCUMENT_SOURC
         if not folder.is_dir():
             continue
         if source == "wikitext-2":
-            items = ((f"wikitext-2:{f.stem}:{t}", text) for f in sorted(folder.glob("*.txt"))
-                     for t, text in _wikitext_articles(f))
+            items = (
+                (f"wikitext-2:{f.stem}:{t}", text)
+                for f in sorted(folder.glob("*.txt"))
+                for t, text in _wikitext_articles(f)
+            )
         else:
-            items = ((f"{source}:{f.stem}:{i}", block) for f in sorted(folder.glob("*.txt"))
-                     if f.name not in ("LICENSE.txt",) and not f.name.startswith("NLTK-README")
-                     for i, block in enumerate(_blocks(f.read_text(encoding="utf-8"), block_chars)))
+            items = (
+                (f"{source}:{f.stem}:{i}", block)
+                for f in sorted(folder.glob("*.txt"))
+                if f.name not in ("LICENSE.txt",) and not f.name.startswith("NLTK-README")
+                for i, block in enumerate(_blocks(f.read_text(encoding="utf-8"), block_chars))
+            )
         for doc_id, text in items:
             if split is None or split_of(doc_id) == split:
                 yield Document(doc_id, source, text)
@@ -128,8 +138,9 @@ def _read_dialogues(lines, source_hint: str) -> Iterator[Dialogue]:
             yield Dialogue(str(d["id"]), d.get("source", source_hint), turns)
 
 
-def iter_dialogues(root: str | os.PathLike | None = None, sources=DIALOGUE_SOURCES,
-                   split: str | None = None) -> Iterator[Dialogue]:
+def iter_dialogues(
+    root: str | os.PathLike | None = None, sources=DIALOGUE_SOURCES, split: str | None = None
+) -> Iterator[Dialogue]:
     base = data_root(root)
     for source in sources:
         path = base / source / "dialogues.jsonl.gz"

@@ -9,6 +9,15 @@ from .registry import OPERATORS, get_operator, register_operator
 from .splice import forward_with_memory, generate_with_memory, hidden_states_with_memory, splice_masks
 
 __all__ = [
-    "OPERATORS", "InjectionOperator", "MemoryKV", "concat_slots", "enable_gated_attention", "forward_with_memory",
-    "generate_with_memory", "hidden_states_with_memory", "get_operator", "register_operator", "splice_masks",
+    "OPERATORS",
+    "InjectionOperator",
+    "MemoryKV",
+    "concat_slots",
+    "enable_gated_attention",
+    "forward_with_memory",
+    "generate_with_memory",
+    "hidden_states_with_memory",
+    "get_operator",
+    "register_operator",
+    "splice_masks",
 ]

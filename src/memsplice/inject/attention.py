@@ -20,12 +20,16 @@ from ..compat import attention_registries, base_attention_function, set_attentio
 GATED_PREFIX = "memsplice_"
 # generate() refuses model kwargs it does not know, so during generation the gate travels in a context variable
 # (local to the thread and asyncio task that set it). Can go when generate() forwards custom model kwargs.
-_ACTIVE_GATE: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("memsplice_gate", default=None)
+_ACTIVE_GATE: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "memsplice_gate", default=None
+)
 SUPPORTED_BASES = ("sdpa", "eager")
 _registered: set[str] = set()
 
 
-def additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def additive_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+) -> torch.Tensor:
     """The attention mask as an additive float tensor (B|1, 1, q, kv) in the query's dtype.
 
     None stands for a plain causal mask whose last query row sees every key (the convention of stock attention

@@ -38,8 +38,10 @@ def concat_slots(memories: list[MemoryKV], reasoner) -> MemoryKV:
         return memories[0]
     total = sum(m.num_slots for m in memories)
     layers = range(memories[0].num_layers)
-    keys = [torch.cat([shift_keys(m.keys[i], total - m.num_slots, reasoner) for m in memories], dim=2)
-            for i in layers]
+    keys = [
+        torch.cat([shift_keys(m.keys[i], total - m.num_slots, reasoner) for m in memories], dim=2)
+        for i in layers
+    ]
     values = [torch.cat([m.values[i] for m in memories], dim=2) for i in layers]
     bias = torch.cat([m.gate_bias for m in memories], dim=2)
     live = torch.stack([m.live for m in memories]).any(0)

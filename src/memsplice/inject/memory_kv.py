@@ -37,7 +37,9 @@ class MemoryKV:
             raise ValueError("MemoryKV needs one (keys, values) pair per layer")
         b, _, m, _ = self.keys[0].shape
         if self.gate_bias.shape != (b, len(self.keys), m):
-            raise ValueError(f"gate_bias has shape {tuple(self.gate_bias.shape)}, expected {(b, len(self.keys), m)}")
+            raise ValueError(
+                f"gate_bias has shape {tuple(self.gate_bias.shape)}, expected {(b, len(self.keys), m)}"
+            )
         if self.live.shape != (b,):
             raise ValueError(f"live has shape {tuple(self.live.shape)}, expected ({b},)")
 
@@ -59,7 +61,10 @@ class MemoryKV:
 
     def nbytes(self) -> int:
         """Bytes of K/V this memory adds to the cache."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
+        return sum(
+            k.numel() * k.element_size() + v.numel() * v.element_size()
+            for k, v in zip(self.keys, self.values, strict=True)
+        )
 
     def to_cache(self):
         """A fresh `DynamicCache` holding the memory. A forward pass appends to (mutates) its cache, so every call
@@ -72,8 +77,12 @@ class MemoryKV:
 
     def index_rows(self, index: torch.Tensor | list[int]) -> MemoryKV:
         index = torch.as_tensor(index, device=self.live.device)
-        return MemoryKV([k[index] for k in self.keys], [v[index] for v in self.values],
-                        self.gate_bias[index], self.live[index])
+        return MemoryKV(
+            [k[index] for k in self.keys],
+            [v[index] for v in self.values],
+            self.gate_bias[index],
+            self.live[index],
+        )
 
     def repeat_rows(self, n: int) -> MemoryKV:
         """Each row repeated n times in place (row order a, a, b, b), as generate() expands its inputs."""
@@ -88,9 +97,12 @@ class MemoryKV:
         if len(slots) != 1:
             raise ValueError(f"memories with different slot counts {sorted(slots)} cannot share a batch")
         layers = range(memories[0].num_layers)
-        return cls([torch.cat([m.keys[i] for m in memories]) for i in layers],
-                   [torch.cat([m.values[i] for m in memories]) for i in layers],
-                   torch.cat([m.gate_bias for m in memories]), torch.cat([m.live for m in memories]))
+        return cls(
+            [torch.cat([m.keys[i] for m in memories]) for i in layers],
+            [torch.cat([m.values[i] for m in memories]) for i in layers],
+            torch.cat([m.gate_bias for m in memories]),
+            torch.cat([m.live for m in memories]),
+        )
 
     @classmethod
     def from_reasoner_cache(cls, cache, live: torch.Tensor | None = None) -> MemoryKV:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 class InjectionOperator(nn.Module):
     name: ClassVar[str]
 
-    def __init__(self, config, reasoner: "Reasoner"):
+    def __init__(self, config, reasoner: Reasoner):
         super().__init__()
         self.shapes = reasoner.shapes
 
@@ -31,7 +31,9 @@ class InjectionOperator(nn.Module):
         mask[self.target_layers()] = True
         return mask
 
-    def forward(self, latents: torch.Tensor, reasoner: "Reasoner") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(
+        self, latents: torch.Tensor, reasoner: Reasoner
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """latents (B, M, d) -> keys, values: L tensors (B, H, M, D) in the reasoner's dtype; layers outside
         `target_layers()` hold zeros (their gate bias is -inf, so they contribute nothing)."""
         raise NotImplementedError

@@ -83,7 +83,9 @@ class PrependKV(InjectionOperator):
             bos = getattr(reasoner.model.config, "bos_token_id", None)
         bos = 0 if bos is None else int(bos)
         cache = DynamicCache()
-        reasoner.decoder(input_ids=torch.tensor([[bos]], device=reasoner.device), past_key_values=cache, use_cache=True)
+        reasoner.decoder(
+            input_ids=torch.tensor([[bos]], device=reasoner.device), past_key_values=cache, use_cache=True
+        )
         pairs = cache_layer_tensors(cache)  # (1, H, 1, D) per layer; RoPE at position 0 is the identity
         return [(pairs[j][0].reshape(-1).float(), pairs[j][1].reshape(-1).float()) for j in self._layers]
 
@@ -92,13 +94,17 @@ class PrependKV(InjectionOperator):
         b, m, _ = latents.shape
         dtype = reasoner.dtype
         z = _rms(latents.float())  # (B, M, d)
-        k = torch.einsum("bmd,ldw->lbmw", z, self.key_weight) + self.key_bias[:, None, None]  # (Lt, B, M, H*D)
+        k = (
+            torch.einsum("bmd,ldw->lbmw", z, self.key_weight) + self.key_bias[:, None, None]
+        )  # (Lt, B, M, H*D)
         v = torch.einsum("bmd,ldw->lbmw", z, self.value_weight) + self.value_bias[:, None, None]
         k = k.view(-1, b, m, s.num_kv_heads, s.head_dim).transpose(2, 3)  # (Lt, B, H, M, D)
         v = v.view(-1, b, m, s.num_kv_heads, s.head_dim).transpose(2, 3)
         pos = memory_positions(b, m, latents.device)
         cos, sin = reasoner.rotary_cos_sin(pos, like=k)
-        keys = [torch.zeros(b, s.num_kv_heads, m, s.head_dim, dtype=dtype, device=latents.device)] * s.num_layers
+        keys = [
+            torch.zeros(b, s.num_kv_heads, m, s.head_dim, dtype=dtype, device=latents.device)
+        ] * s.num_layers
         values = list(keys)
         for i, layer_idx in enumerate(self._layers):
             keys[layer_idx] = rotate_keys(k[i], cos, sin).to(dtype)

@@ -20,7 +20,9 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
     if memory is not None and memory.batch_size != input_ids.shape[0]:
         raise ValueError(f"memory holds {memory.batch_size} rows but the input has {input_ids.shape[0]}")
     return attention_mask
@@ -28,8 +30,10 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 
 def splice_masks(memory: MemoryKV, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(full 2-D mask (B, M+T), text position ids (B, T)) under the convention of `memory_kv`."""
-    full = torch.cat([memory.mask_prefix(attention_mask.dtype).to(attention_mask.device), attention_mask], dim=1)
-    positions = (full.long().cumsum(-1) - 1).clamp(min=0)[:, memory.num_slots:]
+    full = torch.cat(
+        [memory.mask_prefix(attention_mask.dtype).to(attention_mask.device), attention_mask], dim=1
+    )
+    positions = (full.long().cumsum(-1) - 1).clamp(min=0)[:, memory.num_slots :]
     return full, positions
 
 
@@ -37,8 +41,13 @@ def _model_dtype_bias(memory: MemoryKV, reasoner) -> torch.Tensor:
     return memory.gate_bias.to(device=reasoner.device, dtype=reasoner.dtype)
 
 
-def forward_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        memory: MemoryKV | None = None, **kwargs):
+def forward_with_memory(
+    reasoner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    memory: MemoryKV | None = None,
+    **kwargs,
+):
     """The reasoner's forward over `input_ids` with `memory` in front; returns its `CausalLMOutputWithPast`.
 
     `labels` and other keyword arguments go to the reasoner unchanged. `use_cache` defaults to False.
@@ -58,8 +67,13 @@ def forward_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torch
     )
 
 
-def hidden_states_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              memory: MemoryKV | None = None, **kwargs) -> torch.Tensor:
+def hidden_states_with_memory(
+    reasoner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    memory: MemoryKV | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """Final hidden states (B, T, d) of the reasoner's decoder with `memory` in front, without the LM head.
 
     Training losses that need logits at a few positions only apply `reasoner.model.get_output_embeddings()` to
@@ -67,17 +81,28 @@ def hidden_states_with_memory(reasoner, input_ids: torch.Tensor, attention_mask:
     """
     attention_mask = _check_inputs(input_ids, attention_mask, memory)
     if memory is None or not memory.any_live:
-        return reasoner.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                **kwargs).last_hidden_state
+        return reasoner.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        ).last_hidden_state
     full_mask, positions = splice_masks(memory, attention_mask)
     return reasoner.decoder(
-        input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=memory.to_cache(),
-        use_cache=True, memory_gate_bias=_model_dtype_bias(memory, reasoner), **kwargs,
+        input_ids=input_ids,
+        attention_mask=full_mask,
+        position_ids=positions,
+        past_key_values=memory.to_cache(),
+        use_cache=True,
+        memory_gate_bias=_model_dtype_bias(memory, reasoner),
+        **kwargs,
     ).last_hidden_state
 
 
-def generate_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                         memory: MemoryKV | None = None, **generate_kwargs) -> torch.Tensor:
+def generate_with_memory(
+    reasoner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    memory: MemoryKV | None = None,
+    **generate_kwargs,
+) -> torch.Tensor:
     """`reasoner.model.generate()` with `memory` in front; returns (B * num_return_sequences, T + new) token ids.
 
     Position ids during generation follow from the extended 2-D mask (transformers' cumsum rule), which gives the
@@ -98,5 +123,8 @@ def generate_with_memory(reasoner, input_ids: torch.Tensor, attention_mask: torc
     full_mask, _ = splice_masks(memory, attention_mask)
     with active_memory_gate(_model_dtype_bias(memory, reasoner)):
         return reasoner.model.generate(
-            input_ids=input_ids, attention_mask=full_mask, past_key_values=memory.to_cache(), **generate_kwargs
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            past_key_values=memory.to_cache(),
+            **generate_kwargs,
         )

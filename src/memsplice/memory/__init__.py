@@ -6,7 +6,16 @@ from .model import CheckpointError, Memory, MemoryModel, ReasonerMismatchError, 
 from .safety import FallbackEvent, FallbackLog, check_latents
 
 __all__ = [
-    "CausalPoolEncoder", "CheckpointError", "FallbackEvent", "FallbackLog", "Memory", "MemoryConfig", "MemoryEncoder",
-    "MemoryModel", "build_encoder",
-    "ReasonerMismatchError", "check_latents", "pad_rows",
+    "CausalPoolEncoder",
+    "CheckpointError",
+    "FallbackEvent",
+    "FallbackLog",
+    "Memory",
+    "MemoryConfig",
+    "MemoryEncoder",
+    "MemoryModel",
+    "build_encoder",
+    "ReasonerMismatchError",
+    "check_latents",
+    "pad_rows",
 ]

@@ -70,24 +70,49 @@ class MemoryConfig:
                 raise ValueError(f"MemoryConfig.{name}: {msg} (got {getattr(self, name)!r})")
 
         for name in ("num_slots", "max_memory_tokens", "encoder_layers", "encoder_width", "encoder_heads"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
-        need(self.encoder_width % self.encoder_heads == 0, "encoder_width", "must be divisible by encoder_heads")
+            need(
+                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                name,
+                "must be a positive integer",
+            )
+        need(
+            self.encoder_width % self.encoder_heads == 0,
+            "encoder_width",
+            "must be divisible by encoder_heads",
+        )
         need((self.encoder_width // self.encoder_heads) % 2 == 0, "encoder_heads", "head width must be even")
         need(self.encoder_mlp_ratio > 0, "encoder_mlp_ratio", "must be positive")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.operator in OPERATORS, "operator", f"must be one of {sorted(OPERATORS)}")
-        need(self.kv_init in ("reasoner", "random", "sink"), "kv_init", 'must be "reasoner", "random" or "sink"')
+        need(
+            self.kv_init in ("reasoner", "random", "sink"),
+            "kv_init",
+            'must be "reasoner", "random" or "sink"',
+        )
         need(self.kv_init_scale > 0, "kv_init_scale", "must be positive")
-        need(self.encoder_type in ("transformer", "causal_pool"), "encoder_type",
-             'must be "transformer" or "causal_pool"')
+        need(
+            self.encoder_type in ("transformer", "causal_pool"),
+            "encoder_type",
+            'must be "transformer" or "causal_pool"',
+        )
         need(self.encoder_init in ("random", "reasoner"), "encoder_init", 'must be "random" or "reasoner"')
         need(self.max_latent_norm > 0, "max_latent_norm", "must be positive")
-        need(self.latent_norm_clip is None or self.latent_norm_clip > 0, "latent_norm_clip", "must be positive or None")
-        need(isinstance(self.embed_warmup_updates, int) and self.embed_warmup_updates >= 0, "embed_warmup_updates",
-             "must be a non-negative integer")
+        need(
+            self.latent_norm_clip is None or self.latent_norm_clip > 0,
+            "latent_norm_clip",
+            "must be positive or None",
+        )
+        need(
+            isinstance(self.embed_warmup_updates, int) and self.embed_warmup_updates >= 0,
+            "embed_warmup_updates",
+            "must be a non-negative integer",
+        )
         if self.target_layers is not None:
-            need(all(isinstance(i, int) for i in self.target_layers) and len(self.target_layers) > 0,
-                 "target_layers", "must be a non-empty list of layer indices")
+            need(
+                all(isinstance(i, int) for i in self.target_layers) and len(self.target_layers) > 0,
+                "target_layers",
+                "must be a non-empty list of layer indices",
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,7 +136,9 @@ class MemoryConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{directory} is not a memsplice checkpoint: {CONFIG_NAME} is missing") from None
+            raise FileNotFoundError(
+                f"{directory} is not a memsplice checkpoint: {CONFIG_NAME} is missing"
+            ) from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):

@@ -24,12 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def checked_memory_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_tokens: int) -> torch.Tensor:
+def checked_memory_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_tokens: int
+) -> torch.Tensor:
     """The attention mask of a memory input (all ones when None), after refusing input longer than the encoder reads."""
     t = input_ids.shape[1]
     if t > max_tokens:
-        raise ValueError(f"memory input has {t} tokens; the encoder reads at most {max_tokens} "
-                         "(max_memory_tokens): chunk or evict first")
+        raise ValueError(
+            f"memory input has {t} tokens; the encoder reads at most {max_tokens} "
+            "(max_memory_tokens): chunk or evict first"
+        )
     return torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
 
@@ -59,7 +63,9 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         # x (B, S, w); key_mask (B, 1, 1, S) bool, True where a key may be attended
         b, s, w = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.attn_norm(x)).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        )
         drop = self.dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=drop)  # (B, h, S, w/h)
         x = x + F.dropout(self.out(a.transpose(1, 2).reshape(b, s, w)), drop, self.training)
@@ -122,7 +128,9 @@ class MemoryEncoder(nn.Module):
         tokens = self.in_proj(F.embedding(input_ids, weight).to(dtype)) + self.position[:t]  # (B, T, w)
         slots = self.slots.expand(b, -1, -1)  # (B, M, w)
         x = torch.cat([tokens, slots], dim=1)  # (B, T+M, w)
-        keep = torch.cat([attention_mask.bool(), torch.ones(b, self.num_slots, dtype=torch.bool, device=x.device)], 1)
+        keep = torch.cat(
+            [attention_mask.bool(), torch.ones(b, self.num_slots, dtype=torch.bool, device=x.device)], 1
+        )
         key_mask = keep[:, None, None, :]  # (B, 1, 1, T+M)
         for block in self.blocks:
             x = block(x, key_mask)
@@ -144,17 +152,23 @@ class MemoryEncoder(nn.Module):
         if w != s.hidden_size:
             problems.append(f"encoder_width={w} must equal the reasoner's hidden size {s.hidden_size}")
         if block.heads != s.num_heads or w // block.heads != s.head_dim:
-            problems.append(f"encoder_heads={block.heads} must equal the reasoner's {s.num_heads} query heads")
+            problems.append(
+                f"encoder_heads={block.heads} must equal the reasoner's {s.num_heads} query heads"
+            )
         mlp = getattr(layers[0], "mlp", None)
         if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             problems.append(f"{s.model_type} layers have no gated MLP to copy")
         elif hidden != mlp.gate_proj.out_features:
-            problems.append(f"encoder MLP width {hidden} must equal the reasoner's {mlp.gate_proj.out_features} "
-                            f"(encoder_mlp_ratio={mlp.gate_proj.out_features / w!r})")
+            problems.append(
+                f"encoder MLP width {hidden} must equal the reasoner's {mlp.gate_proj.out_features} "
+                f"(encoder_mlp_ratio={mlp.gate_proj.out_features / w!r})"
+            )
         if len(self.blocks) > len(layers):
             problems.append(f"encoder_layers={len(self.blocks)} exceeds the reasoner's {len(layers)} layers")
         if problems:
-            raise ValueError("encoder_init='reasoner' needs an encoder shaped like the reasoner: " + "; ".join(problems))
+            raise ValueError(
+                "encoder_init='reasoner' needs an encoder shaped like the reasoner: " + "; ".join(problems)
+            )
         rep = s.num_heads // s.num_kv_heads
         for mine, theirs in zip(self.blocks, layers, strict=False):
             attn = theirs.self_attn
@@ -162,7 +176,9 @@ class MemoryEncoder(nn.Module):
             v = attn.v_proj.weight.float().view(s.num_kv_heads, s.head_dim, -1).repeat_interleave(rep, 0)
             mine.qkv.weight.copy_(torch.cat([attn.q_proj.weight.float(), k.reshape(w, -1), v.reshape(w, -1)]))
             mine.out.weight.copy_(attn.o_proj.weight.float())
-            mine.gate_up.weight.copy_(torch.cat([theirs.mlp.gate_proj.weight.float(), theirs.mlp.up_proj.weight.float()]))
+            mine.gate_up.weight.copy_(
+                torch.cat([theirs.mlp.gate_proj.weight.float(), theirs.mlp.up_proj.weight.float()])
+            )
             mine.down.weight.copy_(theirs.mlp.down_proj.weight.float())
             mine.attn_norm.weight.copy_(theirs.input_layernorm.weight.float())
             mine.mlp_norm.weight.copy_(theirs.post_attention_layernorm.weight.float())
@@ -196,7 +212,9 @@ class CausalPoolEncoder(nn.Module):
         return self.reasoner.embedding_weight
 
     def untie_embedding(self):
-        raise ValueError("the causal-pool encoder reads through the frozen reasoner; it has no embedding to untie")
+        raise ValueError(
+            "the causal-pool encoder reads through the frozen reasoner; it has no embedding to untie"
+        )
 
     def pooling_weights(self, lengths: torch.Tensor, t: int) -> torch.Tensor:
         """(B, M, T) averaging weights: slot j covers tokens [j*n/M, (j+1)*n/M) of a row with n tokens."""
@@ -217,8 +235,9 @@ class CausalPoolEncoder(nn.Module):
         if bool((attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any()):
             raise ValueError("the causal-pool encoder needs right-padded input (ones, then zeros)")
         with torch.no_grad():
-            hidden = self.reasoner.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                                           use_cache=False).last_hidden_state  # (B, T, d)
+            hidden = self.reasoner.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # (B, T, d)
         return torch.bmm(self.pooling_weights(lengths, t), hidden.float())  # (B, M, d)
 
 

@@ -74,8 +74,9 @@ class MemoryModel(nn.Module):
         for name, want in (("reasoner_hidden_size", s.hidden_size), ("reasoner_vocab_size", s.vocab_size)):
             got = getattr(config, name)
             if got is not None and got != want:
-                raise ReasonerMismatchError(f"this memory was built for a reasoner with {name}={got}; "
-                                            f"{reasoner.name} has {want}")
+                raise ReasonerMismatchError(
+                    f"this memory was built for a reasoner with {name}={got}; {reasoner.name} has {want}"
+                )
         config.reasoner_name = config.reasoner_name or reasoner.name
         config.reasoner_fingerprint = config.reasoner_fingerprint or reasoner.fingerprint
         config.reasoner_hidden_size, config.reasoner_vocab_size = s.hidden_size, s.vocab_size
@@ -92,16 +93,24 @@ class MemoryModel(nn.Module):
     # -- writing memory ----------------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> latents (B, M, d)."""
-        return self.encoder(input_ids.to(self.reasoner.device),
-                            None if attention_mask is None else attention_mask.to(self.reasoner.device))
+        return self.encoder(
+            input_ids.to(self.reasoner.device),
+            None if attention_mask is None else attention_mask.to(self.reasoner.device),
+        )
 
     def gate_values(self, latents: torch.Tensor) -> torch.Tensor:
         """g = sigmoid(W_g z): (B, M)."""
         return torch.sigmoid(self.gate(latents.float()).squeeze(-1))
 
-    def write(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-              scope: str | None = None, gate_override: float | torch.Tensor | None = None,
-              latents: torch.Tensor | None = None) -> Memory:
+    def write(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        scope: str | None = None,
+        gate_override: float | torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> Memory:
         """Encode (or take `latents`), check, gate and project into per-layer K/V.
 
         gate_override: force g (a float or (B, M) tensor) instead of the learned gate, e.g. 0.0 to close it.
@@ -109,14 +118,22 @@ class MemoryModel(nn.Module):
         z = self.encode(input_ids, attention_mask) if latents is None else latents.to(self.reasoner.device)
         return self.inject(z, scope=scope, gate_override=gate_override, memory_input=input_ids)
 
-    def inject(self, latents: torch.Tensor, *, scope: str | None = None,
-               gate_override: float | torch.Tensor | None = None, memory_input: torch.Tensor | None = None) -> Memory:
+    def inject(
+        self,
+        latents: torch.Tensor,
+        *,
+        scope: str | None = None,
+        gate_override: float | torch.Tensor | None = None,
+        memory_input: torch.Tensor | None = None,
+    ) -> Memory:
         """Latents (B, M, d) -> `Memory`: safety check, optional norm clip, gate, operator."""
         cfg = self.config
         b, m, d = latents.shape
         if m != cfg.num_slots or d != self.reasoner.shapes.hidden_size:
-            raise ValueError(f"latents must be (batch, {cfg.num_slots}, {self.reasoner.shapes.hidden_size}), "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(
+                f"latents must be (batch, {cfg.num_slots}, {self.reasoner.shapes.hidden_size}), "
+                f"got {tuple(latents.shape)}"
+            )
         if cfg.latent_norm_clip is not None:
             norms = latents.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
             latents = latents * (cfg.latent_norm_clip / norms).clamp(max=1.0).to(latents.dtype)
@@ -131,8 +148,12 @@ class MemoryModel(nn.Module):
             gate = torch.as_tensor(gate_override, dtype=torch.float32, device=latents.device).expand(b, m)
             log_gate = torch.log(gate)  # log 0 = -inf closes a slot exactly
         keys, values = self.operator(safe, self.reasoner)
-        kv_finite = torch.stack([torch.isfinite(k).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
-                                 for k, v in zip(keys, values)]).all(0)  # (B,)
+        kv_finite = torch.stack(
+            [
+                torch.isfinite(k).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
+                for k, v in zip(keys, values, strict=True)
+            ]
+        ).all(0)  # (B,)
         live = ok & kv_finite & (gate > 0).any(dim=1)
         layer_mask = self.operator.layer_mask(latents.device)  # (L,)
         bias = log_gate[:, None, :].expand(b, len(keys), m)
@@ -150,8 +171,14 @@ class MemoryModel(nn.Module):
             detail = {}
             if memory_input is not None:
                 detail["input_ids"] = memory_input[row].tolist()
-            event = FallbackEvent(reason=reason, norm=float(norms[row]), bound=cfg.max_latent_norm,
-                                  scope=scope, row=row, detail=detail)
+            event = FallbackEvent(
+                reason=reason,
+                norm=float(norms[row]),
+                bound=cfg.max_latent_norm,
+                scope=scope,
+                row=row,
+                detail=detail,
+            )
             self.fallback_log.record(event)
             events.append(event)
         return Memory(latents=latents, gate=gate, kv=MemoryKV(keys, values, bias, live), events=events)
@@ -159,28 +186,43 @@ class MemoryModel(nn.Module):
     def write_text(self, texts: list[str], *, scope: str | None = None, **kwargs) -> Memory:
         """Tokenize `texts` with the reasoner's tokenizer (truncated to max_memory_tokens) and write them."""
         tok = self.reasoner.require_tokenizer()
-        rows = [tok(t, add_special_tokens=False)["input_ids"][-self.config.max_memory_tokens:] or [tok.eos_token_id]
-                for t in texts]
+        rows = [
+            tok(t, add_special_tokens=False)["input_ids"][-self.config.max_memory_tokens :]
+            or [tok.eos_token_id]
+            for t in texts
+        ]
         ids, mask = pad_rows(rows, pad_id=tok.pad_token_id or 0, device=self.reasoner.device)
         return self.write(ids, mask, scope=scope, **kwargs)
 
     # -- reading memory ----------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                memory: Memory | MemoryKV | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        memory: Memory | MemoryKV | None = None,
+        **kwargs,
+    ):
         """The reasoner's forward with `memory` spliced in front (None: the bare reasoner)."""
         kv = memory.kv if isinstance(memory, Memory) else memory
         return forward_with_memory(self.reasoner, input_ids, attention_mask, kv, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 memory: Memory | MemoryKV | None = None, **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        memory: Memory | MemoryKV | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
         kv = memory.kv if isinstance(memory, Memory) else memory
         generate_kwargs.setdefault("pad_token_id", self._pad_id())
         return generate_with_memory(self.reasoner, input_ids, attention_mask, kv, **generate_kwargs)
 
     def _pad_id(self) -> int | None:
         tok = self.reasoner.tokenizer
-        return None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return (
+            None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        )
 
     # -- training helpers --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -200,8 +242,13 @@ class MemoryModel(nn.Module):
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         return {k: v.contiguous().cpu() for k, v in state.items()}
 
-    def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int | None = None) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        max_shard_bytes: int | None = None,
+    ) -> Path:
         """Write config + safetensors atomically (a sibling temp dir renamed into place).
 
         dtype: store weights in this dtype (e.g. torch.bfloat16 to halve the size); masters stay float32.
@@ -213,7 +260,11 @@ class MemoryModel(nn.Module):
         try:
             self.config.save(tmp)
             state = self.memory_state_dict(dtype)
-            meta = {"format": "pt", "memsplice": "memory", "reasoner_fingerprint": self.config.reasoner_fingerprint}
+            meta = {
+                "format": "pt",
+                "memsplice": "memory",
+                "reasoner_fingerprint": self.config.reasoner_fingerprint,
+            }
             shards = _shard(state, max_shard_bytes)
             if len(shards) == 1:
                 save_file(shards[0], tmp / WEIGHTS_NAME, metadata=meta)
@@ -223,7 +274,9 @@ class MemoryModel(nn.Module):
                     name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                     save_file(shard, tmp / name, metadata=meta)
                     weight_map.update(dict.fromkeys(shard, name))
-                (tmp / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1))
+                (tmp / INDEX_NAME).write_text(
+                    json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1)
+                )
             old = None
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -237,8 +290,9 @@ class MemoryModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, reasoner, strict_reasoner: bool = True,
-                        **overrides) -> MemoryModel:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, reasoner, strict_reasoner: bool = True, **overrides
+    ) -> MemoryModel:
         """Load a memory checkpoint onto `reasoner`; refuses a reasoner with another fingerprint.
 
         overrides: config fields to change at load time that do not alter weights (e.g. max_latent_norm).
@@ -247,15 +301,28 @@ class MemoryModel(nn.Module):
         if not directory.is_dir():
             raise CheckpointError(f"no memory checkpoint directory at {directory}")
         config = MemoryConfig.load(directory)
-        if strict_reasoner and config.reasoner_fingerprint and config.reasoner_fingerprint != reasoner.fingerprint:
+        if (
+            strict_reasoner
+            and config.reasoner_fingerprint
+            and config.reasoner_fingerprint != reasoner.fingerprint
+        ):
             raise ReasonerMismatchError(
                 f"{directory} was trained for reasoner {config.reasoner_name!r} "
                 f"(fingerprint {config.reasoner_fingerprint[:12]}), but the reasoner given is {reasoner.name!r} "
                 f"(fingerprint {reasoner.fingerprint[:12]}). Load the reasoner it was trained for, or train a memory "
                 "for this one."
             )
-        weight_fields = {"num_slots", "max_memory_tokens", "encoder_layers", "encoder_width", "encoder_heads",
-                         "encoder_mlp_ratio", "operator", "target_layers", "encoder_type"}
+        weight_fields = {
+            "num_slots",
+            "max_memory_tokens",
+            "encoder_layers",
+            "encoder_width",
+            "encoder_heads",
+            "encoder_mlp_ratio",
+            "operator",
+            "target_layers",
+            "encoder_type",
+        }
         if bad := sorted(set(overrides) & weight_fields):
             raise ValueError(f"cannot override {bad} at load time: they define the weights")
         for k, v in overrides.items():
@@ -272,11 +339,14 @@ class MemoryModel(nn.Module):
         own.pop("encoder.token_embedding", None)
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise CheckpointError(f"{directory} does not match its config: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"{directory} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for k, v in state.items():
             if v.shape != own[k].shape:
-                raise CheckpointError(f"{directory}: {k} has shape {tuple(v.shape)}, config wants {tuple(own[k].shape)}")
+                raise CheckpointError(
+                    f"{directory}: {k} has shape {tuple(v.shape)}, config wants {tuple(own[k].shape)}"
+                )
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
         return model
 
@@ -312,7 +382,9 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read memory weights in {directory}: {e}") from e
 
 
-def pad_rows(rows: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(
+    rows: list[list[int]], pad_id: int, device, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (or left-pad) token id lists into (B, T) ids and mask."""
     t = max(len(r) for r in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)

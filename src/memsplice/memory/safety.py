@@ -49,7 +49,9 @@ class FallbackEvent:
         return d
 
 
-def check_latents(latents: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, list[str | None], torch.Tensor]:
+def check_latents(
+    latents: torch.Tensor, max_norm: float
+) -> tuple[torch.Tensor, list[str | None], torch.Tensor]:
     """latents (B, M, d) -> (ok (B,) bool, reason per row or None, max slot norm per row (B,))."""
     with torch.no_grad():
         lat = latents.detach().float()
@@ -57,8 +59,10 @@ def check_latents(latents: torch.Tensor, max_norm: float) -> tuple[torch.Tensor,
         norms = lat.norm(dim=-1).amax(dim=-1)  # (B,)
         too_big = norms > max_norm
         ok = finite & ~too_big
-        reasons = [None if o else (NON_FINITE if not f else NORM_EXCEEDED)
-                   for o, f in zip(ok.tolist(), finite.tolist())]
+        reasons = [
+            None if o else (NON_FINITE if not f else NORM_EXCEEDED)
+            for o, f in zip(ok.tolist(), finite.tolist(), strict=True)
+        ]
     return ok, reasons, norms
 
 
@@ -82,8 +86,14 @@ class FallbackLog:
             if self.path:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(event.to_dict()) + "\n")
-        logger.warning("memory fallback: %s (norm %.3g, bound %.3g, scope %s, row %d)",
-                       event.reason, event.norm, event.bound, event.scope, event.row)
+        logger.warning(
+            "memory fallback: %s (norm %.3g, bound %.3g, scope %s, row %d)",
+            event.reason,
+            event.norm,
+            event.bound,
+            event.scope,
+            event.row,
+        )
         for callback in list(self._subscribers):
             callback(event)
 

@@ -6,7 +6,16 @@ from .reasoner import Reasoner
 from .shapes import ReasonerShapes, UnsupportedReasonerError
 
 __all__ = [
-    "DEFAULT_REASONER", "Reasoner", "ReasonerNotFoundError", "ReasonerShapes", "UnsupportedReasonerError",
-    "assert_frozen", "cache_root", "default_gguf_path", "fingerprint_weights", "freeze", "load_reasoner",
+    "DEFAULT_REASONER",
+    "Reasoner",
+    "ReasonerNotFoundError",
+    "ReasonerShapes",
+    "UnsupportedReasonerError",
+    "assert_frozen",
+    "cache_root",
+    "default_gguf_path",
+    "fingerprint_weights",
+    "freeze",
+    "load_reasoner",
     "weights_digest",
 ]

@@ -96,8 +96,13 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
             model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        meta = {"name": name, "source": str(gguf), "source_sha256": _file_sha256(gguf),
-                "fingerprint": fingerprint_weights(model), "converted_s": round(time.perf_counter() - t0, 2)}
+        meta = {
+            "name": name,
+            "source": str(gguf),
+            "source_sha256": _file_sha256(gguf),
+            "fingerprint": fingerprint_weights(model),
+            "converted_s": round(time.perf_counter() - t0, 2),
+        }
         (tmp / _CACHE_META).write_text(json.dumps(meta, indent=2))
         if target.exists():  # another process won the race; keep its copy
             shutil.rmtree(tmp)
@@ -154,7 +159,9 @@ def load_reasoner(
         load_from = source
         path = Path(source)
         if path.exists() and not (path / "config.json").is_file():
-            raise ReasonerNotFoundError(f"{path} exists but holds no config.json; is it a transformers model directory?")
+            raise ReasonerNotFoundError(
+                f"{path} exists but holds no config.json; is it a transformers model directory?"
+            )
         name = path.name if path.exists() else str(source)
 
     try:
@@ -163,7 +170,9 @@ def load_reasoner(
         logger.warning("no tokenizer loaded from %s (%s); token ids only", load_from, e)
         tokenizer = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(load_from, dtype=torch.float32, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            load_from, dtype=torch.float32, attn_implementation=attn_implementation
+        )
     except OSError as e:
         raise ReasonerNotFoundError(
             f"could not load a causal LM from {source!r}: {e}. Without a model hub, pass a local directory or a .gguf file."

@@ -53,7 +53,9 @@ class Reasoner:
     def layer_attention(self, layer_idx: int) -> torch.nn.Module:
         return self.decoder.layers[layer_idx].self_attn
 
-    def rotary_cos_sin(self, position_ids: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_cos_sin(
+        self, position_ids: torch.Tensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for `position_ids` (B, T) from the reasoner's own rotary embedding, in `like`'s dtype."""
         rotary = getattr(self.decoder, "rotary_emb", None)
         if rotary is None:
@@ -73,7 +75,9 @@ class Reasoner:
         """Token ids of `messages` rendered with the reasoner's chat template (plain text if it has none)."""
         tok = self.require_tokenizer()
         if getattr(tok, "chat_template", None):
-            out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            out = tok.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
             ids = out["input_ids"] if hasattr(out, "keys") else out
             return list(ids)
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
@@ -83,5 +87,7 @@ class Reasoner:
 
     def __repr__(self) -> str:
         s = self.shapes
-        return (f"Reasoner({self.name!r}, layers={s.num_layers}, d={s.hidden_size}, heads={s.num_heads}/"
-                f"{s.num_kv_heads}kv, head_dim={s.head_dim}, dtype={self.dtype}, device={self.device})")
+        return (
+            f"Reasoner({self.name!r}, layers={s.num_layers}, d={s.hidden_size}, heads={s.num_heads}/"
+            f"{s.num_kv_heads}kv, head_dim={s.head_dim}, dtype={self.dtype}, device={self.device})"
+        )

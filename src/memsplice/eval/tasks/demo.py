@@ -12,21 +12,27 @@ from memsplice.data import bundled_dialogues
 from .base import CountTokens, Episode, Question, TaskArgs, Turn, register_task
 
 SESSIONS: list[tuple[str, list[tuple[str, str]]]] = [
-    ("Monday 3 March, 09:12", [
-        ("user", "Hi! I'm Priya Raman. I just started using this assistant."),
-        ("assistant", "Welcome, Priya! Tell me anything you'd like me to remember."),
-        ("user", "I live in Porto and I work as a marine biologist at the aquarium."),
-        ("assistant", "Porto and marine biology, noted."),
-        ("user", "My cat is called Miso. She is three years old."),
-        ("assistant", "Miso sounds lovely."),
-    ]),
+    (
+        "Monday 3 March, 09:12",
+        [
+            ("user", "Hi! I'm Priya Raman. I just started using this assistant."),
+            ("assistant", "Welcome, Priya! Tell me anything you'd like me to remember."),
+            ("user", "I live in Porto and I work as a marine biologist at the aquarium."),
+            ("assistant", "Porto and marine biology, noted."),
+            ("user", "My cat is called Miso. She is three years old."),
+            ("assistant", "Miso sounds lovely."),
+        ],
+    ),
     ("Wednesday 5 March, 18:40", []),  # small talk only
-    ("Saturday 15 March, 11:05", [
-        ("user", "Big news: I moved from Porto to Lyon last week."),
-        ("assistant", "Congratulations on the move to Lyon!"),
-        ("user", "Also, my sister Ana's birthday is on 9 September. Remind me to plan something."),
-        ("assistant", "Ana's birthday, 9 September. I'll remember."),
-    ]),
+    (
+        "Saturday 15 March, 11:05",
+        [
+            ("user", "Big news: I moved from Porto to Lyon last week."),
+            ("assistant", "Congratulations on the move to Lyon!"),
+            ("user", "Also, my sister Ana's birthday is on 9 September. Remind me to plan something."),
+            ("assistant", "Ana's birthday, 9 September. I'll remember."),
+        ],
+    ),
     ("Tuesday 18 March, 20:30", []),  # small talk only
 ]
 
@@ -68,7 +74,10 @@ def build_demo_episode(small_talk_turns: int = 12) -> Episode:
     return Episode("demo", tuple(turns), questions, meta={"sessions": len(SESSIONS)})
 
 
-@register_task("demo", help="the scripted multi-session demo: facts told early, asked about later",
-               main_metric="contains")
+@register_task(
+    "demo",
+    help="the scripted multi-session demo: facts told early, asked about later",
+    main_metric="contains",
+)
 def build_demo(args: TaskArgs, count_tokens: CountTokens) -> list[Episode]:
     return [build_demo_episode()]
