@@ -188,6 +188,8 @@ def _time_engine(decoder, prompt, memory, args: LatencyArgs) -> dict:
 
 
 def _time_hf(reasoner, prompt, memory, args: LatencyArgs) -> dict:
+    from transformers.generation.streamers import BaseStreamer
+
     from ..inject.splice import generate_with_memory
 
     device = reasoner.device
@@ -195,34 +197,50 @@ def _time_hf(reasoner, prompt, memory, args: LatencyArgs) -> dict:
     mask = torch.ones_like(ids)
     pad = reasoner.tokenizer.pad_token_id if reasoner.tokenizer is not None else 0
 
-    # No stop token: every run decodes exactly n tokens, and no logit is suppressed to force that (as
+    # No stop token: every run decodes exactly new_tokens tokens, and no logit is suppressed to force that (as
     # min_new_tokens would), so the tokens stay comparable with the engine's.
-    def config_for(n: int):
-        config = copy.deepcopy(reasoner.model.generation_config)
-        config.eos_token_id = None
-        config.pad_token_id = pad
-        config.do_sample = False
-        config.max_new_tokens = n
-        return config
+    config = copy.deepcopy(reasoner.model.generation_config)
+    config.eos_token_id = None
+    config.pad_token_id = pad
+    config.do_sample = False
+    config.max_new_tokens = args.new_tokens
 
-    configs = {1: config_for(1), args.new_tokens: config_for(args.new_tokens)}
+    class _Clock(BaseStreamer):
+        """Timestamps each token generate() emits; the first call carries the prompt, not a new token."""
 
-    def gen(n: int):
+        def __init__(self):
+            self.times: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            _sync(device)
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def gen():
+        # TTFT and decode time come from the same run (first token, then the rest), so neither is a difference of
+        # two separately noisy medians that could come out negative.
+        clock = _Clock()
         t0 = time.perf_counter()
-        out = generate_with_memory(reasoner, ids, mask, memory, generation_config=configs[n])
+        out = generate_with_memory(reasoner, ids, mask, memory, generation_config=config, streamer=clock)
         _sync(device)
-        return time.perf_counter() - t0, out
+        first, last = clock.times[0], clock.times[-1]
+        return first - t0, (last - first) / max(len(clock.times) - 1, 1), out
 
     for _ in range(min(args.warmup, 1)):
-        gen(args.new_tokens)
-    one = [gen(1)[0] for _ in range(args.hf_repeats)]
-    full = [gen(args.new_tokens) for _ in range(args.hf_repeats)]
-    ttft = statistics.median(one)
-    per_token = (statistics.median([t for t, _ in full]) - ttft) / (args.new_tokens - 1)
+        gen()
+    runs = [gen() for _ in range(args.hf_repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    per_token = statistics.median(r[1] for r in runs)
     return {
         "ttft_ms": round(ttft * 1e3, 4),
         "decode_ms_per_token": round(per_token * 1e3, 4),
-        "tokens": full[-1][1][0, len(prompt) :].tolist(),
+        "tokens": runs[-1][2][0, len(prompt) :].tolist(),
     }
 
 
