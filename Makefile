@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= train,eval,serve,dev
+EXTRAS ?= train,eval,serve,privacy,dev
 
 .PHONY: setup demo test lint clean
 
