@@ -7,7 +7,7 @@ Layout expected under the data root (the `shared/data` folder of the project, or
 Guarantees:
 - Every document and dialogue has a stable id; `split_of(id)` assigns it to "train" or "heldout" by a hash of the
   id alone, so the held-out set is the same on every machine and never depends on iteration order or sampling.
-- Without a data root, `bundled_dialogues()` still provides 300 MIT-licensed dialogues shipped in the package.
+- Without a data root, `bundled_dialogues()` still provides 180 MIT-licensed dialogues shipped in the package.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def iter_dialogues(
 
 
 def bundled_dialogues(split: str | None = None) -> list[Dialogue]:
-    """The 300 chitchat dialogues shipped inside the package (see resources/README.md)."""
+    """The 180 chitchat dialogues shipped inside the package (see resources/README.md)."""
     ref = resources.files(__package__) / "resources" / "chitchat-sample.jsonl.gz"
     with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         return [d for d in _read_dialogues(f, "chitchat") if split is None or split_of(d.id) == split]
