@@ -10,6 +10,12 @@
 #                                       each, default 2.5), then the full fidelity bench against $MAIN_CKPT, saved
 #                                       under benchmarks/results/ (summary.json "formation")
 #   scripts/gpu/formation.sh throughput tokens/s and MFU for compile=none/encoder/all (SECONDS_EACH, default 60)
+#   scripts/gpu/formation.sh extend     more training for the weights in $INIT (default: the shipped checkpoint) on a
+#                                       new schedule of PLAN_MINUTES; COMPILE=auto first times compile=none and
+#                                       compile=all (SECONDS_EACH) and trains with the faster; continue with `resume`
+#
+# SETS (space-separated section.field=value) are passed as --set to every training command of main/resume/extend;
+# COMPILE=none|encoder|all sets run.compile there.
 #
 # Everything that comes back is under $OUT (at most 8 files, each <= 16 MiB):
 #   memory/memsplice_config.json, memory/model.safetensors.index.json, memory/model-0000k-of-0000n.safetensors
@@ -17,7 +23,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|baselines|throughput}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -38,6 +44,10 @@ LOG="$STAGE/log.txt"
 exec > >(tee -a "$LOG") 2>&1
 
 SMALL_FLAGS=()
+TRAIN_SETS=()
+for kv in ${SETS:-}; do TRAIN_SETS+=(--set "$kv"); done
+[ -f "$RUN/compile-mode" ] && COMPILE=${COMPILE:-$(cat "$RUN/compile-mode")}
+[ -n "${COMPILE:-}" ] && [ "$COMPILE" != auto ] && TRAIN_SETS+=(--set run.compile="$COMPILE")
 PASSAGES=${PASSAGES:-128}
 PLAN=${PLAN_MINUTES:-14}
 MIN=${BASELINE_MINUTES:-2.5}
@@ -76,7 +86,7 @@ PY
 case "$PHASE" in
   main)
     $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/main" --quiet \
-      --plan-minutes "$PLAN" --stop-at "$(deadline)" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary.json" || { package "$RUN/main"; exit 1; }
+      --plan-minutes "$PLAN" --stop-at "$(deadline)" "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary.json" || { package "$RUN/main"; exit 1; }
     $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/main/memory" --passages "$PASSAGES" --json \
       "${BENCH_SMALL[@]}" > "$STAGE/fidelity-main.json" || true
     package "$RUN/main"
@@ -85,12 +95,12 @@ case "$PHASE" in
     if [ -f "$RUN/main/checkpoints/LATEST" ]; then
       echo "resuming exactly from $RUN/main/checkpoints/$(cat "$RUN/main/checkpoints/LATEST")"
       $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/main" --quiet \
-        --resume --stop-at "$(deadline)" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary.json" \
+        --resume --stop-at "$(deadline)" "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" | tee "$STAGE/train-summary.json" \
         || { package "$RUN/main"; exit 1; }
     else
       echo "no training state on this machine; continuing the schedule from the weights in $INIT"
       $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/main" --quiet \
-        --init-from "$INIT" --continue-schedule --stop-at "$(deadline)" "${SMALL_FLAGS[@]}" \
+        --init-from "$INIT" --continue-schedule --stop-at "$(deadline)" "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" \
         | tee "$STAGE/train-summary.json" || { package "$RUN/main"; exit 1; }
     fi
     $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/main/memory" --passages "$PASSAGES" --json \
@@ -125,6 +135,34 @@ case "$PHASE" in
         | tee "$STAGE/throughput-$mode.json" || echo "compile=$mode failed"
     done
     package ""
+    ;;
+  extend)
+    if [ "${COMPILE:-none}" = auto ]; then
+      SECS=${SECONDS_EACH:-45}
+      best=none; best_tps=0
+      for mode in none all; do
+        $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/tp-$mode" --quiet \
+          --init-from "$INIT" --steps 100000 --max-minutes "$($PY -c "print($SECS / 60)")" --set run.compile="$mode" \
+          --set "data.lengths=[256]" --set data.length_weights=null --set data.curriculum_steps=0 \
+          --set run.eval_every=0 --set "run.eval_lengths=[64]" --set run.eval_passages=8 "${SMALL_FLAGS[@]}" \
+          > "$STAGE/throughput-$mode.json" || { echo "compile=$mode failed"; continue; }
+        tps=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['throughput']['tokens_per_s'])" \
+              "$STAGE/throughput-$mode.json" 2>/dev/null || echo 0)
+        echo "compile=$mode: $tps tokens/s"
+        if $PY -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$tps" "$best_tps"; then
+          best=$mode; best_tps=$tps
+        fi
+      done
+      COMPILE=$best
+      TRAIN_SETS+=(--set run.compile="$COMPILE")
+    fi
+    echo "${COMPILE:-none}" > "$RUN/compile-mode"
+    echo "extending $INIT with compile=${COMPILE:-none}, sets: ${SETS:-none}"
+    rm -rf "$RUN/main"
+    $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/main" --quiet \
+      --init-from "$INIT" --plan-minutes "$PLAN" --stop-at "$(deadline)" "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" \
+      | tee "$STAGE/train-summary.json" || { package "$RUN/main"; exit 1; }
+    package "$RUN/main"
     ;;
   *)
     echo "unknown phase $PHASE"; exit 2 ;;

@@ -323,6 +323,13 @@ class FormationRecipe:
         mode = self.config.run.compile
         if mode == "none":
             return
+        # one static graph per (rows, length) shape: training lengths and the evaluation lengths each add one,
+        # more than dynamo's default of 8 recompilations per function
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         self.memory.encoder.compile(dynamic=False)
         if mode == "all":
             for layer in self.reasoner.decoder.layers:
