@@ -9,7 +9,8 @@
 #   scripts/gpu/formation.sh baselines  train the causal-embedding and language-prior baselines (BASELINE_MINUTES
 #                                       each, default 2.5), then the full fidelity bench against $MAIN_CKPT, saved
 #                                       under benchmarks/results/ (summary.json "formation")
-#   scripts/gpu/formation.sh throughput tokens/s and MFU for compile=none/encoder/all (SECONDS_EACH, default 60)
+#   scripts/gpu/formation.sh throughput tokens/s and MFU for compile=none/encoder/all (SECONDS_EACH, default 60;
+#                                       MODES picks some)
 #   scripts/gpu/formation.sh extend     more training for the weights in $INIT (default: the shipped checkpoint) on a
 #                                       new schedule of PLAN_MINUTES; COMPILE=auto first times compile=none and
 #                                       compile=all (SECONDS_EACH) and trains with the faster; continue with `resume`
@@ -127,7 +128,7 @@ case "$PHASE" in
     ;;
   throughput)
     SECS=${SECONDS_EACH:-60}
-    for mode in none encoder all; do
+    for mode in ${MODES:-none encoder all}; do
       $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/tp-$mode" --quiet \
         --steps 100000 --max-minutes "$($PY -c "print($SECS / 60)")" --set run.compile="$mode" \
         --set "data.lengths=[256]" --set data.length_weights=null --set data.curriculum_steps=0 \
