@@ -41,6 +41,13 @@ def test_token_f1(prediction, answer, expected):
     assert token_f1(prediction, answer) == pytest.approx(expected)
 
 
+def test_token_f1_stems_like_locomo():
+    # LoCoMo's evaluation Porter-stems tokens before F1: inflections match, other words do not
+    assert token_f1("marine biologists", "marine biologist") == pytest.approx(1.0)
+    assert token_f1("she is running", "runs") == pytest.approx(2 * (1 / 3) * 1.0 / (1 / 3 + 1.0))
+    assert token_f1("Lyon", "Lisbon") == 0.0
+
+
 def test_contains_is_whole_word_and_normalised():
     assert contains_answer("She lives in Porto now.", "porto") == 1.0
     assert contains_answer("She lives in Portofino.", "Porto") == 0.0

@@ -2,12 +2,12 @@
 multi-hop and adversarial questions.
 
 Normalisation (as in the LoCoMo paper's evaluation, which extends SQuAD's): lowercase, drop commas, strip
-punctuation, drop the words a / an / the / and, collapse whitespace. LoCoMo additionally Porter-stems tokens before
-F1; memsplice does not (no stemmer dependency), so F1 here can be slightly lower on inflected answers.
+punctuation, drop the words a / an / the / and, collapse whitespace. F1 then Porter-stems every token, as LoCoMo's
+evaluation does (NLTK's `PorterStemmer`, in the `eval` extra), so "biologists" matches "biologist".
 
 Scores per question (all in [0, 1]):
 - `em`: normalised prediction == normalised answer;
-- `f1`: token F1 of the normalised strings; for multi-hop LoCoMo items (category 1) the answer is split on commas
+- `f1`: token F1 of the normalised, stemmed strings; for multi-hop LoCoMo items (category 1) the answer is split on commas
   and each part scored against the best-matching part of the prediction, then averaged (LoCoMo's partial credit);
 - `contains`: the normalised answer occurs in the normalised prediction as a whole-word phrase (the main score of
   the synthetic and passkey tasks, whose answers are single facts inside free-form replies);
@@ -23,6 +23,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the|and)\b")
@@ -53,9 +54,25 @@ def exact_match(prediction: str, answer: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(answer))
 
 
+@lru_cache(maxsize=1)
+def _stemmer():
+    try:
+        from nltk.stem import PorterStemmer
+    except ImportError as e:
+        raise ImportError(
+            "token F1 stems tokens as LoCoMo's evaluation does and needs NLTK: pip install 'memsplice[eval]'"
+        ) from e
+    return PorterStemmer()
+
+
+def _stemmed_tokens(text: str) -> list[str]:
+    stem = _stemmer().stem
+    return [stem(w) for w in normalize_answer(text).split()]
+
+
 def token_f1(prediction: str, answer: str) -> float:
-    pred = normalize_answer(prediction).split()
-    gold = normalize_answer(answer).split()
+    pred = _stemmed_tokens(prediction)
+    gold = _stemmed_tokens(answer)
     if not pred or not gold:
         return float(pred == gold)
     common = Counter(pred) & Counter(gold)
