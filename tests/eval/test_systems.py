@@ -75,6 +75,20 @@ def test_same_prompt_for_systems_without_history_text(eval_reasoner):
     assert answers["latent"].kv_bytes > answers["none"].kv_bytes
 
 
+def test_chunk_tokens_sets_the_memory_compression(eval_reasoner):
+    """Shorter chunks: more encoder calls over the same history, so more slots in front of the question."""
+    slots = {}
+    for chunk in (None, 16):
+        system = build_system("latent", _runtime(eval_reasoner, chunk_tokens=chunk))
+        system.reset()
+        system.feed(_turns(12))
+        assert system.conversation.chunk_tokens == (chunk or system.conversation.memory.config.max_memory_tokens)
+        slots[chunk] = system.answer(_question()).costs.memory_slots
+    assert slots[16] > slots[None] > 0
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        SystemArgs(chunk_tokens=0)
+
+
 def test_full_answers_when_it_fits_and_reports_what_it_would_need_otherwise(eval_reasoner):
     runtime = _runtime(eval_reasoner)
     full = build_system("full", runtime)

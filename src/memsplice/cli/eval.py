@@ -119,6 +119,13 @@ def add_parser(sub):
         help="latent systems: most memory slots per conversation (default: the conversation memory's)",
     )
     p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=None,
+        help="latent systems: history tokens per memory chunk (default: the memory's max_memory_tokens; "
+        "with 16 slots, 128 tokens is 8x compression)",
+    )
+    p.add_argument(
         "--embedder",
         type=Path,
         default=None,
@@ -167,6 +174,7 @@ def run(args) -> int:
             top_k=args.top_k,
             checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             slot_budget=args.slot_budget,
+            chunk_tokens=args.chunk_tokens,
             embedder=args.embedder,
             seed=args.seed,
         ),

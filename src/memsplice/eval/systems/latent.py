@@ -55,7 +55,11 @@ def new_conversation(runtime):
     from ...conversation import ConversationConfig, ConversationMemory
 
     model = load_memory_model(runtime)
-    overrides = {} if runtime.args.slot_budget is None else {"slot_budget": runtime.args.slot_budget}
+    overrides = {
+        k: getattr(runtime.args, k)
+        for k in ("slot_budget", "chunk_tokens")
+        if getattr(runtime.args, k) is not None
+    }
     return ConversationMemory(model, ConversationConfig(**overrides))
 
 
