@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from memsplice.eval.reader import (
     GenerationSettings,
@@ -87,6 +88,32 @@ def test_chunk_tokens_sets_the_memory_compression(eval_reasoner):
     assert slots[16] > slots[None] > 0
     with pytest.raises(ValueError, match="chunk_tokens"):
         SystemArgs(chunk_tokens=0)
+
+
+def test_latent_select_injects_only_the_chunks_the_question_attends_to(eval_reasoner):
+    runtime = _runtime(eval_reasoner, chunk_tokens=16)
+    full = build_system("latent", runtime)
+    select = build_system("latent-select", runtime)
+    for system in (full, select):
+        system.reset()
+        system.feed(_turns(12))
+    conv = select.conversation
+    chunk_slots: dict[int, int] = {}
+    for c, _ in conv.slot_sources():
+        chunk_slots[c] = chunk_slots.get(c, 0) + 1
+    assert len(chunk_slots) > 1
+    a_full, a_sel = full.answer(_question()), select.answer(_question())
+    assert a_sel.costs.memory_slots in chunk_slots.values()
+    assert a_sel.costs.memory_slots < a_full.costs.memory_slots
+    assert a_sel.costs.retrieval_s > 0
+    # the chosen chunk is the one with the most attention per slot, composed alone
+    ids = torch.tensor([runtime.reader.prompt_ids(_question().question, None)])
+    two = conv.select(ids, top_chunks=2)
+    assert two.num_slots > conv.select(ids, top_chunks=1).num_slots
+    with pytest.raises(ValueError, match="top_chunks"):
+        conv.select(ids, top_chunks=0)
+    with pytest.raises(ValueError, match="select_chunks"):
+        SystemArgs(select_chunks=0)
 
 
 def test_full_answers_when_it_fits_and_reports_what_it_would_need_otherwise(eval_reasoner):

@@ -119,6 +119,12 @@ def add_parser(sub):
         help="latent systems: most memory slots per conversation (default: the conversation memory's)",
     )
     p.add_argument(
+        "--select-chunks",
+        type=int,
+        default=1,
+        help="latent-select: chunk memories injected per question, those it attends to most (default: 1)",
+    )
+    p.add_argument(
         "--chunk-tokens",
         type=int,
         default=None,
@@ -175,6 +181,7 @@ def run(args) -> int:
             checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             slot_budget=args.slot_budget,
             chunk_tokens=args.chunk_tokens,
+            select_chunks=args.select_chunks,
             embedder=args.embedder,
             seed=args.seed,
         ),

