@@ -83,7 +83,9 @@ def test_chunk_tokens_sets_the_memory_compression(eval_reasoner):
         system = build_system("latent", _runtime(eval_reasoner, chunk_tokens=chunk))
         system.reset()
         system.feed(_turns(12))
-        assert system.conversation.chunk_tokens == (chunk or system.conversation.memory.config.max_memory_tokens)
+        assert system.conversation.chunk_tokens == (
+            chunk or system.conversation.memory.config.max_memory_tokens
+        )
         slots[chunk] = system.answer(_question()).costs.memory_slots
     assert slots[16] > slots[None] > 0
     with pytest.raises(ValueError, match="chunk_tokens"):

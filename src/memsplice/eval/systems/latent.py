@@ -123,7 +123,9 @@ class LatentSelect(LatentMemory):
         if self.conversation is None or not self.conversation.turns:
             return self.read_turns(question, [], memory=None)
         t0 = time.perf_counter()
-        ids = torch.tensor([self.reader.prompt_ids(question.question, None)], device=self.reader.reasoner.device)
+        ids = torch.tensor(
+            [self.reader.prompt_ids(question.question, None)], device=self.reader.reasoner.device
+        )
         memory = self.conversation.select(ids, self.args.select_chunks)
         return self.read_turns(question, [], memory=memory, retrieval_s=time.perf_counter() - t0)
 
