@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..inject.memory_kv import MemoryKV
 from ..inject.registry import get_operator
 from ..inject.splice import forward_with_memory, generate_with_memory
@@ -255,9 +254,7 @@ class MemoryModel(nn.Module):
         max_shard_bytes: split the weights into shards of at most this size (with a HF-style index file).
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.config.save(tmp)
             state = self.memory_state_dict(dtype)
             meta = {
@@ -277,16 +274,6 @@ class MemoryModel(nn.Module):
                 (tmp / INDEX_NAME).write_text(
                     json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1)
                 )
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -13,13 +13,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_directory
 from ..devices import pick_device, pick_dtype
 from .identity import fingerprint_weights
 from .reasoner import Reasoner
@@ -88,9 +87,7 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config._name_or_path = name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target, keep_existing=True) as tmp:  # another process may win the race
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -104,13 +101,6 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
             "converted_s": round(time.perf_counter() - t0, 2),
         }
         (tmp / _CACHE_META).write_text(json.dumps(meta, indent=2))
-        if target.exists():  # another process won the race; keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_directory
 from ..memory.model import MemoryModel
 from ..online import Interaction, OnlineConfig, OnlineLearner
 from ..online.loop import STATE_NAME
@@ -129,21 +128,8 @@ class ServerOnlineLearner:
         """Save the learner's state to `state_dir` atomically (nothing when it has none)."""
         if self.state_dir is None:
             return
-        target = self.state_dir
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(self.state_dir) as tmp:
             self.learner.save(tmp)
-            old = None
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def copy_memory(memory: MemoryModel) -> MemoryModel:

@@ -19,11 +19,12 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +103,12 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
+    final = root / name
+    with atomic_directory(final) as tmp:
         memory_model.save_pretrained(tmp / "memory")
         payload = {"state": state.to_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}
         torch.save(payload, tmp / TRAINER_FILE)
         (tmp / "train_config.yaml").write_text(config_yaml)
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     marker_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     marker_tmp.write_text(name + "\n")
     os.replace(marker_tmp, root / LATEST)
