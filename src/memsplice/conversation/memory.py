@@ -158,6 +158,18 @@ def _tensor_from_b64(d: dict) -> torch.Tensor:
     return torch.from_numpy(arr.copy())
 
 
+def _mass_per_chunk(
+    sources: list[tuple[int, int]], slot_mass: list[float]
+) -> tuple[dict[int, float], dict[int, int]]:
+    """Attention mass per chunk id (summed over its slots) and how many slots each chunk has, from per-slot mass."""
+    mass: dict[int, float] = {}
+    slots: dict[int, int] = {}
+    for (chunk_id, _), w in zip(sources, slot_mass, strict=False):
+        mass[chunk_id] = mass.get(chunk_id, 0.0) + w
+        slots[chunk_id] = slots.get(chunk_id, 0) + 1
+    return mass, slots
+
+
 def weights_signature(memory) -> str:
     """sha256 of the memory's weights (and config), as stored: identifies which weights wrote a set of latents."""
     h = hashlib.sha256()
@@ -432,11 +444,9 @@ class ConversationMemory:
                 )
             if not sources:
                 return []
-            per_chunk: dict[int, float] = {}
-            slots_of: dict[int, int] = {}
-            for (chunk_id, slot), w in zip(sources, mass.tolist(), strict=False):
-                per_chunk[chunk_id] = per_chunk.get(chunk_id, 0.0) + w
-                slots_of[chunk_id] = slots_of.get(chunk_id, 0) + 1
+            weights = mass.tolist()
+            per_chunk, slots_of = _mass_per_chunk(sources, weights)
+            for (chunk_id, slot), w in zip(sources, weights, strict=False):
                 chunk = self.chunks.get(chunk_id)
                 if chunk is not None and chunk.gate is not None:
                     if not chunk.slot_attention:
@@ -459,6 +469,29 @@ class ConversationMemory:
                         used.append(span_id)
             return used
 
+    def _read_attention(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        query_mask: torch.Tensor | None = None,
+        layers: list[int] | None = None,
+    ) -> tuple[MemoryAttention, list[tuple[int, int]]] | None:
+        """The attention `input_ids` give to the whole memory, and that memory's slot sources (None: empty)."""
+        kv = self.memory_kv()
+        if kv is None:
+            return None
+        sources = list(self._composed[1])
+        reading = memory_attention(
+            self.memory.reasoner,
+            kv,
+            input_ids,
+            attention_mask,
+            layers=layers or self.config.probe_layers,
+            query_mask=query_mask,
+        )
+        return reading, sources
+
     def probe(
         self,
         input_ids: torch.Tensor,
@@ -474,18 +507,10 @@ class ConversationMemory:
         if not self.config.track_attention:
             return None
         with self._lock:
-            kv = self.memory_kv()
-            if kv is None:
+            read = self._read_attention(input_ids, attention_mask, query_mask=query_mask)
+            if read is None:
                 return None
-            sources = list(self._composed[1])
-            reading = memory_attention(
-                self.memory.reasoner,
-                kv,
-                input_ids,
-                attention_mask,
-                layers=self.config.probe_layers,
-                query_mask=query_mask,
-            )
+            reading, sources = read
             if record:
                 self.record_attention(
                     reading.slot_mass[0], focus=float(reading.focus[0]), slot_sources=sources
@@ -505,18 +530,11 @@ class ConversationMemory:
         if top_chunks < 1:
             raise ValueError(f"top_chunks must be >= 1 (got {top_chunks})")
         with self._lock:
-            kv = self.memory_kv()
-            if kv is None:
+            read = self._read_attention(input_ids, layers=layers)
+            if read is None:
                 return None
-            sources = list(self._composed[1])
-            reading = memory_attention(
-                self.memory.reasoner, kv, input_ids, layers=layers or self.config.probe_layers
-            )
-            mass: dict[int, float] = {}
-            count: dict[int, int] = {}
-            for (chunk_id, _), w in zip(sources, reading.slot_mass[0].float().tolist(), strict=True):
-                mass[chunk_id] = mass.get(chunk_id, 0.0) + w
-                count[chunk_id] = count.get(chunk_id, 0) + 1
+            reading, sources = read
+            mass, count = _mass_per_chunk(sources, reading.slot_mass[0].float().tolist())
             ranked = sorted(mass, key=lambda c: mass[c] / count[c], reverse=True)[:top_chunks]
             chosen = [c for c in self._all_chunks() if c.id in ranked]
             return compose(chosen, self.memory.reasoner, self.config.slot_selection)[0]
