@@ -29,8 +29,22 @@ def _stemmer():
     return Stemmer.Stemmer("english")
 
 
+class TurnRetrieval(System):
+    """A system that puts the turns `search(question)` returns (indices into `self.turns`) in context, in their
+    original order; the search is timed as retrieval."""
+
+    def search(self, query: str) -> list[int]:
+        raise NotImplementedError
+
+    def answer(self, question: Question) -> Answer:
+        t0 = time.perf_counter()
+        picked = sorted(self.search(question.question))
+        retrieval_s = time.perf_counter() - t0
+        return self.read_turns(question, [self.turns[i] for i in picked], retrieval_s=retrieval_s)
+
+
 @register_system("rag-bm25", help="BM25 over history turns (bm25s), top-k turns in context")
-class BM25Retrieval(System):
+class BM25Retrieval(TurnRetrieval):
     def __init__(self, runtime):
         super().__init__(runtime)
         try:
@@ -66,12 +80,6 @@ class BM25Retrieval(System):
         docs, scores = self._retriever.retrieve(q, k=k, show_progress=False)
         return [int(d) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
 
-    def answer(self, question: Question) -> Answer:
-        t0 = time.perf_counter()
-        picked = sorted(self.search(question.question))
-        retrieval_s = time.perf_counter() - t0
-        return self.read_turns(question, [self.turns[i] for i in picked], retrieval_s=retrieval_s)
-
     def stored_bytes(self) -> int:
         index = 0
         if self._retriever is not None:
@@ -80,7 +88,7 @@ class BM25Retrieval(System):
 
 
 @register_system("rag-dense", help="MiniLM sentence embeddings of history turns, top-k turns in context")
-class DenseRetrieval(System):
+class DenseRetrieval(TurnRetrieval):
     def __init__(self, runtime):
         super().__init__(runtime)
         from .embedder import SentenceEmbedder
@@ -107,12 +115,6 @@ class DenseRetrieval(System):
         sims = self._vectors @ self.embedder.encode([query])[0]  # (N,)
         k = min(self.args.top_k, len(self.turns))
         return [int(i) for i in np.argsort(-sims, kind="stable")[:k]]
-
-    def answer(self, question: Question) -> Answer:
-        t0 = time.perf_counter()
-        picked = sorted(self.search(question.question))
-        retrieval_s = time.perf_counter() - t0
-        return self.read_turns(question, [self.turns[i] for i in picked], retrieval_s=retrieval_s)
 
     def stored_bytes(self) -> int:
         return text_bytes(self.turns) + int(self._vectors.nbytes)
