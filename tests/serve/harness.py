@@ -31,6 +31,25 @@ def save_tiny_reasoner(directory) -> str:
     return str(directory)
 
 
+def process_setup(tmp_path) -> dict:
+    """What `memsplice serve` as a process needs: the tiny reasoner and a small memory saved to disk, a data
+    directory whose store holds one key for every scope, and a log path."""
+    reasoner = save_tiny_reasoner(tmp_path / "reasoner")
+    checkpoint = tmp_path / "checkpoint"
+    small_memory().save_pretrained(checkpoint)
+    data = tmp_path / "data"
+    store = MemoryStore(f"sqlite:///{data / 'memsplice.db'}")
+    key = store.create_key("writer", ["*"])
+    store.close()
+    return {
+        "reasoner": reasoner,
+        "checkpoint": str(checkpoint),
+        "data": data,
+        "key": key,
+        "log": tmp_path / "server.log",
+    }
+
+
 def snapshot(store: MemoryStore) -> dict:
     """Every row of every memsplice table (to show that a refused request wrote nothing)."""
     with store.engine.connect() as conn:

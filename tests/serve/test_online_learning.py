@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 import torch
-from tests.serve.harness import Harness, live, save_tiny_reasoner, small_memory
+from tests.serve.harness import Harness, live, process_setup, small_memory
 
 from memsplice.serve import MemoryService, create_app
 from memsplice.serve.online import ServerOnlineLearner, build_online_learner
@@ -238,27 +238,21 @@ def test_online_settings_reach_the_learner_and_bad_ones_name_the_field(tmp_path)
 def test_memsplice_serve_online_learning_trains_in_the_server_process(tmp_path):
     from memsplice.bench.serve import server_command, spawn_server
     from memsplice.serve.server import free_port
-    from memsplice.store import MemoryStore
 
-    reasoner = save_tiny_reasoner(tmp_path / "reasoner")
-    checkpoint = tmp_path / "checkpoint"
-    small_memory().save_pretrained(checkpoint)
-    data = tmp_path / "data"
-    store = MemoryStore(f"sqlite:///{data / 'memsplice.db'}")
-    key = store.create_key("writer", ["*"])
-    store.close()
+    setup = process_setup(tmp_path)
+    data, key = setup["data"], setup["key"]
     port = free_port()
     cmd = server_command(
         data,
         port,
-        reasoner=reasoner,
-        checkpoint=str(checkpoint),
+        reasoner=setup["reasoner"],
+        checkpoint=setup["checkpoint"],
         torch_threads=1,
         extra=["--online-learning"],
     )
     env = {"MEMSPLICE_ONLINE_BATCH_SIZE": "1", "MEMSPLICE_ONLINE_INTERVAL_S": "0.1"}
     with (
-        spawn_server(cmd, port, log_path=tmp_path / "server.log", env=env) as (url, _),
+        spawn_server(cmd, port, log_path=setup["log"], env=env) as (url, _),
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http,
     ):
         model = http.get("/v1/models").json()["data"][0]["id"]

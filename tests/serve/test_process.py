@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from tests.serve.harness import save_tiny_reasoner, small_memory
+from tests.serve.harness import process_setup
 
 from memsplice.bench.serve import server_command, spawn_server
 from memsplice.serve.server import free_port
@@ -21,20 +21,7 @@ from memsplice.store import MemoryStore
 
 @pytest.fixture
 def setup(tmp_path):
-    reasoner = save_tiny_reasoner(tmp_path / "reasoner")
-    checkpoint = tmp_path / "checkpoint"
-    small_memory().save_pretrained(checkpoint)
-    data = tmp_path / "data"
-    store = MemoryStore(f"sqlite:///{data / 'memsplice.db'}")
-    key = store.create_key("writer", ["*"])
-    store.close()
-    return {
-        "reasoner": reasoner,
-        "checkpoint": str(checkpoint),
-        "data": data,
-        "key": key,
-        "log": tmp_path / "server.log",
-    }
+    return process_setup(tmp_path)
 
 
 def command(setup, port: int) -> list[str]:
