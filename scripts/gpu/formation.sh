@@ -62,6 +62,14 @@ fi
 BENCH_SMALL=()
 [ "${SMALL:-0}" = 1 ] && BENCH_SMALL=(--device cpu --lengths 32 64 --sources tinyshakespeare)
 
+time_compile() {  # time_compile MODE SECONDS [train flags...]: a throughput run at 256-token passages, JSON on stdout
+  local mode=$1 secs=$2; shift 2
+  $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/tp-$mode" --quiet \
+    --steps 100000 --max-minutes "$($PY -c "print($secs / 60)")" --set run.compile="$mode" \
+    --set "data.lengths=[256]" --set data.length_weights=null --set data.curriculum_steps=0 \
+    --set run.eval_every=0 --set "run.eval_lengths=[64]" --set run.eval_passages=8 "$@" "${SMALL_FLAGS[@]}"
+}
+
 deadline() {  # unix time by which training must stop so that RESERVE_S remains
   echo $(( T0 + LIMIT_S - RESERVE_S ))
 }
@@ -129,11 +137,7 @@ case "$PHASE" in
   throughput)
     SECS=${SECONDS_EACH:-60}
     for mode in ${MODES:-none encoder all}; do
-      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/tp-$mode" --quiet \
-        --steps 100000 --max-minutes "$($PY -c "print($SECS / 60)")" --set run.compile="$mode" \
-        --set "data.lengths=[256]" --set data.length_weights=null --set data.curriculum_steps=0 \
-        --set run.eval_every=0 --set "run.eval_lengths=[64]" --set run.eval_passages=8 "${SMALL_FLAGS[@]}" \
-        | tee "$STAGE/throughput-$mode.json" || echo "compile=$mode failed"
+      time_compile "$mode" "$SECS" | tee "$STAGE/throughput-$mode.json" || echo "compile=$mode failed"
     done
     package ""
     ;;
@@ -142,11 +146,8 @@ case "$PHASE" in
       SECS=${SECONDS_EACH:-45}
       best=none; best_tps=0
       for mode in none all; do
-        $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/tp-$mode" --quiet \
-          --init-from "$INIT" --steps 100000 --max-minutes "$($PY -c "print($SECS / 60)")" --set run.compile="$mode" \
-          --set "data.lengths=[256]" --set data.length_weights=null --set data.curriculum_steps=0 \
-          --set run.eval_every=0 --set "run.eval_lengths=[64]" --set run.eval_passages=8 "${SMALL_FLAGS[@]}" \
-          > "$STAGE/throughput-$mode.json" || { echo "compile=$mode failed"; continue; }
+        time_compile "$mode" "$SECS" --init-from "$INIT" > "$STAGE/throughput-$mode.json" \
+          || { echo "compile=$mode failed"; continue; }
         tps=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['throughput']['tokens_per_s'])" \
               "$STAGE/throughput-$mode.json" 2>/dev/null || echo 0)
         echo "compile=$mode: $tps tokens/s"
