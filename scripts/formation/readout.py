@@ -32,9 +32,8 @@ from memsplice.eval.tasks import TaskArgs, get_task
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "formation"
 
 
-def passages(reasoner, n_questions: int, max_tokens: int, seed: int) -> list[dict]:
-    tok = reasoner.require_tokenizer()
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+def passages(reader: Reader, n_questions: int, max_tokens: int, seed: int) -> list[dict]:
+    count = reader.count_tokens
     episodes = get_task("synthetic")(TaskArgs(examples=max(1, n_questions // 6 + 1), seed=seed), count)
     out = []
     for ep in episodes:
@@ -48,14 +47,22 @@ def passages(reasoner, n_questions: int, max_tokens: int, seed: int) -> list[dic
             while True:  # grow the window around the evidence while it fits
                 grown = False
                 for a, b in ((lo - 1, hi), (lo, hi + 1)):
-                    if 0 <= a and b <= len(ep.turns):
+                    if a >= 0 and b <= len(ep.turns):
                         cand = render_history(ep.turns[a:b])
                         if count(cand) <= max_tokens:
                             lo, hi, text, grown = a, b, cand, True
                 if not grown:
                     break
-            out.append({"question": q.question, "answer": q.answer, "aliases": list(q.aliases), "passage": text,
-                        "passage_tokens": count(text), "category": q.category})
+            out.append(
+                {
+                    "question": q.question,
+                    "answer": q.answer,
+                    "aliases": list(q.aliases),
+                    "passage": text,
+                    "passage_tokens": count(text),
+                    "category": q.category,
+                }
+            )
             if len(out) >= n_questions:
                 return out
     return out
@@ -78,14 +85,18 @@ def main() -> None:
     if not instruction:
         raise SystemExit(f"{path} records no formation instruction")
     reader = Reader(reasoner, settings=GenerationSettings(max_new_tokens=24))
-    items = passages(reasoner, args.questions, args.tokens, args.seed)
+    items = passages(reader, args.questions, args.tokens, args.seed)
     scores = {"readout": 0.0, "latent": 0.0, "text": 0.0, "none": 0.0}
     for item in items:
         with torch.no_grad():
             mem = memory.write_text([item["passage"]])
-            ins = torch.tensor([tok(instruction, add_special_tokens=False)["input_ids"]], device=reasoner.device)
-            out = memory.generate(ins, memory=mem, max_new_tokens=item["passage_tokens"] + 16, do_sample=False)
-        readout = tok.decode(out[0, ins.shape[1]:], skip_special_tokens=True)
+            ins = torch.tensor(
+                [tok(instruction, add_special_tokens=False)["input_ids"]], device=reasoner.device
+            )
+            out = memory.generate(
+                ins, memory=mem, max_new_tokens=item["passage_tokens"] + 16, do_sample=False
+            )
+        readout = tok.decode(out[0, ins.shape[1] :], skip_special_tokens=True)
         preds = {
             "readout": readout,
             "latent": reader.read(item["question"], None, mem.kv).text,
@@ -98,14 +109,23 @@ def main() -> None:
             hit = max(contains_answer(text, g) for g in [item["answer"], *item["aliases"]])
             item["contains"][name] = hit
             scores[name] += hit
-        print(f"{item['question']} [{item['answer']}] " + " ".join(f"{k}={int(v)}" for k, v in item["contains"].items()))
+        print(
+            f"{item['question']} [{item['answer']}] "
+            + " ".join(f"{k}={int(v)}" for k, v in item["contains"].items())
+        )
     n = max(1, len(items))
     summary = {k: v / n for k, v in scores.items()}
     print("contains:", {k: round(100 * v, 1) for k, v in summary.items()}, f"over {len(items)} questions")
     saved = save_result(
         "readout",
-        {"checkpoint": str(path), "questions": len(items), "max_passage_tokens": args.tokens,
-         "slots": memory.config.num_slots, "contains": summary, "items": items},
+        {
+            "checkpoint": str(path),
+            "questions": len(items),
+            "max_passage_tokens": args.tokens,
+            "slots": memory.config.num_slots,
+            "contains": summary,
+            "items": items,
+        },
         device=reasoner.device,
         directory=RESULTS,
     )
