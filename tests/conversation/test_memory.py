@@ -6,6 +6,7 @@ import torch
 from conversation_builders import tiny_memory
 
 from memsplice.conversation import ConversationConfig, ConversationMemory
+from memsplice.conversation.chunks import chunk_input, pack_turns
 from memsplice.conversation.hierarchy import compose
 from memsplice.inject import concat_slots, forward_with_memory, generate_with_memory
 from memsplice.inject.compose import shift_keys
@@ -94,6 +95,33 @@ def test_long_turn_is_split_into_spans(memory):
     assert stats.spans > 1
     assert len(conv.transcript()) == 1
     check_invariants(conv)
+
+
+def test_pack_turns_builds_the_chunks_a_conversation_builds(memory):
+    rng = random.Random(3)
+    turns = [
+        (rng.choice(["user", "assistant"]), " ".join(rng.sample(WORDS * 8, rng.randint(1, 40))))
+        for _ in range(30)
+    ]
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    ids = []
+    for role, text in turns:
+        rendered = conv.config.turn_template.format(role=role, text=text)
+        ids.append(conv.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        conv.add_turn(role, text)
+    assert [chunk_input(c, conv.store) for c in conv._all_chunks()] == pack_turns(ids, conv.chunk_tokens)
+    assert max(len(i) for i in ids) > conv.chunk_tokens  # a turn longer than a chunk was cut
+
+
+def test_conversation_chunks_at_the_size_the_memory_was_trained_for(memory):
+    memory.config.chunk_tokens = 16
+    try:
+        assert ConversationMemory(memory, ConversationConfig(slot_budget=64)).chunk_tokens == 16
+        assert (
+            ConversationMemory(memory, ConversationConfig(slot_budget=64, chunk_tokens=24)).chunk_tokens == 24
+        )
+    finally:
+        memory.config.chunk_tokens = None
 
 
 def test_compose_equals_concat_slots_at_full_resolution(memory):

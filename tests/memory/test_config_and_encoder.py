@@ -19,6 +19,8 @@ from memsplice import MemoryConfig
         ("dropout", 1.5, "dropout"),
         ("max_latent_norm", -1.0, "max_latent_norm"),
         ("embed_warmup_updates", -3, "embed_warmup_updates"),
+        ("chunk_tokens", 0, "chunk_tokens"),
+        ("chunk_tokens", 4096, "chunk_tokens"),
     ],
 )
 def test_bad_fields_are_named(field, value, match):

@@ -1,27 +1,118 @@
+import json
 import random
 
 import pytest
+import torch
 from online_builders import tiny_memory
 
 pytest.importorskip("memsplice.eval.tasks")
 
-from memsplice.online.bootstrap import BootstrapConfig, _synthetic_episodes, answer_accuracy, qa_interactions  # noqa: E402
+from memsplice.conversation import ConversationConfig, ConversationMemory  # noqa: E402
+from memsplice.conversation.chunks import chunk_input  # noqa: E402
+from memsplice.eval.reader import Reader  # noqa: E402
+from memsplice.memory import MemoryModel  # noqa: E402
+from memsplice.online.bootstrap import (  # noqa: E402
+    BootstrapConfig,
+    answer_update,
+    episode_examples,
+    generated_accuracy,
+    run_bootstrap,
+    synthetic_episodes,
+    write_episode,
+)
+from memsplice.reasoner.identity import weights_digest  # noqa: E402
+from memsplice.train.objectives import answer  # noqa: E402
+
+CHUNK = 40
 
 
-def test_questions_become_windows_that_hold_their_evidence():
+def episodes(memory, count=2, length=512, seed=0):
+    cfg = BootstrapConfig(history_tokens=[length], facts=3)
+    return synthetic_episodes(cfg, count, seed, Reader(memory.reasoner).count_tokens)
+
+
+def test_episode_chunks_are_the_chunks_the_latent_system_writes():
+    """Training writes memory exactly as the eval's `latent` system does: same turns, headers, template, chunks."""
+    from memsplice.eval.systems import Runtime, SystemArgs, build_system
+
     memory = tiny_memory()
-    tok = memory.reasoner.tokenizer
-    cfg = BootstrapConfig(episodes=2, history_tokens=[512], facts=3)
-    episodes = _synthetic_episodes(cfg, 2, 0, lambda t: len(tok(t)["input_ids"]))
-    items = qa_interactions(episodes, memory.reasoner, "{role}: {text}\n", 48, random.Random(0))
-    assert items
-    evidence = {q.answer: e for e in episodes for q in e.questions}
-    for it in items:
-        assert len(it.context) == 48
-        answer = tok.decode(it.response).replace(tok.eos_token, "")
-        assert answer in evidence and answer in tok.decode(it.context)  # the window holds the evidence
-    acc = answer_accuracy(memory, items[:4])
-    assert 0.0 <= acc <= 1.0
+    eps = episodes(memory)
+    examples = episode_examples(eps, memory.reasoner, CHUNK)
+    runtime = Runtime(Reader(memory.reasoner), SystemArgs(chunk_tokens=CHUNK, slot_budget=4096))
+    runtime.shared("memory_model", lambda: memory)
+    system = build_system("latent", runtime)
+    for episode, example in zip(eps, examples, strict=True):
+        system.reset()
+        system.feed(episode.turns)
+        conv = system.conversation
+        written = [chunk_input(c, conv.store) for c in conv._all_chunks()]
+        assert written == example.chunks
+        assert all(0 < len(c) <= CHUNK for c in example.chunks)
+        assert len(example.prompts) == len(example.answers) == len(episode.questions)
+
+
+def test_answer_loss_does_not_depend_on_padding_or_batch():
+    memory = tiny_memory().eval()
+    ex = episode_examples(episodes(memory, count=1), memory.reasoner, CHUNK)[0]
+    with torch.no_grad():
+        _, kv = write_episode(memory, ex)
+        together = answer(memory, kv, ex.prompts, ex.answers)
+        alone = [answer(memory, kv, [p], [a]) for p, a in zip(ex.prompts, ex.answers, strict=True)]
+    total = sum(r.loss * r.tokens for r in alone) / sum(r.tokens for r in alone)
+    assert together.tokens == sum(len(a) for a in ex.answers)
+    assert torch.allclose(together.loss, total, atol=1e-4)
+    assert int(together.correct) == sum(int(r.correct) for r in alone)
+
+
+def test_answer_updates_learn_an_episode_and_leave_the_reasoner_alone():
+    memory = tiny_memory()
+    before = weights_digest(memory.reasoner.model)
+    ex = episode_examples(episodes(memory, count=1), memory.reasoner, CHUNK)[:1]
+    cfg = BootstrapConfig(reconstruction_rows=1)
+    opt = torch.optim.AdamW(memory.trainable_parameters(), lr=1e-2)
+    instruction = memory.reasoner.tokenizer("Repeat the text.", add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        parts = answer_update(memory, ex, cfg, instruction, rng)
+        opt.step()
+        losses.append(parts["answer"])
+        assert parts["reconstruction"] > 0
+    assert losses[-1] < 0.8 * losses[0]  # 6.05 -> 4.51 when written
+    assert weights_digest(memory.reasoner.model) == before
+
+
+def test_generated_accuracy_reads_through_the_latent_system():
+    memory = tiny_memory()
+    eps = episodes(memory, count=1)
+    result = generated_accuracy(memory, eps, CHUNK, 4096)
+    assert result["questions"] == len(eps[0].questions) == len(result["items"])
+    assert 0.0 <= result["contains"] <= 1.0
+
+
+def test_bootstrap_run_saves_a_checkpoint_that_chunks_as_trained(tmp_path):
+    memory = tiny_memory()
+    cfg = BootstrapConfig(
+        updates=2,
+        episodes=2,
+        eval_episodes=1,
+        history_tokens=[512],
+        facts=2,
+        chunk_tokens=CHUNK,
+        episodes_per_update=1,
+        reconstruction_rows=0,
+        eval_every=1,
+    )
+    report = run_bootstrap(memory, cfg, tmp_path)
+    assert report["updates"] == 2 and report["stopped_by"] == "updates"
+    assert [e["update"] for e in report["curve"]] == [0, 1, 2]
+    assert json.loads((tmp_path / "report.json").read_text())["train_questions"] == 4
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert sum("loss_answer" in line for line in lines) == 2
+    loaded = MemoryModel.from_pretrained(tmp_path / "checkpoint", reasoner=memory.reasoner)
+    assert loaded.config.chunk_tokens == CHUNK
+    assert ConversationMemory(loaded, ConversationConfig(slot_budget=64)).chunk_tokens == CHUNK
 
 
 def test_bad_bootstrap_settings_name_the_field():
@@ -29,3 +120,8 @@ def test_bad_bootstrap_settings_name_the_field():
         BootstrapConfig(updates=0)
     with pytest.raises(ValueError, match="history_tokens"):
         BootstrapConfig(history_tokens=[100])
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        BootstrapConfig(chunk_tokens=0)
+    memory = tiny_memory()
+    with pytest.raises(ValueError, match="max_memory_tokens"):
+        run_bootstrap(memory, BootstrapConfig(chunk_tokens=4096), "/nonexistent/never-written")

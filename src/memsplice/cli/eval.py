@@ -128,7 +128,8 @@ def add_parser(sub):
         "--chunk-tokens",
         type=int,
         default=None,
-        help="latent systems: history tokens per memory chunk (default: the memory's max_memory_tokens; "
+        help="latent systems: history tokens per memory chunk (default: the memory's chunk_tokens, else its "
+        "max_memory_tokens; "
         "with 16 slots, 128 tokens is 8x compression)",
     )
     p.add_argument(

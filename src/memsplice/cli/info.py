@@ -67,6 +67,7 @@ def run(args) -> int:
     print(f"memory    {m['source']}")
     print(
         f"  operator {m['operator']}  slots {m['num_slots']}  max tokens {m['max_memory_tokens']}  "
+        f"chunk {m.get('chunk_tokens') or m['max_memory_tokens']}  "
         f"encoder {m['encoder_layers']}x{m['encoder_width']} ({m['encoder_heads']} heads)  "
         f"params {m['parameters'] / 1e6:.2f}M"
     )

@@ -57,6 +57,22 @@ def weights_version(memory) -> tuple:
     return tuple((id(p), p._version) for p in memory.parameters())
 
 
+def pack_turns(turn_ids: list[list[int]], chunk_tokens: int) -> list[list[int]]:
+    """The input ids of each chunk that `ConversationMemory.add_turn_ids` builds from these turns, oldest first (no
+    eviction): a turn longer than a chunk is cut into pieces of `chunk_tokens`, and the open chunk is sealed when
+    the next piece would overflow it. Offline training uses it to write memory exactly as a conversation does."""
+    if chunk_tokens < 1:
+        raise ValueError(f"pack_turns: chunk_tokens must be >= 1 (got {chunk_tokens})")
+    chunks: list[list[int]] = []
+    for ids in turn_ids:
+        for start in range(0, len(ids), chunk_tokens):
+            piece = list(ids[start : start + chunk_tokens])
+            if not chunks or len(chunks[-1]) + len(piece) > chunk_tokens:
+                chunks.append([])
+            chunks[-1].extend(piece)
+    return chunks
+
+
 def chunk_input(chunk: Chunk, store: TranscriptStore) -> list[int]:
     ids: list[int] = []
     for span_id in chunk.span_ids:

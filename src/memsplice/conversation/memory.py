@@ -49,7 +49,8 @@ SLOT_SELECTION = ("gate", "attention")
 @dataclass
 class ConversationConfig:
     chunk_tokens: int | None = None
-    """Tokens per chunk, i.e. per encoder call (default and maximum: the memory's `max_memory_tokens`)."""
+    """Tokens per chunk, i.e. per encoder call (default: the memory's `chunk_tokens`, the size it was trained to be
+    read at, else its `max_memory_tokens`, which is also the maximum)."""
     slot_budget: int = 256
     """Most memory slots in use (the KV the reasoner reads); older chunks are compressed to stay within it."""
     max_live_tokens: int = 65536
@@ -186,7 +187,7 @@ class ConversationMemory:
         self.config = config or ConversationConfig()
         mcfg = memory.config
         cfg = self.config
-        self.chunk_tokens = cfg.chunk_tokens or mcfg.max_memory_tokens
+        self.chunk_tokens = cfg.chunk_tokens or mcfg.chunk_tokens or mcfg.max_memory_tokens
         if self.chunk_tokens > mcfg.max_memory_tokens:
             raise ValueError(
                 f"ConversationConfig.chunk_tokens: {self.chunk_tokens} is more than the memory reads in "

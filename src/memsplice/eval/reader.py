@@ -53,6 +53,18 @@ def render_session_header(turn: Turn) -> str:
     return f"[Session {turn.session}{', ' + turn.date if turn.date else ''}]"
 
 
+def memory_turns(turns: Sequence[Turn], session: int | None = None) -> list[tuple[str, str]]:
+    """(role, text) pairs as the latent systems write `turns` into a conversation memory: a "system" turn with the
+    session header wherever a session starts, `session` being the session of the last turn already written."""
+    out: list[tuple[str, str]] = []
+    for turn in turns:
+        if turn.session != session:
+            out.append(("system", render_session_header(turn)))
+            session = turn.session
+        out.append((turn.speaker, turn.text))
+    return out
+
+
 def render_history(turns: Sequence[Turn]) -> str:
     """Turns in order, one per line, with a header line wherever a session starts."""
     lines: list[str] = []

@@ -19,6 +19,9 @@ class MemoryConfig:
     """M: latent slots the encoder emits, i.e. memory positions spliced into the reasoner's cache."""
     max_memory_tokens: int = 512
     """L_m: the most tokens the encoder reads in one call (longer input must be chunked or evicted first)."""
+    chunk_tokens: int | None = None
+    """Tokens of a conversation per memory (one encoder call into M slots) that the memory was trained to be read
+    at; `ConversationMemory` chunks at this size unless told otherwise (None: `max_memory_tokens`)."""
     encoder_layers: int = 4
     """Depth of the memory transformer."""
     encoder_width: int = 384
@@ -75,6 +78,12 @@ class MemoryConfig:
                 name,
                 "must be a positive integer",
             )
+        need(
+            self.chunk_tokens is None
+            or (isinstance(self.chunk_tokens, int) and 0 < self.chunk_tokens <= self.max_memory_tokens),
+            "chunk_tokens",
+            f"must be None or a positive integer of at most max_memory_tokens={self.max_memory_tokens}",
+        )
         need(
             self.encoder_width % self.encoder_heads == 0,
             "encoder_width",

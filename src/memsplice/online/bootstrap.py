@@ -1,22 +1,27 @@
-"""Bootstrap: train a memory offline on synthetic multi-session conversations, so it answers from memory on day one.
+"""Bootstrap: train a memory offline to answer questions from the memory of a whole conversation, on day one.
 
-    python -m memsplice.online.bootstrap --checkpoint DIR --output runs/bootstrap --updates 2000
+    python -m memsplice.online.bootstrap --output runs/bootstrap [--checkpoint DIR] [--updates 600]
 
 Data: the eval harness's synthetic task (`memsplice.eval.tasks`, "synthetic"), **train split only**: multi-session
-chat among real filler dialogue, with facts about people told in passing, some later changed, and questions about
-them with the evidence turn marked. The train and test splits draw names, values and filler from disjoint pools,
+chat among real filler dialogue, with facts about people told in passing, some later changed, some next to a
+distractor, and questions about them. The train and test splits draw names, values and filler from disjoint pools,
 so nothing here is ever asked in the benchmark.
 
-Each question becomes one `Interaction`: `context` is a window of `context_tokens` tokens of the rendered history
-(turns written as `ConversationMemory` writes them, session headers included) that holds the evidence turn at a
-random position; `query` is the question in the reader's prompt (the one the eval harness asks with); `response` is
-the answer and the end-of-turn token. Training is the online learner's update (next-token: memory of the window ->
-the reasoner predicts question and answer; span denoising of the window; no EWC, no replay: this is offline), on
-batches whose rows share one length so that no padding reaches the reasoner.
+Each training example is one episode written into memory exactly as the `latent` eval system writes it: the turns
+with their session headers (`eval.reader.memory_turns`), rendered with the conversation's turn template, packed into
+chunks of `chunk_tokens` (`conversation.chunks.pack_turns`), every chunk encoded into M slots and the chunk
+memories composed side by side (`inject.concat_slots`). Every question of the episode is then asked in the eval
+reader's prompt with that memory in front, and the loss is the cross-entropy of the answer tokens
+(`train.objectives.answer`). Gradients reach the encoding of every chunk, so the encoder learns to write facts the
+reasoner can find among many memories, and the projections and the gate learn how to expose them. To keep what
+formation built, `reconstruction_rows` chunks per update are also read back with the formation instruction
+(`train.objectives.read_back`), weighted by `reconstruction_weight`.
 
-Every `eval_every` updates the answer accuracy (teacher-forced, answer tokens) on held-out questions of *other
-train-split episodes* is measured with and without memory; the checkpoint, the metrics log and a JSON report are
-written to `output`.
+Progress is measured on held-out episodes of the train split (another seed, so other facts; never the test split),
+every `eval_every` updates: the answer's teacher-forced token accuracy with and without memory, and the answers the
+`latent` eval system itself generates (the real read path: `ConversationMemory`, `Reader`, greedy decoding), scored
+by answer containment as the benchmark scores them. The checkpoint records `chunk_tokens`, so conversations built on
+it chunk as it was trained.
 """
 
 from __future__ import annotations
@@ -24,44 +29,61 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .buffer import Interaction
-from .loop import OnlineConfig, OnlineLearner
+from ..conversation.chunks import pack_turns
+from ..inject.compose import concat_slots
+from ..memory.model import Memory, pad_rows
+from ..reasoner.identity import assert_frozen
+from ..train.objectives import answer, read_back
 
 logger = logging.getLogger(__name__)
+
+TURN_TEMPLATE = "{role}: {text}\n"
+"""How the conversation memory renders a turn (`ConversationConfig.turn_template`'s default)."""
 
 
 @dataclass
 class BootstrapConfig:
-    updates: int = 2000
+    updates: int = 600
     """Optimizer updates."""
-    episodes: int = 120
-    """Synthetic train-split episodes to train on (each with `facts` questions)."""
-    eval_episodes: int = 16
+    episodes: int = 300
+    """Synthetic train-split episodes to train on (each asks `facts` questions)."""
+    eval_episodes: int = 6
     """Other train-split episodes (another seed) whose questions measure progress."""
-    history_tokens: list[int] = field(default_factory=lambda: [2048, 4096])
+    history_tokens: list[int] = field(default_factory=lambda: [512, 1024, 1536])
     """History lengths of the episodes (reasoner tokens)."""
     facts: int = 6
     """Questions per episode."""
-    context_tokens: int = 512
-    """Tokens of history around the evidence written into memory (capped by the memory's max_memory_tokens)."""
-    batch_size: int = 8
-    lr: float = 3e-4
-    denoise_weight: float = 0.5
-    contrastive_weight: float = 0.0
-    eval_every: int = 250
+    chunk_tokens: int = 128
+    """History tokens per chunk memory (with 16 slots, 128 tokens is 8x compression); recorded in the checkpoint."""
+    episodes_per_update: int = 2
+    """Episodes (whole conversations, all their questions) per update."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate (after `warmup_updates`, cosine down to `min_lr_ratio` of it)."""
+    min_lr_ratio: float = 0.1
+    warmup_updates: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    reconstruction_rows: int = 2
+    """Chunks per update read back with the formation instruction, so that memories stay readable (0: off)."""
+    reconstruction_weight: float = 0.5
+    eval_every: int = 100
+    eval_slot_budget: int = 1024
+    """Slot budget of the held-out conversations (enough to keep every chunk of `history_tokens` at full
+    resolution, as in training)."""
     max_seconds: float | None = None
     """Stop early after this long (the report says so)."""
     seed: int = 0
     data: str | None = None
-    """Corpus directory for the filler dialogue (default: $MEMSPLICE_DATA, else the bundled sample)."""
+    """Corpus directory for the filler dialogue (default: $MEMSPLICE_DATA, the shared corpora, else the bundled
+    sample)."""
 
     def __post_init__(self):
         for name in (
@@ -69,223 +91,297 @@ class BootstrapConfig:
             "episodes",
             "eval_episodes",
             "facts",
-            "context_tokens",
-            "batch_size",
+            "chunk_tokens",
+            "episodes_per_update",
             "eval_every",
+            "eval_slot_budget",
         ):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-                raise ValueError(
-                    f"BootstrapConfig.{name} must be a positive integer (got {getattr(self, name)!r})"
-                )
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"BootstrapConfig.{name} must be a positive integer (got {value!r})")
         if not self.history_tokens or min(self.history_tokens) < 256:
             raise ValueError(
                 f"BootstrapConfig.history_tokens must be lengths >= 256 (got {self.history_tokens})"
             )
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError("BootstrapConfig.lr must be positive and min_lr_ratio in [0, 1]")
+        if self.reconstruction_rows < 0 or self.reconstruction_weight < 0:
+            raise ValueError("BootstrapConfig.reconstruction_rows and reconstruction_weight must be >= 0")
 
 
-def _synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens):
+@dataclass
+class EpisodeExample:
+    """One conversation as memory training sees it."""
+
+    chunks: list[list[int]]
+    """The history's chunk inputs, as a `ConversationMemory` with the same chunk size builds them."""
+    prompts: list[list[int]]
+    """Each question in the eval reader's prompt (no history text)."""
+    answers: list[list[int]]
+    """Each gold answer followed by the end-of-turn token."""
+
+
+def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens):
+    """`count` train-split episodes spread over `cfg.history_tokens`."""
     try:
         from ..eval.tasks import TaskArgs, get_task
     except ImportError as e:
         raise ImportError("bootstrap needs the eval harness's synthetic task (memsplice.eval.tasks)") from e
-    per_length = max(1, count // len(cfg.history_tokens))
     args = TaskArgs(
-        examples=per_length,
+        examples=max(1, -(-count // len(cfg.history_tokens))),
         lengths=tuple(cfg.history_tokens),
         seed=seed,
         split="train",
         facts=cfg.facts,
         data=Path(cfg.data) if cfg.data else None,
     )
-    return get_task("synthetic")(args, count_tokens)
+    return get_task("synthetic")(args, count_tokens)[:count]
 
 
-def _reader_prompt(reasoner, question: str) -> list[int]:
-    """The question as the eval harness's reader asks it without history in the prompt."""
-    try:
-        from ..eval.reader import PromptTemplate
+def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExample]:
+    """Tokenize episodes into what `answer_update` trains on: chunk inputs, question prompts, answers."""
+    from ..eval.reader import PromptTemplate, memory_turns
 
-        messages = PromptTemplate().messages(question, None)
-    except ImportError:
-        messages = [{"role": "user", "content": question}]
-    return reasoner.chat_ids(messages)
-
-
-def qa_interactions(
-    episodes, reasoner, template: str, context_tokens: int, rng: random.Random
-) -> list[Interaction]:
-    """One interaction per question: a history window holding the evidence, the question prompt, the answer."""
     tok = reasoner.require_tokenizer()
+    template = PromptTemplate()
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     out = []
     for episode in episodes:
-        ids: list[int] = []
-        spans: dict[str, tuple[int, int]] = {}
-        session = None
-        for turn in episode.turns:
-            if turn.session != session:  # as the latent systems write it: a session header turn
-                header = f"[Session {turn.session}{', ' + turn.date if turn.date else ''}]"
-                ids += tok(template.format(role="system", text=header), add_special_tokens=False)["input_ids"]
-                session = turn.session
-            start = len(ids)
-            ids += tok(template.format(role=turn.speaker, text=turn.text), add_special_tokens=False)[
-                "input_ids"
-            ]
-            spans[turn.id] = (start, len(ids))
-        for q in episode.questions:
-            if not q.evidence or q.evidence[0] not in spans or len(ids) < context_tokens:
-                continue
-            start, end = spans[q.evidence[0]]
-            if end - start > context_tokens:
-                continue
-            lo = max(0, end - context_tokens)
-            hi = min(start, len(ids) - context_tokens)
-            offset = rng.randint(lo, max(lo, hi))
-            context = ids[offset : offset + context_tokens]
-            answer = tok(q.answer, add_special_tokens=False)["input_ids"] + eos
-            out.append(
-                Interaction(
-                    id=len(out), context=context, query=_reader_prompt(reasoner, q.question), response=answer
-                )
+        turns = [
+            tok(TURN_TEMPLATE.format(role=role, text=text), add_special_tokens=False)["input_ids"]
+            for role, text in memory_turns(episode.turns)
+        ]
+        questions = [q for q in episode.questions if q.answer]
+        if not questions:
+            continue
+        out.append(
+            EpisodeExample(
+                chunks=pack_turns(turns, chunk_tokens),
+                prompts=[reasoner.chat_ids(template.messages(q.question, None)) for q in questions],
+                answers=[tok(q.answer, add_special_tokens=False)["input_ids"] + eos for q in questions],
             )
+        )
     return out
 
 
+def _pad_id(reasoner) -> int:
+    tok = reasoner.tokenizer
+    if tok is None:
+        return 0
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def write_episode(memory, example: EpisodeExample) -> tuple[Memory, object]:
+    """Encode every chunk of the episode (with autograd, when enabled) -> (per-chunk memory, composed memory)."""
+    reasoner = memory.reasoner
+    ids, mask = pad_rows(example.chunks, pad_id=_pad_id(reasoner), device=reasoner.device)
+    written = memory.write(ids, mask)
+    parts = [written.kv.index_rows([i]) for i in range(len(example.chunks))]
+    return written, concat_slots(parts, reasoner)
+
+
+def answer_update(memory, examples: list[EpisodeExample], cfg: BootstrapConfig, instruction: list[int], rng):
+    """Forward and backward of one update over `examples`; returns the loss parts and answer-token hits."""
+    reasoner = memory.reasoner
+    n_answer = sum(len(a) for ex in examples for a in ex.answers)
+    parts = {"answer": 0.0, "reconstruction": 0.0, "answer_tokens": n_answer, "answer_correct": 0}
+    written_all = []
+    for ex in examples:
+        written, kv = write_episode(memory, ex)
+        result = answer(memory, kv, ex.prompts, ex.answers)
+        # Weighted by answer tokens, so the loss is the mean over every answer token of the update.
+        (result.loss * (result.tokens / n_answer)).backward(retain_graph=cfg.reconstruction_rows > 0)
+        parts["answer"] += float(result.loss.detach()) * result.tokens / n_answer
+        parts["answer_correct"] += int(result.correct)
+        written_all += [(written, i, ex.chunks[i]) for i in range(len(ex.chunks))]
+    if cfg.reconstruction_rows and cfg.reconstruction_weight:
+        picks = rng.sample(written_all, min(cfg.reconstruction_rows, len(written_all)))
+        prompt = torch.tensor([instruction], device=reasoner.device)
+        for k, (written, i, chunk) in enumerate(picks):
+            one = Memory(written.latents[i : i + 1], written.gate[i : i + 1], written.kv.index_rows([i]))
+            target = torch.tensor([chunk], device=reasoner.device)
+            result = read_back(memory, one, prompt, target)
+            last = k == len(picks) - 1
+            (result.loss * cfg.reconstruction_weight / len(picks)).backward(retain_graph=not last)
+            parts["reconstruction"] += float(result.loss.detach()) / len(picks)
+    return parts
+
+
 @torch.no_grad()
-def answer_accuracy(memory, items: list[Interaction], with_memory: bool = True, batch: int = 32) -> float:
-    """Teacher-forced accuracy of the response tokens after [memory of context][query]."""
+def answer_accuracy(memory, examples: list[EpisodeExample], with_memory: bool = True) -> float:
+    """Teacher-forced accuracy of the answer tokens after [memory of the whole episode][question prompt]."""
     from ..inject import forward_with_memory
-    from ..memory.model import pad_rows
 
     reasoner = memory.reasoner
     memory.eval()
     hits = total = 0
-    for i in range(0, len(items), batch):
-        group = items[i : i + batch]
-        kv = None
-        if with_memory:
-            ctx, mask = pad_rows([it.context for it in group], pad_id=0, device=reasoner.device)
-            kv = memory.write(ctx, mask).kv
-        rows = [it.query + it.response for it in group]
+    for ex in examples:
+        kv = write_episode(memory, ex)[1] if with_memory else None
+        rows = [p + a for p, a in zip(ex.prompts, ex.answers, strict=True)]
         ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
+        if kv is not None:
+            kv = kv.index_rows([0] * len(rows))
         logits = forward_with_memory(reasoner, ids, mask, kv).logits
         t = ids.shape[1]
-        for r, it in enumerate(group):
-            n = len(it.response)
-            pred = logits[r, t - n - 1 : t - 1].argmax(-1)
-            hits += int((pred == ids[r, t - n :]).sum())
-            total += n
+        for r, a in enumerate(ex.answers):
+            pred = logits[r, t - len(a) - 1 : t - 1].argmax(-1)
+            hits += int((pred == ids[r, t - len(a) :]).sum())
+            total += len(a)
     return hits / max(total, 1)
 
 
-def length_buckets(items: list[Interaction]) -> dict[int, list[Interaction]]:
-    buckets: dict[int, list[Interaction]] = defaultdict(list)
-    for it in items:
-        buckets[len(it.query) + len(it.response)].append(it)
-    return buckets
+@torch.no_grad()
+def generated_accuracy(memory, episodes, chunk_tokens: int, slot_budget: int, reader=None) -> dict:
+    """Answers generated by the `latent` eval system with this memory: the share that contains the gold answer."""
+    from ..eval.metrics import contains_answer
+    from ..eval.reader import Reader
+    from ..eval.systems import Runtime, SystemArgs, build_system
+
+    memory.eval()
+    runtime = Runtime(
+        reader or Reader(memory.reasoner), SystemArgs(chunk_tokens=chunk_tokens, slot_budget=slot_budget)
+    )
+    runtime.shared("memory_model", lambda: memory)
+    system = build_system("latent", runtime)
+    hits, items = 0.0, []
+    for episode in episodes:
+        system.reset()
+        system.feed(episode.turns)
+        for q in episode.questions:
+            text = system.answer(q).text
+            hit = max(contains_answer(text, gold) for gold in (q.answer, *q.aliases))
+            hits += hit
+            items.append({"question": q.question, "answer": q.answer, "prediction": text, "contains": hit})
+    return {"contains": hits / max(len(items), 1), "questions": len(items), "items": items}
+
+
+def lr_at(update: int, cfg: BootstrapConfig) -> float:
+    if update <= cfg.warmup_updates:
+        return cfg.lr * update / max(cfg.warmup_updates, 1)
+    progress = (update - cfg.warmup_updates) / max(cfg.updates - cfg.warmup_updates, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
     from tqdm import tqdm
 
+    from ..eval.reader import Reader
+
     reasoner = memory.reasoner
     tok = reasoner.require_tokenizer()
-    context_tokens = min(cfg.context_tokens, memory.config.max_memory_tokens)
-    template = "{role}: {text}\n"
-
-    def count_tokens(text: str) -> int:
-        return len(tok(text, add_special_tokens=False)["input_ids"])
-
-    rng = random.Random(cfg.seed)
-    t0 = time.perf_counter()
-    train = qa_interactions(
-        _synthetic_episodes(cfg, cfg.episodes, cfg.seed, count_tokens),
-        reasoner,
-        template,
-        context_tokens,
-        rng,
-    )
-    held = qa_interactions(
-        _synthetic_episodes(cfg, cfg.eval_episodes, cfg.seed + 10_000, count_tokens),
-        reasoner,
-        template,
-        context_tokens,
-        rng,
-    )
-    if not train or not held:
+    if cfg.chunk_tokens > memory.config.max_memory_tokens:
         raise ValueError(
-            "bootstrap: no usable questions; use longer history_tokens or a smaller context_tokens"
+            f"BootstrapConfig.chunk_tokens={cfg.chunk_tokens} is more than the memory reads in one call "
+            f"(max_memory_tokens={memory.config.max_memory_tokens})"
         )
+    reader = Reader(reasoner)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    train = episode_examples(
+        synthetic_episodes(cfg, cfg.episodes, cfg.seed, reader.count_tokens), reasoner, cfg.chunk_tokens
+    )
+    held_episodes = synthetic_episodes(cfg, cfg.eval_episodes, cfg.seed + 10_000, reader.count_tokens)
+    held = episode_examples(held_episodes, reasoner, cfg.chunk_tokens)
+    if not train or not held:
+        raise ValueError("bootstrap: no usable episodes; raise episodes or eval_episodes")
     logger.info(
-        "%d training and %d held-out questions built in %.1f s",
+        "%d training and %d held-out episodes (%d and %d questions) built in %.1f s",
         len(train),
         len(held),
+        sum(len(e.answers) for e in train),
+        sum(len(e.answers) for e in held),
         time.perf_counter() - t0,
     )
-    longest = max(len(it.query) + len(it.response) for it in train)
-    learner = OnlineLearner(
-        memory,
-        OnlineConfig(
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            ewc_weight=0.0,
-            replay_per_update=0,
-            contrastive_weight=cfg.contrastive_weight,
-            denoise_weight=cfg.denoise_weight,
-            denoise_source="context",
-            context_tokens=context_tokens,
-            target_tokens=longest,
-            anchor_interval=10**9,
-            seed=cfg.seed,
-        ),
-    )
-    buckets = [b for b in length_buckets(train).values() if len(b) >= 2]
-    weights = [len(b) for b in buckets]
+    instruction = memory.config.extra.get("instruction")
+    if cfg.reconstruction_rows and not instruction:
+        raise ValueError(
+            "bootstrap: the checkpoint records no formation instruction; set reconstruction_rows=0"
+        )
+    instruction_ids = tok(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+    params = memory.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    log = []
+    metrics_path = output / "metrics.jsonl"
+    metrics_path.write_text("")
+    log: list[dict] = []
+    start = time.perf_counter()
 
-    def evaluate(update: int):
+    def record(entry: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def evaluate(update: int) -> None:
+        generated = generated_accuracy(memory, held_episodes, cfg.chunk_tokens, cfg.eval_slot_budget, reader)
         entry = {
             "update": update,
             "answer_accuracy": answer_accuracy(memory, held),
+            "generated_contains": generated["contains"],
             "seconds": round(time.perf_counter() - start, 1),
         }
-        log.append(entry)
-        with open(output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        logger.info("bootstrap %s", entry)
+        log.append({**entry, "items": generated["items"]})
+        record({"eval": entry})
+        logger.info("bootstrap eval %s", entry)
 
-    start = time.perf_counter()
     no_memory = answer_accuracy(memory, held, with_memory=False)
     evaluate(0)
     stopped = "updates"
-    for update in tqdm(range(1, cfg.updates + 1), desc="bootstrap", unit="upd"):
+    update = 0
+    order: list[int] = []
+    bar = tqdm(range(1, cfg.updates + 1), desc="bootstrap", unit="upd")
+    for update in bar:
         if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
-            stopped = "max_seconds"
+            stopped, update = "max_seconds", update - 1
             break
-        bucket = rng.choices(buckets, weights=weights)[0]
-        learner.update(rng.sample(bucket, min(cfg.batch_size, len(bucket))))
+        if len(order) < cfg.episodes_per_update:
+            order += rng.sample(range(len(train)), len(train))
+        batch = [train[order.pop()] for _ in range(cfg.episodes_per_update)]
+        memory.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(update, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        parts = answer_update(memory, batch, cfg, instruction_ids, rng)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        entry = {
+            "update": update,
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss_answer": round(parts["answer"], 4),
+            "loss_reconstruction": round(parts["reconstruction"], 4),
+            "answer_token_acc": round(parts["answer_correct"] / max(parts["answer_tokens"], 1), 4),
+            "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        record(entry)
+        bar.set_postfix(loss=entry["loss_answer"], acc=entry["answer_token_acc"])
         if update % cfg.eval_every == 0:
             evaluate(update)
-    if log[-1]["update"] != learner.updates:
-        evaluate(learner.updates)
+    assert_frozen(reasoner.model)
+    if not log or log[-1]["update"] != update:
+        evaluate(update)
+    memory.config.chunk_tokens = cfg.chunk_tokens
     memory.config.extra["bootstrap"] = {
-        "updates": learner.updates,
-        "episodes": cfg.episodes,
+        "updates": update,
+        "episodes": len(train),
+        "history_tokens": list(cfg.history_tokens),
+        "chunk_tokens": cfg.chunk_tokens,
         "split": "train",
         "task": "synthetic",
+        "heldout_generated_contains": log[-1]["generated_contains"],
     }
     memory.save_pretrained(output / "checkpoint", dtype=torch.bfloat16, max_shard_bytes=15 * 2**20)
     report = {
         "config": asdict(cfg),
-        "updates": learner.updates,
+        "updates": update,
         "stopped_by": stopped,
-        "train_questions": len(train),
-        "heldout_questions": len(held),
+        "train_episodes": len(train),
+        "train_questions": sum(len(e.answers) for e in train),
+        "heldout_questions": sum(len(e.answers) for e in held),
         "answer_accuracy_no_memory": no_memory,
-        "curve": log,
-        "loss_last": learner.history[-1].parts if learner.history else None,
+        "curve": [{k: v for k, v in e.items() if k != "items"} for e in log],
+        "heldout_predictions": {"first": log[0]["items"], "last": log[-1]["items"]},
         "seconds": round(time.perf_counter() - start, 1),
     }
     (output / "report.json").write_text(json.dumps(report, indent=2))
@@ -304,19 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--output", required=True, help="directory for checkpoint/, metrics.jsonl and report.json")
     types = {
-        "updates": int,
-        "episodes": int,
-        "eval_episodes": int,
-        "facts": int,
-        "context_tokens": int,
-        "batch_size": int,
-        "lr": float,
-        "denoise_weight": float,
-        "contrastive_weight": float,
-        "eval_every": int,
-        "max_seconds": float,
-        "seed": int,
-        "data": str,
+        f.name: (int if f.type in ("int", int) else float if "float" in str(f.type) else str)
+        for f in BootstrapConfig.__dataclass_fields__.values()
+        if f.name != "history_tokens"
     }
     for name, kind in types.items():
         p.add_argument(
@@ -340,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
     memory = load_memory(reasoner, args.checkpoint)
     report = run_bootstrap(memory, cfg, args.output)
-    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    print(
+        json.dumps({k: v for k, v in report.items() if k not in ("config", "heldout_predictions")}, indent=2)
+    )
     return 0
 
 

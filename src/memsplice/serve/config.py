@@ -60,7 +60,8 @@ class ServeConfig:
     max_turn_chars: int = 32_000
     """Longest text of one turn written to memory."""
     memory_chunk_tokens: int | None = None
-    """Transcript tokens per memory chunk, i.e. per encoder call (default: the memory's max_memory_tokens)."""
+    """Transcript tokens per memory chunk, i.e. per encoder call (default: the memory's chunk_tokens, else its
+    max_memory_tokens)."""
     memory_slot_budget: int = 256
     """Most memory slots a scope's conversation uses; older chunks are compressed to stay within it."""
     memory_max_live_tokens: int = 65536

@@ -5,6 +5,8 @@ Every objective returns an `ObjectiveResult` with a differentiable mean loss plu
 - `continuation`: the reasoner reads [memory of P] and predicts the text that follows P.
 - `denoising`: the encoder reads P with spans masked or dropped; the reasoner regenerates the original P.
 - `infonce`: latents of a query span and of the passage it comes from are pulled together against in-batch negatives.
+- `answer`: the reasoner reads [memory][question prompt] and produces the answer (teacher-forced cross-entropy on the
+  answer tokens only): what question answering from memory asks of it.
 
 The reasoner's hidden states come from `hidden_states_with_memory`; logits are formed only at target positions and
 in chunks by `lm_head_cross_entropy`, which never holds (tokens, vocab) logits for more than one chunk at a time.
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..inject.memory_kv import MemoryKV
 from ..inject.splice import hidden_states_with_memory
+from ..memory.model import pad_rows
 from .data import DenoiseBatch, PairBatch
 
 LOGIT_CHUNK = 4096
@@ -131,3 +135,27 @@ def infonce(memory_model, batch: PairBatch, temperature: float) -> ObjectiveResu
     labels = torch.arange(len(q), device=q.device)
     loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     return ObjectiveResult(loss, len(q), None)
+
+
+def answer(
+    memory_model, memory: MemoryKV, prompts: list[list[int]], answers: list[list[int]]
+) -> ObjectiveResult:
+    """Teacher-forced loss of each row's answer after [memory][prompt], at the answer tokens only.
+
+    Rows (prompt + answer) are left-padded to one length; `memory` has one row per prompt, or one row that all
+    prompts read (one conversation asked several questions)."""
+    if len(prompts) != len(answers) or not prompts or not all(answers):
+        raise ValueError("answer: needs as many non-empty answers as prompts, and at least one")
+    reasoner = memory_model.reasoner
+    if memory.batch_size == 1 and len(prompts) > 1:
+        memory = memory.index_rows([0] * len(prompts))
+    rows = [p + a for p, a in zip(prompts, answers, strict=True)]
+    ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
+    hidden = hidden_states_with_memory(reasoner, ids, mask, memory)  # (B, T, d)
+    t = ids.shape[1]
+    row = torch.cat([torch.full((len(a),), r, dtype=torch.long) for r, a in enumerate(answers)])
+    pos = torch.cat([torch.arange(t - len(a) - 1, t - 1) for a in answers])
+    row, pos = row.to(ids.device), pos.to(ids.device)
+    loss_sum, correct = lm_head_cross_entropy(reasoner, hidden[row, pos], ids[row, pos + 1])
+    n = int(row.numel())
+    return ObjectiveResult(loss_sum / n, n, correct)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..reader import Answer, render_session_header
+from ..reader import Answer, memory_turns
 from ..tasks.base import Question, Turn
 from .base import System, register_system, text_bytes
 from .context import recent_window
@@ -75,13 +75,13 @@ class _LatentBase(System):
         self.conversation = new_conversation(self.runtime)
         self._last_session = None
 
-    def _write(self, turn: Turn) -> None:
+    def _write(self, turns: Sequence[Turn]) -> None:
         if self.conversation is None:
             self.reset()
-        if turn.session != self._last_session:
-            self.conversation.add_turn("system", render_session_header(turn))
-            self._last_session = turn.session
-        self.conversation.add_turn(turn.speaker, turn.text)
+        for role, text in memory_turns(turns, self._last_session):
+            self.conversation.add_turn(role, text)
+        if turns:
+            self._last_session = turns[-1].session
 
     def _finish_writes(self) -> None:
         """Compose the memory now, so that the cost lands in the write time and not in the first answer's."""
@@ -98,8 +98,7 @@ class _LatentBase(System):
 )
 class LatentMemory(_LatentBase):
     def ingest(self, turns: Sequence[Turn]) -> None:
-        for turn in turns:
-            self._write(turn)
+        self._write(turns)
         self._finish_writes()
 
     def answer(self, question: Question) -> Answer:
@@ -141,8 +140,7 @@ class LatentPlusWindow(_LatentBase):
             self.reset()
         self.window.extend(turns)
         older, self.window = recent_window(self.window, self.args.window_tokens, self.reader.count_tokens)
-        for turn in older:
-            self._write(turn)
+        self._write(older)
         if self.conversation.turns:
             self._finish_writes()
 
