@@ -14,7 +14,7 @@ export TQDM_MININTERVAL="${TQDM_MININTERVAL:-10}"
 PY="${PYTHON:-python3}"
 ck=()
 [ -n "$CKPT" ] && ck=(--checkpoint "$CKPT")
-$PY -m memsplice.online.bootstrap "${ck[@]}" ${EXTRA:-} --output "$OUT/bootstrap" --updates "${UPDATES:-4000}" \
-  --max-seconds "${SECONDS_BUDGET:-420}" --episodes "${EPISODES:-160}" --eval-every "${EVAL_EVERY:-500}" \
+$PY -m memsplice.online.bootstrap "${ck[@]}" ${EXTRA:-} --output "$OUT/bootstrap" --updates "${UPDATES:-3000}" \
+  --max-seconds "${SECONDS_BUDGET:-420}" --episodes "${EPISODES:-2000}" --eval-every "${EVAL_EVERY:-500}" \
   > "$OUT/bootstrap.log" 2>&1
 tail -n 30 "$OUT/bootstrap.log"

@@ -107,6 +107,7 @@ def test_bootstrap_run_saves_a_checkpoint_that_chunks_as_trained(tmp_path):
     report = run_bootstrap(memory, cfg, tmp_path)
     assert report["updates"] == 2 and report["stopped_by"] == "updates"
     assert [e["update"] for e in report["curve"]] == [0, 1, 2]
+    assert all(0 <= e["answer_accuracy_other_memory"] <= 1 for e in report["curve"])
     assert json.loads((tmp_path / "report.json").read_text())["train_questions"] == 4
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert sum("loss_answer" in line for line in lines) == 2

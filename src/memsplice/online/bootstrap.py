@@ -18,10 +18,11 @@ formation built, `reconstruction_rows` chunks per update are also read back with
 (`train.objectives.read_back`), weighted by `reconstruction_weight`.
 
 Progress is measured on held-out episodes of the train split (another seed, so other facts; never the test split),
-every `eval_every` updates: the answer's teacher-forced token accuracy with and without memory, and the answers the
-`latent` eval system itself generates (the real read path: `ConversationMemory`, `Reader`, greedy decoding), scored
-by answer containment as the benchmark scores them. The checkpoint records `chunk_tokens`, so conversations built on
-it chunk as it was trained.
+every `eval_every` updates: the answer's teacher-forced token accuracy with the episode's own memory, with another
+episode's memory (a control: what the memory teaches about answers in general rather than about this history) and
+without memory, and the answers the `latent` eval system itself generates (the real read path: `ConversationMemory`,
+`Reader`, greedy decoding), scored by answer containment as the benchmark scores them. The checkpoint is saved
+(atomically) after every evaluation and records `chunk_tokens`, so conversations built on it chunk as it was trained.
 """
 
 from __future__ import annotations
@@ -208,15 +209,22 @@ def answer_update(memory, examples: list[EpisodeExample], cfg: BootstrapConfig, 
 
 
 @torch.no_grad()
-def answer_accuracy(memory, examples: list[EpisodeExample], with_memory: bool = True) -> float:
-    """Teacher-forced accuracy of the answer tokens after [memory of the whole episode][question prompt]."""
+def answer_accuracy(memory, examples: list[EpisodeExample], memory_of: str = "own") -> float:
+    """Teacher-forced accuracy of the answer tokens after [memory][question prompt].
+
+    memory_of: "own" (the memory of the episode the questions are about), "other" (the memory of the next episode
+    in the list: a control, what the memory teaches about answers in general rather than about this history) or
+    "none" (no memory)."""
     from ..inject import forward_with_memory
 
+    if memory_of not in ("own", "other", "none"):
+        raise ValueError(f'answer_accuracy: memory_of must be "own", "other" or "none" (got {memory_of!r})')
     reasoner = memory.reasoner
     memory.eval()
     hits = total = 0
-    for ex in examples:
-        kv = write_episode(memory, ex)[1] if with_memory else None
+    for i, ex in enumerate(examples):
+        source = {"own": ex, "other": examples[(i + 1) % len(examples)], "none": None}[memory_of]
+        kv = write_episode(memory, source)[1] if source is not None else None
         rows = [p + a for p, a in zip(ex.prompts, ex.answers, strict=True)]
         ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
         if kv is not None:
@@ -318,14 +326,31 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         entry = {
             "update": update,
             "answer_accuracy": answer_accuracy(memory, held),
+            "answer_accuracy_other_memory": answer_accuracy(memory, held, "other"),
             "generated_contains": generated["contains"],
             "seconds": round(time.perf_counter() - start, 1),
         }
         log.append({**entry, "items": generated["items"]})
         record({"eval": entry})
         logger.info("bootstrap eval %s", entry)
+        if update:
+            save(update)
 
-    no_memory = answer_accuracy(memory, held, with_memory=False)
+    def save(update: int) -> None:
+        """The checkpoint as of `update` (written atomically: a killed run leaves the last one whole)."""
+        memory.config.chunk_tokens = cfg.chunk_tokens
+        memory.config.extra["bootstrap"] = {
+            "updates": update,
+            "episodes": len(train),
+            "history_tokens": list(cfg.history_tokens),
+            "chunk_tokens": cfg.chunk_tokens,
+            "split": "train",
+            "task": "synthetic",
+            "heldout_generated_contains": log[-1]["generated_contains"],
+        }
+        memory.save_pretrained(output / "checkpoint", dtype=torch.bfloat16, max_shard_bytes=15 * 2**20)
+
+    no_memory = answer_accuracy(memory, held, "none")
     evaluate(0)
     stopped = "updates"
     update = 0
@@ -359,19 +384,10 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         if update % cfg.eval_every == 0:
             evaluate(update)
     assert_frozen(reasoner.model)
-    if not log or log[-1]["update"] != update:
+    if log[-1]["update"] != update:
         evaluate(update)
-    memory.config.chunk_tokens = cfg.chunk_tokens
-    memory.config.extra["bootstrap"] = {
-        "updates": update,
-        "episodes": len(train),
-        "history_tokens": list(cfg.history_tokens),
-        "chunk_tokens": cfg.chunk_tokens,
-        "split": "train",
-        "task": "synthetic",
-        "heldout_generated_contains": log[-1]["generated_contains"],
-    }
-    memory.save_pretrained(output / "checkpoint", dtype=torch.bfloat16, max_shard_bytes=15 * 2**20)
+    if not update:
+        save(update)
     report = {
         "config": asdict(cfg),
         "updates": update,
