@@ -107,4 +107,7 @@ def test_real_smollm2_splice_exactness(real_reasoner):
         in_context = r.model(input_ids=torch.cat([x, y], 1)).logits[:, x.shape[1] :]
         cache = r.model(input_ids=x, use_cache=True).past_key_values
         spliced = forward_with_memory(r, y, memory=MemoryKV.from_reasoner_cache(cache)).logits
-    assert (spliced - in_context).abs().max() < 1e-5
+    # fp32 through 30 layers in two computation orders (one pass vs cache + pass): the CPU's gemm kernels leave up to
+    # ~5e-5 on logits of magnitude ~15 (4.96e-5 on an AVX-512 Xeon, 0.0 on another CPU); a wrong position, mask or
+    # gate gives errors of order 1.
+    assert (spliced - in_context).abs().max() < 1e-4
