@@ -54,7 +54,7 @@ def make(tmp_path, **config):
     return h, learner
 
 
-def wait_for(cond, timeout=30.0):
+def wait_for(cond, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
