@@ -415,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--output", required=True, help="directory for checkpoint/, metrics.jsonl and report.json")
+    p.add_argument(
+        "--record",
+        metavar="NAME",
+        default=None,
+        help="also save the report with its command, commit (at the start), device and date as "
+        "benchmarks/results/NAME.json",
+    )
     types = {
         f.name: (int if f.type in ("int", int) else float if "float" in str(f.type) else str)
         for f in BootstrapConfig.__dataclass_fields__.values()
@@ -439,9 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..checkpoints import load_memory
     from ..reasoner import load_reasoner
 
+    from ..bench.record import provenance, save_result
+
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
+    started = provenance(reasoner.device)  # the commit the run started from, not the one it ends at
     memory = load_memory(reasoner, args.checkpoint)
     report = run_bootstrap(memory, cfg, args.output)
+    if args.record:
+        print(f"saved {save_result(args.record, {**report, **started}, device=reasoner.device)}")
     print(
         json.dumps({k: v for k, v in report.items() if k not in ("config", "heldout_predictions")}, indent=2)
     )
