@@ -7,7 +7,8 @@ teacher-forced token accuracy and exact-match rate of regenerating held-out pass
     causal      --causal: a memory whose latents are the reasoner's own hidden states, pooled into slots
     prior_init  --prior: a memory whose encoder started from the reasoner's layers instead of at random
 Passages come from the held-out side of the fixed corpus split, never trained on, identical for every system.
-With --save the numbers go to benchmarks/results/formation-fidelity.json and to summary.json under "formation".
+With --save the numbers go to benchmarks/results/formation-fidelity.json and to summary.json under "formation";
+with --record NAME to benchmarks/results/NAME.json alone.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--save", action="store_true", help="save under benchmarks/results/ and update summary.json"
+    )
+    p.add_argument(
+        "--record",
+        metavar="NAME",
+        default=None,
+        help="save under benchmarks/results/NAME.json only (summary.json untouched), e.g. to re-measure a "
+        "checkpoint trained further than formation",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_reasoner_flags(p)
@@ -139,6 +147,10 @@ def run(args) -> int:
 
         save_result("formation-fidelity", result, device=reasoner.device)
         update_summary("formation", _summary(rows, args.train_run), device=reasoner.device)
+    if args.record:
+        from .record import save_result
+
+        print(f"saved {save_result(args.record, result, device=reasoner.device)}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
