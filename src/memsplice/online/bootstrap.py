@@ -443,10 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         k: v for k, v in vars(args).items() if k in BootstrapConfig.__dataclass_fields__ and v is not None
     }
     cfg = BootstrapConfig(**overrides)
+    from ..bench.record import provenance, save_result
     from ..checkpoints import load_memory
     from ..reasoner import load_reasoner
-
-    from ..bench.record import provenance, save_result
 
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
     started = provenance(reasoner.device)  # the commit the run started from, not the one it ends at
