@@ -17,7 +17,9 @@ reasoner can find among many memories, and the projections and the gate learn ho
 formation built, `reconstruction_rows` chunks per update are also read back with the formation instruction
 (`train.objectives.read_back`), weighted by `reconstruction_weight`.
 
-Progress is measured on held-out episodes of the train split (another seed, so other facts; never the test split),
+Progress is measured on held-out episodes of the train split (another seed: other people and other combinations of
+facts, but values from the same pools, so it measures finding a fact among the chunk memories, not carrying a word
+never trained on out of memory; the eval's test split measures that, and is never used here),
 every `eval_every` updates: the answer's teacher-forced token accuracy with the episode's own memory, with another
 episode's memory (a control: what the memory teaches about answers in general rather than about this history) and
 without memory, and the answers the `latent` eval system itself generates (the real read path: `ConversationMemory`,
