@@ -167,17 +167,10 @@ def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExamp
     return out
 
 
-def _pad_id(reasoner) -> int:
-    tok = reasoner.tokenizer
-    if tok is None:
-        return 0
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
 def write_episode(memory, example: EpisodeExample) -> tuple[Memory, object]:
     """Encode every chunk of the episode (with autograd, when enabled) -> (per-chunk memory, composed memory)."""
     reasoner = memory.reasoner
-    ids, mask = pad_rows(example.chunks, pad_id=_pad_id(reasoner), device=reasoner.device)
+    ids, mask = pad_rows(example.chunks, pad_id=memory._pad_id() or 0, device=reasoner.device)
     written = memory.write(ids, mask)
     parts = [written.kv.index_rows([i]) for i in range(len(example.chunks))]
     return written, concat_slots(parts, reasoner)
