@@ -115,8 +115,13 @@ def test_deleting_a_scope_during_an_update_keeps_none_of_its_samples(tmp_path):
         http.post("/v1/memory/scopes/alice/text", json={"text": "alice's secret"})
         http.post("/v1/memory/scopes/bob/text", json={"text": "bob's note"})
         wait_for(learner.entered.is_set)
+        # The deletion waits for the update in flight (it forgets on the online thread after it), so the update is
+        # released while the deletion is pending, not after it returns.
+        release = threading.Timer(0.5, learner.hold.set)
+        release.start()
         assert http.delete("/v1/memory/scopes/alice").status_code == 200
-        learner.hold.set()
+        release.join()
+        assert learner.seen  # the update that held alice's sample finished, and trained on it
         wait_for(lambda: h.store.queued_training() == 0 and h.service.online.step >= 1)
         time.sleep(0.2)
     assert all(v == 0 for v in h.store.row_counts("alice").values())
