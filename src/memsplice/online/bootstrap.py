@@ -45,6 +45,7 @@ from ..inject.compose import concat_slots
 from ..memory.model import Memory, pad_rows
 from ..reasoner.identity import assert_frozen
 from ..train.objectives import answer, read_back
+from ..train.plots import MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -205,31 +206,21 @@ def answer_update(memory, examples: list[EpisodeExample], cfg: BootstrapConfig, 
 
 @torch.no_grad()
 def answer_accuracy(memory, examples: list[EpisodeExample], memory_of: str = "own") -> float:
-    """Teacher-forced accuracy of the answer tokens after [memory][question prompt].
+    """Teacher-forced accuracy of the answer tokens after [memory][question prompt] (`train.objectives.answer`).
 
     memory_of: "own" (the memory of the episode the questions are about), "other" (the memory of the next episode
     in the list: a control, what the memory teaches about answers in general rather than about this history) or
     "none" (no memory)."""
-    from ..inject import forward_with_memory
-
     if memory_of not in ("own", "other", "none"):
         raise ValueError(f'answer_accuracy: memory_of must be "own", "other" or "none" (got {memory_of!r})')
-    reasoner = memory.reasoner
     memory.eval()
     hits = total = 0
     for i, ex in enumerate(examples):
         source = {"own": ex, "other": examples[(i + 1) % len(examples)], "none": None}[memory_of]
         kv = write_episode(memory, source)[1] if source is not None else None
-        rows = [p + a for p, a in zip(ex.prompts, ex.answers, strict=True)]
-        ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
-        if kv is not None:
-            kv = kv.index_rows([0] * len(rows))
-        logits = forward_with_memory(reasoner, ids, mask, kv).logits
-        t = ids.shape[1]
-        for r, a in enumerate(ex.answers):
-            pred = logits[r, t - len(a) - 1 : t - 1].argmax(-1)
-            hits += int((pred == ids[r, t - len(a) :]).sum())
-            total += len(a)
+        result = answer(memory, kv, ex.prompts, ex.answers)
+        hits += int(result.correct)
+        total += result.tokens
     return hits / max(total, 1)
 
 
@@ -307,14 +298,9 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    metrics_path = output / "metrics.jsonl"
-    metrics_path.write_text("")
+    metrics = MetricsLog(output / "metrics.jsonl")  # a fresh log (a previous run's is removed)
     log: list[dict] = []
     start = time.perf_counter()
-
-    def record(entry: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
 
     def evaluate(update: int) -> None:
         generated = generated_accuracy(memory, held_episodes, cfg.chunk_tokens, cfg.eval_slot_budget, reader)
@@ -326,7 +312,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
             "seconds": round(time.perf_counter() - start, 1),
         }
         log.append({**entry, "items": generated["items"]})
-        record({"eval": entry})
+        metrics.write({"eval": entry})
         logger.info("bootstrap eval %s", entry)
         if update:
             save(update)
@@ -374,7 +360,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
             "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
             "seconds": round(time.perf_counter() - start, 1),
         }
-        record(entry)
+        metrics.write(entry)
         bar.set_postfix(loss=entry["loss_answer"], acc=entry["answer_token_acc"])
         if update % cfg.eval_every == 0:
             evaluate(update)

@@ -138,16 +138,16 @@ def infonce(memory_model, batch: PairBatch, temperature: float) -> ObjectiveResu
 
 
 def answer(
-    memory_model, memory: MemoryKV, prompts: list[list[int]], answers: list[list[int]]
+    memory_model, memory: MemoryKV | None, prompts: list[list[int]], answers: list[list[int]]
 ) -> ObjectiveResult:
     """Teacher-forced loss of each row's answer after [memory][prompt], at the answer tokens only.
 
     Rows (prompt + answer) are left-padded to one length; `memory` has one row per prompt, or one row that all
-    prompts read (one conversation asked several questions)."""
+    prompts read (one conversation asked several questions), or is None (the reasoner alone)."""
     if len(prompts) != len(answers) or not prompts or not all(answers):
         raise ValueError("answer: needs as many non-empty answers as prompts, and at least one")
     reasoner = memory_model.reasoner
-    if memory.batch_size == 1 and len(prompts) > 1:
+    if memory is not None and memory.batch_size == 1 and len(prompts) > 1:
         memory = memory.index_rows([0] * len(prompts))
     rows = [p + a for p, a in zip(prompts, answers, strict=True)]
     ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
