@@ -134,8 +134,28 @@ def test_locomo_refuses_bad_files(tmp_path, locomo_path):
         load_locomo(bad)
 
 
+def test_open_values_are_made_up_per_fact_and_keep_the_episode_sound():
+    opened = _synthetic(examples=3, lengths=(1024,), values="open", split="train")
+    assert opened == _synthetic(examples=3, lengths=(1024,), values="open", split="train")
+    listed = {v for a in ATTRIBUTES for v in a.values}
+    answers = [q.answer for e in opened for q in e.questions]
+    assert len(set(answers)) == len(answers)  # drawn afresh: no value repeats across these episodes
+    assert not set(answers) & listed
+    for episode in opened:
+        assert "open" in episode.id
+        for q in episode.questions:
+            (evidence,) = episode.turns_by_id(q.evidence)
+            assert q.answer in evidence.text
+            others = [t for t in episode.turns if t.id != evidence.id]
+            if q.category == "single":
+                assert all(q.answer not in t.text for t in others)
+    # the option leaves pool episodes exactly as they were
+    assert _synthetic(values="pools") == _synthetic()
+
+
 def test_task_args_validate():
     for bad in (
+        dict(values="random"),
         dict(examples=-1),
         dict(lengths=()),
         dict(lengths=(10,)),

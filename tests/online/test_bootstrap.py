@@ -116,7 +116,48 @@ def test_bootstrap_run_saves_a_checkpoint_that_chunks_as_trained(tmp_path):
     assert ConversationMemory(loaded, ConversationConfig(slot_budget=64)).chunk_tokens == CHUNK
 
 
+def test_open_values_mix_into_training_and_make_the_heldout_open(tmp_path):
+    memory = tiny_memory()
+    cfg = BootstrapConfig(
+        updates=1,
+        episodes=4,
+        eval_episodes=1,
+        history_tokens=[512],
+        facts=2,
+        chunk_tokens=CHUNK,
+        episodes_per_update=1,
+        reconstruction_rows=0,
+        eval_every=1,
+        open_values=0.5,
+    )
+    opened = synthetic_episodes(cfg, 2, 0, Reader(memory.reasoner).count_tokens, values="open")
+    assert all("open" in e.id for e in opened)
+    report = run_bootstrap(memory, cfg, tmp_path)
+    assert report["heldout_values"] == "open" and report["train_episodes"] == 4
+    assert (
+        "open"
+        not in run_bootstrap(memory, BootstrapConfig(**{**cfg.__dict__, "open_values": 0.0}), tmp_path)[
+            "heldout_values"
+        ]
+    )
+
+
+def test_learning_rate_decays_over_the_time_budget_when_it_ends_first():
+    from memsplice.online.bootstrap import lr_at
+
+    cfg = BootstrapConfig(updates=1000, warmup_updates=10, lr=1.0, min_lr_ratio=0.1, max_seconds=100.0)
+    assert lr_at(5, cfg) == 0.5
+    assert lr_at(20, cfg, elapsed=1.0) > 0.99
+    assert lr_at(20, cfg, elapsed=100.0) == pytest.approx(0.1)  # time is up: the floor, whatever the update
+    assert lr_at(1000, cfg, elapsed=1.0) == pytest.approx(0.1)
+    assert lr_at(
+        510, BootstrapConfig(updates=1010, warmup_updates=10, lr=1.0, min_lr_ratio=0.0)
+    ) == pytest.approx(0.5)
+
+
 def test_bad_bootstrap_settings_name_the_field():
+    with pytest.raises(ValueError, match="open_values"):
+        BootstrapConfig(open_values=1.5)
     with pytest.raises(ValueError, match="updates"):
         BootstrapConfig(updates=0)
     with pytest.raises(ValueError, match="history_tokens"):

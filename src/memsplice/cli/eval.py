@@ -103,6 +103,13 @@ def add_parser(sub):
         default="test",
         help="synthetic, passkey: which facts and filler dialogues (default: test)",
     )
+    p.add_argument(
+        "--values",
+        choices=("pools", "open"),
+        default="pools",
+        help="synthetic: facts' values from the split's fixed lists (pools) or made-up words and numbers drawn "
+        "afresh for each fact (open: answers no model can know except from the history; default: pools)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit (default: 24)")
     p.add_argument(
@@ -174,6 +181,7 @@ def run(args) -> int:
             split=args.split,
             data=args.data,
             facts=args.facts,
+            values=args.values,
             depths=args.depths,
         ),
         system_args=SystemArgs(

@@ -17,9 +17,15 @@ reasoner can find among many memories, and the projections and the gate learn ho
 formation built, `reconstruction_rows` chunks per update are also read back with the formation instruction
 (`train.objectives.read_back`), weighted by `reconstruction_weight`.
 
+Values: with pool values alone, a memory can learn to pick an answer among the values it was trained on instead of
+carrying the history's word out of memory (measured: its wrong answers on the test split were train-pool values).
+So `open_values` of the training episodes take made-up words and numbers, drawn afresh for every fact
+(`TaskArgs.values="open"`): there the answer can only come out of the memory.
+
 Progress is measured on held-out episodes of the train split (another seed: other people and other combinations of
-facts, but values from the same pools, so it measures finding a fact among the chunk memories, not carrying a word
-never trained on out of memory; the eval's test split measures that, and is never used here),
+facts; with `open_values` > 0 their values are made up too, so it measures carrying words never seen in training out
+of memory; else values come from the same pools and it measures finding a fact among the chunk memories; the
+eval's test split is never used here),
 every `eval_every` updates: the answer's teacher-forced token accuracy with the episode's own memory, with another
 episode's memory (a control: what the memory teaches about answers in general rather than about this history) and
 without memory, and the answers the `latent` eval system itself generates (the real read path: `ConversationMemory`,
@@ -67,6 +73,9 @@ class BootstrapConfig:
     """Questions per episode."""
     chunk_tokens: int = 128
     """History tokens per chunk memory (with 16 slots, 128 tokens is 8x compression); recorded in the checkpoint."""
+    open_values: float = 0.5
+    """Share of training episodes whose values are made up for each fact (see the module's docstring); with any,
+    the held-out episodes' values are made up too."""
     episodes_per_update: int = 2
     """Episodes (whole conversations, all their questions) per update."""
     lr: float = 1e-4
@@ -83,7 +92,8 @@ class BootstrapConfig:
     """Slot budget of the held-out conversations (enough to keep every chunk of `history_tokens` at full
     resolution, as in training)."""
     max_seconds: float | None = None
-    """Stop early after this long (the report says so)."""
+    """Stop early after this long (the report says so); the learning rate then decays over whichever of
+    `updates` and `max_seconds` runs out first."""
     seed: int = 0
     data: str | None = None
     """Corpus directory for the filler dialogue (default: $MEMSPLICE_DATA, the shared corpora, else the bundled
@@ -109,6 +119,8 @@ class BootstrapConfig:
             )
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
             raise ValueError("BootstrapConfig.lr must be positive and min_lr_ratio in [0, 1]")
+        if not 0.0 <= self.open_values <= 1.0:
+            raise ValueError(f"BootstrapConfig.open_values must lie in [0, 1] (got {self.open_values})")
         if self.reconstruction_rows < 0 or self.reconstruction_weight < 0:
             raise ValueError("BootstrapConfig.reconstruction_rows and reconstruction_weight must be >= 0")
 
@@ -125,8 +137,10 @@ class EpisodeExample:
     """Each gold answer followed by the end-of-turn token."""
 
 
-def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens):
-    """`count` train-split episodes spread over `cfg.history_tokens`."""
+def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens, values: str = "pools"):
+    """`count` train-split episodes spread over `cfg.history_tokens`, with pool or made-up ("open") values."""
+    if count <= 0:
+        return []
     try:
         from ..eval.tasks import TaskArgs, get_task
     except ImportError as e:
@@ -137,6 +151,7 @@ def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens
         seed=seed,
         split="train",
         facts=cfg.facts,
+        values=values,
         data=Path(cfg.data) if cfg.data else None,
     )
     return get_task("synthetic")(args, count_tokens)[:count]
@@ -249,10 +264,14 @@ def generated_accuracy(memory, episodes, chunk_tokens: int, slot_budget: int, re
     return {"contains": hits / max(len(items), 1), "questions": len(items), "items": items}
 
 
-def lr_at(update: int, cfg: BootstrapConfig) -> float:
+def lr_at(update: int, cfg: BootstrapConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay over the updates, or over `max_seconds` when that ends the run first
+    (so a run stopped by its time budget still ends at the low learning rate)."""
     if update <= cfg.warmup_updates:
         return cfg.lr * update / max(cfg.warmup_updates, 1)
     progress = (update - cfg.warmup_updates) / max(cfg.updates - cfg.warmup_updates, 1)
+    if cfg.max_seconds:
+        progress = max(progress, elapsed / cfg.max_seconds)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
@@ -273,10 +292,14 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    train = episode_examples(
-        synthetic_episodes(cfg, cfg.episodes, cfg.seed, reader.count_tokens), reasoner, cfg.chunk_tokens
+    n_open = round(cfg.episodes * cfg.open_values)
+    train_episodes = synthetic_episodes(cfg, cfg.episodes - n_open, cfg.seed, reader.count_tokens)
+    train_episodes += synthetic_episodes(cfg, n_open, cfg.seed, reader.count_tokens, values="open")
+    train = episode_examples(train_episodes, reasoner, cfg.chunk_tokens)
+    held_values = "open" if cfg.open_values > 0 else "pools"
+    held_episodes = synthetic_episodes(
+        cfg, cfg.eval_episodes, cfg.seed + 10_000, reader.count_tokens, values=held_values
     )
-    held_episodes = synthetic_episodes(cfg, cfg.eval_episodes, cfg.seed + 10_000, reader.count_tokens)
     held = episode_examples(held_episodes, reasoner, cfg.chunk_tokens)
     if not train or not held:
         raise ValueError("bootstrap: no usable episodes; raise episodes or eval_episodes")
@@ -327,6 +350,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
             "chunk_tokens": cfg.chunk_tokens,
             "split": "train",
             "task": "synthetic",
+            "open_values": cfg.open_values,
             "heldout_generated_contains": log[-1]["generated_contains"],
         }
         memory.save_pretrained(output / "checkpoint", dtype=torch.bfloat16, max_shard_bytes=15 * 2**20)
@@ -346,7 +370,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         batch = [train[order.pop()] for _ in range(cfg.episodes_per_update)]
         memory.train()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(update, cfg)
+            group["lr"] = lr_at(update, cfg, time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
         parts = answer_update(memory, batch, cfg, instruction_ids, rng)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -376,6 +400,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         "train_episodes": len(train),
         "train_questions": sum(len(e.answers) for e in train),
         "heldout_questions": sum(len(e.answers) for e in held),
+        "heldout_values": held_values,
         "answer_accuracy_no_memory": no_memory,
         "curve": [{k: v for k, v in e.items() if k != "items"} for e in log],
         "heldout_predictions": {"first": log[0]["items"], "last": log[-1]["items"]},

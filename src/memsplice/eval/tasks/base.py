@@ -89,6 +89,9 @@ class TaskArgs:
     dialogues bundled with the package)."""
     facts: int = 6
     """Synthetic: questions (facts asked about) per episode."""
+    values: str = "pools"
+    """Synthetic: "pools" (values from the fixed per-split lists of cities, jobs, ...) or "open" (made-up words and
+    numbers drawn afresh for every fact, so that an answer can only come from the history)."""
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     """Passkey: where the needle sits, as a fraction of the history."""
 
@@ -101,6 +104,8 @@ class TaskArgs:
             )
         if self.split not in ("train", "test"):
             raise ValueError(f'TaskArgs.split must be "train" or "test" (got {self.split!r})')
+        if self.values not in ("pools", "open"):
+            raise ValueError(f'TaskArgs.values must be "pools" or "open" (got {self.values!r})')
         if self.facts < 1:
             raise ValueError(f"TaskArgs.facts must be >= 1 (got {self.facts})")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):

@@ -13,6 +13,11 @@ Guarantees: seeded and reproducible; the "train" and "test" splits draw names an
 fixed hash), so they never share a fact, and their filler comes from disjoint dialogues; within an episode every
 person and every value is distinct, so each question has exactly one right answer. Evidence is the turn that
 states the answer (for "updated": the update).
+
+With `values="open"` every value is made up afresh for each fact (`open_value`: pronounceable non-words for
+places, jobs, names, foods, colours, sports and instruments; random dates and numbers), never one of the listed
+values of either split. A model cannot have learned such an answer anywhere: it has to carry it out of the history.
+Pool episodes are unchanged by this option (same seeds, same episodes).
 """
 
 from __future__ import annotations
@@ -454,6 +459,86 @@ OPENERS = (
 )
 
 
+ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kl",
+    "st",
+    "tr",
+)
+VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
+CODAS = ("", "", "", "n", "r", "l", "s", "m", "k")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+OPEN_SHAPES = {
+    # attribute: (syllables low..high, capitalised, suffixes)
+    "city": (2, 3, True, ("", "", "burg", "ova", "ton")),
+    "job": (2, 3, False, ("ist", "er", "ian", "smith")),
+    "dog": (2, 2, True, ("", "y", "o")),
+    "food": (2, 3, False, ("", "i", "a")),
+    "car": (2, 2, False, ("", "")),
+    "sport": (2, 3, False, ("ball", "", "ing")),
+    "instrument": (2, 3, False, ("", "phone", "ina")),
+}
+
+
+def _word(rng: random.Random, low: int, high: int) -> str:
+    return "".join(
+        rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.randint(low, high))
+    )
+
+
+def open_value(attribute: Attribute, rng: random.Random) -> str:
+    """A value of `attribute`'s kind made up for one fact, never one of the attribute's listed values."""
+    while True:
+        if attribute.name == "birthday":
+            value = f"{rng.randint(1, 28)} {rng.choice(MONTHS)}"
+        elif attribute.name == "locker":
+            value = str(rng.randint(10, 9999))
+        else:
+            low, high, capital, suffixes = OPEN_SHAPES[attribute.name]
+            value = _word(rng, low, high) + rng.choice(suffixes)
+            value = value.capitalize() if capital else value
+        if value not in attribute.values:
+            return value
+
+
+def _open_pool(attribute: Attribute, rng: random.Random, size: int) -> list[str]:
+    pool: list[str] = []
+    while len(pool) < size:
+        value = open_value(attribute, rng)
+        if value not in pool:
+            pool.append(value)
+    return pool
+
+
 def _in_split(kind: str, value: str, split: str) -> bool:
     return (split_of(f"synthetic:{kind}:{value}", TEST_FRACTION) == "heldout") == (split == "test")
 
@@ -481,7 +566,9 @@ def _sentence(opener: str, text: str) -> str:
 
 def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: CountTokens) -> Episode:
     """One episode of `target_tokens` history (seeded by args.seed, the length and the index)."""
-    rng = random.Random(f"synthetic|{args.split}|{args.seed}|{target_tokens}|{index}")
+    open_values = args.values == "open"
+    tag = "|open" if open_values else ""  # pool episodes keep the seeds (and so the episodes) they always had
+    rng = random.Random(f"synthetic|{args.split}|{args.seed}|{target_tokens}|{index}{tag}")
     first = _pool("first", FIRST_NAMES, args.split)
     last = _pool("last", LAST_NAMES, args.split)
     if args.facts + 2 > len(first):
@@ -494,10 +581,13 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
         a for _ in range(-(-args.facts // len(ATTRIBUTES))) for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES))
     ]
     attributes = attributes[: args.facts]
-    pools = {
-        a.name: rng.sample(_pool(a.name, a.values, args.split), len(_pool(a.name, a.values, args.split)))
-        for a in ATTRIBUTES
-    }
+    if open_values:  # up to three values per fact (told, updated or distractor), each fact its own attribute
+        pools = {a.name: _open_pool(a, rng, 3 * args.facts) for a in ATTRIBUTES}
+    else:
+        pools = {
+            a.name: rng.sample(_pool(a.name, a.values, args.split), len(_pool(a.name, a.values, args.split)))
+            for a in ATTRIBUTES
+        }
     kinds = (["single", "updated", "distractor"] * args.facts)[: args.facts]
     rng.shuffle(kinds)
     planned: list[PlannedTurn] = []
@@ -548,7 +638,7 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
         )
         for i, person, attribute, value, kind in facts
     )
-    episode_id = f"synthetic-{args.split}-{target_tokens}-{index}"
+    episode_id = f"synthetic-{args.split}{'-open' if open_values else ''}-{target_tokens}-{index}"
     return Episode(episode_id, tuple(turns), questions, meta={"target_tokens": target_tokens})
 
 
