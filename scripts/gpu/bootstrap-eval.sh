@@ -6,7 +6,7 @@
 #
 #   OUT=/tmp/out bash scripts/gpu/bootstrap-eval.sh
 #
-# $OUT gets bootstrap-eval.tgz (every results.json, report, plot and result file) and checkpoint.tgz.aa, .ab (the chosen
+# RECALL=0 skips the recall benchmark. $OUT gets bootstrap-eval.tgz (every results.json, report, plot and result file) and checkpoint.tgz.aa, .ab (the chosen
 # variant's checkpoint), plus recall.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,19 +28,24 @@ print(max(runs, key=lambda x: (x[0].get("heldout_values") == "open", score(x[0])
 PY
 )
 echo "best on held-out train-split episodes: $best"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+i=0
 for dir in "$RUNS"/*/checkpoint; do
   name=$(basename "$(dirname "$dir")")
+  [ "$gpus" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$((i % gpus))
+  i=$((i + 1))
   # shellcheck disable=SC2086
   $PY -m memsplice.cli.main eval --task synthetic ${TEST_ARGS:---examples 4 --lengths 1k,2k,4k} --facts 6 --max-new-tokens 16 \
     --systems latent --slot-budget 1024 --checkpoint "$dir" --out "$RUNS/eval/test-1k4k-$name" \
     --record "eval-gpu-bootstrap-$name" --quiet > "$RUNS/eval/$name.log" 2>&1 &
 done
-# shellcheck disable=SC2086
-timeout "${RECALL_TIMEOUT:-500}" $PY -m memsplice.cli.main bench online --part recall --checkpoint "$RUNS/$best/checkpoint" \
+unset CUDA_VISIBLE_DEVICES
+[ "${RECALL:-1}" = 1 ] && timeout "${RECALL_TIMEOUT:-500}" $PY -m memsplice.cli.main bench online --part recall --checkpoint "$RUNS/$best/checkpoint" \
   --history-tokens ${HISTORY:-16384 32768 65536} --systems ${SYSTEMS:-latent latent+window rag-bm25 oracle} \
   --examples "${EXAMPLES:-2}" --time-budget "${BUDGET:-130}" --save > "$OUT/recall.log" 2>&1
 wait
 tar czf "$OUT/bootstrap-eval.tgz" -C "$RUNS" results eval
 tar czf - -C "$RUNS/$best" checkpoint | split -b 15m - "$OUT/checkpoint.tgz."  # files come back at <= 16 MiB each
 tail -n 5 "$RUNS"/eval/*.log
-$PY -c "import json; print(json.load(open('$RUNS/results/online-recall.json'))['recall'])" || tail -n 5 "$OUT/recall.log"
+[ "${RECALL:-1}" = 1 ] && { $PY -c "import json; print(json.load(open('$RUNS/results/online-recall.json'))['recall'])" || tail -n 5 "$OUT/recall.log"; }
+grep -h "latent " "$RUNS"/eval/*.log

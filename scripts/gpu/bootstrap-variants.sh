@@ -4,6 +4,8 @@
 #
 #   OUT=/tmp/out bash scripts/gpu/bootstrap-variants.sh START_CHECKPOINT_DIR
 #
+# On a host with several GPUs the variants take them in turn (CUDA_VISIBLE_DEVICES); processes sharing one GPU are
+# time-sliced (one 3-way run on an H200 made ~1 update/s per process), so one variant per GPU is best.
 # VARIANTS: one "NAME FLAGS..." per line (default below); COMMON flags go to every variant. Each run writes to
 # $RUNS/NAME (default /root/boot), so its checkpoint stays on the host for scripts/gpu/bootstrap-eval.sh; each
 # report is saved with provenance as $RUNS/results/bootstrap-gpu-NAME.json. $OUT gets variants.tgz (reports,
@@ -24,8 +26,12 @@ c256-open --chunk-tokens 256 --open-values 0.5 --episodes 1500
 c256-open-long --chunk-tokens 256 --open-values 0.5 --history-tokens 4096 8192 16384 --episodes 600}"
 mkdir -p "$RUNS/results" "$OUT"
 $PY -c "from memsplice.reasoner import load_reasoner; load_reasoner(None)"  # dequantize once, before they race
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+i=0
 while read -r name flags; do
   [ -z "$name" ] && continue
+  [ "$gpus" -gt 0 ] && export CUDA_VISIBLE_DEVICES=$((i % gpus))
+  i=$((i + 1))
   # shellcheck disable=SC2086
   $PY -m memsplice.online.bootstrap --checkpoint "$CKPT" $COMMON $flags --output "$RUNS/$name" \
     --record "bootstrap-gpu-$name" > "$RUNS/$name.log" 2>&1 &
