@@ -35,3 +35,44 @@ def test_projected_keys_rotate_like_the_reasoners_own(reasoner):
     keys, values = memory.operator(reasoner.embedding_weight[x], reasoner)
     assert (keys[0] - cache.layers[0].keys).abs().max() < 1e-3
     assert (values[0] - cache.layers[0].values).abs().max() < 1e-3
+
+
+def _per_chunk_concat(parts, reasoner):
+    """The definition: each chunk's keys moved S - M_i positions later, chunk by chunk."""
+    from memsplice.inject.compose import shift_keys
+
+    total = sum(p.num_slots for p in parts)
+    keys = [
+        torch.cat([shift_keys(p.keys[i], total - p.num_slots, reasoner) for p in parts], dim=2)
+        for i in range(parts[0].num_layers)
+    ]
+    return keys
+
+
+def test_concat_of_equal_chunks_rotates_once_and_equals_the_per_chunk_definition(reasoner):
+    memory = small_memory(reasoner)
+    parts = [memory.write(random_ids(2, 20)).kv for _ in range(3)]
+    joined = concat_slots(parts, reasoner)
+    for got, want in zip(joined.keys, _per_chunk_concat(parts, reasoner), strict=True):
+        assert (got - want).abs().max() < 1e-5
+    uneven = [parts[0], small_memory(reasoner, num_slots=6).write(random_ids(2, 20)).kv]
+    joined = concat_slots(uneven, reasoner)
+    for got, want in zip(joined.keys, _per_chunk_concat(uneven, reasoner), strict=True):
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_concat_rows_is_concat_slots_of_the_rows(reasoner):
+    from memsplice.inject.compose import concat_rows
+
+    memory = small_memory(reasoner)
+    written = memory.write(random_ids(5, 20)).kv
+    written = MemoryKV(
+        written.keys, written.values, written.gate_bias, torch.tensor([True, False] * 2 + [True])
+    )
+    fast = concat_rows(written, reasoner)
+    slow = concat_slots([written.index_rows([i]) for i in range(5)], reasoner)
+    assert fast.batch_size == 1 and fast.num_slots == 5 * written.num_slots and bool(fast.live.all())
+    for a, b in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True):
+        assert (a - b).abs().max() < 1e-5
+    assert torch.equal(fast.gate_bias, slow.gate_bias)
+    assert concat_rows(written.index_rows([2]), reasoner).num_slots == written.num_slots

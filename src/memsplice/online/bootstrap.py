@@ -10,7 +10,7 @@ so nothing here is ever asked in the benchmark.
 Each training example is one episode written into memory exactly as the `latent` eval system writes it: the turns
 with their session headers (`eval.reader.memory_turns`), rendered with the conversation's turn template, packed into
 chunks of `chunk_tokens` (`conversation.chunks.pack_turns`), every chunk encoded into M slots and the chunk
-memories composed side by side (`inject.concat_slots`). Every question of the episode is then asked in the eval
+memories composed side by side (`inject.compose.concat_rows`, what `concat_slots` does). Every question of the episode is then asked in the eval
 reader's prompt with that memory in front, and the loss is the cross-entropy of the answer tokens
 (`train.objectives.answer`). Gradients reach the encoding of every chunk, so the encoder learns to write facts the
 reasoner can find among many memories, and the projections and the gate learn how to expose them. To keep what
@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from ..conversation.chunks import pack_turns
-from ..inject.compose import concat_slots
+from ..inject.compose import concat_rows
 from ..memory.model import Memory, pad_rows
 from ..reasoner.identity import assert_frozen
 from ..train.objectives import answer, read_back
@@ -188,8 +188,7 @@ def write_episode(memory, example: EpisodeExample) -> tuple[Memory, object]:
     reasoner = memory.reasoner
     ids, mask = pad_rows(example.chunks, pad_id=memory._pad_id() or 0, device=reasoner.device)
     written = memory.write(ids, mask)
-    parts = [written.kv.index_rows([i]) for i in range(len(example.chunks))]
-    return written, concat_slots(parts, reasoner)
+    return written, concat_rows(written.kv, reasoner)
 
 
 def answer_update(memory, examples: list[EpisodeExample], cfg: BootstrapConfig, instruction: list[int], rng):
