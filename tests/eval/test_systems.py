@@ -147,6 +147,21 @@ def test_oracle_sees_exactly_the_evidence(eval_reasoner):
     assert oracle.answer(_question()).costs.context_tokens == 0
 
 
+def test_latent_oracle_writes_only_the_evidence_turns(eval_reasoner):
+    runtime = _runtime(eval_reasoner, chunk_tokens=16)
+    oracle = build_system("latent-oracle", runtime)
+    oracle.reset()
+    turns = _turns(20)
+    oracle.feed(turns)
+    picked = [turns[3], turns[17]]
+    answer = oracle.answer(_question([t.id for t in picked]))
+    written = " | ".join(t["text"] for t in oracle.conversation.transcript())
+    assert all(t.text in written for t in picked)
+    assert not any(t.text in written for t in turns if t not in picked)
+    assert answer.costs.memory_slots > 0 and answer.costs.retrieval_s > 0 and answer.costs.context_tokens == 0
+    assert oracle.answer(_question()).costs.memory_slots == 0  # no evidence: no memory at all
+
+
 def test_window_and_reset(eval_reasoner):
     runtime = _runtime(eval_reasoner, window_tokens=60)
     window = build_system("window", runtime)

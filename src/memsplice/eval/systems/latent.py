@@ -129,6 +129,31 @@ class LatentSelect(LatentMemory):
         return self.read_turns(question, [], memory=memory, retrieval_s=time.perf_counter() - t0)
 
 
+@register_system(
+    "latent-oracle",
+    help="memory written from only the question's evidence turns (the latent counterpart of oracle: reading a "
+    "fact out of memory without having to find it among the rest)",
+)
+class LatentOracle(_LatentBase):
+    """A diagnostic, not a memory one could deploy (it is given the evidence ids): each question gets a fresh
+    conversation memory of its evidence turns alone, written as `latent` writes, and the question alone in the
+    prompt. Next to `latent` it separates the two ways latent recall fails: not carrying a fact through memory at
+    all (low here too), or not finding it among many chunk memories (high here, low for `latent`). The per-question
+    write is counted in the answer's retrieval time."""
+
+    def answer(self, question: Question) -> Answer:
+        t0 = time.perf_counter()
+        wanted = set(question.evidence)
+        self.conversation = new_conversation(self.runtime)
+        self._last_session = None
+        self._write([t for t in self.turns if t.id in wanted])
+        memory = self.conversation.memory_kv() if self.conversation.turns else None
+        return self.read_turns(question, [], memory=memory, retrieval_s=time.perf_counter() - t0)
+
+    def stored_bytes(self) -> int:
+        return text_bytes(self.turns)
+
+
 @register_system("latent+window", help="the recent window as exact text, latent memory for everything older")
 class LatentPlusWindow(_LatentBase):
     def reset(self) -> None:
