@@ -83,6 +83,31 @@ def test_answer_updates_learn_an_episode_and_leave_the_reasoner_alone():
     assert weights_digest(memory.reasoner.model) == before
 
 
+def test_evidence_memories_hold_the_answer_and_train_in_one_batch():
+    memory = tiny_memory()
+    eps = episodes(memory, count=2)
+    examples = episode_examples(eps, memory.reasoner, CHUNK)
+    tok = memory.reasoner.tokenizer
+    for episode, ex in zip(eps, examples, strict=True):
+        assert len(ex.evidence) == len(ex.prompts)
+        for q, chunk in zip(episode.questions, ex.evidence, strict=True):
+            assert 0 < len(chunk) <= CHUNK and q.answer in tok.decode(chunk)
+    cfg = BootstrapConfig(reconstruction_rows=1)
+    instruction = tok("Repeat the text.", add_special_tokens=False)["input_ids"]
+    before = [p.detach().clone() for p in memory.trainable_parameters()]
+    parts = answer_update(memory, examples, cfg, instruction, random.Random(0), evidence_only=True)
+    assert parts["answer_tokens"] == sum(len(a) for ex in examples for a in ex.answers)
+    assert parts["answer"] > 0 and parts["reconstruction"] > 0
+    grads = [p.grad for p in memory.trainable_parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(torch.equal(a, b) for a, b in zip(before, memory.trainable_parameters(), strict=True))
+    from memsplice.online.bootstrap import answer_accuracy
+
+    assert 0.0 <= answer_accuracy(memory, examples, "evidence") <= 1.0
+    result = generated_accuracy(memory, eps[:1], CHUNK, 4096, system="latent-oracle")
+    assert result["questions"] == len(eps[0].questions)
+
+
 def test_generated_accuracy_reads_through_the_latent_system():
     memory = tiny_memory()
     eps = episodes(memory, count=1)
@@ -158,6 +183,8 @@ def test_learning_rate_decays_over_the_time_budget_when_it_ends_first():
 def test_bad_bootstrap_settings_name_the_field():
     with pytest.raises(ValueError, match="open_values"):
         BootstrapConfig(open_values=1.5)
+    with pytest.raises(ValueError, match="evidence_share"):
+        BootstrapConfig(evidence_share=-0.1)
     with pytest.raises(ValueError, match="updates"):
         BootstrapConfig(updates=0)
     with pytest.raises(ValueError, match="history_tokens"):
