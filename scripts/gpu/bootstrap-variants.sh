@@ -21,9 +21,10 @@ export MEMSPLICE_RESULTS="$RUNS/results"
 export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
 PY="${PYTHON:-python3}"
 COMMON="${COMMON:---updates 4000 --max-seconds ${SECONDS_BUDGET:-360} --eval-every ${EVAL_EVERY:-400} --lr 1.5e-4}"
-VARIANTS="${VARIANTS:-c128-open --chunk-tokens 128 --open-values 0.5 --episodes 1500
-c256-open --chunk-tokens 256 --open-values 0.5 --episodes 1500
-c256-open-long --chunk-tokens 256 --open-values 0.5 --history-tokens 4096 8192 16384 --episodes 600}"
+# Default: the evidence curriculum that taught carrying on CPU (evidence_share 0.7), next to one weighted towards
+# finding facts among a conversation's chunk memories (0.3).
+VARIANTS="${VARIANTS:-c128-evidence --chunk-tokens 128 --open-values 0.5 --episodes 1500 --evidence-share 0.7 --reconstruction-rows 1
+c128-finding --chunk-tokens 128 --open-values 0.5 --episodes 1500 --evidence-share 0.3 --reconstruction-rows 1}"
 mkdir -p "$RUNS/results" "$OUT"
 $PY -c "from memsplice.reasoner import load_reasoner; load_reasoner(None)"  # dequantize once, before they race
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
