@@ -26,6 +26,20 @@ from memsplice.train.objectives import answer  # noqa: E402
 CHUNK = 40
 
 
+def small_run(**overrides) -> BootstrapConfig:
+    """A bootstrap run small enough for the tiny reasoner: 512-token episodes of 2 facts, evaluated every update."""
+    settings = dict(
+        eval_episodes=1,
+        history_tokens=[512],
+        facts=2,
+        chunk_tokens=CHUNK,
+        episodes_per_update=1,
+        reconstruction_rows=0,
+        eval_every=1,
+    )
+    return BootstrapConfig(**{**settings, **overrides})
+
+
 def episodes(memory, count=2, length=512, seed=0):
     cfg = BootstrapConfig(history_tokens=[length], facts=3)
     return synthetic_episodes(cfg, count, seed, Reader(memory.reasoner).count_tokens)
@@ -118,17 +132,7 @@ def test_generated_accuracy_reads_through_the_latent_system():
 
 def test_bootstrap_run_saves_a_checkpoint_that_chunks_as_trained(tmp_path):
     memory = tiny_memory()
-    cfg = BootstrapConfig(
-        updates=2,
-        episodes=2,
-        eval_episodes=1,
-        history_tokens=[512],
-        facts=2,
-        chunk_tokens=CHUNK,
-        episodes_per_update=1,
-        reconstruction_rows=0,
-        eval_every=1,
-    )
+    cfg = small_run(updates=2, episodes=2)
     report = run_bootstrap(memory, cfg, tmp_path)
     assert report["updates"] == 2 and report["stopped_by"] == "updates"
     assert [e["update"] for e in report["curve"]] == [0, 1, 2]
@@ -143,18 +147,7 @@ def test_bootstrap_run_saves_a_checkpoint_that_chunks_as_trained(tmp_path):
 
 def test_open_values_mix_into_training_and_make_the_heldout_open(tmp_path):
     memory = tiny_memory()
-    cfg = BootstrapConfig(
-        updates=1,
-        episodes=4,
-        eval_episodes=1,
-        history_tokens=[512],
-        facts=2,
-        chunk_tokens=CHUNK,
-        episodes_per_update=1,
-        reconstruction_rows=0,
-        eval_every=1,
-        open_values=0.5,
-    )
+    cfg = small_run(updates=1, episodes=4, open_values=0.5)
     opened = synthetic_episodes(cfg, 2, 0, Reader(memory.reasoner).count_tokens, values="open")
     assert all("open" in e.id for e in opened)
     report = run_bootstrap(memory, cfg, tmp_path)

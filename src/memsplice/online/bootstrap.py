@@ -10,8 +10,8 @@ so nothing here is ever asked in the benchmark.
 Each training example is one episode written into memory exactly as the `latent` eval system writes it: the turns
 with their session headers (`eval.reader.memory_turns`), rendered with the conversation's turn template, packed into
 chunks of `chunk_tokens` (`conversation.chunks.pack_turns`), every chunk encoded into M slots and the chunk
-memories composed side by side (`inject.compose.concat_rows`, what `concat_slots` does). Every question of the episode is then asked in the eval
-reader's prompt with that memory in front, and the loss is the cross-entropy of the answer tokens
+memories composed side by side (`inject.compose.concat_rows`, what `concat_slots` does). Every question of the
+episode is then asked in the eval reader's prompt with that memory in front, and the loss is the cross-entropy of the answer tokens
 (`train.objectives.answer`). Gradients reach the encoding of every chunk, so the encoder learns to write facts the
 reasoner can find among many memories, and the projections and the gate learn how to expose them. To keep what
 formation built, `reconstruction_rows` chunks per update are also read back with the formation instruction
@@ -33,8 +33,8 @@ facts; with `open_values` > 0 their values are made up too, so it measures carry
 of memory; else values come from the same pools and it measures finding a fact among the chunk memories; the
 eval's test split is never used here),
 every `eval_every` updates: the answer's teacher-forced token accuracy with the episode's own memory, with the
-evidence turns' memory alone, with another episode's memory (a control: what the memory teaches about answers in general rather than about this history) and
-without memory, and the answers the `latent` eval system itself generates (the real read path: `ConversationMemory`,
+evidence turns' memory alone, with another episode's memory (a control: what the memory teaches about answers in
+general rather than about this history) and without memory, and the answers the `latent` eval system itself generates (the real read path: `ConversationMemory`,
 `Reader`, greedy decoding), scored by answer containment as the benchmark scores them. The checkpoint is saved
 (atomically) after every evaluation and records `chunk_tokens`, so conversations built on it chunk as it was trained.
 """
@@ -179,24 +179,25 @@ def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExamp
     template = PromptTemplate()
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     out = []
-    for episode in episodes:
-        turns = [
+
+    def turn_ids(turns) -> list[list[int]]:
+        """Token ids of each turn as memory renders it (session headers included)."""
+        return [
             tok(TURN_TEMPLATE.format(role=role, text=text), add_special_tokens=False)["input_ids"]
-            for role, text in memory_turns(episode.turns)
+            for role, text in memory_turns(turns)
         ]
+
+    for episode in episodes:
         questions = [q for q in episode.questions if q.answer]
         if not questions:
             continue
-        evidence = []
-        for q in questions:
-            rendered = [
-                tok(TURN_TEMPLATE.format(role=role, text=text), add_special_tokens=False)["input_ids"]
-                for role, text in memory_turns(episode.turns_by_id(q.evidence))
-            ]
-            evidence.append([t for ids in rendered for t in ids][-chunk_tokens:])
+        evidence = [
+            [t for ids in turn_ids(episode.turns_by_id(q.evidence)) for t in ids][-chunk_tokens:]
+            for q in questions
+        ]
         out.append(
             EpisodeExample(
-                chunks=pack_turns(turns, chunk_tokens),
+                chunks=pack_turns(turn_ids(episode.turns), chunk_tokens),
                 prompts=[reasoner.chat_ids(template.messages(q.question, None)) for q in questions],
                 answers=[tok(q.answer, add_special_tokens=False)["input_ids"] + eos for q in questions],
                 evidence=evidence,
@@ -205,19 +206,16 @@ def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExamp
     return out
 
 
-def write_episode(memory, example: EpisodeExample) -> tuple[Memory, object]:
-    """Encode every chunk of the episode (with autograd, when enabled) -> (per-chunk memory, composed memory)."""
-    reasoner = memory.reasoner
-    ids, mask = pad_rows(example.chunks, pad_id=memory._pad_id() or 0, device=reasoner.device)
-    written = memory.write(ids, mask)
-    return written, concat_rows(written.kv, reasoner)
-
-
-def write_evidence(memory, examples: list[EpisodeExample]) -> Memory:
-    """One memory row per question of `examples`: its evidence turns alone, encoded in one batch."""
-    chunks = [e for ex in examples for e in ex.evidence]
+def write_chunks(memory, chunks: list[list[int]]) -> Memory:
+    """Chunk inputs encoded in one batch (with autograd, when enabled): one memory row per chunk."""
     ids, mask = pad_rows(chunks, pad_id=memory._pad_id() or 0, device=memory.reasoner.device)
     return memory.write(ids, mask)
+
+
+def write_episode(memory, example: EpisodeExample) -> tuple[Memory, object]:
+    """Encode every chunk of the episode -> (per-chunk memory, the chunks composed side by side in one row)."""
+    written = write_chunks(memory, example.chunks)
+    return written, concat_rows(written.kv, memory.reasoner)
 
 
 def answer_update(
@@ -236,15 +234,15 @@ def answer_update(
     n_answer = sum(len(a) for ex in examples for a in ex.answers)
     parts = {"answer": 0.0, "reconstruction": 0.0, "answer_tokens": n_answer, "answer_correct": 0}
     keep = cfg.reconstruction_rows > 0 and cfg.reconstruction_weight > 0
-    if evidence_only:
-        written = write_evidence(memory, examples)
+    if evidence_only:  # one memory row per question: its evidence turns alone, all in one batch
+        chunks = [e for ex in examples for e in ex.evidence]
+        written = write_chunks(memory, chunks)
         prompts = [p for ex in examples for p in ex.prompts]
         answers = [a for ex in examples for a in ex.answers]
         result = answer(memory, written.kv, prompts, answers)
         result.loss.backward(retain_graph=keep)
         parts["answer"] = float(result.loss.detach())
         parts["answer_correct"] = int(result.correct)
-        chunks = [e for ex in examples for e in ex.evidence]
         written_all = [(written, i, chunks[i]) for i in range(len(chunks))]
     else:
         written_all = []
@@ -283,12 +281,12 @@ def answer_accuracy(memory, examples: list[EpisodeExample], memory_of: str = "ow
     memory.eval()
     hits = total = 0
     for i, ex in enumerate(examples):
-        source = {"own": ex, "other": examples[(i + 1) % len(examples)], "none": None, "evidence": None}[
-            memory_of
-        ]
-        kv = write_episode(memory, source)[1] if source is not None else None
-        if memory_of == "evidence":
-            kv = write_evidence(memory, [ex]).kv
+        if memory_of == "none":
+            kv = None
+        elif memory_of == "evidence":
+            kv = write_chunks(memory, ex.evidence).kv
+        else:
+            kv = write_episode(memory, ex if memory_of == "own" else examples[(i + 1) % len(examples)])[1]
         result = answer(memory, kv, ex.prompts, ex.answers)
         hits += int(result.correct)
         total += result.tokens
