@@ -7,11 +7,11 @@ chat among real filler dialogue, with facts about people told in passing, some l
 distractor, and questions about them. The train and test splits draw names, values and filler from disjoint pools,
 so nothing here is ever asked in the benchmark.
 
-Each training example is one episode written into memory exactly as the `latent` eval system writes it: the turns
-with their session headers (`eval.reader.memory_turns`), rendered with the conversation's turn template, packed into
-chunks of `chunk_tokens` (`conversation.chunks.pack_turns`), every chunk encoded into M slots and the chunk
-memories composed side by side (`inject.compose.concat_rows`, what `concat_slots` does). Every question of the
-episode is then asked in the eval reader's prompt with that memory in front, and the loss is the cross-entropy of the answer tokens
+Each training example is one episode written into memory exactly as the `latent` eval system writes it: the turns with
+their session headers (`eval.reader.memory_turns`), rendered with the conversation's turn template, packed into chunks
+of `chunk_tokens` (`conversation.chunks.pack_turns`), every chunk encoded into M slots and the chunk memories composed
+side by side (`inject.compose.concat_rows`, what `concat_slots` does). Every question of the episode is then asked in
+the eval reader's prompt with that memory in front, and the loss is the cross-entropy of the answer tokens
 (`train.objectives.answer`). Gradients reach the encoding of every chunk, so the encoder learns to write facts the
 reasoner can find among many memories, and the projections and the gate learn how to expose them. To keep what
 formation built, `reconstruction_rows` chunks per update are also read back with the formation instruction
@@ -30,14 +30,13 @@ conversation's (`latent-oracle` 9.7% on the test split after 836 H200 updates).
 
 Progress is measured on held-out episodes of the train split (another seed: other people and other combinations of
 facts; with `open_values` > 0 their values are made up too, so it measures carrying words never seen in training out
-of memory; else values come from the same pools and it measures finding a fact among the chunk memories; the
-eval's test split is never used here),
-every `eval_every` updates: the answer's teacher-forced token accuracy with the episode's own memory, with the
-evidence turns' memory alone, with another episode's memory (a control: what the memory teaches about answers in
-general rather than about this history) and without memory, and the answers the `latent` eval system itself generates (the real read path: `ConversationMemory`,
-`Reader`, greedy decoding), scored by answer containment as the benchmark scores them. The checkpoint is saved
-(atomically) after every evaluation and records `chunk_tokens`, so conversations built on it chunk as it was trained.
-"""
+of memory; else values come from the same pools and it measures finding a fact among the chunk memories; the eval's
+test split is never used here), every `eval_every` updates: the answer's teacher-forced token accuracy with the
+episode's own memory, with the evidence turns' memory alone, with another episode's memory (a control: what the memory
+teaches about answers in general rather than about this history) and without memory, and the answers the `latent` eval
+system itself generates (the real read path: `ConversationMemory`, `Reader`, greedy decoding), scored by answer
+containment as the benchmark scores them. The checkpoint is saved (atomically) after every evaluation and records
+`chunk_tokens`, so conversations built on it chunk as it was trained."""
 
 from __future__ import annotations
 
