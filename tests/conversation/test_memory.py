@@ -6,7 +6,7 @@ import torch
 from conversation_builders import tiny_memory
 
 from memsplice.conversation import ConversationConfig, ConversationMemory
-from memsplice.conversation.chunks import chunk_input, pack_turns
+from memsplice.conversation.chunks import chunk_input, pack_turns, turn_chunks
 from memsplice.conversation.hierarchy import compose
 from memsplice.inject import concat_slots, forward_with_memory, generate_with_memory
 from memsplice.inject.compose import shift_keys
@@ -111,6 +111,44 @@ def test_pack_turns_builds_the_chunks_a_conversation_builds(memory):
         conv.add_turn(role, text)
     assert [chunk_input(c, conv.store) for c in conv._all_chunks()] == pack_turns(ids, conv.chunk_tokens)
     assert max(len(i) for i in ids) > conv.chunk_tokens  # a turn longer than a chunk was cut
+    # turn_chunks says which chunks hold each turn: the chunks the conversation put its spans in
+    owners = turn_chunks(ids, conv.chunk_tokens)
+    order = [c.id for c in conv._all_chunks()]
+    for turn, chunks in enumerate(owners):
+        spans = [s.id for s in conv.store.spans.values() if s.turn == turn]
+        held = sorted({order.index(conv._chunk_of(s).id) for s in spans})
+        assert chunks == held
+
+
+def test_address_splices_the_chunks_the_head_scores_best(memory):
+    rng = random.Random(4)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    for _ in range(12):
+        conv.add_turn("user", sentence(rng, 12))
+    with pytest.raises(ValueError, match="no address head"):
+        conv.address("Where does Ada live?")
+    memory.add_address_head(8)
+    chunks = conv._all_chunks()
+    assert len(chunks) >= 3
+    m = memory.config.num_slots
+    kv = conv.address("Where does Ada live?", top_chunks=2)
+    assert kv.num_slots == 2 * m
+    # the two picked are the two best by the head's own scores, composed oldest first at full resolution
+    with torch.no_grad():
+        q = memory.encode(
+            torch.tensor(
+                [conv.tokenizer("user: Where does Ada live?\n", add_special_tokens=False)["input_ids"]]
+            )
+        )
+        keys = memory.address.keys(torch.stack([c.latents for c in chunks]))
+        scores = memory.address.score(memory.address.queries(q), keys)[0]
+    best = sorted(torch.topk(scores, 2).indices.tolist())
+    want = compose([chunks[i] for i in best], memory.reasoner, full_resolution=True)[0]
+    for got, ref in zip(kv.keys + kv.values, want.keys + want.values, strict=True):
+        assert torch.equal(got, ref)
+    assert conv.address("Where does Ada live?", top_chunks=100).num_slots == len(chunks) * m
+    with pytest.raises(ValueError, match="non-empty"):
+        conv.address("  ")
 
 
 def test_conversation_chunks_at_the_size_the_memory_was_trained_for(memory):

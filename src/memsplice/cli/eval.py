@@ -129,7 +129,14 @@ def add_parser(sub):
         "--select-chunks",
         type=int,
         default=1,
-        help="latent-select: chunk memories injected per question, those it attends to most (default: 1)",
+        help="latent-select: chunk memories injected per question, the best ranked by --select-by (default: 1)",
+    )
+    p.add_argument(
+        "--select-by",
+        choices=("auto", "address", "attention"),
+        default="auto",
+        help="latent-select: rank chunks with the memory's trained address head, or by the question's attention "
+        "to them (one probe pass); auto: address when the checkpoint has an address head (default: auto)",
     )
     p.add_argument(
         "--chunk-tokens",
@@ -191,6 +198,7 @@ def run(args) -> int:
             slot_budget=args.slot_budget,
             chunk_tokens=args.chunk_tokens,
             select_chunks=args.select_chunks,
+            select_by=args.select_by,
             embedder=args.embedder,
             seed=args.seed,
         ),

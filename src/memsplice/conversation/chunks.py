@@ -57,20 +57,40 @@ def weights_version(memory) -> tuple:
     return tuple((id(p), p._version) for p in memory.parameters())
 
 
-def pack_turns(turn_ids: list[list[int]], chunk_tokens: int) -> list[list[int]]:
-    """The input ids of each chunk that `ConversationMemory.add_turn_ids` builds from these turns, oldest first (no
-    eviction): a turn longer than a chunk is cut into pieces of `chunk_tokens`, and the open chunk is sealed when
-    the next piece would overflow it. Offline training uses it to write memory exactly as a conversation does."""
+def _placements(turn_ids: list[list[int]], chunk_tokens: int):
+    """(turn index, chunk index, piece) for every piece of every turn, as `ConversationMemory` places them: a turn
+    longer than a chunk is cut into pieces of `chunk_tokens`, and the open chunk is sealed when the next piece would
+    overflow it."""
     if chunk_tokens < 1:
         raise ValueError(f"pack_turns: chunk_tokens must be >= 1 (got {chunk_tokens})")
-    chunks: list[list[int]] = []
-    for ids in turn_ids:
+    chunk, filled = -1, chunk_tokens
+    for turn, ids in enumerate(turn_ids):
         for start in range(0, len(ids), chunk_tokens):
             piece = list(ids[start : start + chunk_tokens])
-            if not chunks or len(chunks[-1]) + len(piece) > chunk_tokens:
-                chunks.append([])
-            chunks[-1].extend(piece)
+            if chunk < 0 or filled + len(piece) > chunk_tokens:
+                chunk, filled = chunk + 1, 0
+            filled += len(piece)
+            yield turn, chunk, piece
+
+
+def pack_turns(turn_ids: list[list[int]], chunk_tokens: int) -> list[list[int]]:
+    """The input ids of each chunk that `ConversationMemory.add_turn_ids` builds from these turns, oldest first (no
+    eviction). Offline training uses it to write memory exactly as a conversation does."""
+    chunks: list[list[int]] = []
+    for _, chunk, piece in _placements(turn_ids, chunk_tokens):
+        if chunk == len(chunks):
+            chunks.append([])
+        chunks[chunk].extend(piece)
     return chunks
+
+
+def turn_chunks(turn_ids: list[list[int]], chunk_tokens: int) -> list[list[int]]:
+    """For each turn, the indices of the chunks of `pack_turns(turn_ids, chunk_tokens)` that hold its pieces."""
+    owners: list[list[int]] = [[] for _ in turn_ids]
+    for turn, chunk, _ in _placements(turn_ids, chunk_tokens):
+        if chunk not in owners[turn]:
+            owners[turn].append(chunk)
+    return owners
 
 
 def chunk_input(chunk: Chunk, store: TranscriptStore) -> list[int]:

@@ -100,17 +100,19 @@ class Hierarchy:
 
 
 def compose(
-    chunks: list[Chunk], reasoner, select_by: str = "gate"
+    chunks: list[Chunk], reasoner, select_by: str = "gate", *, full_resolution: bool = False
 ) -> tuple[MemoryKV | None, list[tuple[int, int]]]:
     """Kept slots of `chunks` (oldest first) as one memory of batch 1, and per slot its (chunk id, slot index).
 
+    full_resolution: every slot of every chunk, whatever the hierarchy's compression left in its quota.
     Chunks that are not live (their latents fell back) are left out. Returns (None, []) when nothing is live.
     """
     parts, layout = [], []
     for chunk in chunks:
-        if not chunk.live or chunk.quota <= 0:
+        quota = chunk.kv.num_slots if full_resolution and chunk.kv is not None else chunk.quota
+        if not chunk.live or quota <= 0:
             continue
-        idx = select_slots(chunk, chunk.quota, by=select_by)
+        idx = select_slots(chunk, quota, by=select_by)
         parts.append((chunk.kv, idx))
         layout.extend((chunk.id, i) for i in idx)
     if not parts:

@@ -5,6 +5,7 @@
     kv = conv.memory_kv()                                               # MemoryKV (batch 1) or None
     out = generate_with_memory(memory.reasoner, ids, mask, kv, max_new_tokens=32)
     conv.probe(ids_with_answer, query_mask=answer_positions)            # optional: attention -> span usage
+    kv = conv.address("Where does Ada live?", top_chunks=2)             # only the chunks the question picks
     state = conv.to_dict(); conv = ConversationMemory.from_dict(state, memory)
 
 How it works: turns go into a `TranscriptStore` as spans; live spans are packed, in order, into chunks of at most
@@ -539,6 +540,46 @@ class ConversationMemory:
             ranked = sorted(mass, key=lambda c: mass[c] / count[c], reverse=True)[:top_chunks]
             chosen = [c for c in self._all_chunks() if c.id in ranked]
             return compose(chosen, self.memory.reasoner, self.config.slot_selection)[0]
+
+    def address(self, question: str, top_chunks: int = 1) -> MemoryKV | None:
+        """The memory of the `top_chunks` chunks the memory's address head (`memory.address`) scores highest for
+        `question`, each at full resolution, composed in conversation order; None when nothing live is written.
+
+        The question is encoded as a user turn (one short encoder call); the chunks are scored from the latents they
+        already hold, so nothing of the history is re-read. The spans of the picked chunks count as used (for
+        least-recently-used eviction)."""
+        from ..memory.address import top_chunks as best
+
+        head = self.memory.address
+        if head is None:
+            raise ValueError(
+                "this memory has no address head: train one with `python -m memsplice.online.address`, or pick "
+                "chunks by attention with select()"
+            )
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"address: question must be a non-empty string, got {question!r}")
+        with self._lock, torch.no_grad():
+            self._refresh_if_stale()
+            live = [c for c in self._all_chunks() if c.live and c.latents is not None]
+            if not live:
+                return None
+            text = self.config.turn_template.format(role="user", text=question)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = ids[-self.memory.config.max_memory_tokens :]
+            was_training = self.memory.training
+            self.memory.eval()
+            try:
+                query = self.memory.encode(torch.tensor([ids]))
+            finally:
+                self.memory.train(was_training)
+            device = query.device
+            keys = head.keys(torch.stack([c.latents for c in live]).to(device))
+            scores = head.score(head.queries(query), keys)[0]
+            chosen = [live[i] for i in best(scores, top_chunks)]
+            for chunk in chosen:
+                for span_id in chunk.span_ids:
+                    self.store.mark_used(span_id, 1.0 / len(chosen), used=True)
+            return compose(chosen, self.memory.reasoner, self.config.slot_selection, full_resolution=True)[0]
 
     # -- inspection ------------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -56,13 +56,20 @@ def render_session_header(turn: Turn) -> str:
 def memory_turns(turns: Sequence[Turn], session: int | None = None) -> list[tuple[str, str]]:
     """(role, text) pairs as the latent systems write `turns` into a conversation memory: a "system" turn with the
     session header wherever a session starts, `session` being the session of the last turn already written."""
-    out: list[tuple[str, str]] = []
+    return [(role, text) for role, text, _ in _memory_entries(turns, session)]
+
+
+def memory_turn_sources(turns: Sequence[Turn], session: int | None = None) -> list[str | None]:
+    """For each pair of `memory_turns(turns, session)`, the id of the turn it renders (None for a session header)."""
+    return [source for _, _, source in _memory_entries(turns, session)]
+
+
+def _memory_entries(turns: Sequence[Turn], session: int | None):
     for turn in turns:
         if turn.session != session:
-            out.append(("system", render_session_header(turn)))
+            yield "system", render_session_header(turn), None
             session = turn.session
-        out.append((turn.speaker, turn.text))
-    return out
+        yield turn.speaker, turn.text, turn.id
 
 
 def render_history(turns: Sequence[Turn]) -> str:

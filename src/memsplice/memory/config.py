@@ -50,6 +50,9 @@ class MemoryConfig:
     """kv_init="sink" only: scale of the reasoner's k/v projections added to the sink K/V."""
     gate_init_bias: float = 2.0
     """Initial bias of the gate W_g; sigmoid(2) = 0.88, so fresh memory starts mostly open."""
+    address_dim: int | None = None
+    """Width of the address head that lets a question pick which chunk memories to read (`memory.address`);
+    None: no address head (chunks can still be picked by the reasoner's attention)."""
     max_latent_norm: float = 1000.0
     """Safety bound: a row with a slot whose L2 norm exceeds this (or any non-finite value) is not injected."""
     latent_norm_clip: float | None = None
@@ -105,6 +108,11 @@ class MemoryConfig:
             'must be "transformer" or "causal_pool"',
         )
         need(self.encoder_init in ("random", "reasoner"), "encoder_init", 'must be "random" or "reasoner"')
+        need(
+            self.address_dim is None or (isinstance(self.address_dim, int) and self.address_dim > 0),
+            "address_dim",
+            "must be None or a positive integer",
+        )
         need(self.max_latent_norm > 0, "max_latent_norm", "must be positive")
         need(
             self.latent_norm_clip is None or self.latent_norm_clip > 0,

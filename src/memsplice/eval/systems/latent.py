@@ -111,22 +111,39 @@ class LatentMemory(_LatentBase):
 
 @register_system(
     "latent-select",
-    help="conversation memory, but only the chunk memories the question attends to most are injected",
+    help="conversation memory, but only the chunk memories the question picks (address head or attention) are "
+    "injected",
 )
 class LatentSelect(LatentMemory):
-    """`latent` with a read-time selection: the question's prompt is probed against the whole memory and only the
-    `SystemArgs.select_chunks` chunks it attends to most (mean per slot) are spliced in front of it. The probe
-    is an extra forward pass over the prompt, counted in the time to first token."""
+    """`latent` with a read-time selection: only `SystemArgs.select_chunks` chunk memories are spliced in front of
+    the question, at full resolution. They are ranked (`SystemArgs.select_by`) by the memory's address head, which
+    scores each chunk's stored latents against the question's own latents (one short encoder call), or by the
+    attention the question's prompt gives them with the whole memory in front (one extra forward pass). Either
+    cost is counted in the time to first token."""
 
     def answer(self, question: Question) -> Answer:
         if self.conversation is None or not self.conversation.turns:
             return self.read_turns(question, [], memory=None)
         t0 = time.perf_counter()
-        ids = torch.tensor(
-            [self.reader.prompt_ids(question.question, None)], device=self.reader.reasoner.device
-        )
-        memory = self.conversation.select(ids, self.args.select_chunks)
+        if self.select_by() == "address":
+            memory = self.conversation.address(question.question, self.args.select_chunks)
+        else:
+            ids = torch.tensor(
+                [self.reader.prompt_ids(question.question, None)], device=self.reader.reasoner.device
+            )
+            memory = self.conversation.select(ids, self.args.select_chunks)
         return self.read_turns(question, [], memory=memory, retrieval_s=time.perf_counter() - t0)
+
+    def select_by(self) -> str:
+        has_head = load_memory_model(self.runtime).address is not None
+        if self.args.select_by == "address" and not has_head:
+            raise ValueError(
+                "latent-select --select-by address: the memory checkpoint has no address head (train one with "
+                "python -m memsplice.online.address)"
+            )
+        if self.args.select_by == "auto":
+            return "address" if has_head else "attention"
+        return self.args.select_by
 
 
 @register_system(

@@ -1,0 +1,71 @@
+"""`AddressHead`: which chunk memories a question should read, scored from latents alone.
+
+    head = AddressHead(hidden_size=576, dim=128)
+    scores = head.score(head.queries(question_latents), head.keys(chunk_latents))   # (Q, C)
+    loss = address_loss(scores, positives)                                         # multi-positive InfoNCE
+
+A conversation's memory is many chunk memories of M latent slots each. Putting all of them in front of a question
+makes the reasoner find the fact among them, which it does badly; the address head lets the question pick the few
+chunks to splice instead. It reads only what memory already holds: the chunk's stored latents (M, d) give M keys,
+the question's own latents (the same encoder run over the question as a turn) give M queries, and a chunk's score is
+late interaction: the mean over queries of the best-matching key (as in ColBERT), times a learned scale. No text is
+re-read and nothing is stored beyond the latents.
+
+The head is trained with `address_loss` (InfoNCE with several positives: the chunks holding the question's evidence
+against every other chunk of the batch), by `memsplice.online.address`; the encoder stays as it is, so the memories
+read back exactly as before.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AddressHead(nn.Module):
+    def __init__(self, hidden_size: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.query_norm = nn.LayerNorm(hidden_size)
+        self.key_norm = nn.LayerNorm(hidden_size)
+        self.query_proj = nn.Linear(hidden_size, dim, bias=False)
+        self.key_proj = nn.Linear(hidden_size, dim, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def queries(self, latents: torch.Tensor) -> torch.Tensor:
+        """Question latents (..., M, d) -> unit query vectors (..., M, dim)."""
+        return F.normalize(self.query_proj(self.query_norm(latents.float())), dim=-1)
+
+    def keys(self, latents: torch.Tensor) -> torch.Tensor:
+        """Chunk latents (..., M, d) -> unit key vectors (..., M, dim)."""
+        return F.normalize(self.key_proj(self.key_norm(latents.float())), dim=-1)
+
+    def score(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Queries (Q, Mq, dim) against keys (C, Mk, dim) -> scores (Q, C): mean over query slots of the best key slot,
+        times the learned scale."""
+        sim = torch.einsum("qid,cjd->qcij", queries, keys)  # (Q, C, Mq, Mk)
+        return sim.max(dim=-1).values.mean(dim=-1) * self.log_scale.exp().clamp(max=100.0)
+
+
+def address_loss(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with several positives: -log(sum of exp(score) over positive chunks / over all chunks), mean over the
+    questions that have a positive. scores (Q, C), positives (Q, C) bool."""
+    if scores.shape != positives.shape:
+        raise ValueError(f"address_loss: scores {tuple(scores.shape)} and positives {tuple(positives.shape)}")
+    has = positives.any(dim=1)
+    if not bool(has.any()):
+        raise ValueError("address_loss: no question has a positive chunk")
+    scores, positives = scores[has], positives[has]
+    pos = torch.logsumexp(scores.masked_fill(~positives, float("-inf")), dim=1)
+    return (torch.logsumexp(scores, dim=1) - pos).mean()
+
+
+def top_chunks(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the `k` best-scoring chunks for one question (scores (C,)), in their original (time) order."""
+    if k < 1:
+        raise ValueError(f"top_chunks: k must be >= 1 (got {k})")
+    picked = torch.topk(scores, min(k, scores.numel())).indices.tolist()
+    return sorted(picked)

@@ -1,0 +1,76 @@
+"""The address head: late-interaction scores, the multi-positive InfoNCE loss, and its place in a checkpoint."""
+
+import pytest
+import torch
+
+from helpers import small_memory
+from memsplice.memory import MemoryModel
+from memsplice.memory.address import AddressHead, address_loss, top_chunks
+from tiny import tiny_reasoner
+
+
+def test_score_is_the_mean_over_queries_of_the_best_key():
+    head = AddressHead(hidden_size=8, dim=4)
+    q = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(5, 6, 4), dim=-1)
+    scores = head.score(q, k)
+    assert scores.shape == (2, 5)
+    want = torch.stack(
+        [torch.stack([(q[i] @ k[c].T).max(dim=1).values.mean() for c in range(5)]) for i in range(2)]
+    )
+    assert torch.allclose(scores, want * head.log_scale.exp(), atol=1e-5)
+
+
+def test_queries_and_keys_are_unit_vectors():
+    head = AddressHead(hidden_size=8, dim=4)
+    z = torch.randn(3, 5, 8) * 7
+    assert torch.allclose(head.queries(z).norm(dim=-1), torch.ones(3, 5), atol=1e-5)
+    assert torch.allclose(head.keys(z).norm(dim=-1), torch.ones(3, 5), atol=1e-5)
+
+
+def test_address_loss_counts_every_positive_and_skips_questions_without_one():
+    scores = torch.tensor([[5.0, 5.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    positives = torch.tensor([[True, True, False], [False, False, False], [False, False, True]])
+    loss = address_loss(scores, positives)
+    first = torch.logsumexp(scores[0], 0) - torch.logsumexp(scores[0, :2], 0)
+    third = torch.logsumexp(scores[2], 0) - scores[2, 2]
+    assert torch.allclose(loss, (first + third) / 2)
+    # putting the score on a negative instead raises the loss
+    assert address_loss(scores.flip(1), positives) > loss
+
+
+def test_address_loss_refuses_bad_input():
+    with pytest.raises(ValueError, match="no question has a positive"):
+        address_loss(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scores"):
+        address_loss(torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.bool))
+
+
+def test_top_chunks_returns_the_best_in_time_order():
+    assert top_chunks(torch.tensor([0.1, 0.9, 0.3, 0.8]), 2) == [1, 3]
+    assert top_chunks(torch.tensor([0.1, 0.9]), 5) == [0, 1]
+    with pytest.raises(ValueError):
+        top_chunks(torch.tensor([0.1]), 0)
+
+
+def test_the_head_is_saved_and_loaded_with_the_memory(tmp_path):
+    reasoner = tiny_reasoner("llama")
+    memory = small_memory(reasoner)
+    assert memory.address is None
+    memory.add_address_head(8)
+    with pytest.raises(ValueError, match="already has an address head"):
+        memory.add_address_head(8)
+    with torch.no_grad():
+        memory.address.key_proj.weight.normal_()
+    memory.save_pretrained(tmp_path / "m")
+    loaded = MemoryModel.from_pretrained(tmp_path / "m", reasoner=reasoner)
+    assert loaded.config.address_dim == 8
+    assert torch.equal(loaded.address.key_proj.weight, memory.address.key_proj.weight)
+    with pytest.raises(ValueError, match="cannot override"):
+        MemoryModel.from_pretrained(tmp_path / "m", reasoner=reasoner, address_dim=16)
+
+
+def test_a_checkpoint_without_a_head_loads_without_one(tmp_path):
+    reasoner = tiny_reasoner("llama")
+    small_memory(reasoner).save_pretrained(tmp_path / "m")
+    assert MemoryModel.from_pretrained(tmp_path / "m", reasoner=reasoner).address is None
