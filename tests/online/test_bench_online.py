@@ -72,3 +72,28 @@ def test_stability_run_on_a_tiny_model():
     out = bench.run_stability(a, memory.reasoner, memory)
     assert out["updates"] == 4 and [c["update"] for c in out["curve"]] == [0, 2, 4]
     assert out["perplexity_drop"] >= 0 and out["stopped_by"] == "updates"
+
+
+def test_recall_reports_accuracy_and_measured_kv_fraction_per_system(tmp_path):
+    """The recall part on a tiny reasoner: latent-select reads the chunks its address head picks, and the KV it
+    holds at answer is measured per system (memory slots over history tokens)."""
+    pytest.importorskip("memsplice.eval.tasks")
+    memory = tiny_memory()
+    memory.add_address_head(8)
+    memory.save_pretrained(tmp_path / "m")
+    a = args(
+        history_tokens=[512],
+        examples=1,
+        systems=["latent-select", "latent", "oracle"],
+        checkpoint=str(tmp_path / "m"),
+        select_chunks=2,
+    )
+    out = bench.run_recall(a, memory.reasoner)
+    accuracy = out["recall"]["512"]
+    assert set(accuracy) == {"latent-select", "latent", "oracle"}
+    assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+    kv = out["kv_fraction"]["512"]
+    assert set(kv) == {"latent-select", "latent"}  # oracle holds no memory
+    slots = memory.config.num_slots
+    assert kv["latent-select"] <= 2 * slots / 400 < kv["latent"]
+    assert out["values"] == "pools"

@@ -109,7 +109,7 @@ def test_evidence_memories_hold_the_answer_and_train_in_one_batch():
     cfg = BootstrapConfig(reconstruction_rows=1)
     instruction = tok("Repeat the text.", add_special_tokens=False)["input_ids"]
     before = [p.detach().clone() for p in memory.trainable_parameters()]
-    parts = answer_update(memory, examples, cfg, instruction, random.Random(0), evidence_only=True)
+    parts = answer_update(memory, examples, cfg, instruction, random.Random(0), mode="evidence")
     assert parts["answer_tokens"] == sum(len(a) for ex in examples for a in ex.answers)
     assert parts["answer"] > 0 and parts["reconstruction"] > 0
     grads = [p.grad for p in memory.trainable_parameters()]
@@ -120,6 +120,35 @@ def test_evidence_memories_hold_the_answer_and_train_in_one_batch():
     assert 0.0 <= answer_accuracy(memory, examples, "evidence") <= 1.0
     result = generated_accuracy(memory, eps[:1], CHUNK, 4096, system="latent-oracle")
     assert result["questions"] == len(eps[0].questions)
+
+
+def test_select_updates_read_an_evidence_chunk_and_others_in_order():
+    from memsplice.inject.compose import concat_rows
+    from memsplice.online.bootstrap import selected_memories, write_chunks
+
+    memory = tiny_memory()
+    example = episode_examples(episodes(memory, count=1, length=1024), memory.reasoner, CHUNK)[0]
+    assert len(example.chunks) > 3 and all(example.positives)
+    with torch.no_grad():
+        kv = write_chunks(memory, example.chunks).kv
+        rows = selected_memories(kv, example, 2, random.Random(0), memory.reasoner)
+    assert rows.batch_size == len(example.prompts) and rows.num_slots == 2 * kv.num_slots
+    for q, positives in enumerate(example.positives):
+        # the row is two chunks of the conversation side by side, one of them an evidence chunk, older first
+        matches = [
+            (a, b)
+            for a in range(kv.batch_size)
+            for b in range(a + 1, kv.batch_size)
+            if torch.equal(
+                rows.index_rows([q]).values[0], concat_rows(kv.index_rows([a, b]), memory.reasoner).values[0]
+            )
+        ]
+        assert len(matches) == 1 and set(matches[0]) & set(positives)
+    cfg = BootstrapConfig(reconstruction_rows=0, select_chunks=2)
+    parts = answer_update(memory, [example], cfg, [], random.Random(0), mode="select")
+    assert parts["answer"] > 0
+    with pytest.raises(ValueError, match="mode"):
+        answer_update(memory, [example], cfg, [], random.Random(0), mode="nonsense")
 
 
 def test_generated_accuracy_reads_through_the_latent_system():
@@ -143,6 +172,25 @@ def test_bootstrap_run_saves_a_checkpoint_that_chunks_as_trained(tmp_path):
     loaded = MemoryModel.from_pretrained(tmp_path / "checkpoint", reasoner=memory.reasoner)
     assert loaded.config.chunk_tokens == CHUNK
     assert ConversationMemory(loaded, ConversationConfig(slot_budget=64)).chunk_tokens == CHUNK
+
+
+def test_address_loss_trains_the_head_with_the_encoder(tmp_path):
+    memory = tiny_memory()
+    encoder_before = {k: v.clone() for k, v in memory.encoder.state_dict().items()}
+    report = run_bootstrap(
+        memory, small_run(updates=2, episodes=2, address_weight=1.0, address_dim=8), tmp_path
+    )
+    assert memory.address is not None and memory.config.address_dim == 8
+    assert any(not torch.equal(v, memory.encoder.state_dict()[k]) for k, v in encoder_before.items())
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(entry["loss_address"] > 0 for entry in lines if "loss_address" in entry)
+    for entry in report["curve"]:
+        assert 0 <= entry["address_recall@1"] <= entry["address_recall@2"] <= 1
+        assert 0 <= entry["generated_contains_select"] <= 1
+    loaded = MemoryModel.from_pretrained(tmp_path / "checkpoint", reasoner=memory.reasoner)
+    assert torch.equal(
+        loaded.address.key_proj.weight, memory.address.key_proj.weight.to(torch.bfloat16).float()
+    )
 
 
 def test_open_values_mix_into_training_and_make_the_heldout_open(tmp_path):
@@ -184,6 +232,10 @@ def test_bad_bootstrap_settings_name_the_field():
         BootstrapConfig(history_tokens=[100])
     with pytest.raises(ValueError, match="chunk_tokens"):
         BootstrapConfig(chunk_tokens=0)
+    with pytest.raises(ValueError, match="select_share"):
+        BootstrapConfig(evidence_share=0.7, select_share=0.5)
+    with pytest.raises(ValueError, match="address_weight"):
+        BootstrapConfig(address_weight=-1.0)
     memory = tiny_memory()
     with pytest.raises(ValueError, match="max_memory_tokens"):
         run_bootstrap(memory, BootstrapConfig(chunk_tokens=4096), "/nonexistent/never-written")

@@ -147,6 +147,18 @@ def add_arguments(p):
     p.add_argument("--systems", nargs="+", default=["latent", "latent+window", "rag-bm25", "oracle"])
     p.add_argument("--examples", type=int, default=2, help="episodes per history length (recall)")
     p.add_argument(
+        "--select-chunks",
+        type=int,
+        default=2,
+        help="latent-select: chunk memories each question reads (recall; default: 2)",
+    )
+    p.add_argument(
+        "--values",
+        choices=("pools", "open"),
+        default="pools",
+        help="the synthetic task's values: from its pools, or made up for every fact (recall; default: pools)",
+    )
+    p.add_argument(
         "--time-budget", type=float, default=None, help="start no new episode after this long (recall)"
     )
     # stability
@@ -615,20 +627,27 @@ def run_recall(args, reasoner) -> dict:
                 lengths=(length,),
                 seed=args.seed,
                 split="test",
+                values=args.values,
                 data=Path(args.data) if args.data else None,
             ),
             system_args=SystemArgs(
                 checkpoint=Path(args.checkpoint) if args.checkpoint else None,
                 slot_budget=budget,
+                select_chunks=args.select_chunks,
                 seed=args.seed,
             ),
         )
         out = run_eval(config, reasoner=reasoner)
         metric = out["main_metric"]
         by_system: dict[str, list[float]] = {}
+        slots: dict[str, list[float]] = {}
         for r in out["records"]:
             if r.get(metric) is not None:
                 by_system.setdefault(r["system"], []).append(float(r[metric]))
+            if r.get(
+                "memory_slots"
+            ):  # memory K/V at answer over the K/V full context would hold, per question
+                slots.setdefault(r["system"], []).append(r["memory_slots"] / max(r["history_tokens"], 1))
         results[str(length)] = {
             "accuracy": {k: statistics.fmean(v) for k, v in by_system.items()},
             "metric": metric,
@@ -636,10 +655,16 @@ def run_recall(args, reasoner) -> dict:
             "questions": out["questions"],
             "slot_budget": budget,
             "kv_fraction": budget * per_token_kv / (length * per_token_kv),
+            "kv_fraction_measured": {k: statistics.fmean(v) for k, v in slots.items()},
             "write_s_per_turn": {f["system"]: f["write_s_per_turn"] for f in out["feeds"]},
         }
         logger.info("recall at %d tokens: %s", length, results[str(length)]["accuracy"])
-    return {"recall": {k: v["accuracy"] for k, v in results.items()}, "lengths": results}
+    return {
+        "recall": {k: v["accuracy"] for k, v in results.items()},
+        "kv_fraction": {k: v["kv_fraction_measured"] for k, v in results.items()},
+        "values": args.values,
+        "lengths": results,
+    }
 
 
 def run_summary(args) -> dict:
@@ -665,6 +690,10 @@ def run_summary(args) -> dict:
     if recall.is_file():
         data = json.loads(recall.read_text())
         out["recall"] = data.get("recall", {})
+        if (
+            "kv_fraction" in data
+        ):  # per length and system: memory K/V at answer over full-context K/V, measured
+            out["recall_kv_fraction"] = data["kv_fraction"]
         out["recall_metric"] = next(iter(data.get("lengths", {}).values()), {}).get("metric")
     return out
 

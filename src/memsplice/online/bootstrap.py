@@ -28,6 +28,11 @@ so that carrying a fact through memory is learned apart from finding it among ma
 made-up values, the whole-conversation objective alone left the evidence-only memory nearly as useless as the
 conversation's (`latent-oracle` 9.7% on the test split after 836 H200 updates).
 
+Finding: with `address_weight` > 0 the memory gets an address head (`memory.address`) and whole-conversation
+updates add the address loss: each question's latents against its conversation's chunk latents, the chunks that hold
+its evidence as positives (`EpisodeExample.positives`), trained with the encoder. At read time the `latent-select`
+eval system then splices only the chunks the head picks.
+
 Progress is measured on held-out episodes of the train split (another seed: other people and other combinations of
 facts; with `open_values` > 0 their values are made up too, so it measures carrying words never seen in training out
 of memory; else values come from the same pools and it measures finding a fact among the chunk memories; the eval's
@@ -51,8 +56,10 @@ from pathlib import Path
 
 import torch
 
-from ..conversation.chunks import pack_turns
+from ..conversation.chunks import pack_turns, turn_chunks
 from ..inject.compose import concat_rows
+from ..inject.memory_kv import MemoryKV
+from ..memory.address import address_loss
 from ..memory.model import Memory, pad_rows
 from ..reasoner.identity import assert_frozen
 from ..train.objectives import answer, read_back
@@ -61,6 +68,7 @@ from ..train.plots import MetricsLog
 logger = logging.getLogger(__name__)
 
 TURN_TEMPLATE = "{role}: {text}\n"
+UPDATE_MODES = ("whole", "evidence", "select")
 """How the conversation memory renders a turn (`ConversationConfig.turn_template`'s default)."""
 
 
@@ -85,6 +93,17 @@ class BootstrapConfig:
     """Share of updates whose memories hold only each question's evidence turns (one small memory per question,
     as the `latent-oracle` eval system writes it): a curriculum that teaches carrying a fact through memory apart
     from finding it among many chunk memories. 0: every update reads whole conversations."""
+    address_weight: float = 0.0
+    """Weight of the address loss (`memory.address.address_loss`: each question's latents against its conversation's
+    chunk latents, the chunks holding its evidence as positives) in whole-conversation updates, trained together
+    with the encoder; the memory gets an address head of `address_dim` if it has none. 0: off."""
+    address_dim: int = 128
+    select_share: float = 0.0
+    """Share of updates in which each question reads what `latent-select` would give it: its evidence chunk and
+    `select_chunks` - 1 other chunks of its conversation, side by side in conversation order."""
+    select_chunks: int = 2
+    """Chunk memories a question reads in select updates, and in the held-out `latent-select` answers (with an
+    address head)."""
     episodes_per_update: int = 2
     """Episodes (whole conversations, all their questions) per update."""
     lr: float = 1e-4
@@ -130,8 +149,17 @@ class BootstrapConfig:
             raise ValueError("BootstrapConfig.lr must be positive and min_lr_ratio in [0, 1]")
         if not 0.0 <= self.evidence_share <= 1.0:
             raise ValueError(f"BootstrapConfig.evidence_share must lie in [0, 1] (got {self.evidence_share})")
+        if not (self.select_share >= 0.0 and self.evidence_share + self.select_share <= 1.0):
+            raise ValueError(
+                f"BootstrapConfig.select_share must be >= 0 and evidence_share + select_share <= 1 "
+                f"(got {self.select_share} and {self.evidence_share})"
+            )
         if not 0.0 <= self.open_values <= 1.0:
             raise ValueError(f"BootstrapConfig.open_values must lie in [0, 1] (got {self.open_values})")
+        if self.address_weight < 0 or self.address_dim < 1 or self.select_chunks < 1:
+            raise ValueError(
+                "BootstrapConfig.address_weight must be >= 0, address_dim and select_chunks positive"
+            )
         if self.reconstruction_rows < 0 or self.reconstruction_weight < 0:
             raise ValueError("BootstrapConfig.reconstruction_rows and reconstruction_weight must be >= 0")
 
@@ -148,6 +176,10 @@ class EpisodeExample:
     """Each gold answer followed by the end-of-turn token."""
     evidence: list[list[int]]
     """Each question's evidence turns alone, as one chunk input (their last `chunk_tokens` tokens)."""
+    queries: list[list[int]]
+    """Each question written as a user turn: what the address head (`memory.address`) reads."""
+    positives: list[list[int]]
+    """For each question, the indices of the chunks that hold its evidence turns."""
 
 
 def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens, values: str = "pools"):
@@ -171,8 +203,9 @@ def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens
 
 
 def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExample]:
-    """Tokenize episodes into what `answer_update` trains on: chunk inputs, question prompts, answers."""
-    from ..eval.reader import PromptTemplate, memory_turns
+    """Tokenize episodes into what `answer_update` trains on: chunk inputs, question prompts, answers, and which
+    chunks hold each question's evidence."""
+    from ..eval.reader import PromptTemplate, memory_turn_sources, memory_turns
 
     tok = reasoner.require_tokenizer()
     template = PromptTemplate()
@@ -194,15 +227,26 @@ def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExamp
             [t for ids in turn_ids(episode.turns_by_id(q.evidence)) for t in ids][-chunk_tokens:]
             for q in questions
         ]
+        history = turn_ids(episode.turns)
+        owners = zip(memory_turn_sources(episode.turns), turn_chunks(history, chunk_tokens), strict=True)
+        chunk_of = {source: chunks for source, chunks in owners if source is not None}
         out.append(
             EpisodeExample(
-                chunks=pack_turns(turn_ids(episode.turns), chunk_tokens),
+                chunks=pack_turns(history, chunk_tokens),
                 prompts=[reasoner.chat_ids(template.messages(q.question, None)) for q in questions],
                 answers=[tok(q.answer, add_special_tokens=False)["input_ids"] + eos for q in questions],
                 evidence=evidence,
+                queries=[question_input(tok, q.question) for q in questions],
+                positives=[sorted({c for t in q.evidence for c in chunk_of.get(t, [])}) for q in questions],
             )
         )
     return out
+
+
+def question_input(tokenizer, question: str) -> list[int]:
+    """A question as the address head reads it: rendered as a user turn of the conversation, then tokenized (what
+    `ConversationMemory.address` encodes)."""
+    return tokenizer(TURN_TEMPLATE.format(role="user", text=question), add_special_tokens=False)["input_ids"]
 
 
 def write_chunks(memory, chunks: list[list[int]]) -> Memory:
@@ -223,17 +267,27 @@ def answer_update(
     cfg: BootstrapConfig,
     instruction: list[int],
     rng,
-    evidence_only: bool = False,
+    mode: str = "whole",
 ):
     """Forward and backward of one update over `examples`; returns the loss parts and answer-token hits.
 
-    evidence_only: each question reads a memory of its evidence turns alone (`BootstrapConfig.evidence_share`)
-    instead of the memory of its whole conversation."""
+    mode: what memory each question reads. "whole": the memory of its whole conversation (every chunk side by side);
+    "evidence": a memory of its evidence turns alone (`BootstrapConfig.evidence_share`); "select": the chunk
+    memories `latent-select` would give it, its evidence chunk and `select_chunks` - 1 others of its conversation
+    in conversation order (`BootstrapConfig.select_share`)."""
+    if mode not in UPDATE_MODES:
+        raise ValueError(f"answer_update: mode must be one of {UPDATE_MODES} (got {mode!r})")
     reasoner = memory.reasoner
     n_answer = sum(len(a) for ex in examples for a in ex.answers)
-    parts = {"answer": 0.0, "reconstruction": 0.0, "answer_tokens": n_answer, "answer_correct": 0}
+    parts = {
+        "answer": 0.0,
+        "reconstruction": 0.0,
+        "address": 0.0,
+        "answer_tokens": n_answer,
+        "answer_correct": 0,
+    }
     keep = cfg.reconstruction_rows > 0 and cfg.reconstruction_weight > 0
-    if evidence_only:  # one memory row per question: its evidence turns alone, all in one batch
+    if mode == "evidence":  # one memory row per question: its evidence turns alone, all in one batch
         chunks = [e for ex in examples for e in ex.evidence]
         written = write_chunks(memory, chunks)
         prompts = [p for ex in examples for p in ex.prompts]
@@ -245,11 +299,21 @@ def answer_update(
         written_all = [(written, i, chunks[i]) for i in range(len(chunks))]
     else:
         written_all = []
+        addressing = cfg.address_weight > 0 and memory.address is not None
         for ex in examples:
-            written, kv = write_episode(memory, ex)
+            if mode == "select":
+                written = write_chunks(memory, ex.chunks)
+                kv = selected_memories(written.kv, ex, cfg.select_chunks, rng, reasoner)
+            else:
+                written, kv = write_episode(memory, ex)
             result = answer(memory, kv, ex.prompts, ex.answers)
             # Weighted by answer tokens, so the loss is the mean over every answer token of the update.
-            (result.loss * (result.tokens / n_answer)).backward(retain_graph=keep)
+            loss = result.loss * (result.tokens / n_answer)
+            if addressing and any(ex.positives):
+                found = episode_address_loss(memory, written.latents, ex)
+                loss = loss + cfg.address_weight * found / len(examples)
+                parts["address"] += float(found.detach()) / len(examples)
+            loss.backward(retain_graph=keep)
             parts["answer"] += float(result.loss.detach()) * result.tokens / n_answer
             parts["answer_correct"] += int(result.correct)
             written_all += [(written, i, ex.chunks[i]) for i in range(len(ex.chunks))]
@@ -264,6 +328,32 @@ def answer_update(
             (result.loss * cfg.reconstruction_weight / len(picks)).backward(retain_graph=not last)
             parts["reconstruction"] += float(result.loss.detach()) / len(picks)
     return parts
+
+
+def selected_memories(kv, example: EpisodeExample, k: int, rng, reasoner):
+    """One memory row per question of `example` (its chunks' memories `kv`, one row per chunk): an evidence chunk
+    and k - 1 other chunks drawn at random, side by side in conversation order (random chunks for a question
+    without evidence)."""
+    n = kv.batch_size
+    k = min(k, n)
+    rows = []
+    for positives in example.positives:
+        picks = {rng.choice(positives)} if positives else set()
+        picks |= set(rng.sample([c for c in range(n) if c not in picks], k - len(picks)))
+        rows.append(concat_rows(kv.index_rows(sorted(picks)), reasoner))
+    return MemoryKV.cat_rows(rows)
+
+
+def episode_address_loss(memory, chunk_latents: torch.Tensor, example: EpisodeExample) -> torch.Tensor:
+    """The address loss of one conversation: its questions' latents (encoded here, with autograd) against its chunk
+    latents (C, M, d), the chunks holding each question's evidence as positives, the others as negatives."""
+    head = memory.address
+    ids, mask = pad_rows(example.queries, pad_id=memory._pad_id() or 0, device=memory.reasoner.device)
+    scores = head.score(head.queries(memory.encode(ids, mask)), head.keys(chunk_latents))
+    positives = torch.zeros_like(scores, dtype=torch.bool)
+    for row, chunks in enumerate(example.positives):
+        positives[row, chunks] = True
+    return address_loss(scores, positives)
 
 
 @torch.no_grad()
@@ -294,17 +384,24 @@ def answer_accuracy(memory, examples: list[EpisodeExample], memory_of: str = "ow
 
 @torch.no_grad()
 def generated_accuracy(
-    memory, episodes, chunk_tokens: int, slot_budget: int, reader=None, system: str = "latent"
+    memory,
+    episodes,
+    chunk_tokens: int,
+    slot_budget: int,
+    reader=None,
+    system: str = "latent",
+    select_chunks: int = 1,
 ) -> dict:
-    """Answers generated by the `latent` eval system (or another latent `system`, e.g. "latent-oracle") with this
-    memory: the share that contains the gold answer."""
+    """Answers generated by the `latent` eval system (or another latent `system`, e.g. "latent-oracle" or
+    "latent-select" reading `select_chunks` chunks) with this memory: the share that contains the gold answer."""
     from ..eval.metrics import contains_answer
     from ..eval.reader import Reader
     from ..eval.systems import Runtime, SystemArgs, build_system
 
     memory.eval()
     runtime = Runtime(
-        reader or Reader(memory.reasoner), SystemArgs(chunk_tokens=chunk_tokens, slot_budget=slot_budget)
+        reader or Reader(memory.reasoner),
+        SystemArgs(chunk_tokens=chunk_tokens, slot_budget=slot_budget, select_chunks=select_chunks),
     )
     runtime.shared("memory_model", lambda: memory)
     system = build_system(system, runtime)
@@ -373,6 +470,8 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
             "bootstrap: the checkpoint records no formation instruction; set reconstruction_rows=0"
         )
     instruction_ids = tok(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+    if cfg.address_weight > 0 and memory.address is None:
+        memory.add_address_head(cfg.address_dim)
     params = memory.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     output = Path(output)
@@ -395,9 +494,10 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
                         memory, held_episodes, cfg.chunk_tokens, cfg.eval_slot_budget, reader, "latent-oracle"
                     )["contains"]
                 }
-                if cfg.evidence_share > 0
+                if cfg.evidence_share > 0 or cfg.select_share > 0
                 else {}
             ),
+            **(address_metrics() if memory.address is not None else {}),
             "seconds": round(time.perf_counter() - start, 1),
         }
         log.append({**entry, "items": generated["items"]})
@@ -405,6 +505,27 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         logger.info("bootstrap eval %s", entry)
         if update:
             save(update)
+
+    def address_metrics() -> dict:
+        """Held-out recall@k of the address head within each conversation, and the answers `latent-select` generates
+        reading the `select_chunks` chunks it picks."""
+        from .address import address_examples, recall_at
+
+        found = recall_at(memory, address_examples(memory, held_episodes, cfg.chunk_tokens), ks=(1, 2))
+        selected = generated_accuracy(
+            memory,
+            held_episodes,
+            cfg.chunk_tokens,
+            cfg.eval_slot_budget,
+            reader,
+            "latent-select",
+            cfg.select_chunks,
+        )
+        return {
+            "address_recall@1": found["recall@1"],
+            "address_recall@2": found["recall@2"],
+            "generated_contains_select": selected["contains"],
+        }
 
     def save(update: int) -> None:
         """The checkpoint as of `update` (written atomically: a killed run leaves the last one whole)."""
@@ -438,8 +559,15 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(update, cfg, time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
-        evidence_only = cfg.evidence_share > 0 and rng.random() < cfg.evidence_share
-        parts = answer_update(memory, batch, cfg, instruction_ids, rng, evidence_only=evidence_only)
+        draw = rng.random()
+        mode = (
+            "evidence"
+            if draw < cfg.evidence_share
+            else "select"
+            if draw < cfg.evidence_share + cfg.select_share
+            else "whole"
+        )
+        parts = answer_update(memory, batch, cfg, instruction_ids, rng, mode=mode)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         entry = {
@@ -447,8 +575,9 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
             "lr": optimizer.param_groups[0]["lr"],
             "loss_answer": round(parts["answer"], 4),
             "loss_reconstruction": round(parts["reconstruction"], 4),
+            "loss_address": round(parts["address"], 4),
             "answer_token_acc": round(parts["answer_correct"] / max(parts["answer_tokens"], 1), 4),
-            "evidence_only": evidence_only,
+            "mode": mode,
             "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
             "seconds": round(time.perf_counter() - start, 1),
         }
