@@ -1,0 +1,44 @@
+"""Recall@k of a memory's address head on the eval's synthetic *test* split (never trained on): within each
+conversation, the share of questions whose evidence chunk is among the k chunks the head scores highest.
+
+    python scripts/online/address_recall.py CHECKPOINT [--chunk-tokens N] [--record NAME]
+
+The conversations are the 12 (4 per length, 1k/2k/4k tokens, 72 questions) that `memsplice eval --task synthetic
+--examples 4 --lengths 1k,2k,4k` asks, with pool values and with made-up values.
+"""
+
+import argparse
+import json
+
+from memsplice.bench.record import provenance, save_result
+from memsplice.checkpoints import load_memory
+from memsplice.eval.reader import Reader
+from memsplice.eval.tasks import TaskArgs, get_task
+from memsplice.online.address import address_examples, recall_at
+from memsplice.reasoner import load_reasoner
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="default: the checkpoint's chunk_tokens")
+    p.add_argument("--device", default=None)
+    p.add_argument("--record", default=None, help="save as benchmarks/results/NAME.json with provenance")
+    args = p.parse_args()
+    reasoner = load_reasoner(None, device=args.device)
+    started = provenance(reasoner.device)
+    memory = load_memory(reasoner, args.checkpoint)
+    chunk = args.chunk_tokens or memory.config.chunk_tokens or memory.config.max_memory_tokens
+    out = {"checkpoint": args.checkpoint, "chunk_tokens": chunk, "split": "test"}
+    for values in ("pools", "open"):
+        task = TaskArgs(examples=4, lengths=(1024, 2048, 4096), seed=0, split="test", facts=6, values=values)
+        episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
+        out[values] = recall_at(memory, address_examples(memory, episodes, chunk))
+    if args.record:
+        print(f"saved {save_result(args.record, {**out, **started}, device=reasoner.device)}")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
