@@ -151,6 +151,25 @@ def test_address_splices_the_chunks_the_head_scores_best(memory):
         conv.address("  ")
 
 
+def test_read_follows_the_configured_policy(memory):
+    rng = random.Random(5)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096, select_chunks=1))
+    for _ in range(12):
+        conv.add_turn("user", sentence(rng, 12))
+    m = memory.config.num_slots
+    assert conv.read("Where does Ada live?").num_slots == conv.memory_kv().num_slots  # no head: every chunk
+    memory.add_address_head(8)
+    assert conv.read("Where does Ada live?").num_slots == m
+    # a memory with a head (its scale is a 0-d tensor) still signs and restores its conversations
+    restored = ConversationMemory.from_dict(json.loads(json.dumps(conv.to_dict())), memory)
+    assert restored.read("Where does Ada live?").num_slots == m
+    assert conv.read(None).num_slots == conv.memory_kv().num_slots  # no question: every chunk
+    conv.config.select_chunks = None
+    assert conv.read("Where does Ada live?").num_slots == conv.memory_kv().num_slots
+    with pytest.raises(ValueError, match="select_chunks"):
+        ConversationConfig(select_chunks=0)
+
+
 def test_conversation_chunks_at_the_size_the_memory_was_trained_for(memory):
     memory.config.chunk_tokens = 16
     try:

@@ -275,3 +275,29 @@ def test_memory_kv_is_fresh_for_every_request(harness):
     c = sm.memory_kv()
     assert torch.equal(c.keys[0], b.keys[0])
     svc.close()
+
+
+def test_chat_reads_only_the_chunks_the_address_head_picks(tmp_path):
+    """memory_select_chunks with a memory that has an address head: a chat splices that many chunk memories, the
+    ones its last user message picks; the same server without the setting reads every chunk."""
+    from fastapi.testclient import TestClient
+    from tests.serve.harness import Harness, small_memory
+
+    memory = small_memory()
+    memory.add_address_head(8)
+    slots = {}
+    for select in (1, None):
+        h = Harness(
+            tmp_path / str(select), memory=memory, memory_chunk_tokens=16, memory_select_chunks=select
+        )
+        with TestClient(h.app) as client:
+            client.harness = h
+            turns = [
+                {"role": "user", "content": f"Fact number {i}: Ada keeps {i} red books."} for i in range(6)
+            ]
+            r = client.post("/v1/memory/scopes/alice/turns", headers=h.headers(), json={"turns": turns})
+            assert r.status_code == 200
+            reply = chat(client, "How many books does Ada keep?").json()
+            slots[select] = reply["memsplice"]["slots"]
+    assert slots[1] == memory.config.num_slots
+    assert slots[None] > 2 * memory.config.num_slots

@@ -54,6 +54,14 @@ def add_parser(sub):
         metavar="TOKENS",
         help="also put the most recent turns verbatim in the prompt, up to this many tokens (default 0)",
     )
+    p.add_argument(
+        "--select-chunks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with a memory that has an address head: read only the N chunk memories each message picks "
+        "(default: every chunk)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
     p.add_argument(
@@ -122,7 +130,15 @@ def _save_file(path: Path, session: ChatSession, checkpoint: str | None) -> None
 class ChatSession:
     """One conversation: its transcript, its `ConversationMemory`, and answering with that memory."""
 
-    def __init__(self, reasoner, memory, system: str, window_tokens: int = 0, state: dict | None = None):
+    def __init__(
+        self,
+        reasoner,
+        memory,
+        system: str,
+        window_tokens: int = 0,
+        state: dict | None = None,
+        select_chunks: int | None = None,
+    ):
         from memsplice.conversation import ConversationConfig, ConversationMemory
 
         self.reasoner, self.memory, self.system, self.window_tokens = reasoner, memory, system, window_tokens
@@ -134,6 +150,9 @@ class ChatSession:
             self.conversation = ConversationMemory(memory, ConversationConfig(scope="chat"))
             for t in self.turns:
                 self.conversation.add_turn(t["role"], t["text"])
+        if select_chunks is not None and select_chunks < 1:
+            raise ValueError(f"--select-chunks must be a positive integer (got {select_chunks})")
+        self.conversation.config.select_chunks = select_chunks
 
     def forget(self) -> None:
         from memsplice.conversation import ConversationMemory
@@ -156,7 +175,7 @@ class ChatSession:
     def answer(self, message: str, max_new_tokens: int, temperature: float) -> tuple[str, dict]:
         import torch
 
-        kv = self.conversation.memory_kv()
+        kv = self.conversation.read(message)
         messages = [
             {"role": "system", "content": self.system},
             *self._recent_window(),
@@ -235,7 +254,9 @@ def run(args) -> int:
         memory = learner.memory
     else:
         memory = load_memory(reasoner, args.checkpoint)
-    session = ChatSession(reasoner, memory, args.system, args.window, state=state)
+    session = ChatSession(
+        reasoner, memory, args.system, args.window, state=state, select_chunks=args.select_chunks
+    )
     interactive = sys.stdin.isatty()
     learning = f", learning online (state in {learn_dir})" if learner is not None else ""
     print(

@@ -6,6 +6,7 @@
     out = generate_with_memory(memory.reasoner, ids, mask, kv, max_new_tokens=32)
     conv.probe(ids_with_answer, query_mask=answer_positions)            # optional: attention -> span usage
     kv = conv.address("Where does Ada live?", top_chunks=2)             # only the chunks the question picks
+    kv = conv.read("Where does Ada live?")                              # address() or memory_kv(), as configured
     state = conv.to_dict(); conv = ConversationMemory.from_dict(state, memory)
 
 How it works: turns go into a `TranscriptStore` as spans; live spans are packed, in order, into chunks of at most
@@ -78,6 +79,9 @@ class ConversationConfig:
     """Moving-average weight of the old salience at each probed read."""
     attention_decay: float = 0.8
     """Moving-average weight of the old per-slot attention at each probed read."""
+    select_chunks: int | None = None
+    """Read policy of `read(question)`: with an address head, splice only the `select_chunks` chunk memories the
+    question picks (`address`); None, or a memory without an address head: every chunk (`memory_kv`)."""
     encode_batch: int = 16
     """Chunks encoded per encoder call when several need it (refresh, restore)."""
     scope: str | None = None
@@ -96,6 +100,8 @@ class ConversationConfig:
             positive_int("chunk_tokens")
         for name in ("slot_budget", "max_live_tokens", "min_slots_per_chunk", "encode_batch"):
             positive_int(name)
+        if self.select_chunks is not None:
+            positive_int("select_chunks")
         need(
             isinstance(self.keep_full_chunks, int) and self.keep_full_chunks >= 0,
             "keep_full_chunks",
@@ -178,7 +184,9 @@ def weights_signature(memory) -> str:
     for name, tensor in sorted(memory.memory_state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        h.update(
+            tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        )
     return h.hexdigest()
 
 
@@ -540,6 +548,13 @@ class ConversationMemory:
             ranked = sorted(mass, key=lambda c: mass[c] / count[c], reverse=True)[:top_chunks]
             chosen = [c for c in self._all_chunks() if c.id in ranked]
             return compose(chosen, self.memory.reasoner, self.config.slot_selection)[0]
+
+    def read(self, question: str | None = None) -> MemoryKV | None:
+        """The memory a reply to `question` reads, by `ConversationConfig.select_chunks`: the chunks the address
+        head picks for it, or (no question, no head, or select_chunks None) the whole memory."""
+        if question and self.config.select_chunks and self.memory.address is not None:
+            return self.address(question, self.config.select_chunks)
+        return self.memory_kv()
 
     def address(self, question: str, top_chunks: int = 1) -> MemoryKV | None:
         """The memory of the `top_chunks` chunks the memory's address head (`memory.address`) scores highest for

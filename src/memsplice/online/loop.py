@@ -263,7 +263,7 @@ class OnlineLearner:
         tok = self.reasoner.require_tokenizer()
         with self._lock:
             context = self.history_ids(conversation)
-            kv = conversation.memory_kv()  # z_t, g_t, K/V from the transcript so far
+            kv = conversation.read(user_text)  # z_t, g_t, K/V from the transcript so far (as configured)
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": user_text}
             ]

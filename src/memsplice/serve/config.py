@@ -64,6 +64,9 @@ class ServeConfig:
     max_memory_tokens)."""
     memory_slot_budget: int = 256
     """Most memory slots a scope's conversation uses; older chunks are compressed to stay within it."""
+    memory_select_chunks: int | None = None
+    """With a memory that has an address head: a chat reads only this many chunk memories, those its last user
+    message picks (`ConversationMemory.address`); null: every chunk."""
     memory_max_live_tokens: int = 65536
     """Most transcript tokens a scope's memory is built from; least-recently-used spans beyond it are evicted."""
     memory_track_attention: bool = False
@@ -141,6 +144,12 @@ class ServeConfig:
             "must be a positive integer or null",
         )
         need(
+            self.memory_select_chunks is None
+            or (isinstance(self.memory_select_chunks, int) and self.memory_select_chunks > 0),
+            "memory_select_chunks",
+            "must be a positive integer or null",
+        )
+        need(
             isinstance(self.replay_capacity, int) and self.replay_capacity >= 0,
             "replay_capacity",
             "must be a non-negative integer",
@@ -180,6 +189,7 @@ class ServeConfig:
         return ConversationConfig(
             chunk_tokens=self.memory_chunk_tokens,
             slot_budget=self.memory_slot_budget,
+            select_chunks=self.memory_select_chunks,
             max_live_tokens=self.memory_max_live_tokens,
             track_attention=self.memory_track_attention,
         )

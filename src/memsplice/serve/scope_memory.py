@@ -101,13 +101,15 @@ class ScopeMemory:
         return [turns[t] for t in sorted(turns)]
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def memory_kv(self) -> MemoryKV | None:
-        """A `MemoryKV` (batch 1) for one request, or None when nothing live is in memory.
+    def memory_kv(self, question: str | None = None) -> MemoryKV | None:
+        """A `MemoryKV` (batch 1) for one request, or None when nothing live is in memory: the chunks the address
+        head picks for `question` when the scope's conversation is configured to select them
+        (`ConversationConfig.select_chunks`), else the whole memory.
 
         Chunks whose latents failed the safety check were left out when they were written (and a fallback event
         was recorded under this scope), so a scope whose memory fell back entirely reads as the bare reasoner.
         """
-        kv = self.conversation.memory_kv()
+        kv = self.conversation.read(question)
         self.reads += 1
         self.last_read = time.time()
         if kv is None:

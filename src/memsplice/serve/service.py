@@ -419,7 +419,15 @@ class MemoryService:
             )
         kv, info = None, {}
         if sm is not None:
-            kv = sm.memory_kv()
+            question = next(
+                (
+                    m["content"]
+                    for m in reversed(messages)
+                    if m.get("role") == "user" and isinstance(m.get("content"), str)
+                ),
+                None,
+            )
+            kv = sm.memory_kv(question)
             stats = sm.stats()
             info = {
                 "scope": sm.scope,
