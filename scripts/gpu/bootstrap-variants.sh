@@ -21,10 +21,11 @@ export MEMSPLICE_RESULTS="$RUNS/results"
 export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
 PY="${PYTHON:-python3}"
 COMMON="${COMMON:---updates 4000 --max-seconds ${SECONDS_BUDGET:-360} --eval-every ${EVAL_EVERY:-400} --lr 1.5e-4}"
-# Default: the evidence curriculum that taught carrying on CPU (evidence_share 0.7), next to one weighted towards
-# finding facts among a conversation's chunk memories (0.3).
-VARIANTS="${VARIANTS:-c128-evidence --chunk-tokens 128 --open-values 0.5 --episodes 1500 --evidence-share 0.7 --reconstruction-rows 1
-c128-finding --chunk-tokens 128 --open-values 0.5 --episodes 1500 --evidence-share 0.3 --reconstruction-rows 1}"
+# Default: the latent-select read path (select updates, evidence-only updates, the address loss with the encoder) at
+# 64- and 32-token chunks, as run on 2026-11-29 (benchmarks/results/online/bootstrap-gpu-select/). The start
+# checkpoint gets an address head if it has none (better: one trained first with python -m memsplice.online.address).
+VARIANTS="${VARIANTS:-c64-select --chunk-tokens 64 --open-values 0.5 --episodes 1500 --evidence-share 0.3 --select-share 0.6 --address-weight 0.2 --reconstruction-rows 1
+c32-select --chunk-tokens 32 --open-values 0.5 --episodes 1500 --evidence-share 0.3 --select-share 0.6 --address-weight 0.2 --reconstruction-rows 1}"
 mkdir -p "$RUNS/results" "$OUT"
 $PY -c "from memsplice.reasoner import load_reasoner; load_reasoner(None)"  # dequantize once, before they race
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
