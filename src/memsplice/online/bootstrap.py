@@ -28,10 +28,11 @@ so that carrying a fact through memory is learned apart from finding it among ma
 made-up values, the whole-conversation objective alone left the evidence-only memory nearly as useless as the
 conversation's (`latent-oracle` 9.7% on the test split after 836 H200 updates).
 
-Finding: with `address_weight` > 0 the memory gets an address head (`memory.address`) and whole-conversation
-updates add the address loss: each question's latents against its conversation's chunk latents, the chunks that hold
-its evidence as positives (`EpisodeExample.positives`), trained with the encoder. At read time the `latent-select`
-eval system then splices only the chunks the head picks.
+Finding: with `address_weight` > 0 the memory gets an address head (`memory.address`) and every update that encodes
+whole conversations adds the address loss: each question's latents against its conversation's chunk latents, the
+chunks that hold its evidence as positives (`EpisodeExample.positives`), trained with the encoder. At read time the
+`latent-select` eval system splices only the chunks the head picks, so `select_share` of the updates train that read
+path itself: each question reads its evidence chunk and `select_chunks` - 1 other chunks of its conversation.
 
 Progress is measured on held-out episodes of the train split (another seed: other people and other combinations of
 facts; with `open_values` > 0 their values are made up too, so it measures carrying words never seen in training out
@@ -68,8 +69,9 @@ from ..train.plots import MetricsLog
 logger = logging.getLogger(__name__)
 
 TURN_TEMPLATE = "{role}: {text}\n"
-UPDATE_MODES = ("whole", "evidence", "select")
 """How the conversation memory renders a turn (`ConversationConfig.turn_template`'s default)."""
+UPDATE_MODES = ("whole", "evidence", "select")
+"""What memory a question reads in an update (see `answer_update`)."""
 
 
 @dataclass
@@ -95,8 +97,8 @@ class BootstrapConfig:
     from finding it among many chunk memories. 0: every update reads whole conversations."""
     address_weight: float = 0.0
     """Weight of the address loss (`memory.address.address_loss`: each question's latents against its conversation's
-    chunk latents, the chunks holding its evidence as positives) in whole-conversation updates, trained together
-    with the encoder; the memory gets an address head of `address_dim` if it has none. 0: off."""
+    chunk latents, the chunks holding its evidence as positives) in whole-conversation and select updates, trained
+    together with the encoder; the memory gets an address head of `address_dim` if it has none. 0: off."""
     address_dim: int = 128
     select_share: float = 0.0
     """Share of updates in which each question reads what `latent-select` would give it: its evidence chunk and
