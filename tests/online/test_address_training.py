@@ -100,6 +100,12 @@ def test_run_trains_only_the_head_and_saves_it(tmp_path):
     assert loaded.config.extra["address"]["chunk_tokens"] == CHUNK
 
 
+def test_a_step_may_ask_for_more_episodes_than_there_are(tmp_path):
+    memory = tiny_memory()
+    report = run_address(memory, small_config(steps=2, episodes=2, episodes_per_step=5), tmp_path)
+    assert report["curve"][-1]["step"] == 2
+
+
 def test_recall_is_perfect_for_a_head_that_sees_the_answer():
     """recall_at ranks within each question's own conversation: with queries and keys projected alike, a question
     whose latents equal its positive chunk's latents is always found."""

@@ -22,7 +22,6 @@ end; the report records the curve.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -240,7 +239,7 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
     bar = tqdm(range(1, cfg.steps + 1), desc="address", unit="step")
     head = memory.address
     for step in bar:
-        if len(order) < cfg.episodes_per_step:
+        while len(order) < cfg.episodes_per_step:  # a step may ask for more episodes than there are
             order += rng.sample(range(len(train)), len(train))
         batch = [train[order.pop()] for _ in range(cfg.episodes_per_step)]
         queries, chunks, positives = step_batch(batch, reasoner.device)
@@ -282,50 +281,16 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m memsplice.online.address", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument("--reasoner", default=None)
-    p.add_argument(
-        "--checkpoint", default=None, help="memory checkpoint to add the head to (default: shipped)"
-    )
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--output", required=True, help="directory for checkpoint/, metrics.jsonl and report.json")
-    p.add_argument(
-        "--record",
-        metavar="NAME",
-        default=None,
-        help="also save the report with its command, commit, device and date as benchmarks/results/NAME.json",
-    )
-    for f in AddressConfig.__dataclass_fields__.values():
-        if f.name == "history_tokens":
-            continue
-        kind = float if "float" in str(f.type) else str if f.name == "data" else int
-        p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"AddressConfig.{f.name} (default: {getattr(AddressConfig, f.name, None)})",
-        )
-    p.add_argument("--history-tokens", type=int, nargs="+", default=None, help="AddressConfig.history_tokens")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = AddressConfig(
-        **{k: v for k, v in vars(args).items() if k in AddressConfig.__dataclass_fields__ and v is not None}
-    )
-    from ..bench.record import provenance, save_result
-    from ..checkpoints import load_memory
-    from ..reasoner import load_reasoner
+    from .offline_run import offline_main
 
-    reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
-    started = provenance(reasoner.device)
-    memory = load_memory(reasoner, args.checkpoint)
-    report = run_address(memory, cfg, args.output)
-    if args.record:
-        print(f"saved {save_result(args.record, {**report, **started}, device=reasoner.device)}")
-    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
-    return 0
+    return offline_main(
+        argv,
+        prog="python -m memsplice.online.address",
+        doc=__doc__,
+        config_class=AddressConfig,
+        run=run_address,
+        checkpoint_help="memory checkpoint to add the head to (default: shipped)",
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ containment as the benchmark scores them. The checkpoint is saved (atomically) a
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -554,7 +553,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
             stopped, update = "max_seconds", update - 1
             break
-        if len(order) < cfg.episodes_per_update:
+        while len(order) < cfg.episodes_per_update:  # an update may ask for more episodes than there are
             order += rng.sample(range(len(train)), len(train))
         batch = [train[order.pop()] for _ in range(cfg.episodes_per_update)]
         memory.train()
@@ -610,58 +609,17 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m memsplice.online.bootstrap", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument("--reasoner", default=None)
-    p.add_argument(
-        "--checkpoint", default=None, help="memory checkpoint to start from (default: shipped/untrained)"
-    )
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--output", required=True, help="directory for checkpoint/, metrics.jsonl and report.json")
-    p.add_argument(
-        "--record",
-        metavar="NAME",
-        default=None,
-        help="also save the report with its command, commit (at the start), device and date as "
-        "benchmarks/results/NAME.json",
-    )
-    types = {
-        f.name: (int if f.type in ("int", int) else float if "float" in str(f.type) else str)
-        for f in BootstrapConfig.__dataclass_fields__.values()
-        if f.name != "history_tokens"
-    }
-    for name, kind in types.items():
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"BootstrapConfig.{name} (default: {getattr(BootstrapConfig, name, None)})",
-        )
-    p.add_argument(
-        "--history-tokens", type=int, nargs="+", default=None, help="BootstrapConfig.history_tokens"
-    )
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {
-        k: v for k, v in vars(args).items() if k in BootstrapConfig.__dataclass_fields__ and v is not None
-    }
-    cfg = BootstrapConfig(**overrides)
-    from ..bench.record import provenance, save_result
-    from ..checkpoints import load_memory
-    from ..reasoner import load_reasoner
+    from .offline_run import offline_main
 
-    reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
-    started = provenance(reasoner.device)  # the commit the run started from, not the one it ends at
-    memory = load_memory(reasoner, args.checkpoint)
-    report = run_bootstrap(memory, cfg, args.output)
-    if args.record:
-        print(f"saved {save_result(args.record, {**report, **started}, device=reasoner.device)}")
-    print(
-        json.dumps({k: v for k, v in report.items() if k not in ("config", "heldout_predictions")}, indent=2)
+    return offline_main(
+        argv,
+        prog="python -m memsplice.online.bootstrap",
+        doc=__doc__,
+        config_class=BootstrapConfig,
+        run=run_bootstrap,
+        checkpoint_help="memory checkpoint to start from (default: shipped/untrained)",
+        hide=("config", "heldout_predictions"),
     )
-    return 0
 
 
 if __name__ == "__main__":
