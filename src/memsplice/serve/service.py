@@ -166,6 +166,12 @@ def _event_dict(event: FallbackEvent) -> dict:
     return event.to_dict()
 
 
+def last_user_message(messages: list[dict]) -> str | None:
+    """The text of the request's last user message (what a chat writes into memory and what picks the chunks it
+    reads), or None when it has none."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+
+
 class MemoryService:
     def __init__(
         self,
@@ -386,7 +392,7 @@ class MemoryService:
             except BaseException:
                 self._drop(scope)
                 raise
-            user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+            user = last_user_message(messages)
             turns = [("user", user)] if user else []
             if result.text.strip():
                 turns.append(("assistant", result.text))
@@ -419,15 +425,7 @@ class MemoryService:
             )
         kv, info = None, {}
         if sm is not None:
-            question = next(
-                (
-                    m["content"]
-                    for m in reversed(messages)
-                    if m.get("role") == "user" and isinstance(m.get("content"), str)
-                ),
-                None,
-            )
-            kv = sm.memory_kv(question)
+            kv = sm.memory_kv(last_user_message(messages))
             stats = sm.stats()
             info = {
                 "scope": sm.scope,
