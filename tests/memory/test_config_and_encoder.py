@@ -83,3 +83,22 @@ def test_write_text_uses_the_reasoner_tokenizer(reasoner):
     memory = small_memory(reasoner)
     mem = memory.write_text(["Ada lives in Lisbon.", "The fox jumps."])
     assert mem.latents.shape == (2, 4, reasoner.shapes.hidden_size) and mem.kv.live.all()
+
+
+def test_evaluating_turns_dropout_off_and_restores_the_mode():
+    from helpers import small_memory
+    from tiny import tiny_reasoner
+
+    memory = small_memory(tiny_reasoner("llama"))
+    for mode in (True, False):
+        memory.train(mode)
+        with memory.evaluating():
+            assert not memory.training and not memory.encoder.training
+        assert memory.training is mode
+    memory.train(True)
+    try:
+        with memory.evaluating():
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert memory.training

@@ -113,13 +113,9 @@ def encode_chunks(
     """Encode `chunks` (all must hold spans) with `memory`; returns the number of tokens read."""
     version = weights_version(memory)
     tokens = 0
-    was_training = memory.training
-    memory.eval()  # dropout off: what is stored must not depend on the noise of one call
-    try:
+    with memory.evaluating():  # dropout off: what is stored must not depend on the noise of one call
         for start in range(0, len(chunks), batch_size):
             tokens += _encode_group(memory, chunks[start : start + batch_size], store, scope, pad_id, version)
-    finally:
-        memory.train(was_training)
     return tokens
 
 

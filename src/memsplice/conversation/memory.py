@@ -581,12 +581,8 @@ class ConversationMemory:
             text = self.config.turn_template.format(role="user", text=question)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = ids[-self.memory.config.max_memory_tokens :]
-            was_training = self.memory.training
-            self.memory.eval()
-            try:
+            with self.memory.evaluating():
                 query = self.memory.encode(torch.tensor([ids]))
-            finally:
-                self.memory.train(was_training)
             device = query.device
             keys = head.keys(torch.stack([c.latents for c in live]).to(device))
             scores = head.score(head.queries(query), keys)[0]

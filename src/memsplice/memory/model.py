@@ -14,6 +14,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -235,6 +236,17 @@ class MemoryModel(nn.Module):
         self.config.__post_init__()
         self.address = AddressHead(self.reasoner.shapes.hidden_size, dim).to(self.reasoner.device)
         return self.address
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode (dropout off) for the block, then back to the mode the memory was in: for writes whose result
+        is stored or compared, which must not depend on the noise of one call."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     # -- training helpers --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

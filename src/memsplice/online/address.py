@@ -98,17 +98,13 @@ class AddressExample:
 @torch.no_grad()
 def encode_rows(memory, rows: list[list[int]], batch: int) -> torch.Tensor:
     """Latents (N, M, d) float32 of token rows, `batch` rows per encoder call, without autograd and in eval mode."""
-    was_training = memory.training
-    memory.eval()
     out = []
-    try:
+    with memory.evaluating():
         for start in range(0, len(rows), batch):
             ids, mask = pad_rows(
                 rows[start : start + batch], pad_id=memory._pad_id() or 0, device=memory.reasoner.device
             )
             out.append(memory.encode(ids, mask).float().cpu())
-    finally:
-        memory.train(was_training)
     return torch.cat(out)
 
 
