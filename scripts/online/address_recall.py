@@ -15,6 +15,7 @@ from memsplice.checkpoints import load_memory
 from memsplice.eval.reader import Reader
 from memsplice.eval.tasks import TaskArgs, get_task
 from memsplice.online.address import address_examples, recall_at
+from memsplice.online.bootstrap import episode_examples
 from memsplice.reasoner import load_reasoner
 
 
@@ -33,7 +34,8 @@ def main() -> int:
     for values in ("pools", "open"):
         task = TaskArgs(examples=4, lengths=(1024, 2048, 4096), seed=0, split="test", facts=6, values=values)
         episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
-        out[values] = recall_at(memory, address_examples(memory, episodes, chunk))
+        examples = episode_examples(episodes, reasoner, chunk)
+        out[values] = recall_at(memory, address_examples(memory, examples))
     if args.record:
         print(f"saved {save_result(args.record, {**out, **started}, device=reasoner.device)}")
     print(json.dumps(out, indent=2))

@@ -16,7 +16,7 @@ from memsplice.online.address import (  # noqa: E402
     recall_at,
     run_address,
 )
-from memsplice.online.bootstrap import synthetic_episodes  # noqa: E402
+from memsplice.online.bootstrap import episode_examples, synthetic_episodes  # noqa: E402
 
 CHUNK = 40
 
@@ -53,7 +53,7 @@ def test_positives_are_the_chunks_that_hold_the_evidence():
     memory = tiny_memory()
     cfg = small_config()
     episodes = synthetic_episodes(cfg, 2, 0, Reader(memory.reasoner).count_tokens)
-    examples = address_examples(memory, episodes, CHUNK)
+    examples = address_examples(memory, episode_examples(episodes, memory.reasoner, CHUNK))
     tok = memory.reasoner.tokenizer
     from memsplice.conversation.chunks import pack_turns
     from memsplice.online.bootstrap import TURN_TEMPLATE
@@ -112,9 +112,8 @@ def test_recall_is_perfect_for_a_head_that_sees_the_answer():
     memory = tiny_memory()
     head = memory.add_address_head(16)
     head.query_proj.load_state_dict(head.key_proj.state_dict())
-    examples = address_examples(
-        memory, synthetic_episodes(small_config(), 1, 0, Reader(memory.reasoner).count_tokens), CHUNK
-    )
+    episodes = synthetic_episodes(small_config(), 1, 0, Reader(memory.reasoner).count_tokens)
+    examples = address_examples(memory, episode_examples(episodes, memory.reasoner, CHUNK))
     ex = examples[0]
     ex.query_latents = torch.stack([ex.chunk_latents[pos[0]] for pos in ex.positives])
     result = recall_at(memory, examples)

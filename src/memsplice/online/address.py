@@ -33,7 +33,7 @@ import torch
 
 from ..memory.address import address_loss
 from ..memory.model import pad_rows
-from .bootstrap import episode_examples, synthetic_episodes
+from .bootstrap import EpisodeExample, episode_examples, synthetic_episodes
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,11 @@ def encode_rows(memory, rows: list[list[int]], batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def address_examples(memory, episodes, chunk_tokens: int, batch: int = 32) -> list[AddressExample]:
-    """Encode every chunk and question of `episodes` (see the module's docstring for what is positive)."""
+def address_examples(memory, examples: list[EpisodeExample], batch: int = 32) -> list[AddressExample]:
+    """Encode every chunk and question of tokenized episodes (`online.bootstrap.episode_examples`; see the module's
+    docstring for what is positive)."""
     out = []
-    for example in episode_examples(episodes, memory.reasoner, chunk_tokens):
+    for example in examples:
         out.append(
             AddressExample(
                 chunk_latents=encode_rows(memory, example.chunks, batch),
@@ -199,8 +200,8 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
     n_open_held = round(cfg.eval_episodes * cfg.open_values)
     held_episodes = synthetic_episodes(cfg, cfg.eval_episodes - n_open_held, cfg.seed + 10_000, count)
     held_episodes += synthetic_episodes(cfg, n_open_held, cfg.seed + 10_000, count, values="open")
-    train = address_examples(memory, episodes, chunk_tokens, cfg.encode_batch)
-    held = address_examples(memory, held_episodes, chunk_tokens, cfg.encode_batch)
+    train = address_examples(memory, episode_examples(episodes, reasoner, chunk_tokens), cfg.encode_batch)
+    held = address_examples(memory, episode_examples(held_episodes, reasoner, chunk_tokens), cfg.encode_batch)
     if not train or not held:
         raise ValueError("address: no usable episodes; raise episodes or eval_episodes")
     encode_seconds = time.perf_counter() - t0

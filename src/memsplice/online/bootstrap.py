@@ -512,7 +512,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         reading the `select_chunks` chunks it picks."""
         from .address import address_examples, recall_at
 
-        found = recall_at(memory, address_examples(memory, held_episodes, cfg.chunk_tokens), ks=(1, 2))
+        found = recall_at(memory, address_examples(memory, held), ks=(1, 2))
         selected = generated_accuracy(
             memory,
             held_episodes,
