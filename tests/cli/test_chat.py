@@ -122,3 +122,18 @@ def test_chat_learn_batch_must_be_positive(monkeypatch, capsys, tiny_model_dir, 
         ]
     )
     assert code == 2 and "--learn-batch" in capsys.readouterr().err
+
+
+def test_chat_select_chunks_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    args = [
+        "chat",
+        "--reasoner",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--memory-file",
+        str(tmp_path / "c.json"),
+    ]
+    code = main([*args, "--select-chunks", "0"])
+    assert code != 0 and "select_chunks" in capsys.readouterr().err

@@ -644,9 +644,8 @@ def run_recall(args, reasoner) -> dict:
         for r in out["records"]:
             if r.get(metric) is not None:
                 by_system.setdefault(r["system"], []).append(float(r[metric]))
-            if r.get(
-                "memory_slots"
-            ):  # memory K/V at answer over the K/V full context would hold, per question
+            # memory K/V at answer over the K/V full context would hold, per question
+            if r.get("memory_slots"):
                 slots.setdefault(r["system"], []).append(r["memory_slots"] / max(r["history_tokens"], 1))
         results[str(length)] = {
             "accuracy": {k: statistics.fmean(v) for k, v in by_system.items()},
@@ -690,9 +689,8 @@ def run_summary(args) -> dict:
     if recall.is_file():
         data = json.loads(recall.read_text())
         out["recall"] = data.get("recall", {})
-        if (
-            "kv_fraction" in data
-        ):  # per length and system: memory K/V at answer over full-context K/V, measured
+        # per length and system: memory K/V at answer over full-context K/V, measured
+        if "kv_fraction" in data:
             out["recall_kv_fraction"] = data["kv_fraction"]
         out["recall_metric"] = next(iter(data.get("lengths", {}).values()), {}).get("metric")
     return out

@@ -16,6 +16,7 @@ Lines starting with "/" are commands: /stats, /forget (erase the memory and its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -150,9 +151,8 @@ class ChatSession:
             self.conversation = ConversationMemory(memory, ConversationConfig(scope="chat"))
             for t in self.turns:
                 self.conversation.add_turn(t["role"], t["text"])
-        if select_chunks is not None and select_chunks < 1:
-            raise ValueError(f"--select-chunks must be a positive integer (got {select_chunks})")
-        self.conversation.config.select_chunks = select_chunks
+        # the read policy is this run's flag, whatever the saved memory was read with (replace() validates it)
+        self.conversation.config = dataclasses.replace(self.conversation.config, select_chunks=select_chunks)
 
     def forget(self) -> None:
         from memsplice.conversation import ConversationMemory
