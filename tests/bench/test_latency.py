@@ -47,7 +47,7 @@ def test_headline_prefers_a_compiled_engine_only_when_it_is_faster_and_exact():
         }
         if compiled is not None:
             r["engine_compiled"] = {"ttft_ms": compiled, "decode_ms_per_token": compiled}
-            r["compiled_tokens_equal_engine"] = equal
+            r["compiled_check"] = {"consistent": equal}
         return r
 
     cpu = torch.device("cpu")
@@ -64,3 +64,22 @@ def test_args_validate():
     for bad in (dict(new_tokens=1), dict(repeats=0), dict(slots=(0,))):
         with pytest.raises(ValueError, match="LatencyArgs"):
             LatencyArgs(**bad)
+
+
+def test_compare_engines_tells_ties_from_errors(reasoner):
+    from memsplice.bench.latency import compare_engines
+    from memsplice.engine import GreedyDecoder
+
+    prompt = list(range(5, 17))
+    a = GreedyDecoder(reasoner, max_len=64, max_new_tokens=8)
+    tokens = a.generate(prompt).tokens
+    same = compare_engines(a, GreedyDecoder(reasoner, max_len=64, max_new_tokens=8), prompt, tokens)
+    assert same["consistent"] and same["top1_agreement"] == 1.0 and same["max_logit_diff"] == 0.0
+
+    class Broken:  # an engine that predicts the wrong thing by a wide margin at every step
+        def score(self, prompt, tokens, memory=None):
+            logits = a.score(prompt, tokens, memory)
+            return logits.roll(1, dims=-1) * 3
+
+    bad = compare_engines(a, Broken(), prompt, tokens)
+    assert not bad["consistent"] and bad["top1_agreement"] < 0.95

@@ -131,3 +131,44 @@ def test_long_prompts_pad_to_multiples_of_512():
         1536,
         8192,
     ]
+
+
+@pytest.mark.parametrize("case", ["none", "memory", "layer_concat"])
+def test_score_is_the_teacher_forced_forward(reasoner, case):
+    """score() runs the engine's own steps on given tokens; its logits are those of one forward over prompt+tokens."""
+    memory = (
+        None if case == "none" else _memory(reasoner, operator="prepend_kv" if case == "memory" else case)
+    )
+    prompt, forced = list(range(5, 16)), [40, 41, 7, 300, 2]
+    decoder = GreedyDecoder(reasoner, max_len=64, max_new_tokens=8, pad_prompts=True)
+    got = decoder.score(prompt, forced, memory)
+    ids = torch.tensor([prompt + forced])
+    ref = forward_with_memory(reasoner, ids, None, memory).logits[0, len(prompt) - 1 : -1].float()
+    assert got.shape == (len(forced), reasoner.shapes.vocab_size)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # and greedy decoding is score() fed its own tokens
+    tokens = decoder.generate(prompt, memory, max_new_tokens=6).tokens
+    assert decoder.score(prompt, tokens, memory).argmax(-1).tolist() == tokens
+    with pytest.raises(ValueError, match="at least one token"):
+        decoder.score(prompt, [], memory)
+
+
+def test_memory_loads_with_one_stacked_copy(reasoner):
+    memory = _memory(reasoner)
+    stacked = memory.stacked(torch.float32, "cpu")
+    assert stacked.shape == (2, memory.num_layers, 1, *memory.keys[0].shape[1:])
+    assert memory.stacked(torch.float32, "cpu") is stacked  # made once per memory
+    cache = PositionedKVCache.for_reasoner(reasoner, max_len=16)
+    cache.write_prefix(stacked)
+    for i, layer in enumerate(cache.layers):
+        assert torch.equal(layer.keys[:, :, :4], memory.keys[i]) and torch.equal(
+            layer.values[:, :, :4], memory.values[i]
+        )
+        assert float(layer.keys[:, :, 4:].abs().sum()) == 0
+        assert layer.keys.data_ptr() == cache.storage[0, i].data_ptr()  # views: one storage
+    with pytest.raises(ValueError, match="layers"):
+        cache.write_prefix(stacked[:, :1])
+    with pytest.raises(ValueError, match="do not fit"):
+        PositionedKVCache.for_reasoner(reasoner, max_len=2).write_prefix(stacked)
+    with pytest.raises(ValueError, match=r"\(2, L, B, H, M, D\)"):
+        cache.write_prefix(stacked[0])

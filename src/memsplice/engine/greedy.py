@@ -18,6 +18,10 @@ Guarantees:
 - Prompt padding (used with graphs) never changes a result: padded positions lie after the real prompt, are masked
   for every real query and are overwritten by the tokens generated next.
 - Times come from CUDA events on the GPU (one host sync per request) and `perf_counter` on the CPU.
+- Loading memory is one copy of its stacked K/V (`MemoryKV.stacked`, made once per memory before the clock starts)
+  plus the gate row, whatever the number of layers.
+- `score` replays the same steps teacher-forced and returns each step's logits, so a compiled engine can be checked
+  against the eager one step by step even where rounding sends their greedy paths apart.
 """
 
 from __future__ import annotations
@@ -84,6 +88,22 @@ class _Clock:
         return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
 
 
+@dataclass
+class _Request:
+    """A checked request, ready to prefill: what `generate` and `score` share."""
+
+    ids: torch.Tensor  # (n,) prompt ids on the device
+    memory: MemoryKV | None
+    slots: int  # live memory slots (0: none)
+    uniform: bool  # the gate is one mask row for every layer
+    graphs: bool  # replay CUDA graphs
+    buf: torch.Tensor  # (1, padded length) prompt buffer
+
+    @property
+    def n(self) -> int:
+        return self.ids.numel()
+
+
 def _uniform_gate(memory: MemoryKV) -> bool:
     """Whether the memory's gate bias is the same in every layer (then it can live in the attention mask)."""
     bias = memory.gate_bias
@@ -104,6 +124,8 @@ class GreedyDecoder:
     pad_prompts: pad prompts to power-of-two lengths so that a few prefill graphs serve every prompt (default: as
     `cuda_graphs`); exposed so the CPU tests can check that padding changes nothing.
     compile_decode: run the decode step through `torch.compile` (compiled on first use; slow to start).
+    compile_mode: `torch.compile`'s mode for it (None: the default; "max-autotune-no-cudagraphs" also tunes the
+    matmul kernels; the graphs are this engine's own either way).
     """
 
     def __init__(
@@ -115,6 +137,7 @@ class GreedyDecoder:
         cuda_graphs: bool | None = None,
         pad_prompts: bool | None = None,
         compile_decode: bool = False,
+        compile_mode: str | None = None,
     ):
         if max_len < 2 or max_new_tokens < 1:
             raise ValueError("GreedyDecoder needs max_len >= 2 and max_new_tokens >= 1")
@@ -139,6 +162,8 @@ class GreedyDecoder:
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)  # its position (= cache index)
         self._step = torch.zeros(1, dtype=torch.long, device=dev)  # index into _out of the next token
         self._out = torch.zeros(self.max_new_tokens, dtype=torch.long, device=dev)
+        self._logits = torch.zeros(1, reasoner.shapes.vocab_size, dtype=torch.float32, device=dev)
+        """Logits of the last step (read by `score`; one small copy per step)."""
         self._start = torch.zeros(1, dtype=torch.long, device=dev)  # position of the first prompt token
         self._last = torch.zeros(1, dtype=torch.long, device=dev)  # index of the last real prompt token
         self._prompt: dict[int, torch.Tensor] = {}  # padded length -> (1, P) id buffer
@@ -150,7 +175,9 @@ class GreedyDecoder:
         # torch.compile fuses the step's many small elementwise kernels (norms, rotary, residuals); the compiled
         # step is then captured in the decode graph like the eager one. Compiled for the (1, 1) decode shape only.
         self._decode_forward = (
-            torch.compile(self._forward_next, dynamic=False) if self.compile_decode else self._forward_next
+            torch.compile(self._forward_next, dynamic=False, mode=compile_mode)
+            if self.compile_decode
+            else self._forward_next
         )
 
     # -- one forward step, shared by the eager path and graph capture -----------------------------------------
@@ -168,6 +195,7 @@ class GreedyDecoder:
             **self._gate_kwargs,
         ).last_hidden_state  # (1, T, d)
         logits = self.lm_head(hidden.index_select(1, last))[:, -1]  # (1, V)
+        self._logits.copy_(logits)
         return logits.argmax(-1)
 
     def _decode_body(self) -> None:
@@ -231,7 +259,7 @@ class GreedyDecoder:
         self._gate_kwargs = {}
         if not slots:
             return
-        self.cache.write_prefix(memory.keys, memory.values)
+        self.cache.write_prefix(memory.stacked(self.reasoner.dtype, self.device))
         bias = memory.gate_bias[0].to(device=self.device, dtype=self.reasoner.dtype)  # (L, M)
         if uniform:
             self._bias_row[:slots].copy_(bias[0])
@@ -239,23 +267,10 @@ class GreedyDecoder:
             self._gate_kwargs = {"memory_gate_bias": bias[None]}
 
     # -- the request -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt_ids: list[int] | torch.Tensor,
-        memory: MemoryKV | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        stop_ids: tuple[int, ...] | list[int] = (),
-    ) -> DecodeResult:
-        """Greedy tokens for `prompt_ids` with `memory` in front, timed.
-
-        Without graphs, decoding stops at the first stop id; with graphs all `max_new_tokens` steps run (stopping
-        would need a host sync per token) and the tokens are cut at the first stop id afterwards.
-        """
+    def _start_request(self, prompt_ids, memory: MemoryKV | None, new: int) -> _Request:
+        """Check the request and capture the graphs it needs (untimed; `_prefill` starts the timed part)."""
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().to(self.device)
         n = ids.numel()
-        new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if n == 0:
             raise ValueError("the prompt is empty")
         if not 1 <= new <= self.max_new_tokens:
@@ -283,21 +298,51 @@ class GreedyDecoder:
             if graph is not None:
                 self._prefill_graphs[length] = graph
         graphs = graphs and self.cuda_graphs  # a failed capture turns graphs off for good
+        if slots:
+            memory.stacked(self.reasoner.dtype, self.device)  # made once per memory, before the clock starts
+        return _Request(ids, memory, slots, uniform, graphs, buf)
+
+    def _prefill(self, req: _Request) -> None:
+        """Load the memory, prefill the prompt and pick the first token (no host sync)."""
+        self._load_memory(req.memory, req.slots, req.uniform)
+        req.buf[0, : req.n].copy_(req.ids)
+        self._start.fill_(req.slots)
+        self._last.fill_(req.n - 1)
+        if req.graphs:
+            self._prefill_graphs[req.buf.shape[1]].replay()
+        else:
+            self._prefill_body(req.buf)
+
+    def _decode_once(self, req: _Request) -> None:
+        if req.graphs:
+            self._decode_graph.replay()
+        else:
+            self._decode_body()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[int] | torch.Tensor,
+        memory: MemoryKV | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        stop_ids: tuple[int, ...] | list[int] = (),
+    ) -> DecodeResult:
+        """Greedy tokens for `prompt_ids` with `memory` in front, timed.
+
+        Without graphs, decoding stops at the first stop id; with graphs all `max_new_tokens` steps run (stopping
+        would need a host sync per token) and the tokens are cut at the first stop id afterwards.
+        """
+        new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        req = self._start_request(prompt_ids, memory, new)
+        n, m = req.n, req.slots
         clock = _Clock(self.device)
         clock.mark()
-        m = slots
-        self._load_memory(memory, slots, uniform)
-        buf[0, :n].copy_(ids)
-        self._start.fill_(m)
-        self._last.fill_(n - 1)
-        if graphs:
-            self._prefill_graphs[length].replay()
-        else:
-            self._prefill_body(buf)
+        self._prefill(req)
         clock.mark()
         steps = 0
         stops = set(int(s) for s in stop_ids)
-        if graphs:
+        if req.graphs:
             for _ in range(new - 1):
                 self._decode_graph.replay()
             steps = new - 1
@@ -324,5 +369,25 @@ class GreedyDecoder:
             decode_s=decode,
             decode_steps=steps,
             kv_positions=m + n + steps,
-            cuda_graphs=graphs,
+            cuda_graphs=req.graphs,
         )
+
+    @torch.no_grad()
+    def score(
+        self, prompt_ids: list[int] | torch.Tensor, tokens: list[int], memory: MemoryKV | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced logits (len(tokens), V), float32: row i is what this engine predicts after the prompt
+        and tokens[:i], through the same prefill and decode steps (graphs, compilation) as `generate`. Two engines
+        fed the same tokens can be compared step by step, whatever their own greedy paths would have been."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("score needs at least one token")
+        req = self._start_request(prompt_ids, memory, len(tokens))
+        self._prefill(req)
+        rows = [self._logits.clone()]
+        for t in tokens[:-1]:
+            self._tok.fill_(t)
+            self._decode_once(req)
+            rows.append(self._logits.clone())
+        self.cache.length = req.slots + req.n + len(tokens) - 1
+        return torch.cat(rows)

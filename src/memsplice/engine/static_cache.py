@@ -7,7 +7,9 @@ long tensor that the caller fills before every forward pass. Because the tensor 
 captured in a CUDA graph keeps writing where the caller points it on every replay.
 
 Guarantees:
-- One buffer per layer, (B, H, max_len, D), allocated once; `update` never reallocates (static addresses).
+- One buffer for every layer's keys and values, (2, L, B, H, max_len, D), allocated once; each layer's keys and values
+  are views into it and `update` never reallocates (static addresses). Memory K/V for all layers therefore load with
+  one copy (`write_prefix`), not one launch per layer.
 - Cache index == RoPE position: the caller writes memory K/V at 0..M-1 and text at its own positions.
 - `update` returns the full buffers; what a query may see is decided only by the caller's 4-D attention mask.
 """
@@ -71,15 +73,11 @@ class PositionedKVCache(Cache):
         dtype: torch.dtype,
         device: torch.device,
     ):
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        layers = [
-            PositionedLayer(
-                self,
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(num_layers)
-        ]
+        self.storage = torch.zeros(
+            2, num_layers, batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device
+        )
+        """Every layer's keys (storage[0, l]) and values (storage[1, l])."""
+        layers = [PositionedLayer(self, self.storage[0, i], self.storage[1, i]) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.max_len = max_len
         self.write_positions = torch.zeros(1, dtype=torch.long, device=device)
@@ -103,18 +101,24 @@ class PositionedKVCache(Cache):
     def get_max_cache_shape(self, *args, **kwargs) -> int:
         return self.max_len
 
-    def write_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Copy per-layer K/V (B, H, M, D) into positions 0..M-1 of every layer with one fused copy."""
-        m = keys[0].shape[2]
+    def write_prefix(self, stacked: torch.Tensor) -> None:
+        """Copy memory K/V (2, L, B, H, M, D), as `MemoryKV.stacked` gives it, into positions 0..M-1: one copy."""
+        if stacked.dim() != 6 or stacked.shape[0] != 2:
+            raise ValueError(
+                f"write_prefix takes (2, L, B, H, M, D) keys and values, got {tuple(stacked.shape)}"
+            )
+        m = stacked.shape[4]
         if m > self.max_len:
             raise ValueError(f"{m} memory slots do not fit a cache of {self.max_len} positions")
-        if len(keys) != len(self.layers) or len(values) != len(self.layers):
-            raise ValueError(f"memory has {len(keys)} layers, the cache {len(self.layers)}")
-        dst = [layer.keys[:, :, :m] for layer in self.layers] + [
-            layer.values[:, :, :m] for layer in self.layers
-        ]
-        src = [t.to(d.dtype) for t, d in zip([*keys, *values], dst, strict=True)]
-        torch._foreach_copy_(dst, src)
+        if stacked.shape[1] != len(self.layers):
+            raise ValueError(f"memory has {stacked.shape[1]} layers, the cache {len(self.layers)}")
+        want = self.storage.shape[2:4] + self.storage.shape[5:]
+        got = stacked.shape[2:4] + stacked.shape[5:]
+        if got != want:
+            raise ValueError(
+                f"memory K/V rows, heads and head size {tuple(got)} do not match the cache's {tuple(want)}"
+            )
+        self.storage[:, :, :, :, :m].copy_(stacked)
 
     def nbytes(self) -> int:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+        return self.storage.nbytes

@@ -14,7 +14,7 @@ Layout and position convention (documented once, tested in tests/inject):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ class MemoryKV:
     """(B, L, M) additive log-gate on memory logits."""
     live: torch.Tensor
     """(B,) bool: rows whose memory is injected; other rows run as the bare reasoner."""
+    _stacked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if len(self.keys) != len(self.values) or not self.keys:
@@ -65,6 +66,17 @@ class MemoryKV:
             k.numel() * k.element_size() + v.numel() * v.element_size()
             for k, v in zip(self.keys, self.values, strict=True)
         )
+
+    def stacked(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """Keys and values of every layer as one (2, L, B, H, M, D) tensor, made once per dtype and device and kept:
+        a memory written once is read by many requests, and a preallocated cache loads it with a single copy.
+        (A MemoryKV is not changed after it is made; every method here returns a new one.)"""
+        key = (dtype, torch.device(device))
+        if key not in self._stacked:
+            self._stacked[key] = torch.stack([torch.stack(self.keys), torch.stack(self.values)]).to(
+                device=key[1], dtype=dtype
+            )
+        return self._stacked[key]
 
     def to_cache(self):
         """A fresh `DynamicCache` holding the memory. A forward pass appends to (mutates) its cache, so every call
