@@ -3,6 +3,7 @@
     anchor = ElasticAnchor(memory)                       # phi' <- phi, Fisher F = 0 (penalty 0 until estimated)
     anchor.estimate_fisher(per_sample_losses)            # F <- decay * F + mean_i (d loss_i / d phi)^2
     loss = task_loss + anchor.penalty()                  # (lambda / 2) * sum F * (phi - phi')^2
+    value = anchor.accumulate_grad()                     # or, after task_loss.backward(): its gradient into .grad
     anchor.refresh()                                     # phi' <- phi every anchor_interval steps
 
 The Fisher information is the diagonal empirical Fisher, from per-sample gradients of the task loss (squared
@@ -72,19 +73,61 @@ class ElasticAnchor:
             self.fisher[n] = t if old is None or old.shape != t.shape else self.decay * old + t
         return count
 
-    def penalty(self) -> torch.Tensor:
-        """(weight / 2) * sum_i F_i (phi_i - phi'_i)^2 over parameters that have an anchor and a Fisher."""
-        params = self._params()
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        total = torch.zeros((), device=device)
-        if self.weight == 0 or not self.fisher:
-            return total
-        for n, p in params.items():
+    def _terms(self) -> tuple[list[nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
+        """(parameters, their anchors, their Fishers) for the parameters that have both, of the parameter's shape."""
+        params, anchors, fishers = [], [], []
+        for n, p in self._params().items():
             f, a = self.fisher.get(n), self.anchor.get(n)
             if f is None or a is None or a.shape != p.shape:
                 continue
-            total = total + (f * (p.float() - a).pow(2)).sum()
-        return 0.5 * self.weight * total
+            params.append(p)
+            anchors.append(a)
+            fishers.append(f)
+        return params, anchors, fishers
+
+    def _zero(self) -> torch.Tensor:
+        params = self._params()
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        return torch.zeros((), device=device)
+
+    def penalty(self) -> torch.Tensor:
+        """(weight / 2) * sum_i F_i (phi_i - phi'_i)^2 over parameters that have an anchor and a Fisher.
+
+        Differentiable; a few multi-tensor ops whatever the number of parameters (its backward is not: an update
+        that only needs the gradient takes `accumulate_grad`)."""
+        params, anchors, fishers = self._terms()
+        if self.weight == 0 or not params:
+            return self._zero()
+        diffs = torch._foreach_sub([p if p.dtype == torch.float32 else p.float() for p in params], anchors)
+        terms = torch._foreach_mul(torch._foreach_mul(diffs, diffs), fishers)
+        return 0.5 * self.weight * torch.cat([t.reshape(-1) for t in terms]).sum()
+
+    @torch.no_grad()
+    def accumulate_grad(self) -> torch.Tensor:
+        """Add the penalty's gradient, weight * F * (phi - phi'), to each anchored parameter's `.grad` (setting it
+        where it is None) and return the penalty's value (no graph): what `penalty().backward()` adds, in a few
+        multi-tensor ops instead of an autograd graph of several ops per parameter.
+
+        Each parameter's gradient is bitwise the one `penalty().backward()` gives on its own; added to other
+        gradients, the order of the sum may differ from one backward pass through both. Does nothing (returns 0)
+        while the weight is 0 or no Fisher has been estimated."""
+        params, anchors, fishers = self._terms()
+        if self.weight == 0 or not params:
+            return self._zero()
+        diffs = torch._foreach_sub([p if p.dtype == torch.float32 else p.float() for p in params], anchors)
+        # Autograd of (w/2) F d^2 rounds as fl(fl(w/2 * F) * 2d); fl(fl(w * F) * d) is the same number, as
+        # doubling is exact in floating point.
+        grads = torch._foreach_mul(fishers, self.weight)
+        torch._foreach_mul_(grads, diffs)
+        value = 0.5 * torch.cat([t.reshape(-1) for t in torch._foreach_mul(grads, diffs)]).sum()
+        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params, strict=True)]
+        held = [(p.grad, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g
+        if held:
+            torch._foreach_add_([h for h, _ in held], [g for _, g in held])
+        return value
 
     def state_dict(self) -> dict:
         return {"anchor": self.anchor, "fisher": self.fisher, "refreshes": self.refreshes}
