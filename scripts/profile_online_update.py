@@ -2,10 +2,11 @@
 
 On a GPU an update of this small model is bound by launching kernels from the host, so the number of ops an update
 dispatches is what its time follows. This counts them with `torch.profiler`: every `aten::` op (nested ones
-included) and the outermost ones (those called from Python, not from another op), per update, for an update that
+included) and the outermost ones (those called from Python or by autograd, not from another op), per update, for an update that
 runs next-token + InfoNCE + EWC and one that runs denoising + InfoNCE + EWC (the `alternate` schedule), plus the
-first update, which also estimates the Fisher; and for each update the ops attributed to its phases (the objectives'
-forward passes, backward, EWC penalty, gradient clip, optimizer step).
+first update, which also estimates the Fisher; and for each update the outermost ops attributed to its phases (the
+objectives' forward passes, backward, EWC penalty, gradient clip, optimizer step). The outermost count is the one to
+compare: on the CPU a multi-tensor `_foreach_*` op runs as one nested op per tensor, on CUDA as a few kernels.
 
     PYTHONPATH=src python scripts/profile_online_update.py              # SmolLM2-shaped random reasoner (fast)
     PYTHONPATH=src python scripts/profile_online_update.py --real       # the real reasoner and shipped memory
@@ -78,6 +79,8 @@ def label_phases(learner) -> None:
     for name in ("continuation", "denoising", "infonce"):
         setattr(loop, name, labelled(getattr(loop, name), name))
     learner.anchor.penalty = labelled(learner.anchor.penalty, "ewc penalty")
+    if hasattr(learner.anchor, "accumulate_grad"):
+        learner.anchor.accumulate_grad = labelled(learner.anchor.accumulate_grad, "ewc penalty")
     learner.anchor.estimate_fisher = labelled(learner.anchor.estimate_fisher, "fisher")
     learner.optimizer.step = labelled(learner.optimizer.step, "optimizer step")
     torch.nn.utils.clip_grad_norm_ = labelled(torch.nn.utils.clip_grad_norm_, "grad clip")
@@ -103,7 +106,7 @@ def count(fn) -> tuple[int, int, collections.Counter, collections.Counter]:
         len(events),
         len(outer),
         collections.Counter(e.name for e in outer),
-        collections.Counter(phase_of(e) for e in events),
+        collections.Counter(phase_of(e) for e in outer),
     )
 
 
@@ -160,8 +163,11 @@ def main() -> int:
     for label, n_all, n_outer, phases, secs in rows:
         print(f"{label:18s} aten ops {n_all:7d}  outermost {n_outer:6d}  ({secs:.2f} s with profiling)")
         print("    " + ", ".join(f"{k} {v}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])))
-    steady = [r[1] for r in rows[1:]]
-    print(f"mean over the last {len(steady)} updates: {sum(steady) / len(steady):.0f} aten ops")
+    steady = rows[1:]
+    print(
+        f"mean over the last {len(steady)} updates: {sum(r[1] for r in steady) / len(steady):.0f} aten ops, "
+        f"{sum(r[2] for r in steady) / len(steady):.0f} outermost"
+    )
     print(f"most frequent outermost ops over the last {len(rows) - 1} updates:")
     for name, n in totals.most_common(args.top):
         print(f"  {n / (len(rows) - 1):8.1f}  {name}")

@@ -119,6 +119,32 @@ def test_save_and_load_resume_identically(tmp_path):
         torch.testing.assert_close(pa[n], pb[n], atol=1e-6, rtol=1e-5)
 
 
+def test_an_update_steps_on_the_gradient_of_loss_plus_penalty():
+    """The update adds the EWC gradient to .grad directly; it must step as a backward pass through
+    loss + `anchor.penalty()` does (the sum of the two gradients may differ in its last bits)."""
+    a, b = (OnlineLearner(tiny_memory(), small_config(replay_per_update=0, ewc_weight=50.0)) for _ in "ab")
+    for learner in (a, b):
+        learner.update(interactions(2, seed=1))  # estimates the Fisher, then steps away from the anchor
+    batch = interactions(2, seed=2)
+    rng = b.rng.getstate()
+    stats = a.update(batch)
+    b.rng.setstate(rng)
+    b.memory.train()
+    loss, _ = b._batch_loss(batch, [])
+    total = loss + b.anchor.penalty()
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(b.memory.trainable_parameters(), b.config.max_grad_norm)
+    b.optimizer.step()
+    b.optimizer.zero_grad(set_to_none=True)
+    b.memory.eval()
+    assert stats.parts["ewc"] > 0 and isinstance(stats.parts["ewc"], float)
+    assert stats.loss == pytest.approx(float(total.detach()), rel=1e-6)
+    assert stats.grad_norm == pytest.approx(float(grad_norm), rel=1e-5)
+    pa, pb = params(a.memory), params(b.memory)
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], rtol=1e-6, atol=1e-7)
+
+
 def test_embedding_unties_after_the_warmup_and_keeps_training():
     memory = tiny_memory(embed_warmup_updates=2)
     learner = OnlineLearner(memory, small_config(replay_per_update=0))

@@ -396,11 +396,13 @@ class OnlineLearner:
             if cfg.privacy is None:
                 with autocast:
                     loss, parts = self._batch_loss(rows, fallback)
-                    total = loss + self.anchor.penalty()
-                parts["ewc"] = float((total - loss).detach())
-                if total.requires_grad:  # not when every row's memory fell back: nothing reaches the weights
-                    total.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                if loss.requires_grad:  # not when every row's memory fell back: nothing reaches the weights
+                    loss.backward()
+                # The EWC gradient goes straight into .grad (the same gradient a backward pass through
+                # `anchor.penalty()` adds, without its graph of several ops per parameter).
+                parts["ewc"] = self.anchor.accumulate_grad()
+                total = loss.detach() + parts["ewc"]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
             else:
                 with autocast:
                     total, parts, grad_norm = self._private_step(rows, fallback, params)
@@ -413,9 +415,12 @@ class OnlineLearner:
         self.updates += 1
         self._maybe_untie_embedding()
         assert_frozen(self.reasoner.model)
+        # One device-to-host transfer for every number the stats report (each float() of a tensor would wait for
+        # the device on its own).
+        loss_value, grad_norm, parts = _host_floats(total, grad_norm, parts)
         stats = UpdateStats(
             update=self.updates,
-            loss=float(total.detach() if torch.is_tensor(total) else total),
+            loss=loss_value,
             parts=parts,
             samples=len(items),
             replayed=len(replay),
@@ -463,12 +468,13 @@ class OnlineLearner:
 
     def _batch_loss(
         self, rows: list[Interaction], fallback: list[list[int]], contrastive: bool = True
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted loss of one update over `rows` and `fallback` inputs, and its unweighted terms."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss of one update over `rows` and `fallback` inputs, and its unweighted terms (detached
+        0-d tensors, left on the device)."""
         cfg = self.config
         device = self.reasoner.device
         total = torch.zeros((), device=device)
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         alternate = cfg.objective_schedule == "alternate" and contrastive  # per-sample losses keep both terms
         use_next = cfg.next_token_weight > 0 and not (
             alternate and self.updates % 2 == 1 and cfg.denoise_weight > 0
@@ -477,7 +483,7 @@ class OnlineLearner:
         if use_next and (batch := self._continuation_batch(rows)) is not None:
             r = continuation(self.memory, *(t.to(device) for t in batch))
             total = total + cfg.next_token_weight * r.loss
-            parts["next_token"] = float(r.loss.detach())
+            parts["next_token"] = r.loss.detach()
         if cfg.denoise_source == "context":
             passages = []
             for it in rows:
@@ -489,11 +495,11 @@ class OnlineLearner:
         if use_denoise and (batch := self._denoise_batch(passages)) is not None:
             r = denoising(self.memory, batch, self.instruction)
             total = total + cfg.denoise_weight * r.loss
-            parts["denoising"] = float(r.loss.detach())
+            parts["denoising"] = r.loss.detach()
         if contrastive and cfg.contrastive_weight > 0 and (batch := self._pair_batch(rows)) is not None:
             r = infonce(self.memory, batch, cfg.temperature)
             total = total + cfg.contrastive_weight * r.loss
-            parts["infonce"] = float(r.loss.detach())
+            parts["infonce"] = r.loss.detach()
         if fallback and cfg.fallback_norm_weight > 0:
             ids, mask = pad_rows(
                 [f[: self.memory.config.max_memory_tokens] for f in fallback], pad_id=0, device=device
@@ -505,7 +511,7 @@ class OnlineLearner:
                 hinge, nan=0.0, posinf=0.0
             )  # non-finite latents carry no usable gradient
             total = total + cfg.fallback_norm_weight * hinge
-            parts["fallback_norm"] = float(hinge.detach())
+            parts["fallback_norm"] = hinge.detach()
         return total, parts
 
     def _continuation_batch(self, rows: list[Interaction]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -579,7 +585,10 @@ class OnlineLearner:
         groups = [{"params": body}]
         if not self.memory.encoder.embedding_tied:
             groups.append({"params": [self.memory.encoder.token_embedding]})
-        return torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        # foreach: a few multi-tensor ops per step instead of several ops per parameter (the default on CUDA too).
+        return torch.optim.AdamW(
+            groups, lr=self.config.lr, weight_decay=self.config.weight_decay, foreach=True
+        )
 
     def _maybe_untie_embedding(self) -> None:
         enc = self.memory.encoder
@@ -639,6 +648,17 @@ class OnlineLearner:
             learner.accountant = PrivacyAccountant.from_dict(state["accountant"])
         learner.history = [UpdateStats(**h) for h in state["history"]]
         return learner
+
+
+def _host_floats(
+    loss: torch.Tensor | float, grad_norm: torch.Tensor | float, parts: dict[str, torch.Tensor | float]
+) -> tuple[float, float, dict[str, float]]:
+    """`loss`, `grad_norm` and the values of `parts` as Python floats, read from the device in one transfer."""
+    values = [loss, grad_norm, *parts.values()]
+    tensors = [v.detach().float().reshape(()) for v in values if torch.is_tensor(v)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    floats = [next(read) if torch.is_tensor(v) else float(v) for v in values]
+    return floats[0], floats[1], dict(zip(parts, floats[2:], strict=True))
 
 
 def history_ids(conversation, max_tokens: int) -> list[int]:
