@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import random_ids, small_memory
@@ -76,3 +77,46 @@ def test_concat_rows_is_concat_slots_of_the_rows(reasoner):
         assert (a - b).abs().max() < 1e-5
     assert torch.equal(fast.gate_bias, slow.gate_bias)
     assert concat_rows(written.index_rows([2]), reasoner).num_slots == written.num_slots
+
+
+def _per_layer_projection(operator, latents, reasoner):
+    """`prepend_kv` / `layer_concat` K/V as first written: projected for all layers, then each target layer
+    rotated and cast on its own."""
+    from memsplice.inject.prepend_kv import _rms
+    from memsplice.inject.rope import memory_positions, rotate_keys
+
+    s = operator.shapes
+    b, m, _ = latents.shape
+    z = _rms(latents.float())
+    k = torch.einsum("bmd,ldw->lbmw", z, operator.key_weight) + operator.key_bias[:, None, None]
+    v = torch.einsum("bmd,ldw->lbmw", z, operator.value_weight) + operator.value_bias[:, None, None]
+    k = k.view(-1, b, m, s.num_kv_heads, s.head_dim).transpose(2, 3)
+    v = v.view(-1, b, m, s.num_kv_heads, s.head_dim).transpose(2, 3)
+    cos, sin = reasoner.rotary_cos_sin(memory_positions(b, m, latents.device), like=k)
+    zeros = torch.zeros(b, s.num_kv_heads, m, s.head_dim, dtype=reasoner.dtype)
+    keys, values = [zeros] * s.num_layers, [zeros] * s.num_layers
+    for i, layer in enumerate(operator.target_layers()):
+        keys[layer] = rotate_keys(k[i], cos, sin).to(reasoner.dtype)
+        values[layer] = v[i].to(reasoner.dtype)
+    return keys, values
+
+
+@pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
+def test_projected_kv_of_all_layers_at_once_equals_layer_by_layer(reasoner, operator):
+    """The operator rotates every layer's keys in one go; values and gradients are those of one layer at a time."""
+    memory = small_memory(reasoner, operator, kv_init="random")
+    latents = torch.randn(2, memory.config.num_slots, reasoner.shapes.hidden_size)
+    weights = [torch.randn(k.shape) for k in memory.operator(latents, reasoner)[0]]
+
+    def run(fn):
+        memory.zero_grad(set_to_none=True)
+        keys, values = fn(latents, reasoner)
+        sum((k * w).sum() + (v * w).sum() for k, v, w in zip(keys, values, weights, strict=True)).backward()
+        return keys, values, {n: p.grad.clone() for n, p in memory.operator.named_parameters()}
+
+    keys, values, grads = run(memory.operator)
+    want_keys, want_values, want_grads = run(lambda z, r: _per_layer_projection(memory.operator, z, r))
+    for got, want in zip(keys + values, want_keys + want_values, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want_grads[n], rtol=0, atol=0)

@@ -57,6 +57,23 @@ def test_non_finite_kv_falls_back(reasoner):
     assert mem.events[0].reason == "non_finite_kv"
 
 
+def test_non_finite_kv_in_one_layer_of_one_row_drops_that_row_only(reasoner):
+    memory = small_memory(reasoner)
+    project = memory.operator.forward
+
+    def nan_in_last_value_of_row_0(latents, r):
+        keys, values = project(latents, r)
+        values[-1] = values[-1].clone()
+        values[-1][0, 0, 0, 0] = float("nan")
+        return keys, values
+
+    memory.operator.forward = nan_in_last_value_of_row_0
+    mem = memory.write(random_ids(2, 20))
+    assert mem.kv.live.tolist() == [False, True]
+    assert [(e.reason, e.row) for e in mem.events] == [("non_finite_kv", 0)]
+    assert all(torch.isfinite(v).all() for v in mem.kv.values)
+
+
 def test_latent_norm_clip_bounds_every_slot(reasoner):
     memory = small_memory(reasoner, latent_norm_clip=0.5)
     mem = memory.write(random_ids(2, 20))

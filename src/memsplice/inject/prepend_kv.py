@@ -102,13 +102,19 @@ class PrependKV(InjectionOperator):
         v = v.view(-1, b, m, s.num_kv_heads, s.head_dim).transpose(2, 3)
         pos = memory_positions(b, m, latents.device)
         cos, sin = reasoner.rotary_cos_sin(pos, like=k)
+        # Every target layer is rotated and cast at once (a few ops, not a few per layer); the per-layer tensors
+        # are views of the result, so the backward pass stacks their gradients once.
+        k = rotate_keys(k, cos, sin).to(dtype).unbind(0)
+        v = v.to(dtype).unbind(0)
+        if self._layers == list(range(s.num_layers)):
+            return list(k), list(v)
         keys = [
             torch.zeros(b, s.num_kv_heads, m, s.head_dim, dtype=dtype, device=latents.device)
         ] * s.num_layers
         values = list(keys)
         for i, layer_idx in enumerate(self._layers):
-            keys[layer_idx] = rotate_keys(k[i], cos, sin).to(dtype)
-            values[layer_idx] = v[i].to(dtype)
+            keys[layer_idx] = k[i]
+            values[layer_idx] = v[i]
         return keys, values
 
 

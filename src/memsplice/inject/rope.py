@@ -17,7 +17,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """keys (B, H, M, D); cos/sin (B, M, R) with R <= D rotary dims (the rest pass through)."""
+    """keys (..., B, H, M, D), e.g. (B, H, M, D) or (L, B, H, M, D) for several layers at once; cos/sin (B, M, R)
+    with R <= D rotary dims (the rest pass through)."""
     cos, sin = cos[:, None].to(keys.dtype), sin[:, None].to(keys.dtype)
     rot = cos.shape[-1]
     k_rot, k_pass = keys[..., :rot], keys[..., rot:]

@@ -150,24 +150,25 @@ class MemoryModel(nn.Module):
             gate = torch.as_tensor(gate_override, dtype=torch.float32, device=latents.device).expand(b, m)
             log_gate = torch.log(gate)  # log 0 = -inf closes a slot exactly
         keys, values = self.operator(safe, self.reasoner)
-        kv_finite = torch.stack(
-            [
-                torch.isfinite(k).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
-                for k, v in zip(keys, values, strict=True)
-            ]
-        ).all(0)  # (B,)
+        with (
+            torch.no_grad()
+        ):  # every layer's K/V checked at once (per-layer checks were several ops per layer)
+            kv_finite = torch.isfinite(torch.stack([*keys, *values], dim=1)).flatten(1).all(1)  # (B,)
         live = ok & kv_finite & (gate > 0).any(dim=1)
+        # The host needs which rows' K/V are finite and whether every row is live: one read from the device.
+        flags = torch.cat([kv_finite, live.all().reshape(1)]).tolist()
+        kv_ok, all_live = flags[:b], flags[b]
         layer_mask = self.operator.layer_mask(latents.device)  # (L,)
         bias = log_gate[:, None, :].expand(b, len(keys), m)
         bias = bias.masked_fill(~layer_mask[None, :, None], float("-inf"))
         bias = bias.masked_fill(~live[:, None, None], float("-inf"))
-        if not bool(live.all()):  # zero the K/V of dead rows: 0 attention weight times NaN is still NaN
+        if not all_live:  # zero the K/V of dead rows: 0 attention weight times NaN is still NaN
             keep = live[:, None, None, None]
             keys = [torch.where(keep, k, torch.zeros_like(k)) for k in keys]
             values = [torch.where(keep, v, torch.zeros_like(v)) for v in values]
         events = []
         for row in range(b):
-            reason = reasons[row] or (None if bool(kv_finite[row]) else NON_FINITE_KV)
+            reason = reasons[row] or (None if kv_ok[row] else NON_FINITE_KV)
             if reason is None:
                 continue
             detail = {}
