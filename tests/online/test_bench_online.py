@@ -30,6 +30,20 @@ def test_stream_has_fixed_shapes_and_fact_probes():
     assert 0.0 <= acc["token_accuracy"] <= 1.0 and 0.0 <= acc["exact"] <= 1.0
 
 
+def test_turns_tokenized_in_batches_are_tokenized_as_one_by_one():
+    tok = tiny_memory().reasoner.tokenizer
+    template = "{role}: {text}\n"
+    turns = bench.dialogue_turns(None, "train", 3)
+    batched = bench.tokenized_exchanges(tok, template, bench.dialogue_turns(None, "train", 3), first_batch=2)
+    for _ in range(40):  # across several batches of growing size
+        (_, x, _), (_, y, epoch) = next(turns), next(turns)
+        want = [
+            tok(template.format(role=r, text=t), add_special_tokens=False)["input_ids"]
+            for r, t in (("user", x), ("assistant", y))
+        ]
+        assert next(batched) == (*want, epoch)
+
+
 def test_prose_perplexity_is_finite_and_memory_changes_it():
     memory = tiny_memory()
     passages = bench.prose_passages(memory.reasoner.tokenizer, None, 4, 32, 16)

@@ -243,6 +243,24 @@ def make_fact(rng: random.Random, used: set) -> tuple[str, str, str, str]:
     )
 
 
+def tokenized_exchanges(tok, template: str, turns, first_batch: int = 64, max_batch: int = 4096):
+    """(x ids, y ids, epoch of y) for consecutive pairs of `turns` (x read as the user's, y as the assistant's),
+    the same ids as tokenizing each turn on its own, but tokenized many turns per tokenizer call (batches grow from
+    `first_batch` to `max_batch` exchanges, so a short stream tokenizes little ahead)."""
+    batch = first_batch
+    while True:
+        pairs = [(next(turns), next(turns)) for _ in range(batch)]
+        texts = [
+            template.format(role=role, text=turn[1])
+            for pair in pairs
+            for role, turn in zip(("user", "assistant"), pair, strict=True)
+        ]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        for k, (_, (_, _, epoch)) in enumerate(pairs):
+            yield ids[2 * k], ids[2 * k + 1], epoch
+        batch = min(2 * batch, max_batch)
+
+
 def build_stream(tok, template: str, args, n_interactions: int):
     """Interactions of fixed shape (context: the last `context_tokens` tokens of the history; x_t y_t: at least
     `target_tokens` + 1 tokens) from one long conversation, with `args.facts` fact exchanges in its first part.
@@ -253,7 +271,7 @@ def build_stream(tok, template: str, args, n_interactions: int):
     from ..online import Interaction
 
     rng = random.Random(args.seed)
-    turns = dialogue_turns(args.data, "train", args.seed)
+    dialogue = tokenized_exchanges(tok, template, dialogue_turns(args.data, "train", args.seed))
 
     def ids(role, text):
         return tok(template.format(role=role, text=text), add_special_tokens=False)["input_ids"]
@@ -268,10 +286,10 @@ def build_stream(tok, template: str, args, n_interactions: int):
         if len(probes) < args.facts and exchanges % 4 == 0 and len(history) >= args.context_tokens:
             x, y, question, answer = make_fact(rng, used)
             probe = {"question": question, "answer": answer}
+            q_ids, r_ids = ids("user", x), ids("assistant", y)
         else:
-            (_, x, _), (_, y, e) = next(turns), next(turns)
+            q_ids, r_ids, e = next(dialogue)
             epochs = max(epochs, e)
-        q_ids, r_ids = ids("user", x), ids("assistant", y)
         if len(history) >= args.context_tokens and len(q_ids) + len(r_ids) > args.target_tokens:
             stream.append(
                 Interaction(id=-1, context=history[-args.context_tokens :], query=q_ids, response=r_ids)
