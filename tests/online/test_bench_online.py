@@ -2,9 +2,11 @@ import argparse
 import json
 
 import pytest
+import torch
 from online_builders import tiny_memory
 
 from memsplice.bench import online as bench
+from memsplice.online import OnlineLearner
 
 
 def args(**overrides):
@@ -86,6 +88,87 @@ def test_stability_run_on_a_tiny_model():
     out = bench.run_stability(a, memory.reasoner, memory)
     assert out["updates"] == 4 and [c["update"] for c in out["curve"]] == [0, 2, 4]
     assert out["perplexity_drop"] >= 0 and out["stopped_by"] == "updates"
+
+
+def stability_args(state, **overrides):
+    return args(
+        **{
+            "updates": 6,
+            "eval_every": 2,
+            "ppl_passages": 4,
+            "batch_size": 2,
+            "anchor_interval": 4,
+            **overrides,
+        },
+        state=str(state),
+    )
+
+
+def stability(a):
+    """One command of a stability run, on a fresh tiny memory as `memsplice bench online` loads it."""
+    torch.manual_seed(a.seed)
+    memory = tiny_memory()
+    return bench.run_stability(a, memory.reasoner, memory)
+
+
+def saved_learner(state):
+    return OnlineLearner.load(state / bench.STATE_LEARNER, reasoner=tiny_memory().reasoner)
+
+
+def without_seconds(curve):
+    return [{k: v for k, v in point.items() if k != "seconds"} for point in curve]
+
+
+@pytest.mark.slow
+def test_a_stability_run_over_two_commands_computes_what_one_command_does(tmp_path):
+    one = stability(stability_args(tmp_path / "one"))
+    assert one["complete"] and one["segments"] == 1 and one["updates"] == 6
+    first = stability(stability_args(tmp_path / "two", stop_after_updates=3))
+    assert (first["updates"], first["stopped_by"], first["complete"], first["segments"]) == (
+        3,
+        "stop_after_updates",
+        False,
+        1,
+    )
+    assert [c["update"] for c in first["curve"]] == [0, 2]  # no evaluation off the grid when stopped early
+    second = stability(stability_args(tmp_path / "two"))
+    assert (second["updates"], second["stopped_by"], second["complete"], second["segments"]) == (
+        6,
+        "updates",
+        True,
+        2,
+    )
+    assert without_seconds(second["curve"]) == without_seconds(one["curve"])
+    assert [c["update"] for c in second["curve"]] == [0, 2, 4, 6]
+    for key in ("interactions", "bare_perplexity", "forgetting_drop", "perplexity_drop", "loss_first_100"):
+        assert second[key] == one[key], key
+    assert second["seconds"] >= first["seconds"] > 0
+    saved = [json.loads((tmp_path / d / bench.STATE_NAME).read_text()) for d in ("one", "two")]
+    assert saved[0]["losses"] == saved[1]["losses"] and len(saved[1]["update_seconds"]) == 6
+    a, b = saved_learner(tmp_path / "one"), saved_learner(tmp_path / "two")
+    assert (a.steps, a.updates, a.anchor.refreshes) == (b.steps, b.updates, b.anchor.refreshes) == (12, 6, 4)
+    for (n, x), y in zip(a.memory.state_dict().items(), b.memory.state_dict().values(), strict=True):
+        assert torch.equal(x, y), n
+    for n, f in a.anchor.fisher.items():
+        assert torch.equal(f, b.anchor.fisher[n]), n
+    for x, y in zip(a.optimizer.state.values(), b.optimizer.state.values(), strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    # A finished run only reports itself again.
+    again = stability(stability_args(tmp_path / "two"))
+    assert (again["segments"], again["updates"], again["curve"]) == (2, 6, second["curve"])
+
+
+def test_a_saved_stability_run_resumes_only_with_its_own_arguments(tmp_path):
+    stability(stability_args(tmp_path / "run", updates=2, stop_after_updates=1))
+    with pytest.raises(ValueError, match="--lr 2e-05 there, 3e-05 here"):
+        stability(stability_args(tmp_path / "run", updates=2, lr=3e-5))
+    with pytest.raises(ValueError, match="--variant"):
+        stability(stability_args(tmp_path / "run", updates=2, variant="plain"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a state")
+    with pytest.raises(ValueError, match="holds no stability state"):
+        stability(stability_args(tmp_path / "other", updates=2))
+    assert (tmp_path / "other" / "notes.txt").is_file()
 
 
 def test_recall_reports_accuracy_and_measured_kv_fraction_per_system(tmp_path):

@@ -10,11 +10,17 @@ Parts (`--part`):
   `--mem0-update-tokens` generated tokens). A hosted Mem0 uses a larger LLM over an API, so this is a lower bound
   on its write cost, not a measurement of Mem0 itself.
 - `stability`: a stream of interactions (consecutive dialogue turns of one long conversation, with fact statements
-  spliced into its first part) drives `OnlineLearner` for `--updates` updates or `--max-seconds`, whichever ends
-  first. Every `--eval-every` updates: accuracy on the early facts (memory written from the history that holds the
-  fact, re-encoded with the current weights; the reasoner answers the question, teacher-forced: answer-token
-  accuracy and exact match), and the perplexity of held-out prose with memory of the text before it injected (gate as
-  learned). `--variant ewc_replay` (EWC + replay, the default config) or `plain` (both off) for the contrast.
+  spliced into its first part) drives `OnlineLearner` for `--updates` updates or `--max-seconds` (or
+  `--stop-after-updates`), whichever ends first. Every `--eval-every` updates: accuracy on the early facts (memory
+  written from the history that holds the fact, re-encoded with the current weights; the reasoner answers the
+  question, teacher-forced: answer-token accuracy and exact match), and the perplexity of held-out prose with memory
+  of the text before it injected (gate as learned). `--variant ewc_replay` (EWC + replay, the default config) or
+  `plain` (both off) for the contrast. With `--state DIR` a run spans several commands: each continues where the
+  last stopped (the learner with its optimizer, anchor, Fisher, replay and generators; the position in the stream,
+  which is rebuilt from the seed; the curve, losses and update times; the seconds so far) and saves that into DIR,
+  atomically, at every evaluation and when it stops. Such a run evaluates on the `--eval-every` grid and at its end
+  only, so that it computes what one command would; arguments that define the run must match the saved ones. The
+  result reports `segments` (commands that ran part of the stream), `complete`, and `seconds` over all of them.
 - `recall`: the eval harness's synthetic multi-session task (test split) at `--history-tokens` with the systems
   `latent`, `latent+window`, `rag-bm25` and `oracle` (only the evidence turns in context); accuracy per length and
   system (the task's main metric), plus the latent systems' KV bytes against full context. Needs `memsplice.eval`.
@@ -31,11 +37,12 @@ import math
 import random
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_directory
 from .record import RESULTS_DIR, save_result, update_summary
 
 logger = logging.getLogger(__name__)
@@ -165,7 +172,25 @@ def add_arguments(p):
     p.add_argument("--variant", choices=["ewc_replay", "plain"], default="ewc_replay")
     p.add_argument("--updates", type=int, default=10000)
     p.add_argument(
-        "--max-seconds", type=float, default=None, help="stop the stream after this long (stability)"
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop this command's part of the stream after this long (stability; with --state a later command "
+        "continues it)",
+    )
+    p.add_argument(
+        "--stop-after-updates",
+        type=int,
+        default=None,
+        help="stop this command after this many updates of its own (stability; with --state a later command "
+        "continues it)",
+    )
+    p.add_argument(
+        "--state",
+        default=None,
+        metavar="DIR",
+        help="resumable stability run: continue the run saved in DIR (same arguments required), save it there at "
+        "every evaluation and when this command stops",
     )
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=2, help="interactions per update")
@@ -376,8 +401,136 @@ def _uncompile_layers(reasoner) -> None:
         layer._compiled_call_impl = None
 
 
+# -- resumable stability runs --------------------------------------------------------------------------------
+STATE_FORMAT = 1
+STATE_NAME = "stability_state.json"
+STATE_RNG_NAME = "stability_rng.pt"
+STATE_LEARNER = "learner"
+RUN_ARGUMENTS = (
+    "variant",
+    "seed",
+    "reasoner",
+    "checkpoint",
+    "data",
+    "device",
+    "dtype",
+    "updates",
+    "eval_every",
+    "batch_size",
+    "replay",
+    "ewc_weight",
+    "anchor_interval",
+    "lr",
+    "context_tokens",
+    "target_tokens",
+    "contrastive_weight",
+    "objective_schedule",
+    "facts",
+    "ppl_passages",
+)
+"""The arguments that define a stability run (its stream, its updates, its evaluations): a saved state is resumed
+only under the same values. --max-seconds, --stop-after-updates and --compile say how one command runs its part."""
+
+
+@dataclass
+class StabilityProgress:
+    """Where a stability run stands: what `--state DIR` saves, and what a later command continues from."""
+
+    arguments: dict
+    """The run's RUN_ARGUMENTS (paths resolved; `data` is the corpus directory used, or "bundled")."""
+    position: int = 0
+    """Interactions of the stream observed so far: the stream is rebuilt from the seed, and this indexes it."""
+    updates: int = 0
+    curve: list[dict] = field(default_factory=list)
+    """Evaluations so far; the first (update 0) is the baseline that every drop is measured against."""
+    losses: list[float] = field(default_factory=list)
+    update_seconds: list[float] = field(default_factory=list)
+    bare_perplexity: float | None = None
+    seconds: float = 0.0
+    """Seconds of the stream over all commands so far (its evaluations included, set-up not)."""
+    segments: int = 0
+    """Commands that ran part of the stream."""
+    stopped_by: str | None = None
+    complete: bool = False
+    """The stream ended (all --updates done, or the stream ran out): a later command has nothing to add."""
+    compiled: bool = False
+
+
+def run_arguments(args) -> dict:
+    """RUN_ARGUMENTS of `args`, with paths made absolute and the corpus directory that --data resolves to."""
+    from ..data import data_root
+
+    out = {}
+    for name in RUN_ARGUMENTS:
+        value = getattr(args, name)
+        if name == "data":
+            try:
+                value = str(data_root(value).resolve())
+            except FileNotFoundError:
+                value = "bundled"
+        elif name in ("reasoner", "checkpoint") and value is not None and Path(value).exists():
+            value = str(Path(value).resolve())
+        out[name] = value
+    return out
+
+
+def load_stability_state(directory: str | Path, args) -> StabilityProgress | None:
+    """The progress saved in `directory` (None when it holds none yet); refuses a state of another run."""
+    directory = Path(directory)
+    path = directory / STATE_NAME
+    if not path.is_file():
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise ValueError(
+                f"--state {directory} exists but holds no stability state ({STATE_NAME} is missing); "
+                "give a new or empty directory"
+            )
+        return None
+    data = json.loads(path.read_text())
+    if data.pop("format", None) != STATE_FORMAT:
+        raise ValueError(f"{path} is not a stability state of format {STATE_FORMAT}")
+    progress = StabilityProgress(**data)
+    given = run_arguments(args)
+    differ = [
+        f"--{name.replace('_', '-')} {progress.arguments.get(name)!r} there, {value!r} here"
+        for name, value in given.items()
+        if progress.arguments.get(name) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"--state {directory} holds a stability run with other arguments ({'; '.join(differ)}): resume it "
+            "with the arguments it was started with, or give another --state directory"
+        )
+    return progress
+
+
+def save_stability_state(directory: str | Path, learner, progress: StabilityProgress) -> Path:
+    """Write the learner (weights, optimizer, anchor, Fisher, replay, buffer, counters, its generators), the torch
+    generators and `progress` into `directory`, atomically: a command killed while writing leaves the previous
+    state."""
+    device = torch.device(learner.reasoner.device)
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    with atomic_directory(directory) as tmp:
+        learner.save(tmp / STATE_LEARNER)
+        torch.save(rng, tmp / STATE_RNG_NAME)
+        (tmp / STATE_NAME).write_text(json.dumps({"format": STATE_FORMAT, **asdict(progress)}))
+    return Path(directory)
+
+
+def _restore_generators(directory: Path, device) -> None:
+    rng = torch.load(directory / STATE_RNG_NAME, weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], torch.device(device))
+
+
 # -- parts ---------------------------------------------------------------------------------------------------
 def run_stability(args, reasoner, memory) -> dict:
+    """The stability stream (see the module docstring). With `args.state`, resumable: the run continues from the
+    state saved there (same arguments required), saves it again at every evaluation and when this command stops,
+    and evaluates only on the --eval-every grid and at the end of the stream, so that a run split over several
+    commands computes what one command would (the same weights, losses and curve)."""
     from ..online import OnlineConfig, OnlineLearner
 
     cfg = OnlineConfig(
@@ -392,7 +545,27 @@ def run_stability(args, reasoner, memory) -> dict:
         ewc_weight=args.ewc_weight if args.variant == "ewc_replay" else 0.0,
         replay_per_update=args.replay if args.variant == "ewc_replay" else 0,
     )
-    learner = OnlineLearner(memory, cfg)
+    state = Path(args.state) if args.state else None
+    progress = load_stability_state(state, args) if state is not None else None
+    resumed = progress is not None
+    if progress is None:
+        learner = OnlineLearner(memory, cfg)
+        progress = StabilityProgress(arguments=run_arguments(args))
+    else:
+        learner = OnlineLearner.load(state / STATE_LEARNER, reasoner=reasoner)
+        if learner.config.to_dict() != cfg.to_dict():
+            raise ValueError(
+                f"--state {state}: the saved learner's config differs from the one these arguments give"
+            )
+        memory = learner.memory
+        logger.info(
+            "resuming %s from %s: update %d, interaction %d, %d command(s) so far",
+            args.variant,
+            state,
+            progress.updates,
+            progress.position,
+            progress.segments,
+        )
     tok = reasoner.require_tokenizer()
     t0 = time.perf_counter()
     stream, probes, epochs = build_stream(tok, "{role}: {text}\n", args, args.updates * args.batch_size)
@@ -406,61 +579,91 @@ def run_stability(args, reasoner, memory) -> dict:
     )
     if not probes or not passages:
         raise ValueError("stability: could not build fact probes or held-out passages; check --data")
-    bare_ppl = prose_perplexity(memory, passages, with_memory=False)
-    curve = []
+    if progress.bare_perplexity is None:
+        progress.bare_perplexity = prose_perplexity(memory, passages, with_memory=False)
+    curve, losses, update_seconds = progress.curve, progress.losses, progress.update_seconds
+    seconds_before = progress.seconds
+
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - start
 
     def evaluate(update: int):
         acc = fact_accuracy(memory, probes)
         curve.append(
             {
                 "update": update,
-                "seconds": round(time.perf_counter() - start, 2),
+                "seconds": round(elapsed(), 2),
                 **acc,
                 "perplexity": prose_perplexity(memory, passages),
             }
         )
         logger.info("update %d: %s", update, curve[-1])
 
-    if args.compile:
+    def save(stopped_by: str | None, complete: bool) -> None:
+        progress.position, progress.updates = i, learner.updates
+        progress.seconds, progress.stopped_by, progress.complete = elapsed(), stopped_by, complete
+        progress.compiled = compiled
+        save_stability_state(state, learner, progress)
+
+    if resumed:
+        _restore_generators(state, reasoner.device)  # after everything above that may have drawn from them
+    compiled = progress.compiled if progress.complete else args.compile
+    if compiled and not progress.complete:
         _compile_layers(reasoner)
     start = time.perf_counter()
-    evaluate(0)
-    losses: list[float] = []
-    update_seconds: list[float] = []
-    compiled = args.compile
-    from tqdm import tqdm
+    i = progress.position
+    stopped = progress.stopped_by or "updates"
+    if not progress.complete:
+        progress.segments += 1
+        if not curve:
+            evaluate(0)
+        from tqdm import tqdm
 
-    bar = tqdm(total=args.updates, desc=f"online updates ({args.variant})", unit="upd")
-    i = 0
-    stopped = "updates"
-    while learner.updates < args.updates:
-        if args.max_seconds and time.perf_counter() - start > args.max_seconds:
-            stopped = "max_seconds"
-            break
-        if i >= len(stream):
-            stopped = "stream"
-            break
-        try:
-            stats, _ = learner.observe(stream[i])
-        except Exception:
-            if not compiled:
-                raise
-            logger.exception("compiled layers failed; continuing without torch.compile")
-            _uncompile_layers(reasoner)
-            compiled = False
-            learner.buffer.items.clear()
-            continue
-        i += 1
-        if stats is None:
-            continue
-        bar.update(1)
-        losses.append(stats.loss)
-        update_seconds.append(stats.seconds)
-        if learner.updates % args.eval_every == 0:
+        bar = tqdm(
+            total=args.updates, initial=learner.updates, desc=f"online updates ({args.variant})", unit="upd"
+        )
+        this_command = 0
+        stopped = "updates"
+        while learner.updates < args.updates:
+            if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+                stopped = "max_seconds"
+                break
+            if args.stop_after_updates is not None and this_command >= args.stop_after_updates:
+                stopped = "stop_after_updates"
+                break
+            if i >= len(stream):
+                stopped = "stream"
+                break
+            try:
+                stats, _ = learner.observe(stream[i])
+            except Exception:
+                if not compiled:
+                    raise
+                logger.exception("compiled layers failed; continuing without torch.compile")
+                _uncompile_layers(reasoner)
+                compiled = False
+                learner.buffer.items.clear()
+                continue
+            i += 1
+            if stats is None:
+                continue
+            this_command += 1
+            bar.update(1)
+            losses.append(stats.loss)
+            update_seconds.append(stats.seconds)
+            if learner.updates % args.eval_every == 0:
+                evaluate(learner.updates)
+                if state is not None and learner.updates < args.updates:
+                    save(None, False)  # a point to resume from should this command not get to its end
+        bar.close()
+        complete = stopped in ("updates", "stream")
+        # A command that stops before the end of a resumable run leaves the curve on the --eval-every grid.
+        if (complete or state is None) and curve[-1]["update"] != learner.updates:
             evaluate(learner.updates)
-    bar.close()
-    if curve[-1]["update"] != learner.updates:
-        evaluate(learner.updates)
+        progress.seconds, progress.complete = elapsed(), complete
+        if state is not None:
+            save(stopped, complete)
+            logger.info("state saved in %s (%s)", state, "complete" if complete else f"stopped by {stopped}")
     first, last = curve[0], curve[-1]
     base_acc = first["token_accuracy"]
     return {
@@ -468,13 +671,15 @@ def run_stability(args, reasoner, memory) -> dict:
         "updates": learner.updates,
         "updates_target": args.updates,
         "stopped_by": stopped,
+        "complete": progress.complete,
+        "segments": progress.segments,
         "interactions": i,
         "stream_epochs": epochs,
         "config": cfg.to_dict(),
         "compiled": compiled,
         "facts": len(probes),
         "ppl_passages": len(passages),
-        "bare_perplexity": bare_ppl,
+        "bare_perplexity": progress.bare_perplexity,
         "curve": curve,
         "forgetting_drop": max(0.0, (base_acc - last["token_accuracy"]) / base_acc) if base_acc > 0 else None,
         "forgetting_drop_exact": (
@@ -484,7 +689,7 @@ def run_stability(args, reasoner, memory) -> dict:
         "mean_update_ms": 1e3 * statistics.fmean(update_seconds) if update_seconds else None,
         "loss_first_100": statistics.fmean(losses[:100]) if losses else None,
         "loss_last_100": statistics.fmean(losses[-100:]) if losses else None,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(progress.seconds, 1),
     }
 
 
