@@ -106,3 +106,30 @@ def test_same_memory_twice_gives_same_logits(memory):
     second = memory(ids, memory=mem, use_cache=True).logits
     assert torch.equal(first, second)
     assert all(k.shape[2] == memory.config.num_slots for k in mem.kv.keys), "a forward pass grew the memory"
+
+
+def test_the_gated_mask_of_a_layer_is_the_additive_mask_plus_the_gate():
+    """`gated_mask` (what every gated layer computes) equals the two-step definition, values exactly and gradients
+    up to the order of a sum, with padding, closed slots and a query row that sees no key at all."""
+    from memsplice.inject.attention import additive_mask, apply_memory_gate, gated_mask
+
+    b, q, m, t = 3, 5, 4, 5
+    query, key = torch.zeros(b, 2, q, 8), torch.zeros(b, 2, m + t, 8)
+    visible = torch.ones(b, 1, q, m + t, dtype=torch.bool).tril(diagonal=m)
+    visible[1, ..., :2] = False  # padding at the front of row 1
+    visible[2, ..., :m] = False  # row 2's memory is not live...
+    visible[2, :, 0, :] = False  # ...and its first query row sees nothing
+    bias = torch.randn(b, m)
+    bias[0, 1] = float("-inf")  # a closed slot
+    bias[2] = float("-inf")
+    for mask in (visible, visible[:1], None):
+        want_bias, got_bias = (bias.clone().requires_grad_() for _ in "ab")
+        want = apply_memory_gate(additive_mask(mask, query, key), want_bias)
+        got = gated_mask(mask, query, key, got_bias)
+        assert torch.equal(got, want)
+        weights = torch.randn(got.shape)
+        (torch.nan_to_num(want, neginf=0.0) * weights).sum().backward()
+        (torch.nan_to_num(got, neginf=0.0) * weights).sum().backward()
+        torch.testing.assert_close(
+            got_bias.grad, want_bias.grad, rtol=1e-6, atol=1e-6
+        )  # sums in another order

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 
 import torch
+import torch.nn.functional as F
 
 from ..compat import attention_registries, base_attention_function, set_attention_implementation
 
@@ -59,6 +60,25 @@ def apply_memory_gate(mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(dead, 0.0)
 
 
+def gated_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """`apply_memory_gate(additive_mask(attention_mask, query, key), bias)`: the mask of one gated attention layer.
+
+    For a boolean mask (what the stock mask builders give) the gate is padded to the keys and put in place by one
+    `where` (two ops instead of five plus two constants), since every layer pays this in every forward pass. Equal
+    values (where the definition adds 0 to 0 this keeps the gate's own zero, whose sign softmax does not see); the
+    gate's gradient is summed over queries in another order."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return apply_memory_gate(additive_mask(attention_mask, query, key), bias)
+    gate = F.pad(
+        bias.to(query.dtype), (0, key.shape[-2] - bias.shape[-1])
+    )  # (B, kv): log g on memory, 0 on text
+    mask = torch.where(attention_mask, gate[:, None, None, :], float("-inf"))  # (B, 1, q, kv)
+    dead = torch.isneginf(mask).all(dim=-1, keepdim=True)  # see apply_memory_gate
+    return mask.masked_fill(dead, 0.0)
+
+
 def _make_gated(base_name: str):
     base = base_attention_function(base_name)
 
@@ -67,8 +87,7 @@ def _make_gated(base_name: str):
             memory_gate_bias = _ACTIVE_GATE.get()
         if memory_gate_bias is None:
             return base(module, query, key, value, attention_mask, *args, **kwargs)
-        mask = additive_mask(attention_mask, query, key)
-        mask = apply_memory_gate(mask, memory_gate_bias[:, module.layer_idx])
+        mask = gated_mask(attention_mask, query, key, memory_gate_bias[:, module.layer_idx])
         return base(module, query, key, value, mask, *args, **kwargs)
 
     gated_attention.__name__ = f"{GATED_PREFIX}{base_name}_attention"
