@@ -150,9 +150,8 @@ class MemoryModel(nn.Module):
             gate = torch.as_tensor(gate_override, dtype=torch.float32, device=latents.device).expand(b, m)
             log_gate = torch.log(gate)  # log 0 = -inf closes a slot exactly
         keys, values = self.operator(safe, self.reasoner)
-        with (
-            torch.no_grad()
-        ):  # every layer's K/V checked at once (per-layer checks were several ops per layer)
+        # Every layer's K/V checked at once (checks layer by layer were several ops per layer).
+        with torch.no_grad():
             kv_finite = torch.isfinite(torch.stack([*keys, *values], dim=1)).flatten(1).all(1)  # (B,)
         live = ok & kv_finite & (gate > 0).any(dim=1)
         # The host needs which rows' K/V are finite and whether every row is live: one read from the device.
