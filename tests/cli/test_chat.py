@@ -19,7 +19,8 @@ def tiny_model_dir(tmp_path):
     return tmp_path / "tiny"
 
 
-def _chat(monkeypatch, capsys, model_dir, memory_file, lines):
+def _chat(monkeypatch, capsys, model_dir, memory_file, lines, *flags, max_new_tokens=4):
+    """`memsplice chat` on the tiny reasoner with `lines` on stdin and `flags` added: (exit code, captured output)."""
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
     code = main(
         [
@@ -31,7 +32,8 @@ def _chat(monkeypatch, capsys, model_dir, memory_file, lines):
             "--memory-file",
             str(memory_file),
             "--max-new-tokens",
-            "4",
+            str(max_new_tokens),
+            *flags,
         ]
     )
     return code, capsys.readouterr()
@@ -74,26 +76,8 @@ def test_chat_learn_updates_saves_and_resumes(monkeypatch, capsys, tiny_model_di
     f, learn = tmp_path / "chat.json", tmp_path / "learner"
 
     def chat(lines):
-        monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
-        code = main(
-            [
-                "chat",
-                "--reasoner",
-                str(tiny_model_dir),
-                "--device",
-                "cpu",
-                "--memory-file",
-                str(f),
-                "--max-new-tokens",
-                "3",
-                "--learn",
-                "--learn-dir",
-                str(learn),
-                "--learn-batch",
-                "2",
-            ]
-        )
-        return code, capsys.readouterr()
+        flags = ("--learn", "--learn-dir", str(learn), "--learn-batch", "2")
+        return _chat(monkeypatch, capsys, tiny_model_dir, f, lines, *flags, max_new_tokens=3)
 
     code, out = chat(["Ada lives in Lisbon.", "Where does Ada live?", "Thanks."])
     assert code == 0 and out.out.count("online update") == 1 and "learning online" in out.out
@@ -106,34 +90,13 @@ def test_chat_learn_updates_saves_and_resumes(monkeypatch, capsys, tiny_model_di
 
 
 def test_chat_learn_batch_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
-    code = main(
-        [
-            "chat",
-            "--reasoner",
-            str(tiny_model_dir),
-            "--device",
-            "cpu",
-            "--memory-file",
-            str(tmp_path / "c.json"),
-            "--learn",
-            "--learn-batch",
-            "0",
-        ]
-    )
-    assert code == 2 and "--learn-batch" in capsys.readouterr().err
+    flags = ("--learn", "--learn-batch", "0")
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], *flags)
+    assert code == 2 and "--learn-batch" in out.err
 
 
 def test_chat_select_chunks_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
-    args = [
-        "chat",
-        "--reasoner",
-        str(tiny_model_dir),
-        "--device",
-        "cpu",
-        "--memory-file",
-        str(tmp_path / "c.json"),
-    ]
-    code = main([*args, "--select-chunks", "0"])
-    assert code != 0 and "select_chunks" in capsys.readouterr().err
+    code, out = _chat(
+        monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], "--select-chunks", "0"
+    )
+    assert code != 0 and "select_chunks" in out.err
