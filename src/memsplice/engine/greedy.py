@@ -344,12 +344,12 @@ class GreedyDecoder:
         stops = set(int(s) for s in stop_ids)
         if req.graphs:
             for _ in range(new - 1):
-                self._decode_graph.replay()
+                self._decode_once(req)
             steps = new - 1
         else:
             last = int(self._tok)
             while steps < new - 1 and last not in stops:
-                self._decode_body()
+                self._decode_once(req)
                 steps += 1
                 last = int(self._tok)
         clock.mark()
