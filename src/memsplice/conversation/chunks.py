@@ -46,10 +46,22 @@ class Chunk:
     """True when the spans changed since the last encoding."""
     encoded_with: tuple | None = None
     """The memory weights' version when encoded (see `weights_version`)."""
+    _live_of: tuple[MemoryKV, bool] | None = field(default=None, repr=False, compare=False)
+    """`live` of the K/V it was read from: read once per K/V, not at every call (on a GPU each read is a sync, and a
+    write asks every chunk)."""
 
     @property
     def live(self) -> bool:
-        return self.kv is not None and bool(self.kv.live.all())
+        if self.kv is None:
+            return False
+        if self._live_of is None or self._live_of[0] is not self.kv:
+            self._live_of = (self.kv, bool(self.kv.live.all()))
+        return self._live_of[1]
+
+    def set_kv(self, kv: MemoryKV, live: bool) -> None:
+        """Store freshly written K/V with its liveness already read (e.g. one read for a whole batch)."""
+        self.kv = kv
+        self._live_of = (kv, live)
 
 
 def weights_version(memory) -> tuple:
@@ -126,10 +138,11 @@ def _encode_group(
     assert all(rows), "an empty chunk cannot be encoded"
     ids, mask = pad_rows(rows, pad_id=pad_id, device=memory.reasoner.device)
     written = memory.write(ids, mask, scope=scope)
+    live = written.kv.live.tolist()  # one host read for the group
     for row, chunk in enumerate(group):
         chunk.latents = written.latents[row].detach().float()
         chunk.gate = written.gate[row].detach().float()
-        chunk.kv = written.kv.index_rows([row])
+        chunk.set_kv(written.kv.index_rows([row]), bool(live[row]))
         chunk.dirty = False
         chunk.encoded_with = version
         if not chunk.quota:
