@@ -118,6 +118,33 @@ def test_latent_select_injects_only_the_chunks_the_question_attends_to(eval_reas
         SystemArgs(select_chunks=0)
 
 
+def test_latent_select_plus_window_keeps_the_window_as_text_and_reads_picked_chunks(eval_reasoner):
+    runtime = _runtime(eval_reasoner, chunk_tokens=16, window_tokens=60)
+    both = build_system("latent+window", runtime)
+    picked = build_system("latent-select+window", runtime)
+    for system in (both, picked):
+        system.reset()
+        system.feed(_turns(30))
+    assert [t.id for t in picked.window] == [t.id for t in both.window] and picked.window
+    assert picked.conversation.turns == both.conversation.turns > 0
+    a_both, a_picked = both.answer(_question()), picked.answer(_question())
+    # the same window text in the prompt, fewer memory slots in front of it
+    assert a_picked.costs.context_tokens == a_both.costs.context_tokens > 0
+    assert 0 < a_picked.costs.memory_slots < a_both.costs.memory_slots
+    assert a_picked.costs.retrieval_s > 0
+    # the probe ranks chunks by the prompt the answer has: question and window
+    history = render_history(picked.window)
+    ids = torch.tensor([runtime.reader.prompt_ids(_question().question, history)])
+    assert a_picked.costs.memory_slots == picked.conversation.select(ids, top_chunks=1).num_slots
+    # nothing older than the window yet: no memory, the window alone
+    roomy = build_system(
+        "latent-select+window", _runtime(eval_reasoner, chunk_tokens=16, window_tokens=10_000)
+    )
+    roomy.reset()
+    roomy.feed(_turns(4))
+    assert roomy.conversation.turns == 0 and roomy.answer(_question()).costs.memory_slots == 0
+
+
 def test_full_answers_when_it_fits_and_reports_what_it_would_need_otherwise(eval_reasoner):
     runtime = _runtime(eval_reasoner)
     full = build_system("full", runtime)

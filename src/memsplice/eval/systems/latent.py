@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..reader import Answer, memory_turns
+from ...inject.memory_kv import MemoryKV
+from ..reader import Answer, memory_turns, render_history
 from ..tasks.base import Question, Turn
 from .base import System, register_system, text_bytes
 from .context import recent_window
@@ -84,8 +85,13 @@ class _LatentBase(System):
             self._last_session = turns[-1].session
 
     def _finish_writes(self) -> None:
-        """Compose the memory now, so that the cost lands in the write time and not in the first answer's."""
-        self.conversation.memory_kv()
+        """Compose the whole memory now, if answers read it, so that the cost lands in the write time and not in the
+        first answer's."""
+        if self.conversation.turns and self._reads_whole_memory():
+            self.conversation.memory_kv()
+
+    def _reads_whole_memory(self) -> bool:
+        return True
 
     def _memory_bytes(self) -> int:
         if self.conversation is None:
@@ -121,29 +127,45 @@ class LatentSelect(LatentMemory):
     attention the question's prompt gives them with the whole memory in front (one extra forward pass). Either
     cost is counted in the time to first token."""
 
-    def answer(self, question: Question) -> Answer:
-        if self.conversation is None or not self.conversation.turns:
-            return self.read_turns(question, [], memory=None)
-        t0 = time.perf_counter()
-        if self.select_by() == "address":
-            memory = self.conversation.address(question.question, self.args.select_chunks)
-        else:
-            ids = torch.tensor(
-                [self.reader.prompt_ids(question.question, None)], device=self.reader.reasoner.device
-            )
-            memory = self.conversation.select(ids, self.args.select_chunks)
-        return self.read_turns(question, [], memory=memory, retrieval_s=time.perf_counter() - t0)
+    def _reads_whole_memory(self) -> bool:
+        return _select_by(self) == "attention"  # the attention probe reads it; the address head does not
 
-    def select_by(self) -> str:
-        has_head = load_memory_model(self.runtime).address is not None
-        if self.args.select_by == "address" and not has_head:
-            raise ValueError(
-                "latent-select --select-by address: the memory checkpoint has no address head (train one with "
-                "python -m memsplice.online.address)"
-            )
-        if self.args.select_by == "auto":
-            return "address" if has_head else "attention"
-        return self.args.select_by
+    def answer(self, question: Question) -> Answer:
+        memory, seconds = _selected_memory(self, question, [])
+        return self.read_turns(question, [], memory=memory, retrieval_s=seconds)
+
+
+def _select_by(system: _LatentBase) -> str:
+    """How a selecting system ranks chunks: `SystemArgs.select_by`, with auto = the address head when the checkpoint
+    has one, else attention."""
+    has_head = load_memory_model(system.runtime).address is not None
+    if system.args.select_by == "address" and not has_head:
+        raise ValueError(
+            f"{system.name} --select-by address: the memory checkpoint has no address head (train one with "
+            "python -m memsplice.online.address)"
+        )
+    if system.args.select_by == "auto":
+        return "address" if has_head else "attention"
+    return system.args.select_by
+
+
+def _selected_memory(
+    system: _LatentBase, question: Question, window: Sequence[Turn]
+) -> tuple[MemoryKV | None, float]:
+    """The `SystemArgs.select_chunks` chunk memories `question` picks (`_select_by`), and the seconds picking took.
+    The attention probe reads the prompt the answer will have (question plus `window` as text)."""
+    if system.conversation is None or not system.conversation.turns:
+        return None, 0.0
+    t0 = time.perf_counter()
+    if _select_by(system) == "address":
+        memory = system.conversation.address(question.question, system.args.select_chunks)
+    else:
+        history = render_history(window) if window else None
+        ids = torch.tensor(
+            [system.reader.prompt_ids(question.question, history)], device=system.reader.reasoner.device
+        )
+        memory = system.conversation.select(ids, system.args.select_chunks)
+    return memory, time.perf_counter() - t0
 
 
 @register_system(
@@ -183,8 +205,7 @@ class LatentPlusWindow(_LatentBase):
         self.window.extend(turns)
         older, self.window = recent_window(self.window, self.args.window_tokens, self.reader.count_tokens)
         self._write(older)
-        if self.conversation.turns:
-            self._finish_writes()
+        self._finish_writes()
 
     def answer(self, question: Question) -> Answer:
         memory = (
@@ -196,3 +217,20 @@ class LatentPlusWindow(_LatentBase):
 
     def stored_bytes(self) -> int:
         return self._memory_bytes() + text_bytes(getattr(self, "window", []))
+
+
+@register_system(
+    "latent-select+window",
+    help="the recent window as exact text, and of the latent memory of everything older only the chunk memories "
+    "the question picks (as latent-select)",
+)
+class LatentSelectPlusWindow(LatentPlusWindow):
+    """`latent+window` reading its memory as `latent-select` does: the window stays exact text, and only the
+    `SystemArgs.select_chunks` chunk memories the question picks are spliced in front of it."""
+
+    def _reads_whole_memory(self) -> bool:
+        return _select_by(self) == "attention"
+
+    def answer(self, question: Question) -> Answer:
+        memory, seconds = _selected_memory(self, question, self.window)
+        return self.read_turns(question, self.window, memory=memory, retrieval_s=seconds)
