@@ -25,6 +25,26 @@ def test_synthetic_is_reproducible_and_seeded():
     assert [e.turns for e in a] != [e.turns for e in c]
 
 
+def test_episodes_come_example_by_example_across_lengths():
+    """A run cut by its time budget has then covered every length as far as it got; and an episode does not depend
+    on which other lengths are in the run (so runs split by length can be merged)."""
+    both = _synthetic(lengths=(256, 512))
+    assert [e.id.rsplit("-", 2)[-2:] for e in both] == [
+        ["256", "0"],
+        ["512", "0"],
+        ["256", "1"],
+        ["512", "1"],
+    ]
+    assert [e for e in both if "-512-" in e.id] == _synthetic(lengths=(512,))
+    keys = get_task("passkey")(TaskArgs(examples=1, lengths=(256, 512), depths=(0.0, 1.0)), approx_tokens)
+    assert [e.id.split("-")[2:4] for e in keys] == [
+        ["256", "d0.00"],
+        ["512", "d0.00"],
+        ["256", "d1.00"],
+        ["512", "d1.00"],
+    ]
+
+
 def test_synthetic_lengths_and_sessions():
     for length in (256, 2048):
         (episode,) = _synthetic(examples=1, lengths=(length,))

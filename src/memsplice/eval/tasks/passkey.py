@@ -47,9 +47,10 @@ def build_episode(
     "passkey", help="a five-digit pass key said once, at depths 0..1 of a long chat", main_metric="contains"
 )
 def build_passkey(args: TaskArgs, count_tokens: CountTokens) -> list[Episode]:
+    # example-major, then depth: a run cut by its time budget has covered every length as far as it got
     return [
         build_episode(args, length, depth, i, count_tokens)
-        for length in args.lengths
-        for depth in args.depths
         for i in range(args.examples)
+        for depth in args.depths
+        for length in args.lengths
     ]
