@@ -637,7 +637,8 @@ class OnlineLearner:
         tensors = torch.load(directory / TENSORS_NAME, map_location=reasoner.device, weights_only=True)
         learner.optimizer.load_state_dict(tensors["optimizer"])
         learner.anchor.load_state_dict(tensors["ewc"])
-        learner.noise.set_state(tensors["noise"].cpu())  # map_location moved it; generator states live on the CPU
+        # map_location moved the noise generator's state; generator states live on the CPU
+        learner.noise.set_state(tensors["noise"].cpu())
         learner.steps, learner.updates, learner.next_id = state["steps"], state["updates"], state["next_id"]
         learner.buffer.items = [Interaction.from_dict(d) for d in state["buffer"]]
         learner.reservoir = ReplayReservoir.from_dict(state["reservoir"])
