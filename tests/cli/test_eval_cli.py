@@ -139,3 +139,54 @@ def test_bench_latency_json_and_save(tiny_model_dir, results_dir, capsys):
     summary = json.loads((results_dir / "summary.json").read_text())["latency"]
     assert {"none", "memory", "eager_hf", "device", "commit", "date"} <= set(summary)
     assert summary["memory"]["slots"] == 16
+
+
+def _passkey_run(tiny_model_dir, out, length, *extra):
+    argv = ["eval", "--task", "passkey", "--systems", "none,window,latent", "--lengths", str(length)]
+    argv += ["--depths", "0.5", "--examples", "1", "--max-new-tokens", "3", "--reasoner", str(tiny_model_dir)]
+    assert main([*argv, "--device", "cpu", "--out", str(out), "--quiet", *extra]) == 0
+
+
+def test_eval_merge_reports_runs_of_other_lengths_as_one(tiny_model_dir, tmp_path, results_dir, capsys):
+    """Lengths split between two runs (e.g. one per GPU) make one report, as if one run had done them all."""
+    _passkey_run(tiny_model_dir, tmp_path / "a", 256)
+    _passkey_run(tiny_model_dir, tmp_path / "b", 384)
+    _passkey_run(tiny_model_dir, tmp_path / "both", "256,384")
+    capsys.readouterr()
+    merged_dir = tmp_path / "merged"
+    argv = [
+        "eval",
+        "--merge",
+        f"{tmp_path / 'a'},{tmp_path / 'b' / 'results.json'}",
+        "--out",
+        str(merged_dir),
+    ]
+    assert main([*argv, "--record", "eval-merged-test"]) == 0
+    assert "passkey: 2 episodes, 2 questions" in capsys.readouterr().out
+    merged = json.loads((merged_dir / "results.json").read_text())
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert merged["config"]["task_args"]["lengths"] == [256, 384]
+    assert [m["lengths"] for m in merged["merged_from"]] == [[256], [384]]
+    key = ("episode", "system", "question_id", "prediction", "contains")
+    assert sorted(tuple(r[k] for k in key) for r in merged["records"]) == sorted(
+        tuple(r[k] for k in key) for r in both["records"]
+    )
+    assert merged["summary"]["systems"].keys() == both["summary"]["systems"].keys()
+    for name, s in both["summary"]["systems"].items():
+        assert merged["summary"]["systems"][name]["score"] == s["score"]
+    saved = json.loads((results_dir / "eval-merged-test.json").read_text())
+    assert len(saved["merged_from"]) == 2 and saved["task"] == "passkey"
+    assert json.loads((results_dir / "summary.json").read_text())["eval"]["passkey"]["lengths"] == [256, 384]
+
+
+def test_eval_merge_refuses_runs_that_do_not_belong_together(tiny_model_dir, tmp_path, capsys):
+    _passkey_run(tiny_model_dir, tmp_path / "a", 256)
+    _passkey_run(tiny_model_dir, tmp_path / "seed", 384, "--seed", "3")
+    runs = {"twice": f"{tmp_path / 'a'},{tmp_path / 'a'}", "seed": f"{tmp_path / 'a'},{tmp_path / 'seed'}"}
+    for runs_arg, message in ((runs["twice"], "is in both"), (runs["seed"], "seed")):
+        code = main(["eval", "--merge", runs_arg, "--out", str(tmp_path / "m")])
+        assert code == 2 and message in capsys.readouterr().err
+    assert main(["eval", "--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 2
+    assert "no eval results" in capsys.readouterr().err
+    assert main(["eval", "--out", str(tmp_path / "m")]) == 2
+    assert "give --task" in capsys.readouterr().err

@@ -5,6 +5,10 @@
 writes DIR/results.json, DIR/report.md and PNG plots; `--record NAME` also saves the summary under
 benchmarks/results/ (with command, commit, device and date) and merges each system's main score into
 benchmarks/results/summary.json under "eval".
+
+    memsplice eval --merge runs/eval-short,runs/eval-long --out runs/eval --record eval-synthetic
+
+makes one report of runs that split a task's history lengths between them (e.g. one per GPU).
 """
 
 from __future__ import annotations
@@ -59,7 +63,20 @@ def add_parser(sub):
         "reasoner, prompt template and greedy decoding; write results.json, report.md "
         "and PNG plots.",
     )
-    p.add_argument("--task", required=True, choices=sorted(TASK_HELP), help=f"the task ({tasks})")
+    p.add_argument(
+        "--task",
+        choices=sorted(TASK_HELP),
+        help=f"the task, required unless --merge is given ({tasks})",
+    )
+    p.add_argument(
+        "--merge",
+        type=_names,
+        default=None,
+        metavar="RUNS",
+        help="comma-separated results of earlier runs (results.json files or the directories holding them) of the "
+        "same task, systems, reasoner, checkpoint and settings, with different history lengths: write one report "
+        "of all of them to --out instead of running anything",
+    )
     p.add_argument(
         "--systems",
         type=_names,
@@ -176,6 +193,26 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from memsplice.eval import write_report
+
+    if args.merge:
+        from memsplice.eval.merge import load_results, merge_results
+
+        results = merge_results([load_results(p) for p in args.merge])
+        if args.task is not None and args.task != results["task"]:
+            raise SystemExit(
+                f"memsplice eval: --task {args.task}, but the merged runs are of {results['task']}"
+            )
+    elif args.task is None:
+        raise ValueError("give --task (or --merge RUNS to report earlier runs)")
+    else:
+        results = _run(args)
+    paths = write_report(results, args.out)
+    _print_and_record(args, results, paths)
+    return 0
+
+
+def _run(args) -> dict:
     from memsplice.eval import EvalConfig, GenerationSettings, SystemArgs, TaskArgs, run_eval, write_report
 
     config = EvalConfig(
@@ -211,11 +248,14 @@ def run(args) -> int:
         time_budget_s=args.time_budget,
     )
     # The report is rewritten after every episode: a run stopped from outside still leaves one for what it did.
-    results = run_eval(config, on_episode=lambda partial: write_report(partial, args.out))
-    paths = write_report(results, args.out)
+    return run_eval(config, on_episode=lambda partial: write_report(partial, args.out))
+
+
+def _print_and_record(args, results: dict, paths: dict) -> None:
     summary = __import__("json").loads(paths["results"].read_text())["summary"]
     main = summary["main_metric"]
-    print(f"{args.task}: {results['episodes']} episodes, {results['questions']} questions, main score {main}")
+    task = results["task"]
+    print(f"{task}: {results['episodes']} episodes, {results['questions']} questions, main score {main}")
     for name in results["systems"]:
         s = summary["systems"][name]
         score = "n/a" if s["main"] is None else f"{100 * s['main']:.1f}"
@@ -233,12 +273,13 @@ def run(args) -> int:
         saved = save_result(
             args.record,
             {
-                "task": args.task,
+                "task": task,
                 "config": results["config"],
                 "reasoner": results["reasoner"],
                 "checkpoint": results["checkpoint"],
                 "episodes": results["episodes"],
                 "questions": results["questions"],
+                **({"merged_from": results["merged_from"]} if "merged_from" in results else {}),
                 "summary": summary,
             },
             device=device,
@@ -246,7 +287,7 @@ def run(args) -> int:
         update_summary(
             "eval",
             {
-                args.task: {
+                task: {
                     "metric": main,
                     "data": results["config"]["task_args"]["data"],
                     "lengths": results["config"]["task_args"]["lengths"],
@@ -259,4 +300,3 @@ def run(args) -> int:
             device=device,
         )
         print(f"recorded {saved}")
-    return 0
