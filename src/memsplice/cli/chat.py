@@ -4,7 +4,8 @@ Each turn, the reasoner sees only the system prompt and the new message (plus, w
 turns verbatim); everything said before reaches it through the memory injected into its KV cache. The transcript
 is written to --memory-file after every turn (atomically), so a later `memsplice chat --memory-file` resumes the
 same memory. After each answer a status line shows the slots in use, the gate values, the write and answer times
-and any safety fallback.
+and any safety fallback. Greedy answers (the default, --temperature 0) decode on `memsplice.engine.GreedyDecoder`
+(--engine auto), with the text eager generation gives; --engine eager keeps transformers' generate().
 
 With --learn the memory keeps learning from the conversation (`memsplice.online`, Algorithm 1): every exchange
 goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC

@@ -17,6 +17,9 @@ Guarantees:
   in the memory's fallback log, its samples in the online update in flight and, with online learning, everything
   the learner holds of it (buffer, replay reservoir, fallback inputs) and its saved state: the deletion returns
   after the learner forgot the scope (after an update in flight, if one is running; other requests never wait).
+- Greedy requests (temperature 0) decode on `GreedyDecoder` (`engine: auto`) with the tokens, text, usage and
+  finish_reason of transformers' greedy `generate()`; engines, one per cache size, are made lazily and used only on
+  the inference worker. Sampling, requests beyond the reasoner's window and `engine: eager` use `generate()`.
 - With online learning, the learner trains on its own copy of the memory weights; the serving weights change only
   in one inference-worker job between requests, so no request reads half-updated weights, and fallback events of
   the new weights are recorded under the scope that wrote the memory, as before.
