@@ -100,3 +100,54 @@ def test_chat_select_chunks_must_be_positive(monkeypatch, capsys, tiny_model_dir
         monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], "--select-chunks", "0"
     )
     assert code != 0 and "select_chunks" in out.err
+
+
+@pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
+def test_greedy_answers_on_the_engine_equal_eager_generate(operator):
+    """ChatSession answers greedily on GreedyDecoder with the text eager generate() gives, memory live or not,
+    ending on an eos id or at the token limit; sampling stays eager."""
+    import torch
+
+    from helpers import small_memory
+    from memsplice.cli.chat import ChatSession
+    from memsplice.inject import generate_with_memory
+
+    reasoner = tiny_reasoner("qwen2")
+    memory = small_memory(reasoner, operator=operator)
+    system, lines = (
+        "You are helpful.",
+        ["Ada lives in Lisbon.", "Where does Ada live?", "What did the fox do?"],
+    )
+    prompt = torch.tensor(
+        [reasoner.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": lines[0]}])]
+    )
+    bare = generate_with_memory(
+        reasoner, prompt, torch.ones_like(prompt), None, max_new_tokens=8, do_sample=False, pad_token_id=0
+    )[0, prompt.shape[1] :].tolist()
+    eos = next((t for t in bare if t != bare[0]), bare[0])  # the first answer ends on it, after some text
+    reasoner.model.generation_config.eos_token_id = [2, eos]
+    auto = ChatSession(reasoner, memory, system, engine="auto")
+    eager = ChatSession(reasoner, memory, system, engine="eager")
+    answers = []
+    for line in lines:
+        got, status = auto.answer(line, 8, 0.0)
+        want, _ = eager.answer(line, 8, 0.0)
+        assert got == want
+        answers.append(got)
+    # generate() keeps the eos id in its output: an eos that is not a special token is part of the text
+    assert (
+        answers[0] == reasoner.tokenizer.decode(bare[: bare.index(eos) + 1], skip_special_tokens=True).strip()
+    )
+    assert status["slots"] > 0 and auto._decoders.decoders and eager._decoders is None
+    assert isinstance(auto.answer("hi", 4, 0.8)[0], str)  # sampling: eager
+    with pytest.raises(ValueError, match="engine"):
+        ChatSession(reasoner, memory, system, engine="fast")
+
+
+def test_chat_engine_flags(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    f = tmp_path / "chat.json"
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hello"], "--engine", "eager")
+    assert code == 0 and "assistant>" in out.out
+    with pytest.raises(SystemExit):
+        _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "b.json", ["hello"], "--engine", "fast")
+    assert "--engine" in capsys.readouterr().err

@@ -172,3 +172,65 @@ def test_memory_loads_with_one_stacked_copy(reasoner):
         PositionedKVCache.for_reasoner(reasoner, max_len=2).write_prefix(stacked)
     with pytest.raises(ValueError, match=r"\(2, L, B, H, M, D\)"):
         cache.write_prefix(stacked[0])
+
+
+@pytest.mark.parametrize("case", ["none", "memory", "layer_concat"])
+def test_on_token_streams_the_same_tokens(reasoner, case):
+    """Every token reaches the callback as it is made, in order, and streaming changes no token."""
+    memory = (
+        None if case == "none" else _memory(reasoner, operator="prepend_kv" if case == "memory" else case)
+    )
+    prompt = list(range(5, 16))
+    decoder = GreedyDecoder(reasoner, max_len=64, max_new_tokens=NEW, pad_prompts=True)
+    plain = decoder.generate(prompt, memory)
+    seen = []
+    streamed = decoder.generate(prompt, memory, on_token=seen.append)
+    assert seen == streamed.tokens == plain.tokens == _reference(reasoner, prompt, memory)
+    assert streamed.stop_id is None and not streamed.halted and streamed.decode_steps == NEW - 1
+
+
+def test_on_token_sees_the_stop_id_last(reasoner):
+    decoder = GreedyDecoder(reasoner, max_len=64, max_new_tokens=NEW)
+    full = decoder.generate([5, 6, 7]).tokens
+    stop = full[4]
+    seen = []
+    cut = decoder.generate([5, 6, 7], stop_ids=[stop], on_token=seen.append)
+    assert cut.tokens == full[: full.index(stop)] and cut.stop_id == stop and not cut.halted
+    assert seen == [*cut.tokens, stop]
+
+
+def test_on_token_stops_decoding_when_it_returns_true(reasoner):
+    """A callback that answers True (a stop string, a cancelled request) ends decoding after that token."""
+    decoder = GreedyDecoder(reasoner, max_len=64, max_new_tokens=NEW)
+    full = decoder.generate([5, 6, 7]).tokens
+    seen = []
+
+    def on_token(t):
+        seen.append(t)
+        return len(seen) == 3
+
+    cut = decoder.generate([5, 6, 7], on_token=on_token)
+    assert cut.tokens == seen == full[:3]
+    assert cut.halted and cut.stop_id is None and cut.decode_steps == 2
+    assert cut.kv_positions == 3 + 2
+    # the next request is not affected by the one that stopped early
+    assert decoder.generate([5, 6, 7]).tokens == full
+
+
+def test_pool_sizes_decoders_by_what_a_request_needs(reasoner):
+    from memsplice.engine import DecoderPool
+
+    pool = DecoderPool(reasoner, max_new_tokens=4, min_len=16, window=100)
+    assert [pool.size_for(n) for n in (1, 16, 17, 64, 65, 100)] == [16, 16, 32, 64, 100, 100]
+    assert pool.size_for(101) is None and pool.decoder_for(101) is None
+    a = pool.decoder_for(20)
+    assert a is pool.decoder_for(30) and a.max_len == 32 and a.max_new_tokens == 4
+    assert pool.decoder_for(10).max_len == 16 and sorted(pool.decoders) == [16, 32]
+
+
+def test_plain_greedy_sees_generation_settings_the_engine_does_not_apply(reasoner):
+    from memsplice.engine import plain_greedy
+
+    assert plain_greedy(reasoner)
+    reasoner.model.generation_config.repetition_penalty = 1.3
+    assert not plain_greedy(reasoner)

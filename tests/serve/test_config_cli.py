@@ -31,6 +31,7 @@ def test_precedence_file_env_flags(tmp_path):
         ("port: -1\n", "ServeConfig.port"),
         ("default_max_new_tokens: 999\nmax_new_tokens: 10\n", "default_max_new_tokens"),
         ("log_format: xml\n", "ServeConfig.log_format"),
+        ("engine: vllm\n", "ServeConfig.engine"),
         ("- a\n- b\n", "mapping"),
         ("port: [\n", "not valid YAML"),
     ],
@@ -107,3 +108,19 @@ def test_serve_refuses_to_start_without_keys(tmp_path, capsys):
     )
     assert code == 2 and "no API key" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_engine_flags_reach_the_config():
+    from memsplice.cli.main import build_parser
+    from memsplice.cli.serve import _config
+
+    parse = build_parser().parse_args
+    assert (_config(parse(["serve"])).engine, _config(parse(["serve"])).engine_compile) == ("auto", False)
+    cfg = _config(parse(["serve", "--engine", "eager", "--compile"]))
+    assert cfg.engine == "eager" and cfg.engine_compile is True
+    assert env_values({"MEMSPLICE_ENGINE": "eager", "MEMSPLICE_ENGINE_COMPILE": "1"}) == {
+        "engine": "eager",
+        "engine_compile": True,
+    }
+    with pytest.raises(SystemExit):
+        parse(["serve", "--engine", "vllm"])

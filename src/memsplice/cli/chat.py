@@ -4,7 +4,8 @@ Each turn, the reasoner sees only the system prompt and the new message (plus, w
 turns verbatim); everything said before reaches it through the memory injected into its KV cache. The transcript
 is written to --memory-file after every turn (atomically), so a later `memsplice chat --memory-file` resumes the
 same memory. After each answer a status line shows the slots in use, the gate values, the write and answer times
-and any safety fallback.
+and any safety fallback. Greedy answers (the default, --temperature 0) decode on `memsplice.engine.GreedyDecoder`
+(--engine auto), with the text eager generation gives; --engine eager keeps transformers' generate().
 
 With --learn the memory keeps learning from the conversation (`memsplice.online`, Algorithm 1): every exchange
 goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC
@@ -65,6 +66,19 @@ def add_parser(sub):
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "eager"],
+        default="auto",
+        help="auto (default): greedy answers that fit the reasoner's window decode on memsplice's "
+        "GreedyDecoder (preallocated cache, CUDA graphs on a GPU; the same tokens as eager generation); "
+        "eager: transformers' generate() for every answer. Sampling is always eager",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the engine's decode step (compiled on the first answer of each cache size)",
+    )
     p.add_argument(
         "--learn",
         action="store_true",
@@ -139,10 +153,18 @@ class ChatSession:
         window_tokens: int = 0,
         state: dict | None = None,
         select_chunks: int | None = None,
+        engine: str = "auto",
+        compile_decode: bool = False,
     ):
         from memsplice.conversation import ConversationConfig, ConversationMemory
+        from memsplice.engine import plain_greedy
 
+        if engine not in ("auto", "eager"):
+            raise ValueError(f"engine must be 'auto' or 'eager' (got {engine!r})")
         self.reasoner, self.memory, self.system, self.window_tokens = reasoner, memory, system, window_tokens
+        self.engine = engine if plain_greedy(reasoner) else "eager"
+        self.compile_decode = compile_decode
+        self._decoders = None  # a DecoderPool, made on the first greedy answer
         state = state or {}
         self.turns: list[dict] = list(state.get("turns", []))
         if state.get("conversation"):
@@ -172,7 +194,23 @@ class ChatSession:
             picked.append({"role": t["role"], "content": t["text"]})
         return picked[::-1]
 
+    def _decoder(self, positions: int, max_new_tokens: int):
+        """The engine for a greedy answer of `positions` cache positions; None: decode eagerly (engine "eager", or
+        the answer does not fit the reasoner's window)."""
+        from memsplice.engine import DecoderPool
+
+        if self.engine != "auto":
+            return None
+        if self._decoders is None or self._decoders.max_new_tokens < max_new_tokens:
+            self._decoders = DecoderPool(
+                self.reasoner, max_new_tokens=max_new_tokens, compile_decode=self.compile_decode
+            )
+        return self._decoders.decoder_for(positions)
+
     def answer(self, message: str, max_new_tokens: int, temperature: float) -> tuple[str, dict]:
+        """The reply to `message` with the conversation's memory in front, and a status of what it cost. Greedy
+        answers (temperature 0) decode on `GreedyDecoder` unless the engine is "eager"; the tokens are those of
+        transformers' greedy `generate()` either way."""
         import torch
 
         kv = self.conversation.read(message)
@@ -181,14 +219,29 @@ class ChatSession:
             *self._recent_window(),
             {"role": "user", "content": message},
         ]
-        ids = torch.tensor([self.reasoner.chat_ids(messages)], device=self.reasoner.device)
+        prompt = self.reasoner.chat_ids(messages)
         t0 = time.perf_counter()
-        gen = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
-        if temperature > 0:
-            gen["temperature"] = temperature
-        out = self.memory.generate(ids, memory=kv, **gen)
+        slots = kv.num_slots if kv is not None and kv.any_live else 0
+        decoder = (
+            self._decoder(slots + len(prompt) + max_new_tokens, max_new_tokens) if temperature <= 0 else None
+        )
+        if decoder is not None:
+            result = decoder.generate(
+                prompt, kv, max_new_tokens=max_new_tokens, stop_ids=self.reasoner.eos_ids
+            )
+            new = result.tokens + (
+                [result.stop_id] if result.stop_id is not None else []
+            )  # as generate() ends
+        else:
+            ids = torch.tensor([prompt], device=self.reasoner.device)
+            gen = dict(
+                max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=self.reasoner.eos_ids
+            )
+            if temperature > 0:
+                gen["temperature"] = temperature
+            new = self.memory.generate(ids, memory=kv, **gen)[0, len(prompt) :]
         answer_s = time.perf_counter() - t0
-        text = self.reasoner.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        text = self.reasoner.tokenizer.decode(new, skip_special_tokens=True).strip()
         events_before = self.memory.fallback_log.total
         writes = [self.conversation.add_turn("user", message), self.conversation.add_turn("assistant", text)]
         now = time.time()
@@ -199,7 +252,7 @@ class ChatSession:
         new_events = self.memory.fallback_log.recent(self.memory.fallback_log.total - events_before)
         status = {
             "slots": 0 if kv is None else int(kv.num_slots),
-            "prompt_tokens": int(ids.shape[1]),
+            "prompt_tokens": len(prompt),
             "write_ms": round(sum(w.seconds for w in writes) * 1e3, 1),
             "answer_ms": round(answer_s * 1e3, 1),
             "fallbacks": [e.reason for e in new_events]
@@ -255,7 +308,14 @@ def run(args) -> int:
     else:
         memory = load_memory(reasoner, args.checkpoint)
     session = ChatSession(
-        reasoner, memory, args.system, args.window, state=state, select_chunks=args.select_chunks
+        reasoner,
+        memory,
+        args.system,
+        args.window,
+        state=state,
+        select_chunks=args.select_chunks,
+        engine=args.engine,
+        compile_decode=args.compile,
     )
     interactive = sys.stdin.isatty()
     learning = f", learning online (state in {learn_dir})" if learner is not None else ""

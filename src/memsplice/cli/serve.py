@@ -85,6 +85,22 @@ def add_parser(sub):
         help="keep training the memory online from every chat exchange and memory write, with replay and EWC, "
         "in a background worker that never blocks a request (settings: online_* in ServeConfig)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["auto", "eager"],
+        default=None,
+        help="auto (default): greedy requests (temperature 0) that fit the reasoner's window decode on "
+        "memsplice's GreedyDecoder (preallocated cache, CUDA graphs on a GPU; the same tokens as eager "
+        "generation); eager: transformers' generate() for every request. Sampling is always eager",
+    )
+    p.add_argument(
+        "--compile",
+        dest="engine_compile",
+        action="store_const",
+        const=True,
+        default=None,
+        help="torch.compile the engine's decode step (compiled on the first request of each cache size)",
+    )
     p.add_argument("--log-format", dest="log_format", choices=["json", "text"], default=None)
     p.add_argument(
         "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"], default=None

@@ -1,6 +1,7 @@
 """A plain KV-cache engine for timed greedy decoding: a preallocated cache and CUDA-graph replay of each step."""
 
 from .greedy import DecodeResult, GreedyDecoder
+from .pool import DecoderPool, plain_greedy
 from .static_cache import PositionedKVCache
 
-__all__ = ["DecodeResult", "GreedyDecoder", "PositionedKVCache"]
+__all__ = ["DecodeResult", "DecoderPool", "GreedyDecoder", "PositionedKVCache", "plain_greedy"]

@@ -18,6 +18,9 @@ Guarantees:
 - Prompt padding (used with graphs) never changes a result: padded positions lie after the real prompt, are masked
   for every real query and are overwritten by the tokens generated next.
 - Times come from CUDA events on the GPU (one host sync per request) and `perf_counter` on the CPU.
+- Streaming (`generate(on_token=...)`) hands each token over as it is made and can stop decoding after any token;
+  it reads every token back (one host sync per token, graphs still replayed) but decodes the same tokens. Without
+  a callback a graph request keeps its single sync.
 - Loading memory is one copy of its stacked K/V (`MemoryKV.stacked`, made once per memory before the clock starts)
   plus the gate row, whatever the number of layers.
 - `score` replays the same steps teacher-forced and returns each step's logits, so a compiled engine can be checked
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +59,16 @@ class DecodeResult:
     decode_s: float
     """All decode steps after the first token."""
     decode_steps: int
-    """Decode forward passes run after the first token (with graphs: max_new_tokens - 1, stop ids or not)."""
+    """Decode forward passes run after the first token (with graphs and no `on_token`: max_new_tokens - 1, stop ids
+    or not)."""
     kv_positions: int
     """Cache positions in use at the end: memory + prompt + generated tokens that were kept in the cache."""
     cuda_graphs: bool
+    stop_id: int | None = None
+    """The stop id that ended decoding (not in `tokens`); None when decoding ran to the token limit or `on_token`
+    stopped it."""
+    halted: bool = False
+    """`on_token` asked to stop after the last token of `tokens`."""
 
     @property
     def decode_s_per_token(self) -> float | None:
@@ -327,11 +337,18 @@ class GreedyDecoder:
         *,
         max_new_tokens: int | None = None,
         stop_ids: tuple[int, ...] | list[int] = (),
+        on_token: Callable[[int], bool | None] | None = None,
     ) -> DecodeResult:
         """Greedy tokens for `prompt_ids` with `memory` in front, timed.
 
         Without graphs, decoding stops at the first stop id; with graphs all `max_new_tokens` steps run (stopping
         would need a host sync per token) and the tokens are cut at the first stop id afterwards.
+
+        on_token: called with each generated token id, in order, as soon as it is known on the host (a stop id
+        that ends decoding included, as the last call); a true return stops decoding after that token
+        (`DecodeResult.halted`). It streams and cancels: with it each token is read back as it is made (one host
+        sync per token, graphs still replayed) and decoding stops at the first stop id, graphs or not; without it
+        a graph request syncs once. The tokens are the same either way; the times include the callbacks.
         """
         new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         req = self._start_request(prompt_ids, memory, new)
@@ -342,16 +359,19 @@ class GreedyDecoder:
         clock.mark()
         steps = 0
         stops = set(int(s) for s in stop_ids)
-        if req.graphs:
+        halted = False
+        if req.graphs and on_token is None:
             for _ in range(new - 1):
                 self._decode_once(req)
             steps = new - 1
         else:
             last = int(self._tok)
-            while steps < new - 1 and last not in stops:
+            halted = on_token is not None and bool(on_token(last))
+            while steps < new - 1 and last not in stops and not halted:
                 self._decode_once(req)
                 steps += 1
                 last = int(self._tok)
+                halted = on_token is not None and bool(on_token(last))
         clock.mark()
         ttft, decode = clock.seconds()
         out = self._out[: steps + 1].tolist()
@@ -360,6 +380,7 @@ class GreedyDecoder:
             if t in stops:
                 break
             tokens.append(t)
+        stop_id = out[len(tokens)] if len(tokens) < len(out) else None
         self.cache.length = m + n + steps
         return DecodeResult(
             tokens=tokens,
@@ -370,6 +391,8 @@ class GreedyDecoder:
             decode_steps=steps,
             kv_positions=m + n + steps,
             cuda_graphs=req.graphs,
+            stop_id=stop_id,
+            halted=halted and stop_id is None,
         )
 
     @torch.no_grad()

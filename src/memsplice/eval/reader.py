@@ -3,8 +3,8 @@
 A system decides only *what* the reasoner sees: history text in the prompt (window, full, retrieved turns, evidence
 turns, or none) and/or memory K/V in front of it. `Reader.read` renders the prompt with `PromptTemplate`, decodes
 greedily for at most `GenerationSettings.max_new_tokens` tokens with the timed `GreedyDecoder`, and returns the
-answer text with its costs. Decoders are kept per cache size (powers of two up to the reasoner's window) so that
-short prompts do not pay for attention over a long, mostly empty cache.
+answer text with its costs. Decoders are kept per cache size (`DecoderPool`: powers of two up to the reasoner's
+window) so that short prompts do not pay for attention over a long, mostly empty cache.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from ..engine import GreedyDecoder
+from ..engine import DecoderPool, GreedyDecoder
 from ..inject.memory_kv import MemoryKV
 from .tasks.base import Turn
 
@@ -153,8 +153,10 @@ class Reader:
         )
         s = reasoner.shapes
         self.kv_bytes_per_position = s.num_layers * 2 * s.kv_width * reasoner.dtype.itemsize
-        self.window = s.max_positions or 2048
-        self._decoders: dict[int, GreedyDecoder] = {}
+        self._decoders = DecoderPool(
+            reasoner, max_new_tokens=self.settings.max_new_tokens, min_len=MIN_CACHE, cuda_graphs=cuda_graphs
+        )
+        self.window = self._decoders.window
         self._token_counts: dict[str, int] = {}
 
     # -- text ------------------------------------------------------------------------------------------------
@@ -174,12 +176,10 @@ class Reader:
         return memory_slots + prompt_tokens + self.settings.max_new_tokens <= self.window
 
     def _decoder(self, needed: int) -> GreedyDecoder:
-        size = min(max(MIN_CACHE, 1 << (needed - 1).bit_length()), self.window)
-        if size not in self._decoders:
-            self._decoders[size] = GreedyDecoder(
-                self.reasoner, size, max_new_tokens=self.settings.max_new_tokens, cuda_graphs=self.cuda_graphs
-            )
-        return self._decoders[size]
+        decoder = self._decoders.decoder_for(needed)
+        if decoder is None:  # read() checks fits() first
+            raise ValueError(f"{needed} positions exceed the reasoner's window of {self.window}")
+        return decoder
 
     # -- answering -------------------------------------------------------------------------------------------
     def read(

@@ -71,6 +71,14 @@ class Reasoner:
             raise ValueError(f"reasoner {self.name!r} was loaded without a tokenizer; pass token ids instead")
         return self.tokenizer
 
+    @property
+    def eos_ids(self) -> list[int]:
+        """Ids that end an answer, sorted: the tokenizer's eos and the generation config's (one id or a list)."""
+        ids = {self.require_tokenizer().eos_token_id}
+        config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+        return sorted(i for i in ids if i is not None)
+
     def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the reasoner's chat template (plain text if it has none)."""
         tok = self.require_tokenizer()

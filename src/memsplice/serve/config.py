@@ -16,6 +16,7 @@ from typing import Any
 
 ENV_PREFIX = "MEMSPLICE_"
 LOG_FORMATS = ("json", "text")
+ENGINES = ("auto", "eager")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -106,6 +107,14 @@ class ServeConfig:
     """On SIGTERM/SIGINT: seconds to let in-flight requests (and their memory writes) finish before exiting."""
     torch_threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
+    engine: str = "auto"
+    """How greedy requests (temperature 0) decode: "auto" runs them on `memsplice.engine.GreedyDecoder` (a
+    preallocated cache, CUDA graphs on a GPU; the same tokens as eager generation) whenever memory + prompt +
+    max_tokens fit the reasoner's window and its generation config is plain greedy; "eager" keeps transformers'
+    `generate()` for every request. Sampling requests always run eagerly."""
+    engine_compile: bool = False
+    """With engine "auto": run the engine's decode step through `torch.compile` (compiled on the first request of
+    each cache size; faster per token on a GPU, bf16 rounding may part from eager decoding at near-ties)."""
 
     def __post_init__(self):
         def need(cond: bool, name: str, msg: str):
@@ -163,6 +172,7 @@ class ServeConfig:
         need(self.online_lr > 0, "online_lr", "must be positive")
         need(self.online_ewc_weight >= 0, "online_ewc_weight", "must be non-negative")
         need(self.graceful_timeout_s >= 0, "graceful_timeout_s", "must be non-negative")
+        need(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
         need(self.log_format in LOG_FORMATS, "log_format", f"must be one of {LOG_FORMATS}")
         need(self.log_level in LOG_LEVELS, "log_level", f"must be one of {LOG_LEVELS}")
         need(

@@ -17,6 +17,9 @@ Guarantees:
   in the memory's fallback log, its samples in the online update in flight and, with online learning, everything
   the learner holds of it (buffer, replay reservoir, fallback inputs) and its saved state: the deletion returns
   after the learner forgot the scope (after an update in flight, if one is running; other requests never wait).
+- Greedy requests (temperature 0) decode on `GreedyDecoder` (`engine: auto`) with the tokens, text, usage and
+  finish_reason of transformers' greedy `generate()`; engines, one per cache size, are made lazily and used only on
+  the inference worker. Sampling, requests beyond the reasoner's window and `engine: eager` use `generate()`.
 - With online learning, the learner trains on its own copy of the memory weights; the serving weights change only
   in one inference-worker job between requests, so no request reads half-updated weights, and fallback events of
   the new weights are recorded under the scope that wrote the memory, as before.
@@ -40,6 +43,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ..engine import DecoderPool, GreedyDecoder, plain_greedy
 from ..inject.memory_kv import MemoryKV
 from ..memory.model import MemoryModel
 from ..memory.safety import FallbackEvent
@@ -123,9 +127,13 @@ class TextStream(BaseStreamer):
         if not self._prompt_seen:  # generate() hands the prompt over first
             self._prompt_seen = True
             return
+        self.put_ids(value.reshape(-1).tolist())
+
+    def put_ids(self, ids: list[int]) -> None:
+        """Generated ids, without the prompt (what `GreedyDecoder`'s `on_token` hands over)."""
         if self.stopped.is_set():
             return
-        self.ids.extend(value.reshape(-1).tolist())
+        self.ids.extend(ids)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -213,11 +221,22 @@ class MemoryService:
                 interval_s=self.config.online_interval_s,
                 on_update=self._on_update,
             )
-        tok = self.reasoner.require_tokenizer()
-        eos = {tok.eos_token_id}
-        gen_eos = getattr(getattr(self.reasoner.model, "generation_config", None), "eos_token_id", None)
-        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        self._eos = sorted(e for e in eos if e is not None)
+        self._eos = self.reasoner.eos_ids
+        self.decoders: DecoderPool | None = None
+        """Greedy decoders by cache size (engine "auto" and a plain greedy generation config; else None). Made
+        lazily and used only on the inference worker."""
+        if self.config.engine == "auto":
+            if plain_greedy(self.reasoner):
+                self.decoders = DecoderPool(
+                    self.reasoner,
+                    max_new_tokens=self.config.max_new_tokens,
+                    compile_decode=self.config.engine_compile,
+                )
+            else:
+                logger.warning(
+                    "the reasoner's generation config changes greedy tokens (penalties, banned tokens, ...); "
+                    "greedy requests decode with transformers' generate()"
+                )
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -440,6 +459,83 @@ class MemoryService:
             if info["live"]:
                 self.metrics.memory_reads.inc()
         stream = TextStream(self.reasoner.tokenizer, params.stop, sink)
+        decoder = self._greedy_decoder(len(ids), kv, params)
+        if decoder is not None:
+            new = self._decode_greedy(decoder, ids, kv, params, stream, cancel)
+        else:
+            new = self._decode_eager(ids, kv, params, stream, cancel)
+        out = torch.tensor([ids + new], device=self.reasoner.device)
+        if sm is not None and kv is not None and new and sm.conversation.config.track_attention:
+            # Which spans the answer's attention used: the LRU clock of eviction (one extra forward pass).
+            query = torch.zeros(1, out.shape[1], dtype=torch.bool, device=out.device)
+            query[0, len(ids) :] = True
+            sm.probe(out[:1], query)
+        if stream.stopped.is_set() or (new and new[-1] in self._eos):
+            finish = "stop"
+        elif cancel.is_set():
+            finish = "cancelled"
+        else:
+            finish = "length" if len(new) >= params.max_new_tokens else "stop"
+        self.metrics.prompt_tokens.inc(len(ids))
+        self.metrics.completion_tokens.inc(len(new))
+        return ChatResult(stream.text, len(ids), len(new), finish, info)
+
+    def _greedy_decoder(self, prompt_tokens: int, kv: MemoryKV | None, params: GenerationParams):
+        """The engine for a greedy request that fits the reasoner's window; None: decode eagerly."""
+        if self.decoders is None or params.temperature > 0:
+            return None
+        slots = kv.num_slots if kv is not None and kv.any_live else 0
+        return self.decoders.decoder_for(slots + prompt_tokens + params.max_new_tokens)
+
+    def _decode_greedy(
+        self,
+        decoder: GreedyDecoder,
+        ids: list[int],
+        kv: MemoryKV | None,
+        params: GenerationParams,
+        stream: TextStream,
+        cancel: threading.Event,
+    ) -> list[int]:
+        """Generated ids, as `_decode_eager` returns them for the same request: through the eos id or the token that
+        completed a stop string, with `stream` fed and ended.
+
+        A streamed request hands each token to `stream` as it is made and stops at a stop string or cancellation
+        (one host sync per token). A request that does not stream decodes with a single sync (with CUDA graphs: all
+        its max_tokens steps) and is cut at its first stop string afterwards, which gives the same tokens: greedy
+        tokens before the cut do not depend on those after it. Without graphs every token is read anyway, so a
+        request with stop strings is then fed as it goes and stops there."""
+
+        def feed(token: int) -> bool:
+            stream.put_ids([token])
+            return stream.stopped.is_set() or cancel.is_set()
+
+        live = stream.sink is not None or (bool(params.stop) and not decoder.cuda_graphs)
+        result = decoder.generate(
+            ids,
+            kv,
+            max_new_tokens=params.max_new_tokens,
+            stop_ids=self._eos,
+            on_token=feed if live else None,
+        )
+        new = result.tokens + ([result.stop_id] if result.stop_id is not None else [])
+        if not live:
+            new = next((new[: i + 1] for i, t in enumerate(new) if feed(t)), new)
+        stream.end()
+        return new
+
+    def _decode_eager(
+        self,
+        ids: list[int],
+        kv: MemoryKV | None,
+        params: GenerationParams,
+        stream: TextStream,
+        cancel: threading.Event,
+    ) -> list[int]:
+        """Generated ids from transformers' `generate()` (sampling, or greedy where the engine does not apply),
+        through the eos id or the token that completed a stop string.
+
+        transformers evaluates stopping criteria before it hands the step's token to the streamer, so generation
+        stops one token after the stop string was seen; that token is not in the text and is not returned."""
         gen = {
             "max_new_tokens": params.max_new_tokens,
             "streamer": stream,
@@ -456,20 +552,7 @@ class MemoryService:
         with torch.inference_mode():
             out = self.memory.generate(input_ids, torch.ones_like(input_ids), memory=kv, **gen)
         new = out[0, len(ids) :].tolist()
-        if sm is not None and kv is not None and new and sm.conversation.config.track_attention:
-            # Which spans the answer's attention used: the LRU clock of eviction (one extra forward pass).
-            query = torch.zeros(1, out.shape[1], dtype=torch.bool, device=out.device)
-            query[0, len(ids) :] = True
-            sm.probe(out[:1], query)
-        if stream.stopped.is_set() or (new and new[-1] in self._eos):
-            finish = "stop"
-        elif cancel.is_set():
-            finish = "cancelled"
-        else:
-            finish = "length" if len(new) >= params.max_new_tokens else "stop"
-        self.metrics.prompt_tokens.inc(len(ids))
-        self.metrics.completion_tokens.inc(len(new))
-        return ChatResult(stream.text, len(ids), len(new), finish, info)
+        return new[: len(stream.ids)] if stream.stopped.is_set() else new
 
     def track(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
