@@ -14,8 +14,9 @@
 # Environment: MEMSPLICE_GGUF (the reasoner), MEMSPLICE_DATA (filler corpora; default /root/stage/data),
 # SYSTEMS (default: every registered system), SYN_EXAMPLES (episodes per synthetic length, default 4), PK_DEPTHS
 # (default 0,0.5,1), SELECT_CHUNKS (latent-select systems, default 2). bm25s and the MiniLM embedder come from
-# EXTRAS (default .gpu/extras, see stage_extras.py). $OUT ends up with run.log, one log per job, summary.json (the
-# "eval" scores of the merged runs) and eval-full.tar.gz (each task's merged report, results.json and plots).
+# EXTRAS (default .gpu/extras, see stage_extras.py). $OUT ends up with run.log, summary.json (the
+# "eval" scores of the merged runs) and eval-full.tar.gz (each task's merged report, results.json and plots, and
+# the jobs' logs).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:?usage: scripts/gpu/eval-full.sh MEMORY_CHECKPOINT_DIR}"
@@ -28,7 +29,7 @@ export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$EXTRAS/minilm" ] && export MEMSPLICE_EMBEDDER="${MEMSPLICE_EMBEDDER:-$EXTRAS/minilm}"
 export MEMSPLICE_DATA="${MEMSPLICE_DATA:-/root/stage/data}"
 export MEMSPLICE_RESULTS="$OUT/results"
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false JAX_PLATFORMS=cpu  # nothing here may run JAX on the GPU (see retrieval.py)
 RUNS="${RUNS:-/root/evalruns}"
 BUDGET="${BUDGET:-560}"
 SYN_EXAMPLES="${SYN_EXAMPLES:-4}"
@@ -92,6 +93,6 @@ for task in synthetic passkey locomo; do
         && log "$task: merged $runs" || log "$task: merge failed (see run.log)"
 done
 [ -f "$MEMSPLICE_RESULTS/summary.json" ] && cp "$MEMSPLICE_RESULTS/summary.json" "$OUT/summary.json"
-tar czf "$OUT/eval-full.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d results synthetic passkey locomo 2>/dev/null)
-rm -rf "$OUT/results" "$OUT/synthetic" "$OUT/passkey" "$OUT/locomo"
+tar czf "$OUT/eval-full.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d results synthetic passkey locomo job-*.log 2>/dev/null)
+rm -rf "$OUT/results" "$OUT/synthetic" "$OUT/passkey" "$OUT/locomo" "$OUT"/job-*.log
 log "done; $OUT holds: $(ls "$OUT" | tr '\n' ' ')"

@@ -77,7 +77,9 @@ class BM25Retrieval(TurnRetrieval):
         )
         if not q[0]:
             return []
-        docs, scores = self._retriever.retrieve(q, k=k, show_progress=False)
+        # numpy top-k: with JAX installed bm25s would pick it, and JAX's own CUDA work in this process breaks the
+        # reader's CUDA graph captures (and crashed long-history runs on the GPU host)
+        docs, scores = self._retriever.retrieve(q, k=k, show_progress=False, backend_selection="numpy")
         return [int(d) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
 
     def stored_bytes(self) -> int:
