@@ -167,6 +167,8 @@ def test_eval_merge_reports_runs_of_other_lengths_as_one(tiny_model_dir, tmp_pat
     both = json.loads((tmp_path / "both" / "results.json").read_text())
     assert merged["config"]["task_args"]["lengths"] == [256, 384]
     assert [m["lengths"] for m in merged["merged_from"]] == [[256], [384]]
+    report = (merged_dir / "report.md").read_text()
+    assert report.count("- command:") == 2 and "- lengths 384 (1 of 1 episodes):" in report
     key = ("episode", "system", "question_id", "prediction", "contains")
     assert sorted(tuple(r[k] for k in key) for r in merged["records"]) == sorted(
         tuple(r[k] for k in key) for r in both["records"]

@@ -128,12 +128,20 @@ def render_markdown(results: dict, summary: dict) -> str:
     main = summary["main_metric"]
     systems = results["systems"]
     s = summary["systems"]
-    prov = results["provenance"]
-    lines = [
-        f"# memsplice eval: {results['task']}",
-        "",
-        f"- command: `{prov['command']}`",
-        f"- commit {prov['commit']}, {prov['date']}, {prov['device']}",
+    lines = [f"# memsplice eval: {results['task']}", ""]
+    for run in results.get("merged_from") or [{"provenance": results["provenance"]}]:
+        prov, indent = run["provenance"], ""
+        if "lengths" in run:  # one of several merged runs
+            done = f"{run['episodes']} of {run['episodes_planned']} episodes"
+            lines.append(f"- lengths {', '.join(str(n) for n in run['lengths'])} ({done}):")
+            indent = "  "
+        lines += [
+            f"{indent}- command: `{prov['command']}`",
+            f"{indent}- commit {prov['commit']}, {prov['date']}, {prov['device']}",
+        ]
+    if results.get("note"):
+        lines.append(f"- note: {results['note']}")
+    lines += [
         f"- reasoner {results['reasoner']['name']} ({results['reasoner']['dtype']}, window "
         f"{results['reasoner']['max_positions']} tokens); memory checkpoint: "
         f"{results['checkpoint'] or 'none (untrained memory: latent scores are a floor)'}",
