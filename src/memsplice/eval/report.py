@@ -259,13 +259,22 @@ def _plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in systems:
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    colors = plt.get_cmap("tab20").colors  # one colour per system, up to 20
+    for i, name in enumerate(systems):
         points = sorted((int(n), b.get(key)) for n, b in summary["systems"][name]["by_length"].items())
         xs = [n for n, v in points if v is not None]
         ys = [v * scale for _, v in points if v is not None]
-        if xs:
-            ax.plot(xs, ys, marker="o", label=name)
+        if xs:  # memory systems solid, text systems dashed
+            style = "-" if name.startswith("latent") else "--"
+            ax.plot(
+                xs,
+                ys,
+                style,
+                marker="os^Dv<>ph*"[i % 10],
+                color=colors[(2 * i) % 20 + (i // 10) % 2],
+                label=name,
+            )
     ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log")
@@ -274,7 +283,7 @@ def _plot(
     if percent:
         ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
