@@ -151,6 +151,39 @@ def test_address_splices_the_chunks_the_head_scores_best(memory):
         conv.address("  ")
 
 
+def test_address_reuses_chunk_keys_until_memory_or_weights_change(memory, monkeypatch):
+    rng = random.Random(6)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    for _ in range(12):
+        conv.add_turn("user", sentence(rng, 12))
+    memory.add_address_head(8)
+    head = memory.address
+    calls = []
+    keys = head.keys
+    monkeypatch.setattr(head, "keys", lambda latents: calls.append(latents.shape[0]) or keys(latents))
+
+    def picked(question):
+        kv = conv.address(question, top_chunks=1)
+        return kv.keys[0].clone()
+
+    first = picked("Where does Ada live?")
+    assert calls == [len(conv._all_chunks())]
+    assert torch.equal(picked("Where does Ada live?"), first) and len(calls) == 1  # same chunks: keys reused
+    picked("What does Bram do?")
+    assert len(calls) == 1
+    conv.add_turn("user", sentence(rng, 12))  # the open chunk is re-encoded: keys again
+    picked("Where does Ada live?")
+    assert len(calls) == 2
+    with torch.no_grad():
+        head.key_proj.weight.mul_(
+            -1.0
+        )  # a weight changed in place: keys again, and they are the new weights'
+    picked("Where does Ada live?")
+    assert len(calls) == 3
+    live = [c for c in conv._all_chunks() if c.live]
+    assert torch.equal(conv._keys_cache[2], keys(torch.stack([c.latents for c in live])))
+
+
 def test_read_follows_the_configured_policy(memory):
     rng = random.Random(5)
     conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096, select_chunks=1))

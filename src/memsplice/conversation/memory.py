@@ -233,6 +233,7 @@ class ConversationMemory:
         self._composed: tuple[MemoryKV | None, list[tuple[int, int]]] | None = None
         self._lock = threading.RLock()
         self._signature: tuple[tuple, str] | None = None
+        self._keys_cache: tuple[tuple, list[torch.Tensor], torch.Tensor] | None = None
         self.write_seconds: list[float] = []
 
     # -- text ------------------------------------------------------------------------------------------------
@@ -583,14 +584,29 @@ class ConversationMemory:
             ids = ids[-self.memory.config.max_memory_tokens :]
             with self.memory.evaluating():
                 query = self.memory.encode(torch.tensor([ids]))
-            device = query.device
-            keys = head.keys(torch.stack([c.latents for c in live]).to(device))
+            keys = self._address_keys(head, live, query.device)
             scores = head.score(head.queries(query), keys)[0]
             chosen = [live[i] for i in best(scores, top_chunks)]
             for chunk in chosen:
                 for span_id in chunk.span_ids:
                     self.store.mark_used(span_id, 1.0 / len(chosen), used=True)
             return compose(chosen, self.memory.reasoner, self.config.slot_selection, full_resolution=True)[0]
+
+    def _address_keys(self, head, live: list[Chunk], device) -> torch.Tensor:
+        """The address head's keys of `live` chunks' latents, (C, M, dim); computed again only when a chunk was
+        re-encoded, the chunks changed or a memory weight did (questions between two writes share them)."""
+        version = weights_version(self.memory)
+        cached = self._keys_cache
+        if (
+            cached is not None
+            and cached[0] == version
+            and len(cached[1]) == len(live)
+            and all(a is c.latents for a, c in zip(cached[1], live, strict=True))
+        ):
+            return cached[2]
+        keys = head.keys(torch.stack([c.latents for c in live]).to(device))
+        self._keys_cache = (version, [c.latents for c in live], keys)
+        return keys
 
     # -- inspection ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
