@@ -113,9 +113,22 @@ def test_summary_arithmetic():
             rec("oracle", 1, 1.0),
             rec("oracle", 2, 1.0),
         ],
-        "feeds": [{"system": "a", "length": 1, "write_s_per_turn": 0.002, "stored_bytes": 10}],
+        "feeds": [
+            {"system": "a", "length": 1, "write_s_per_turn": 0.002, "stored_bytes": 10, "evicted_spans": 4},
+            {"system": "a", "length": 1, "write_s_per_turn": 0.002, "stored_bytes": 10, "evicted_spans": 2},
+            {
+                "system": "oracle",
+                "length": 1,
+                "write_s_per_turn": 0.0,
+                "stored_bytes": 10,
+            },  # as older results
+        ],
     }
     s = summarise(results)["systems"]
+    assert (
+        s["a"]["by_length"]["1"]["evicted_spans_mean"] == 3
+        and s["oracle"]["costs"]["evicted_spans_mean"] == 0
+    )
     assert s["a"]["main"] == 0.5 and s["a"]["score"]["answered"] == 2 and s["a"]["score"]["questions"] == 3
     assert s["a"]["by_length"]["2"]["contains"] is None
     assert s["a"]["fraction_of_oracle"] == 0.5

@@ -92,6 +92,24 @@ def test_chunk_tokens_sets_the_memory_compression(eval_reasoner):
         SystemArgs(chunk_tokens=0)
 
 
+def test_feed_reports_history_a_memory_evicted(eval_reasoner):
+    """A slot budget too small for the history evicts its oldest chunks, and the feed says how many spans went."""
+    turns = _turns(200)
+    probe = build_system("latent", _runtime(eval_reasoner))
+    probe.reset()
+    m = probe.conversation.memory.config.num_slots
+    tight = build_system("latent", _runtime(eval_reasoner, chunk_tokens=16, slot_budget=4 * m))
+    roomy = build_system("latent", _runtime(eval_reasoner, chunk_tokens=16, slot_budget=10_000))
+    text = build_system("window", _runtime(eval_reasoner))
+    fed = {}
+    for name, system in (("tight", tight), ("roomy", roomy), ("text", text)):
+        system.reset()
+        fed[name] = system.feed(turns)
+    assert fed["tight"].evicted_spans == len(tight.conversation.store.archived()) > 0
+    assert fed["roomy"].evicted_spans == 0 and fed["text"].evicted_spans == 0
+    assert fed["tight"].to_dict()["evicted_spans"] == fed["tight"].evicted_spans
+
+
 def test_latent_select_injects_only_the_chunks_the_question_attends_to(eval_reasoner):
     runtime = _runtime(eval_reasoner, chunk_tokens=16)
     full = build_system("latent", runtime)

@@ -59,6 +59,7 @@ def _cost_block(records: list[dict], feeds: list[dict]) -> dict:
         "retrieval_ms_mean": _mean([r["retrieval_s"] * ms for r in answered]),
         "write_ms_per_turn_mean": _mean([f["write_s_per_turn"] * ms for f in feeds]),
         "stored_bytes_mean": _mean([f["stored_bytes"] for f in feeds]),
+        "evicted_spans_mean": _mean([f.get("evicted_spans", 0) for f in feeds]),  # older results lack it
     }
 
 
@@ -199,6 +200,7 @@ def render_markdown(results: dict, summary: dict) -> str:
                 _fmt(c["kv_bytes_mean"], "bytes"),
                 _fmt(c["write_ms_per_turn_mean"], "ms"),
                 _fmt(c["stored_bytes_mean"], "bytes"),
+                _fmt(c["evicted_spans_mean"], "int"),
             ]
         )
     lines += _table(
@@ -211,6 +213,7 @@ def render_markdown(results: dict, summary: dict) -> str:
             "KV bytes at answer",
             "write ms/turn",
             "stored per conversation",
+            "history spans evicted from memory",
         ],
         cost_rows,
     )
@@ -238,6 +241,22 @@ def render_markdown(results: dict, summary: dict) -> str:
             for name in systems
         ],
     )
+    evicting = [n for n in systems if any(b.get("evicted_spans_mean") for b in s[n]["by_length"].values())]
+    if evicting:  # where a memory's budget dropped history: its scores there cannot include those turns
+        lines += ["", "## History spans evicted from memory by history length (mean per conversation)", ""]
+        lines += _table(
+            ["system", *map(str, lengths)],
+            [
+                [
+                    name,
+                    *(
+                        _fmt(s[name]["by_length"].get(str(n), {}).get("evicted_spans_mean"), "int")
+                        for n in lengths
+                    ),
+                ]
+                for name in evicting
+            ],
+        )
     lines += ["", "Plots: `accuracy_vs_length.png`, `latency_vs_length.png`, `kv_bytes_vs_length.png`.", ""]
     return "\n".join(lines)
 

@@ -75,6 +75,9 @@ class FeedCosts:
     """Wall time spent taking the turns in (indexing, embedding, memory writes)."""
     stored_bytes: int = 0
     """What the system keeps for this conversation: text, index, embeddings or memory K/V."""
+    evicted_spans: int = 0
+    """Spans of the history a memory no longer holds (evicted by its slot budget or token cap; kept in its archive,
+    not read). 0 for systems that keep everything they were fed."""
 
     @property
     def write_s_per_turn(self) -> float:
@@ -124,7 +127,13 @@ class System(ABC):
         t0 = time.perf_counter()
         self.turns.extend(turns)
         self.ingest(turns)
-        return FeedCosts(turns=len(turns), write_s=time.perf_counter() - t0, stored_bytes=self.stored_bytes())
+        write_s = time.perf_counter() - t0
+        return FeedCosts(
+            turns=len(turns),
+            write_s=write_s,
+            stored_bytes=self.stored_bytes(),
+            evicted_spans=self.evicted_spans(),
+        )
 
     def ingest(self, turns: Sequence[Turn]) -> None:
         """Whatever the system does with new turns beyond keeping them (default: nothing)."""
@@ -135,6 +144,10 @@ class System(ABC):
 
     @abstractmethod
     def stored_bytes(self) -> int: ...
+
+    def evicted_spans(self) -> int:
+        """Spans of what was fed that the system no longer reads (default: none)."""
+        return 0
 
     # -- shared helpers --------------------------------------------------------------------------------------
     def read_turns(

@@ -93,6 +93,9 @@ class _LatentBase(System):
     def _reads_whole_memory(self) -> bool:
         return True
 
+    def evicted_spans(self) -> int:
+        return 0 if self.conversation is None else len(self.conversation.store.archived())
+
     def _memory_bytes(self) -> int:
         if self.conversation is None:
             return 0
