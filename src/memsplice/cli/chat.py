@@ -213,6 +213,8 @@ class ChatSession:
         transformers' greedy `generate()` either way."""
         import torch
 
+        from memsplice.engine import loaded_slots
+
         kv = self.conversation.read(message)
         messages = [
             {"role": "system", "content": self.system},
@@ -221,17 +223,12 @@ class ChatSession:
         ]
         prompt = self.reasoner.chat_ids(messages)
         t0 = time.perf_counter()
-        slots = kv.num_slots if kv is not None and kv.any_live else 0
-        decoder = (
-            self._decoder(slots + len(prompt) + max_new_tokens, max_new_tokens) if temperature <= 0 else None
-        )
+        positions = loaded_slots(kv) + len(prompt) + max_new_tokens
+        decoder = self._decoder(positions, max_new_tokens) if temperature <= 0 else None
         if decoder is not None:
-            result = decoder.generate(
+            new = decoder.generate(
                 prompt, kv, max_new_tokens=max_new_tokens, stop_ids=self.reasoner.eos_ids
-            )
-            new = result.tokens + (
-                [result.stop_id] if result.stop_id is not None else []
-            )  # as generate() ends
+            ).generated
         else:
             ids = torch.tensor([prompt], device=self.reasoner.device)
             gen = dict(

@@ -74,6 +74,11 @@ class DecodeResult:
     def decode_s_per_token(self) -> float | None:
         return self.decode_s / self.decode_steps if self.decode_steps else None
 
+    @property
+    def generated(self) -> list[int]:
+        """The new ids as transformers' `generate()` returns them: `tokens`, then the stop id that ended decoding."""
+        return self.tokens + ([self.stop_id] if self.stop_id is not None else [])
+
 
 class _Clock:
     """Marks on a timeline: CUDA events on a GPU (read after one sync), perf_counter elsewhere."""
@@ -112,6 +117,12 @@ class _Request:
     @property
     def n(self) -> int:
         return self.ids.numel()
+
+
+def loaded_slots(memory: MemoryKV | None) -> int:
+    """Memory positions a decoder puts in front of the prompt: all slots of live memory, none otherwise (memory
+    that is not live is not loaded at all)."""
+    return memory.num_slots if memory is not None and memory.any_live else 0
 
 
 def _uniform_gate(memory: MemoryKV) -> bool:
@@ -287,7 +298,7 @@ class GreedyDecoder:
             raise ValueError(
                 f"max_new_tokens must be in 1..{self.max_new_tokens} for this decoder, got {new}"
             )
-        slots = memory.num_slots if memory is not None and memory.any_live else 0
+        slots = loaded_slots(memory)
         if slots and memory.batch_size != 1:
             raise ValueError(
                 f"GreedyDecoder decodes one row at a time; memory holds {memory.batch_size} rows"

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from ..engine import DecoderPool, GreedyDecoder
+from ..engine import DecoderPool, GreedyDecoder, loaded_slots
 from ..inject.memory_kv import MemoryKV
 from .tasks.base import Turn
 
@@ -192,7 +192,7 @@ class Reader:
     ) -> Answer:
         ids = self.prompt_ids(question, history)
         context = self.count_tokens(history) if history else 0
-        slots = memory.num_slots if memory is not None and memory.any_live else 0
+        slots = loaded_slots(memory)
         new = self.settings.max_new_tokens
         if not self.fits(len(ids), slots):
             return Answer(

@@ -43,7 +43,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..engine import DecoderPool, GreedyDecoder, plain_greedy
+from ..engine import DecoderPool, GreedyDecoder, loaded_slots, plain_greedy
 from ..inject.memory_kv import MemoryKV
 from ..memory.model import MemoryModel
 from ..memory.safety import FallbackEvent
@@ -484,8 +484,7 @@ class MemoryService:
         """The engine for a greedy request that fits the reasoner's window; None: decode eagerly."""
         if self.decoders is None or params.temperature > 0:
             return None
-        slots = kv.num_slots if kv is not None and kv.any_live else 0
-        return self.decoders.decoder_for(slots + prompt_tokens + params.max_new_tokens)
+        return self.decoders.decoder_for(loaded_slots(kv) + prompt_tokens + params.max_new_tokens)
 
     def _decode_greedy(
         self,
@@ -517,7 +516,7 @@ class MemoryService:
             stop_ids=self._eos,
             on_token=feed if live else None,
         )
-        new = result.tokens + ([result.stop_id] if result.stop_id is not None else [])
+        new = result.generated
         if not live:
             new = next((new[: i + 1] for i, t in enumerate(new) if feed(t)), new)
         stream.end()
