@@ -609,6 +609,17 @@ class ConversationMemory:
         return keys
 
     # -- inspection ------------------------------------------------------------------------------------------
+    def _stored_parts(self) -> tuple[int, int]:
+        """(latent bytes, transcript bytes): what the conversation keeps, float32 latents and text with token ids."""
+        latent_bytes = sum(c.latents.numel() * 4 for c in self._all_chunks() if c.latents is not None)
+        transcript_bytes = sum(len(s.text.encode()) + 4 * s.num_tokens for s in self.store.spans.values())
+        return latent_bytes, transcript_bytes
+
+    def stored_bytes(self) -> int:
+        """`stats()["stored_bytes"]` without composing the memory (which `stats` does for its K/V bytes)."""
+        with self._lock:
+            return sum(self._stored_parts())
+
     def stats(self) -> dict:
         with self._lock:
             kv = self.memory_kv()
@@ -616,8 +627,7 @@ class ConversationMemory:
             levels: dict[str, int] = {}
             for node in self.hierarchy.nodes:
                 levels[str(node.level)] = levels.get(str(node.level), 0) + 1
-            latent_bytes = sum(c.latents.numel() * 4 for c in chunks if c.latents is not None)
-            transcript_bytes = sum(len(s.text.encode()) + 4 * s.num_tokens for s in self.store.spans.values())
+            latent_bytes, transcript_bytes = self._stored_parts()
             kv_bytes = kv.nbytes() if kv is not None else 0
             return {
                 "turns": self.turns,

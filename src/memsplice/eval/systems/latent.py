@@ -99,7 +99,7 @@ class _LatentBase(System):
     def _memory_bytes(self) -> int:
         if self.conversation is None:
             return 0
-        return int(self.conversation.stats()["stored_bytes"])
+        return self.conversation.stored_bytes()
 
 
 @register_system(
