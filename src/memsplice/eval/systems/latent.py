@@ -118,57 +118,56 @@ class LatentMemory(_LatentBase):
         return self._memory_bytes()
 
 
+class _PicksChunks(_LatentBase):
+    """What the selecting systems share: only `SystemArgs.select_chunks` chunk memories are read per question, ranked
+    (`SystemArgs.select_by`) by the memory's address head, which scores each chunk's stored latents against the
+    question's own latents (one short encoder call), or by the attention the question's prompt gives them with the
+    whole memory in front (one extra forward pass). Either cost is counted in the time to first token."""
+
+    def _select_by(self) -> str:
+        """`SystemArgs.select_by`, with auto = the address head when the checkpoint has one, else attention."""
+        has_head = load_memory_model(self.runtime).address is not None
+        if self.args.select_by == "address" and not has_head:
+            raise ValueError(
+                f"{self.name} --select-by address: the memory checkpoint has no address head (train one with "
+                "python -m memsplice.online.address)"
+            )
+        if self.args.select_by == "auto":
+            return "address" if has_head else "attention"
+        return self.args.select_by
+
+    def _reads_whole_memory(self) -> bool:
+        return self._select_by() == "attention"  # the attention probe reads it; the address head does not
+
+    def _selected_memory(self, question: Question, window: Sequence[Turn]) -> tuple[MemoryKV | None, float]:
+        """The chunk memories `question` picks, and the seconds picking took. The attention probe reads the prompt
+        the answer will have (question plus `window` as text)."""
+        if self.conversation is None or not self.conversation.turns:
+            return None, 0.0
+        t0 = time.perf_counter()
+        if self._select_by() == "address":
+            memory = self.conversation.address(question.question, self.args.select_chunks)
+        else:
+            history = render_history(window) if window else None
+            ids = torch.tensor(
+                [self.reader.prompt_ids(question.question, history)], device=self.reader.reasoner.device
+            )
+            memory = self.conversation.select(ids, self.args.select_chunks)
+        return memory, time.perf_counter() - t0
+
+
 @register_system(
     "latent-select",
     help="conversation memory, but only the chunk memories the question picks (address head or attention) are "
     "injected",
 )
-class LatentSelect(LatentMemory):
-    """`latent` with a read-time selection: only `SystemArgs.select_chunks` chunk memories are spliced in front of
-    the question, at full resolution. They are ranked (`SystemArgs.select_by`) by the memory's address head, which
-    scores each chunk's stored latents against the question's own latents (one short encoder call), or by the
-    attention the question's prompt gives them with the whole memory in front (one extra forward pass). Either
-    cost is counted in the time to first token."""
-
-    def _reads_whole_memory(self) -> bool:
-        return _select_by(self) == "attention"  # the attention probe reads it; the address head does not
+class LatentSelect(_PicksChunks, LatentMemory):
+    """`latent` with a read-time selection (`_PicksChunks`): only the picked chunk memories are spliced in front of
+    the question, at full resolution."""
 
     def answer(self, question: Question) -> Answer:
-        memory, seconds = _selected_memory(self, question, [])
+        memory, seconds = self._selected_memory(question, [])
         return self.read_turns(question, [], memory=memory, retrieval_s=seconds)
-
-
-def _select_by(system: _LatentBase) -> str:
-    """How a selecting system ranks chunks: `SystemArgs.select_by`, with auto = the address head when the checkpoint
-    has one, else attention."""
-    has_head = load_memory_model(system.runtime).address is not None
-    if system.args.select_by == "address" and not has_head:
-        raise ValueError(
-            f"{system.name} --select-by address: the memory checkpoint has no address head (train one with "
-            "python -m memsplice.online.address)"
-        )
-    if system.args.select_by == "auto":
-        return "address" if has_head else "attention"
-    return system.args.select_by
-
-
-def _selected_memory(
-    system: _LatentBase, question: Question, window: Sequence[Turn]
-) -> tuple[MemoryKV | None, float]:
-    """The `SystemArgs.select_chunks` chunk memories `question` picks (`_select_by`), and the seconds picking took.
-    The attention probe reads the prompt the answer will have (question plus `window` as text)."""
-    if system.conversation is None or not system.conversation.turns:
-        return None, 0.0
-    t0 = time.perf_counter()
-    if _select_by(system) == "address":
-        memory = system.conversation.address(question.question, system.args.select_chunks)
-    else:
-        history = render_history(window) if window else None
-        ids = torch.tensor(
-            [system.reader.prompt_ids(question.question, history)], device=system.reader.reasoner.device
-        )
-        memory = system.conversation.select(ids, system.args.select_chunks)
-    return memory, time.perf_counter() - t0
 
 
 @register_system(
@@ -227,13 +226,10 @@ class LatentPlusWindow(_LatentBase):
     help="the recent window as exact text, and of the latent memory of everything older only the chunk memories "
     "the question picks (as latent-select)",
 )
-class LatentSelectPlusWindow(LatentPlusWindow):
-    """`latent+window` reading its memory as `latent-select` does: the window stays exact text, and only the
-    `SystemArgs.select_chunks` chunk memories the question picks are spliced in front of it."""
-
-    def _reads_whole_memory(self) -> bool:
-        return _select_by(self) == "attention"
+class LatentSelectPlusWindow(_PicksChunks, LatentPlusWindow):
+    """`latent+window` reading its memory as `latent-select` does (`_PicksChunks`): the window stays exact text, and
+    only the chunk memories the question picks are spliced in front of it."""
 
     def answer(self, question: Question) -> Answer:
-        memory, seconds = _selected_memory(self, question, self.window)
+        memory, seconds = self._selected_memory(question, self.window)
         return self.read_turns(question, self.window, memory=memory, retrieval_s=seconds)
