@@ -72,7 +72,7 @@ job() {  # job NAME GPU
     CUDA_VISIBLE_DEVICES=$gpu timeout --kill-after=10 $(( secs + 45 )) $PY -m memsplice.cli.main eval "${args[@]}" \
         --systems "$SYSTEMS" --select-chunks "$SELECT_CHUNKS" --checkpoint "$CKPT" --time-budget "$secs" \
         --out "$dir" --quiet > "$OUT/job-${name/:/-}.log" 2>&1
-    log "$name: exit $? ($(tail -n +1 "$OUT/job-${name/:/-}.log" | grep -m1 -E '^[a-z]+: [0-9]+ episodes' || echo 'no summary'))"
+    log "$name: exit $? ($(grep -m1 -E '^[a-z]+: [0-9]+ episodes' "$OUT/job-${name/:/-}.log" || echo 'no summary'))"
 }
 
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
