@@ -10,7 +10,9 @@
 # learner, optimizer, anchor, Fisher, replay reservoir and place in the stream stay in $STATE/<variant> on the host
 # between commands (`bench online --part stability --state`). With two GPUs each variant has one to itself; with one
 # GPU they share it. LATENCY=1 first runs `bench latency` alone on the last GPU (the plain stream there starts after
-# it, so it gets less time in that command).
+# it, so it gets less time in that command). VARIANTS picks the streams (default "ewc_replay plain"); with
+# EXTRA="--rehearsal 4" they rehearse (results online-stability-<variant>-rehearsal.json; give them a STATE of their
+# own), e.g. VARIANTS=ewc_replay EXTRA="--rehearsal 4" STATE=/root/stability-rehearsal, one GPU left for other work.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:?usage: scripts/gpu/stability.sh MEMORY_CHECKPOINT_DIR}"
@@ -25,7 +27,8 @@ BUDGET="${BUDGET:-540}"   # seconds this command may take in all (the host allow
 UPDATES="${UPDATES:-10000}"
 # The stream's definition; it must not change between the commands of one run (the state refuses otherwise).
 RUN_ARGS="${RUN_ARGS:---context-tokens 32 --facts 128 --eval-every 500 --objective-schedule alternate}"
-EXTRA="${EXTRA:-}"        # e.g. "--device cpu" for a rehearsal
+EXTRA="${EXTRA:-}"        # e.g. "--rehearsal 4" (skill rehearsal; results then end in -rehearsal) or "--device cpu"
+VARIANTS="${VARIANTS:-ewc_replay plain}"  # the first runs on GPU 0, any other on the last GPU
 LATENCY="${LATENCY:-}"
 mkdir -p "$MEMSPLICE_RESULTS" "$STATE"
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -45,19 +48,22 @@ stream() {  # stream VARIANT GPU: this command's segment of one variant, stoppin
         || echo "$variant: the segment failed or was cut (see stability-$variant.log)"
 }
 
-stream ewc_replay 0 &
-p1=$!
+read -ra variants <<< "$VARIANTS"
+stream "${variants[0]}" 0 &
+pids=($!)
 if [ -n "$LATENCY" ]; then
     CUDA_VISIBLE_DEVICES=$last $PY -m memsplice.cli.main bench latency --checkpoint "$CKPT" --slots 16 --contexts 1k,8k \
         --repeats 10 --hf-repeats 2 --compile $EXTRA --json --save > "$OUT/latency.log" 2>&1 || echo "latency failed (see latency.log)"
     echo "latency done after $(( $(date +%s) - t0 )) s"
 fi
-stream plain "$last" &
-p2=$!
-wait "$p1" "$p2"
+for v in "${variants[@]:1}"; do
+    stream "$v" "$last" &
+    pids+=($!)
+done
+wait "${pids[@]}"
 echo "segment done after $(( $(date +%s) - t0 )) s"
-for v in ewc_replay plain; do
-    $PY - "$MEMSPLICE_RESULTS/online-stability-$v.json" <<'PY' || true
+for f in "$MEMSPLICE_RESULTS"/online-stability-*.json; do
+    $PY - "$f" <<'PY' || true
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(r["variant"], "updates", r["updates"], "segments", r.get("segments"), "complete", r.get("complete"),

@@ -90,6 +90,21 @@ def test_stability_run_on_a_tiny_model():
     assert out["perplexity_drop"] >= 0 and out["stopped_by"] == "updates"
 
 
+@pytest.mark.slow
+def test_a_stability_run_with_rehearsal_names_its_result_and_its_set(tmp_path):
+    memory = tiny_memory()
+    a = args(updates=2, eval_every=2, ppl_passages=4, batch_size=2, rehearsal=2, rehearsal_questions=4)
+    out = bench.run_stability(a, memory.reasoner, memory)
+    assert out["config"]["rehearsal_per_update"] == 2 and "train split" in out["rehearsal"]
+    assert bench.stability_name(a) == "online-stability-ewc_replay-rehearsal"
+    assert bench.stability_name(args()) == "online-stability-ewc_replay"
+    (tmp_path / "online-stability-ewc_replay-rehearsal.json").write_text(
+        json.dumps({"forgetting_drop": 0.01, "perplexity_drop": 0.0, "updates": 2})
+    )
+    summary = bench.run_summary(args(results=str(tmp_path)))
+    assert summary["forgetting_drop"] == {"with_ewc_replay_rehearsal": 0.01}
+
+
 def stability_args(state, **overrides):
     return args(
         **{

@@ -15,7 +15,9 @@ Parts (`--part`):
   written from the history that holds the fact, re-encoded with the current weights; the reasoner answers the
   question, teacher-forced: answer-token accuracy and exact match), and the perplexity of held-out prose with memory
   of the text before it injected (gate as learned). `--variant ewc_replay` (EWC + replay, the default config) or
-  `plain` (both off) for the contrast. With `--state DIR` a run spans several commands: each continues where the
+  `plain` (both off) for the contrast; `--rehearsal N` adds skill rehearsal to either (N questions per update
+  answered from a memory of their evidence, from the synthetic task's train split: `online.rehearsal`; the result is
+  then `online-stability-<variant>-rehearsal`). With `--state DIR` a run spans several commands: each continues where the
   last stopped (the learner with its optimizer, anchor, Fisher, replay and generators; the position in the stream,
   which is rebuilt from the seed; the curve, losses and update times; the seconds so far) and saves that into DIR,
   atomically, at every evaluation and when it stops. Such a run evaluates on the `--eval-every` grid and at its end
@@ -196,6 +198,16 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=2, help="interactions per update")
     p.add_argument("--replay", type=int, default=2, help="replayed interactions per update (ewc_replay)")
     p.add_argument("--ewc-weight", type=float, default=10.0)
+    p.add_argument(
+        "--rehearsal",
+        type=int,
+        default=0,
+        help="rehearsal items per update: questions answered from a memory of their evidence, from the synthetic "
+        "task's train split (online.rehearsal; any variant; 0: off)",
+    )
+    p.add_argument(
+        "--rehearsal-questions", type=int, default=512, help="size of the rehearsal set (with --rehearsal)"
+    )
     p.add_argument(
         "--anchor-interval", type=int, default=200, help="interaction steps between anchor refreshes"
     )
@@ -419,6 +431,8 @@ RUN_ARGUMENTS = (
     "batch_size",
     "replay",
     "ewc_weight",
+    "rehearsal",
+    "rehearsal_questions",
     "anchor_interval",
     "lr",
     "context_tokens",
@@ -526,6 +540,26 @@ def _restore_generators(directory: Path, device) -> None:
 
 
 # -- parts ---------------------------------------------------------------------------------------------------
+def _rehearsal_set(args, reasoner, memory):
+    """The rehearsal set of a stability run with --rehearsal (train split, a seed of its own), else None."""
+    if not args.rehearsal:
+        return None
+    from ..online import rehearsal_from_synthetic
+
+    return rehearsal_from_synthetic(
+        reasoner,
+        args.rehearsal_questions,
+        seed=args.seed + 1000,
+        chunk_tokens=min(memory.config.chunk_tokens or 64, memory.config.max_memory_tokens),
+        data=args.data,
+    )
+
+
+def stability_name(args) -> str:
+    """The result's name: online-stability-<variant>, with -rehearsal when the run rehearses."""
+    return f"online-stability-{args.variant}" + ("-rehearsal" if args.rehearsal else "")
+
+
 def run_stability(args, reasoner, memory) -> dict:
     """The stability stream (see the module docstring). With `args.state`, resumable: the run continues from the
     state saved there (same arguments required), saves it again at every evaluation and when this command stops,
@@ -544,12 +578,13 @@ def run_stability(args, reasoner, memory) -> dict:
         objective_schedule=args.objective_schedule,
         ewc_weight=args.ewc_weight if args.variant == "ewc_replay" else 0.0,
         replay_per_update=args.replay if args.variant == "ewc_replay" else 0,
+        rehearsal_per_update=args.rehearsal,
     )
     state = Path(args.state) if args.state else None
     progress = load_stability_state(state, args) if state is not None else None
     resumed = progress is not None
     if progress is None:
-        learner = OnlineLearner(memory, cfg)
+        learner = OnlineLearner(memory, cfg, rehearsal=_rehearsal_set(args, reasoner, memory))
         progress = StabilityProgress(arguments=run_arguments(args))
     else:
         learner = OnlineLearner.load(state / STATE_LEARNER, reasoner=reasoner)
@@ -678,6 +713,7 @@ def run_stability(args, reasoner, memory) -> dict:
         "config": cfg.to_dict(),
         "compiled": compiled,
         "facts": len(probes),
+        "rehearsal": None if learner.rehearsal is None else learner.rehearsal.source,
         "ppl_passages": len(passages),
         "bare_perplexity": progress.bare_perplexity,
         "curve": curve,
@@ -901,7 +937,12 @@ def run_summary(args) -> dict:
             str(r["history_tokens"]): r["mem0_style_write_ms_mean"] for r in data["lengths"]
         }
         out["answer_ms"] = {str(r["history_tokens"]): r["answer_ms_with_memory"] for r in data["lengths"]}
-    for variant, key in (("ewc_replay", "with_ewc_replay"), ("plain", "without_ewc_replay")):
+    for variant, key in (
+        ("ewc_replay", "with_ewc_replay"),
+        ("plain", "without_ewc_replay"),
+        ("ewc_replay-rehearsal", "with_ewc_replay_rehearsal"),
+        ("plain-rehearsal", "with_rehearsal_only"),
+    ):
         path = directory / f"online-stability-{variant}.json"
         if path.is_file():
             data = json.loads(path.read_text())
@@ -941,7 +982,7 @@ def run(args) -> int:
         name = "online-recall"
     else:
         data = run_stability(args, reasoner, memory)
-        name = f"online-stability-{args.variant}"
+        name = stability_name(args)
     data["checkpoint"] = args.checkpoint
     data["memory_config"] = asdict(memory.config)
     if args.save:

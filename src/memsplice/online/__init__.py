@@ -4,6 +4,7 @@ from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservo
 from .ewc import ElasticAnchor
 from .loop import OnlineConfig, OnlineLearner, StepResult, UpdateStats
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
+from .rehearsal import RehearsalItem, RehearsalSet, rehearsal_from_synthetic
 
 __all__ = [
     "ElasticAnchor",
@@ -14,9 +15,12 @@ __all__ = [
     "OnlineLearner",
     "PrivacyAccountant",
     "PrivacyConfig",
+    "RehearsalItem",
+    "RehearsalSet",
     "ReplayReservoir",
     "StepResult",
     "UpdateStats",
     "corrupt_spans",
     "private_gradients",
+    "rehearsal_from_synthetic",
 ]

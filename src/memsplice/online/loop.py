@@ -19,6 +19,8 @@ One update minimises, over the buffer plus `replay_per_update` interactions draw
               restores it, so the memory learns to store what the conversation says;
   InfoNCE     (`train.objectives.infonce`, weight lambda_c): pooled latents of x_t and y_t are pulled together;
   EWC         (`ElasticAnchor`, weight lambda_ewc): (lambda/2) sum F (phi - phi')^2 towards the slow anchor;
+  rehearsal   (`online.rehearsal`, optional): the answer loss of questions read from memories of their evidence,
+              so that the skill of answering from memory is trained on even when the stream never asks;
 plus, for memory inputs that failed the safety check (queued from the fallback log), denoising on that input and a
 hinge on latent norms above half the safety bound, so the encoder learns to stay within it.
 
@@ -48,6 +50,7 @@ from ..train.objectives import DenoiseBatch, PairBatch, continuation, denoising,
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
 from .ewc import ElasticAnchor
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
+from .rehearsal import RehearsalSet
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,12 @@ class OnlineConfig:
     """Fallback inputs trained on per update."""
     fallback_norm_weight: float = 1.0
     """Weight of the hinge that pushes latent norms of fallback inputs below half the safety bound."""
+    rehearsal_per_update: int = 0
+    """Rehearsal items (questions answered from a memory of their evidence, `online.rehearsal`) whose answer loss
+    each update adds, so that learning from the stream keeps the skill of answering from memory (0: off; needs a
+    `RehearsalSet` given to the learner)."""
+    rehearsal_weight: float = 1.0
+    """Weight of the rehearsal answer loss."""
     context_tokens: int = 256
     """Most history tokens the next-token objective writes into memory (capped by max_memory_tokens)."""
     target_tokens: int = 64
@@ -131,6 +140,7 @@ class OnlineConfig:
             "replay_per_update",
             "fallback_capacity",
             "fallback_per_update",
+            "rehearsal_per_update",
         ):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, name, "must be a non-negative integer")
@@ -143,6 +153,7 @@ class OnlineConfig:
             "contrastive_weight",
             "ewc_weight",
             "fallback_norm_weight",
+            "rehearsal_weight",
         ):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(
@@ -213,9 +224,17 @@ class StepResult:
 
 
 class OnlineLearner:
-    def __init__(self, memory: MemoryModel, config: OnlineConfig | None = None):
+    def __init__(
+        self, memory: MemoryModel, config: OnlineConfig | None = None, rehearsal: RehearsalSet | None = None
+    ):
         self.memory = memory
         self.config = cfg = config or OnlineConfig()
+        if cfg.rehearsal_per_update > 0 and rehearsal is None:
+            raise ValueError(
+                "OnlineConfig.rehearsal_per_update > 0 needs a rehearsal set: "
+                "OnlineLearner(memory, config, rehearsal=rehearsal_from_synthetic(reasoner))"
+            )
+        self.rehearsal = rehearsal
         self.reasoner = memory.reasoner
         if cfg.privacy is not None and cfg.privacy.latent_norm_clip is not None:
             memory.config.latent_norm_clip = cfg.privacy.latent_norm_clip
@@ -396,6 +415,9 @@ class OnlineLearner:
             if cfg.privacy is None:
                 with autocast:
                     loss, parts = self._batch_loss(rows, fallback)
+                    if (rehearsed := self._rehearsal_loss()) is not None:
+                        loss = loss + cfg.rehearsal_weight * rehearsed
+                        parts["rehearsal"] = rehearsed.detach()
                 if loss.requires_grad:  # not when every row's memory fell back: nothing reaches the weights
                     loss.backward()
                 # The EWC gradient goes straight into .grad (the same gradient a backward pass through
@@ -445,16 +467,33 @@ class OnlineLearner:
         ewc = self._l2_anchor_penalty()
         if ewc.requires_grad:
             ewc.backward()
+        # Rehearsal items are public synthetic text, not users' data: their gradient is added unclipped, unnoised.
+        rehearsed = self._rehearsal_loss()
+        if rehearsed is not None:
+            (cfg.rehearsal_weight * rehearsed).backward()
         for p, g in zip(params, grads, strict=True):
             p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
         grad_norm = float(torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)))
         parts = {
             "sample_loss": clip.mean_loss,
             "ewc": float(ewc.detach()),
+            **({} if rehearsed is None else {"rehearsal": float(rehearsed.detach())}),
             "clipped": float(clip.clipped),
             "mean_sample_grad_norm": clip.mean_norm,
         }
         return clip.mean_loss + float(ewc.detach()), parts, grad_norm
+
+    def _rehearsal_loss(self) -> torch.Tensor | None:
+        """The answer loss of `rehearsal_per_update` rehearsal items, each question reading a memory written (with
+        autograd) from its own evidence; None when rehearsal is off."""
+        if self.rehearsal is None or self.config.rehearsal_per_update == 0:
+            return None
+        from ..train.objectives import answer
+        from .bootstrap import write_chunks
+
+        items = self.rehearsal.sample(self.config.rehearsal_per_update, self.rng)
+        written = write_chunks(self.memory, [it.memory for it in items])
+        return answer(self.memory, written.kv, [it.prompt for it in items], [it.answer for it in items]).loss
 
     def _l2_anchor_penalty(self) -> torch.Tensor:
         total = torch.zeros((), device=self.reasoner.device)
@@ -621,6 +660,7 @@ class OnlineLearner:
                 "fallbacks": self.fallbacks.to_dict(),
                 "rng": [rng[0], list(rng[1]), rng[2]],
                 "accountant": None if self.accountant is None else self.accountant.to_dict(),
+                "rehearsal": None if self.rehearsal is None else self.rehearsal.to_dict(),
                 "history": [asdict(h) for h in self.history[-1000:]],
             }
             (directory / STATE_NAME).write_text(json.dumps(state))
@@ -633,7 +673,12 @@ class OnlineLearner:
             raise FileNotFoundError(f"{directory} holds no online learner state ({STATE_NAME} is missing)")
         state = json.loads((directory / STATE_NAME).read_text())
         memory = MemoryModel.from_pretrained(directory / "memory", reasoner=reasoner)
-        learner = cls(memory, OnlineConfig.from_dict(state["config"]))
+        rehearsal = state.get("rehearsal")
+        learner = cls(
+            memory,
+            OnlineConfig.from_dict(state["config"]),
+            rehearsal=None if rehearsal is None else RehearsalSet.from_dict(rehearsal),
+        )
         tensors = torch.load(directory / TENSORS_NAME, map_location=reasoner.device, weights_only=True)
         learner.optimizer.load_state_dict(tensors["optimizer"])
         learner.anchor.load_state_dict(tensors["ewc"])
