@@ -10,9 +10,9 @@ import torch
 
 from memsplice.checkpoints import default_checkpoint_dir
 
-MIN_TOKEN_ACCURACY_8X = 0.80
-"""The shipped checkpoint measured 87.9% at 8x on 128 held-out passages on the H100 (bf16) and 86.0% on these 16
-passages on the CPU (fp32), against a 30.4% no-memory floor; 0.80 leaves a margin for arithmetic differences.
+MIN_TOKEN_ACCURACY_8X = 0.85
+"""The shipped checkpoint measured 91.7% at 8x on 128 held-out passages on an H200 (bf16) and 89.7% on these 16
+passages on the CPU (fp32), against a 30.4% no-memory floor; 0.85 leaves a margin for arithmetic differences.
 This is below the 99% the formation target asks for (see README, "Memory formation")."""
 MAX_SHIPPED_BYTES = 40 * 10**6
 
