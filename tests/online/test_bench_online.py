@@ -30,6 +30,10 @@ def test_stream_has_fixed_shapes_and_fact_probes():
         assert p["answer"] in tok.decode(p["context"])  # the fact is in what memory is written from
     acc = bench.fact_accuracy(memory, probes)
     assert 0.0 <= acc["token_accuracy"] <= 1.0 and 0.0 <= acc["exact"] <= 1.0
+    reader = bench.fact_accuracy(memory, probes, prompt="reader")
+    assert 0.0 <= reader["token_accuracy"] <= 1.0 and 0.0 <= reader["exact"] <= 1.0
+    with pytest.raises(ValueError, match="prompt"):
+        bench.fact_accuracy(memory, probes, prompt="system")
 
 
 def test_turns_tokenized_in_batches_are_tokenized_as_one_by_one():
@@ -87,15 +91,25 @@ def test_stability_run_on_a_tiny_model():
     a = args(updates=4, eval_every=2, ppl_passages=4, batch_size=2, anchor_interval=4)
     out = bench.run_stability(a, memory.reasoner, memory)
     assert out["updates"] == 4 and [c["update"] for c in out["curve"]] == [0, 2, 4]
+    assert all("reader_token_accuracy" in c for c in out["curve"]) and "forgetting_drop_reader" in out
     assert out["perplexity_drop"] >= 0 and out["stopped_by"] == "updates"
 
 
 @pytest.mark.slow
 def test_a_stability_run_with_rehearsal_names_its_result_and_its_set(tmp_path):
     memory = tiny_memory()
-    a = args(updates=2, eval_every=2, ppl_passages=4, batch_size=2, rehearsal=2, rehearsal_questions=4)
+    a = args(
+        updates=2,
+        eval_every=2,
+        ppl_passages=4,
+        batch_size=2,
+        rehearsal=2,
+        rehearsal_questions=4,
+        rehearsal_prompts="both",
+    )
     out = bench.run_stability(a, memory.reasoner, memory)
     assert out["config"]["rehearsal_per_update"] == 2 and "train split" in out["rehearsal"]
+    assert "both prompts" in out["rehearsal"]
     assert bench.stability_name(a) == "online-stability-ewc_replay-rehearsal"
     assert bench.stability_name(args()) == "online-stability-ewc_replay"
     (tmp_path / "online-stability-ewc_replay-rehearsal.json").write_text(

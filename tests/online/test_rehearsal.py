@@ -50,6 +50,12 @@ def test_items_hold_the_answer_in_their_memory_input_and_come_from_the_train_spl
         assert answer_text and answer_text in tok.decode(it.memory)
     again = small_set(memory)
     assert [it.to_dict() for it in again.items] == [it.to_dict() for it in rehearsal.items]  # seeded
+    both = rehearsal_from_synthetic(
+        memory.reasoner, 6, seed=1000, chunk_tokens=CHUNK, history_tokens=512, facts=2, prompts="both"
+    )
+    assert [it.memory for it in both.items] == [it.memory for it in rehearsal.items]
+    assert [it.prompt for it in both.items][::2] == [it.prompt for it in rehearsal.items][::2]
+    assert all(a.prompt != b.prompt for a, b in zip(both.items[1::2], rehearsal.items[1::2], strict=True))
     other = small_set(memory, seed=7)
     assert [it.to_dict() for it in other.items] != [it.to_dict() for it in rehearsal.items]
 
@@ -58,6 +64,8 @@ def test_bad_rehearsal_settings_are_refused():
     memory = tiny_memory()
     with pytest.raises(ValueError, match="values"):
         small_set(memory, values="some")
+    with pytest.raises(ValueError, match="prompts"):
+        rehearsal_from_synthetic(memory.reasoner, 2, prompts="system")
     with pytest.raises(ValueError, match="questions"):
         rehearsal_from_synthetic(memory.reasoner, 0)
     with pytest.raises(ValueError, match="item 0"):

@@ -13,7 +13,8 @@ Parts (`--part`):
   spliced into its first part) drives `OnlineLearner` for `--updates` updates or `--max-seconds` (or
   `--stop-after-updates`), whichever ends first. Every `--eval-every` updates: accuracy on the early facts (memory
   written from the history that holds the fact, re-encoded with the current weights; the reasoner answers the
-  question, teacher-forced: answer-token accuracy and exact match), and the perplexity of held-out prose with memory
+  question, teacher-forced: answer-token accuracy and exact match; asked as a bare chat turn, and again in the eval
+  reader's prompt as `reader_*`, the forgetting drop being taken on the first), and the perplexity of held-out prose with memory
   of the text before it injected (gate as learned). `--variant ewc_replay` (EWC + replay, the default config) or
   `plain` (both off) for the contrast; `--rehearsal N` adds skill rehearsal to either (N questions per update
   answered from a memory of their evidence, from the synthetic task's train split: `online.rehearsal`; the result is
@@ -209,6 +210,13 @@ def add_arguments(p):
         "--rehearsal-questions", type=int, default=512, help="size of the rehearsal set (with --rehearsal)"
     )
     p.add_argument(
+        "--rehearsal-prompts",
+        choices=("reader", "chat", "both"),
+        default="reader",
+        help="how rehearsal asks: the eval reader's prompt, the bare question as a chat turn (as the stability "
+        "probe asks), or every other item each way (with --rehearsal; default: reader)",
+    )
+    p.add_argument(
         "--anchor-interval", type=int, default=200, help="interaction steps between anchor refreshes"
     )
     p.add_argument("--lr", type=float, default=2e-5)
@@ -340,10 +348,16 @@ def build_stream(tok, template: str, args, n_interactions: int):
 
 # -- measurements ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def fact_accuracy(memory, probes: list[dict]) -> dict:
-    """Teacher-forced answer accuracy for each probe: memory of its context, question in the chat template."""
+def fact_accuracy(memory, probes: list[dict], prompt: str = "chat") -> dict:
+    """Teacher-forced answer accuracy for each probe: memory of its context, then the question, asked as the bare
+    user turn of the chat template (`prompt="chat"`, as `memsplice chat` and the server pass it on) or in the eval
+    reader's prompt (`"reader"`, its system message and "Short answer:", as the latent eval systems ask)."""
+    from ..eval.reader import PromptTemplate
     from ..inject import forward_with_memory
     from ..memory.model import pad_rows
+
+    if prompt not in ("chat", "reader"):
+        raise ValueError(f'fact_accuracy: prompt must be "chat" or "reader" (got {prompt!r})')
 
     reasoner = memory.reasoner
     tok = reasoner.require_tokenizer()
@@ -352,10 +366,15 @@ def fact_accuracy(memory, probes: list[dict]) -> dict:
     mem = memory.write(ctx, cmask)
     rows, spans = [], []
     for p in probes:
-        prompt = reasoner.chat_ids([{"role": "user", "content": p["question"]}])
+        messages = (
+            PromptTemplate().messages(p["question"], None)
+            if prompt == "reader"
+            else [{"role": "user", "content": p["question"]}]
+        )
+        asked = reasoner.chat_ids(messages)
         answer = tok(p["answer"], add_special_tokens=False)["input_ids"]
-        rows.append(prompt + answer)
-        spans.append((len(prompt), len(answer)))
+        rows.append(asked + answer)
+        spans.append((len(asked), len(answer)))
     ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
     logits = forward_with_memory(reasoner, ids, mask, mem.kv).logits.float()
     hits, exact, total = 0, 0, 0
@@ -433,6 +452,7 @@ RUN_ARGUMENTS = (
     "ewc_weight",
     "rehearsal",
     "rehearsal_questions",
+    "rehearsal_prompts",
     "anchor_interval",
     "lr",
     "context_tokens",
@@ -551,6 +571,7 @@ def _rehearsal_set(args, reasoner, memory):
         args.rehearsal_questions,
         seed=args.seed + 1000,
         chunk_tokens=min(memory.config.chunk_tokens or 64, memory.config.max_memory_tokens),
+        prompts=args.rehearsal_prompts,
         data=args.data,
     )
 
@@ -624,11 +645,14 @@ def run_stability(args, reasoner, memory) -> dict:
 
     def evaluate(update: int):
         acc = fact_accuracy(memory, probes)
+        reader = fact_accuracy(memory, probes, prompt="reader")
         curve.append(
             {
                 "update": update,
                 "seconds": round(elapsed(), 2),
                 **acc,
+                "reader_token_accuracy": reader["token_accuracy"],
+                "reader_exact": reader["exact"],
                 "perplexity": prose_perplexity(memory, passages),
             }
         )
@@ -720,6 +744,11 @@ def run_stability(args, reasoner, memory) -> dict:
         "forgetting_drop": max(0.0, (base_acc - last["token_accuracy"]) / base_acc) if base_acc > 0 else None,
         "forgetting_drop_exact": (
             max(0.0, (first["exact"] - last["exact"]) / first["exact"]) if first["exact"] > 0 else None
+        ),
+        "forgetting_drop_reader": (
+            max(0.0, 1 - last["reader_token_accuracy"] / first["reader_token_accuracy"])
+            if first.get("reader_token_accuracy") and "reader_token_accuracy" in last
+            else None
         ),
         "perplexity_drop": max(0.0, (last["perplexity"] - first["perplexity"]) / first["perplexity"]),
         "mean_update_ms": 1e3 * statistics.fmean(update_seconds) if update_seconds else None,

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+PROMPTS = ("reader", "chat", "both")
+"""How `rehearsal_from_synthetic` asks its questions (see there)."""
+
 
 @dataclass
 class RehearsalItem:
@@ -71,6 +74,7 @@ def rehearsal_from_synthetic(
     history_tokens: int = 512,
     facts: int = 6,
     values: str = "mixed",
+    prompts: str = "reader",
     data: str | None = None,
 ) -> RehearsalSet:
     """`questions` items from train-split synthetic episodes (`history_tokens` long, `facts` questions each): each
@@ -78,13 +82,19 @@ def rehearsal_from_synthetic(
     as the memory input, the question in the eval reader's prompt, and its answer.
 
     values: "pools" (the task's value pools), "open" (values made up for every fact, so only memory can carry them)
-    or "mixed" (half the episodes each, as the bootstrap trains)."""
+    or "mixed" (half the episodes each, as the bootstrap trains).
+
+    prompts: how a question is asked: "reader" (the eval reader's prompt, with its system message and "Short answer:",
+    as the latent eval systems ask), "chat" (the bare question as the user's turn in the reasoner's chat template, as
+    `memsplice chat` and the server pass it on) or "both" (every other item each way)."""
     if questions < 1:
         raise ValueError(f"rehearsal_from_synthetic: questions must be positive (got {questions})")
     if values not in ("pools", "open", "mixed"):
         raise ValueError(
             f'rehearsal_from_synthetic: values must be "pools", "open" or "mixed" (got {values!r})'
         )
+    if prompts not in PROMPTS:
+        raise ValueError(f"rehearsal_from_synthetic: prompts must be one of {PROMPTS} (got {prompts!r})")
     from ..eval.reader import Reader
     from .bootstrap import BootstrapConfig, episode_examples, synthetic_episodes
 
@@ -96,13 +106,17 @@ def rehearsal_from_synthetic(
     drawn = [
         ep for k, kind in enumerate(kinds) for ep in synthetic_episodes(cfg, share, seed + k, count, kind)
     ]
-    items = [
-        RehearsalItem(memory=e, prompt=p, answer=a)
-        for ex in episode_examples(drawn, reasoner, chunk_tokens)
-        for e, p, a in zip(ex.evidence, ex.prompts, ex.answers, strict=True)
-    ]
+    drawn = [ep for ep in drawn if any(q.answer for q in ep.questions)]  # as episode_examples keeps them
+    items = []
+    for episode, ex in zip(drawn, episode_examples(drawn, reasoner, chunk_tokens), strict=True):
+        asked = [q.question for q in episode.questions if q.answer]
+        for question, e, p, a in zip(asked, ex.evidence, ex.prompts, ex.answers, strict=True):
+            if prompts == "chat" or (prompts == "both" and len(items) % 2 == 1):
+                p = reasoner.chat_ids([{"role": "user", "content": question}])
+            items.append(RehearsalItem(memory=e, prompt=p, answer=a))
     source = (
         f"synthetic train split: {len(drawn)} episodes of {history_tokens} tokens, {facts} facts, "
         f"{values} values, seed {seed}, evidence of up to {chunk_tokens} tokens"
+        + ("" if prompts == "reader" else f", {prompts} prompts")
     )
     return RehearsalSet(items[:questions], source=source)
