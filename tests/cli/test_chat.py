@@ -89,6 +89,22 @@ def test_chat_learn_updates_saves_and_resumes(monkeypatch, capsys, tiny_model_di
     assert json.loads((learn / "online_state.json").read_text())["updates"] == 2
 
 
+def test_chat_learn_rehearsal_trains_on_synthetic_questions_and_is_saved(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    f, learn = tmp_path / "chat.json", tmp_path / "learner"
+    flags = ("--learn", "--learn-dir", str(learn), "--learn-batch", "1", "--learn-rehearsal", "2")
+    code, out = _chat(
+        monkeypatch, capsys, tiny_model_dir, f, ["Ada lives in Lisbon."], *flags, max_new_tokens=3
+    )
+    assert code == 0 and "online update 1" in out.out
+    state = json.loads((learn / "online_state.json").read_text())
+    assert state["config"]["rehearsal_per_update"] == 2 and state["rehearsal"]["items"]
+    assert "rehearsal" in state["history"][-1]["parts"]
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hi"], "--learn", "--learn-rehearsal", "-1")
+    assert code == 2 and "--learn-rehearsal" in out.err
+
+
 def test_chat_learn_batch_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
     flags = ("--learn", "--learn-batch", "0")
     code, out = _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], *flags)

@@ -231,8 +231,38 @@ def test_online_settings_reach_the_learner_and_bad_ones_name_the_field(tmp_path)
         ServeConfig(online_lr=0)
     with pytest.raises(ValueError, match="online_replay_per_update"):
         ServeConfig(online_replay_per_update=-1)
+    with pytest.raises(ValueError, match="online_rehearsal_per_update"):
+        ServeConfig(online_rehearsal_per_update=-1)
     env = ServeConfig.load(environ={"MEMSPLICE_ONLINE_ANCHOR_INTERVAL": "16", "MEMSPLICE_ONLINE_LR": "1e-4"})
     assert env.online_config().anchor_interval == 16 and env.online_config().lr == 1e-4
+
+
+def test_online_rehearsal_gives_the_learner_a_synthetic_set_also_when_resumed(tmp_path):
+    _, learner = make(tmp_path / "new", online_rehearsal_per_update=1)
+    inner = learner.learner
+    assert inner.config.rehearsal_per_update == 1 and "train split" in inner.rehearsal.source
+    assert "rehearsal" in inner.update(_two_interactions()).parts
+    _, plain = make(tmp_path / "resumed")
+    plain.learner.save(tmp_path / "resumed" / "state")
+    from memsplice.online import OnlineLearner
+    from memsplice.serve.online import apply_settings
+
+    resumed = OnlineLearner.load(tmp_path / "resumed" / "state", reasoner=plain.learner.reasoner)
+    assert resumed.rehearsal is None
+    apply_settings(resumed, _online_config(online_rehearsal_per_update=2))
+    assert resumed.config.rehearsal_per_update == 2 and len(resumed.rehearsal) > 0
+
+
+def _two_interactions():
+    from memsplice.online import Interaction
+
+    return [Interaction(id=-1, context=[5, 6, 7, 8], query=[9, 10, 11], response=[12, 13, 14]) for _ in "ab"]
+
+
+def _online_config(**overrides):
+    from memsplice.serve import ServeConfig
+
+    return ServeConfig(**overrides).online_config()
 
 
 def test_memsplice_serve_online_learning_trains_in_the_server_process(tmp_path):

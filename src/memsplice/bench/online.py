@@ -560,17 +560,16 @@ def _restore_generators(directory: Path, device) -> None:
 
 
 # -- parts ---------------------------------------------------------------------------------------------------
-def _rehearsal_set(args, reasoner, memory):
+def _rehearsal_set(args, memory):
     """The rehearsal set of a stability run with --rehearsal (train split, a seed of its own), else None."""
     if not args.rehearsal:
         return None
-    from ..online import rehearsal_from_synthetic
+    from ..online import default_rehearsal
 
-    return rehearsal_from_synthetic(
-        reasoner,
+    return default_rehearsal(
+        memory,
         args.rehearsal_questions,
         seed=args.seed + 1000,
-        chunk_tokens=min(memory.config.chunk_tokens or 64, memory.config.max_memory_tokens),
         prompts=args.rehearsal_prompts,
         data=args.data,
     )
@@ -605,7 +604,7 @@ def run_stability(args, reasoner, memory) -> dict:
     progress = load_stability_state(state, args) if state is not None else None
     resumed = progress is not None
     if progress is None:
-        learner = OnlineLearner(memory, cfg, rehearsal=_rehearsal_set(args, reasoner, memory))
+        learner = OnlineLearner(memory, cfg, rehearsal=_rehearsal_set(args, memory))
         progress = StabilityProgress(arguments=run_arguments(args))
     else:
         learner = OnlineLearner.load(state / STATE_LEARNER, reasoner=reasoner)

@@ -98,6 +98,14 @@ def add_parser(sub):
         metavar="N",
         help="exchanges per online update with --learn (default: %(default)s)",
     )
+    p.add_argument(
+        "--learn-rehearsal",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --learn, also rehearse N synthetic questions per update, each answered from a memory of its "
+        "evidence, so learning keeps the skill of answering from memory (memsplice.online.rehearsal; default: off)",
+    )
     return p
 
 
@@ -281,15 +289,22 @@ def _format_status(s: dict) -> str:
 def _learner_for(args, reasoner, path: Path):
     """The online learner for --learn: resumed from --learn-dir when it holds one, else new on the checkpoint."""
     from memsplice.checkpoints import load_memory
-    from memsplice.online import OnlineConfig, OnlineLearner
+    from memsplice.online import OnlineConfig, OnlineLearner, default_rehearsal, ensure_rehearsal
 
     if args.learn_batch < 1:
         raise ValueError(f"--learn-batch must be at least 1 (got {args.learn_batch})")
+    if args.learn_rehearsal < 0:
+        raise ValueError(f"--learn-rehearsal must be at least 0 (got {args.learn_rehearsal})")
     directory = Path(args.learn_dir) if args.learn_dir else path.with_name(path.stem + ".learner")
     if (directory / "online_state.json").is_file():
-        return OnlineLearner.load(directory, reasoner=reasoner), directory
+        learner = OnlineLearner.load(directory, reasoner=reasoner)
+        learner.config.rehearsal_per_update = args.learn_rehearsal
+        ensure_rehearsal(learner)
+        return learner, directory
     memory = load_memory(reasoner, args.checkpoint)
-    return OnlineLearner(memory, OnlineConfig(batch_size=args.learn_batch)), directory
+    config = OnlineConfig(batch_size=args.learn_batch, rehearsal_per_update=args.learn_rehearsal)
+    rehearsal = default_rehearsal(memory) if args.learn_rehearsal else None
+    return OnlineLearner(memory, config, rehearsal=rehearsal), directory
 
 
 def run(args) -> int:

@@ -4,7 +4,13 @@ from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservo
 from .ewc import ElasticAnchor
 from .loop import OnlineConfig, OnlineLearner, StepResult, UpdateStats
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
-from .rehearsal import RehearsalItem, RehearsalSet, rehearsal_from_synthetic
+from .rehearsal import (
+    RehearsalItem,
+    RehearsalSet,
+    default_rehearsal,
+    ensure_rehearsal,
+    rehearsal_from_synthetic,
+)
 
 __all__ = [
     "ElasticAnchor",
@@ -21,6 +27,8 @@ __all__ = [
     "StepResult",
     "UpdateStats",
     "corrupt_spans",
+    "default_rehearsal",
+    "ensure_rehearsal",
     "private_gradients",
     "rehearsal_from_synthetic",
 ]

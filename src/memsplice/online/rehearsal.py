@@ -120,3 +120,19 @@ def rehearsal_from_synthetic(
         + ("" if prompts == "reader" else f", {prompts} prompts")
     )
     return RehearsalSet(items[:questions], source=source)
+
+
+def default_rehearsal(memory, questions: int = 512, *, seed: int = 1000, prompts: str = "reader", data=None):
+    """`rehearsal_from_synthetic` for `memory`: evidence cut to the chunk size its conversations use (the checkpoint's
+    `chunk_tokens`, else 64 tokens), within what its encoder reads."""
+    chunk = min(memory.config.chunk_tokens or 64, memory.config.max_memory_tokens)
+    return rehearsal_from_synthetic(
+        memory.reasoner, questions, seed=seed, chunk_tokens=chunk, prompts=prompts, data=data
+    )
+
+
+def ensure_rehearsal(learner) -> None:
+    """Give `learner` the default rehearsal set when its config asks for rehearsal and it has none (a learner
+    resumed from a state saved without rehearsal, then told to rehearse)."""
+    if learner.config.rehearsal_per_update > 0 and learner.rehearsal is None:
+        learner.rehearsal = default_rehearsal(learner.memory)

@@ -94,6 +94,10 @@ class ServeConfig:
     """Weight of the EWC pull towards the anchor weights (0: no EWC)."""
     online_anchor_interval: int = 64
     """Samples between refreshes of the EWC anchor (and its Fisher estimate)."""
+    online_rehearsal_per_update: int = 0
+    """Skill-rehearsal questions per online update (`memsplice.online.rehearsal`: synthetic train-split questions
+    answered from a memory of their evidence, so learning from traffic keeps the skill of answering from memory;
+    0: off)."""
     online_context_tokens: int = 256
     """Most history tokens a queued sample keeps as the context its next-token objective writes into memory
     (capped by the memory's max_memory_tokens)."""
@@ -163,11 +167,9 @@ class ServeConfig:
             "replay_capacity",
             "must be a non-negative integer",
         )
-        need(
-            isinstance(self.online_replay_per_update, int) and self.online_replay_per_update >= 0,
-            "online_replay_per_update",
-            "must be a non-negative integer",
-        )
+        for name in ("online_replay_per_update", "online_rehearsal_per_update"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, name, "must be a non-negative integer")
         need(self.online_interval_s > 0, "online_interval_s", "must be positive")
         need(self.online_lr > 0, "online_lr", "must be positive")
         need(self.online_ewc_weight >= 0, "online_ewc_weight", "must be non-negative")
@@ -215,6 +217,7 @@ class ServeConfig:
             anchor_interval=self.online_anchor_interval,
             replay_capacity=self.replay_capacity,
             replay_per_update=self.online_replay_per_update,
+            rehearsal_per_update=self.online_rehearsal_per_update,
             context_tokens=self.online_context_tokens,
             seed=self.seed,
         )

@@ -33,7 +33,7 @@ import torch
 
 from ..atomic import atomic_directory
 from ..memory.model import MemoryModel
-from ..online import Interaction, OnlineConfig, OnlineLearner
+from ..online import Interaction, OnlineConfig, OnlineLearner, default_rehearsal, ensure_rehearsal
 from ..online.loop import STATE_NAME
 from .scope_memory import weights_digest
 
@@ -166,6 +166,7 @@ def apply_settings(learner: OnlineLearner, config: OnlineConfig) -> None:
     learner.buffer.batch_size = config.batch_size
     learner.reservoir.capacity = config.replay_capacity
     del learner.reservoir.items[config.replay_capacity :]
+    ensure_rehearsal(learner)
 
 
 def build_online_learner(memory: MemoryModel, config) -> ServerOnlineLearner:
@@ -184,6 +185,7 @@ def build_online_learner(memory: MemoryModel, config) -> ServerOnlineLearner:
                 load_weights(learner.memory, memory.state_dict())
         logger.info("online learner resumed from %s after %d updates", state_dir, learner.updates)
     else:
-        learner = OnlineLearner(copy_memory(memory), online_config)
+        rehearsal = default_rehearsal(memory) if online_config.rehearsal_per_update else None
+        learner = OnlineLearner(copy_memory(memory), online_config, rehearsal=rehearsal)
     memory.fallback_log.subscribe(learner.fallbacks)  # fallbacks of served requests are trained on too
     return ServerOnlineLearner(learner, state_dir)
