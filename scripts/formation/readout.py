@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record", default="readout", help="saved as benchmarks/results/formation/RECORD.json")
     args = p.parse_args()
     torch.manual_seed(0)
     reasoner = load_reasoner(device=args.device)
@@ -117,7 +118,7 @@ def main() -> None:
     summary = {k: v / n for k, v in scores.items()}
     print("contains:", {k: round(100 * v, 1) for k, v in summary.items()}, f"over {len(items)} questions")
     saved = save_result(
-        "readout",
+        args.record,
         {
             "checkpoint": str(path),
             "questions": len(items),
