@@ -14,14 +14,14 @@ Parts (`--part`):
   `--stop-after-updates`), whichever ends first. Every `--eval-every` updates: accuracy on the early facts (memory
   written from the history that holds the fact, re-encoded with the current weights; the reasoner answers the
   question, teacher-forced: answer-token accuracy and exact match; asked as a bare chat turn, and again in the eval
-  reader's prompt as `reader_*`, the forgetting drop being taken on the first), and the perplexity of held-out prose with memory
-  of the text before it injected (gate as learned). `--variant ewc_replay` (EWC + replay, the default config) or
-  `plain` (both off) for the contrast; `--rehearsal N` adds skill rehearsal to either (N questions per update
-  answered from a memory of their evidence, from the synthetic task's train split: `online.rehearsal`; the result is
-  then `online-stability-<variant>-rehearsal`). With `--state DIR` a run spans several commands: each continues where the
-  last stopped (the learner with its optimizer, anchor, Fisher, replay and generators; the position in the stream,
-  which is rebuilt from the seed; the curve, losses and update times; the seconds so far) and saves that into DIR,
-  atomically, at every evaluation and when it stops. Such a run evaluates on the `--eval-every` grid and at its end
+  reader's prompt as `reader_*`, the forgetting drop being taken on the first), and the perplexity of held-out prose
+  with memory of the text before it injected (gate as learned). `--variant ewc_replay` (EWC + replay, the default
+  config) or `plain` (both off) for the contrast; `--rehearsal N` adds skill rehearsal to either (N questions per
+  update answered from a memory of their evidence, from the synthetic task's train split: `online.rehearsal`; the
+  result is then `online-stability-<variant>-rehearsal`). With `--state DIR` a run spans several commands: each
+  continues where the last stopped (the learner with its optimizer, anchor, Fisher, replay and generators; the
+  position in the stream, which is rebuilt from the seed; the curve, losses and update times; the seconds so far)
+  and saves that into DIR, atomically, at every evaluation and when it stops. Such a run evaluates on the `--eval-every` grid and at its end
   only, so that it computes what one command would; arguments that define the run must match the saved ones. The
   result reports `segments` (commands that ran part of the stream), `complete`, and `seconds` over all of them.
 - `recall`: the eval harness's synthetic multi-session task (test split) at `--history-tokens` with the systems
