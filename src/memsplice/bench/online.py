@@ -23,7 +23,8 @@ Parts (`--part`):
   position in the stream, which is rebuilt from the seed; the curve, losses and update times; the seconds so far)
   and saves that into DIR, atomically, at every evaluation and when it stops. Such a run evaluates on the
   `--eval-every` grid and at its end only, so that it computes what one command would; arguments that define the run
-  must match the saved ones. The result reports `segments` (commands that ran part of the stream), `complete`, and `seconds` over all of them.
+  must match the saved ones. The result reports `segments` (commands that ran part of the stream), `complete`, and
+  `seconds` over all of them.
 - `recall`: the eval harness's synthetic multi-session task (test split) at `--history-tokens` with the systems
   `latent`, `latent+window`, `rag-bm25` and `oracle` (only the evidence turns in context); accuracy per length and
   system (the task's main metric), plus the latent systems' KV bytes against full context. Needs `memsplice.eval`.
