@@ -76,8 +76,13 @@ def labelled(fn, name: str):
 def label_phases(learner) -> None:
     import memsplice.online.loop as loop
 
-    for name in ("continuation", "denoising", "infonce"):
-        setattr(loop, name, labelled(getattr(loop, name), name))
+    for name in ("continuation", "denoising", "infonce"):  # module functions (earlier versions call them apart)
+        if hasattr(loop, name):
+            setattr(loop, name, labelled(getattr(loop, name), name))
+    if hasattr(learner, "_read"):  # the read objectives' shared encoder call and reasoner pass
+        learner._read = labelled(learner._read, "memory reads")
+    if hasattr(learner, "_rehearsal_loss"):
+        learner._rehearsal_loss = labelled(learner._rehearsal_loss, "rehearsal")
     learner.anchor.penalty = labelled(learner.anchor.penalty, "ewc penalty")
     if hasattr(learner.anchor, "accumulate_grad"):
         learner.anchor.accumulate_grad = labelled(learner.anchor.accumulate_grad, "ewc penalty")
@@ -95,11 +100,11 @@ def phase_of(event) -> str:
     return "other"
 
 
-def count(fn) -> tuple[int, int, collections.Counter, collections.Counter]:
+def count(fn) -> tuple[int, int, collections.Counter, collections.Counter, object]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
+        result = fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     outer = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     return (
@@ -107,6 +112,7 @@ def count(fn) -> tuple[int, int, collections.Counter, collections.Counter]:
         len(outer),
         collections.Counter(e.name for e in outer),
         collections.Counter(phase_of(e) for e in outer),
+        result,
     )
 
 
@@ -115,6 +121,13 @@ def main() -> int:
     p.add_argument("--real", action="store_true", help="the real SmolLM2-135M reasoner and shipped memory")
     p.add_argument("--layers", type=int, default=30, help="reasoner layers of the random reasoner")
     p.add_argument("--top", type=int, default=25, help="most frequent outermost ops to list")
+    p.add_argument(
+        "--rehearsal",
+        type=int,
+        default=0,
+        help="rehearsal items per update (random tokens shaped like the synthetic set: 64-token evidence, "
+        "48-token prompt, 4-token answer)",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     if args.real:
@@ -125,7 +138,7 @@ def main() -> int:
         memory = load_memory(reasoner)
     else:
         reasoner, memory = smollm2_shaped(args.layers)
-    from memsplice.online import OnlineConfig, OnlineLearner
+    from memsplice.online import OnlineConfig, OnlineLearner, RehearsalItem, RehearsalSet
 
     # `memsplice bench online --part stability --variant ewc_replay` (its defaults)
     cfg = OnlineConfig(
@@ -138,8 +151,21 @@ def main() -> int:
         objective_schedule="alternate",
         ewc_weight=10.0,
         replay_per_update=2,
+        rehearsal_per_update=args.rehearsal,
     )
-    learner = OnlineLearner(memory, cfg)
+    rng = random.Random(1)
+    vocab = reasoner.shapes.vocab_size
+    rehearsal = RehearsalSet(
+        [
+            RehearsalItem(
+                memory=[rng.randrange(3, vocab) for _ in range(64)],
+                prompt=[rng.randrange(3, vocab) for _ in range(48)],
+                answer=[rng.randrange(3, vocab) for _ in range(4)],
+            )
+            for _ in range(32)
+        ]
+    )
+    learner = OnlineLearner(memory, cfg, rehearsal=rehearsal if args.rehearsal else None)
     label_phases(learner)
     items = stream(64, reasoner.shapes.vocab_size, 128, 16, 24)
     fed = iter(items)
@@ -154,14 +180,15 @@ def main() -> int:
     totals = collections.Counter()
     for k in range(5):
         t0 = time.perf_counter()
-        n_all, n_outer, ops, phases = count(one_update)
-        label = "next-token" if "continuation" in phases else "denoising"
+        n_all, n_outer, ops, phases, stats = count(one_update)
+        label = "next-token" if "next_token" in stats.parts else "denoising"
+        label += " + rehearsal" if "rehearsal" in stats.parts else ""
         label += " + Fisher" if "fisher" in phases else ""
         rows.append((label, n_all, n_outer, phases, time.perf_counter() - t0))
         if k > 0:
             totals.update(ops)
     for label, n_all, n_outer, phases, secs in rows:
-        print(f"{label:18s} aten ops {n_all:7d}  outermost {n_outer:6d}  ({secs:.2f} s with profiling)")
+        print(f"{label:30s} aten ops {n_all:7d}  outermost {n_outer:6d}  ({secs:.2f} s with profiling)")
         print("    " + ", ".join(f"{k} {v}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])))
     steady = rows[1:]
     print(

@@ -238,3 +238,47 @@ def test_forget_removes_a_scope_and_the_saved_state_follows(tmp_path):
     held = [*resumed.reservoir.items, *resumed.buffer.items]
     assert {it.scope for it in held} == {"bob"} and len(resumed.fallbacks) == 0
     assert "alice" not in (tmp_path / "learner" / "online_state.json").read_text()
+
+
+def test_read_objectives_share_one_reasoner_pass_and_equal_their_separate_losses(monkeypatch):
+    """Next-token, denoising and rehearsal rows go through one encoder call and one reasoner pass, with each
+    objective's loss what its own function computes alone (padding aside)."""
+    from memsplice.memory.model import pad_rows
+    from memsplice.online import RehearsalItem, RehearsalSet
+    from memsplice.train import objectives
+    from memsplice.train.data import DenoiseBatch
+
+    memory = tiny_memory()
+    rehearsal = RehearsalSet([RehearsalItem(memory=[5, 6, 7, 8, 9, 10], prompt=[11, 12], answer=[13, 14, 2])])
+    learner = OnlineLearner(memory, small_config(rehearsal_per_update=1), rehearsal=rehearsal)
+    batch = interactions(3, seed=4)
+    reads = {
+        "next_token": learner._continuation_rows(batch),
+        "denoising": learner._denoise_rows([(it.query + it.response)[:12] for it in batch]),
+        "rehearsal": learner._rehearsal_rows(),
+    }
+    passes = []
+    real = objectives.hidden_states_with_memory
+    monkeypatch.setattr(
+        objectives, "hidden_states_with_memory", lambda *a, **k: passes.append(1) or real(*a, **k)
+    )
+    with torch.no_grad():
+        joint = learner._read(reads)
+        assert len(passes) == 1
+        n = reads["next_token"]
+        following = torch.tensor([p + t for p, t in zip(n.prompts, n.targets, strict=True)])
+        alone = {"next_token": objectives.continuation(memory, torch.tensor(n.memory_inputs), following).loss}
+        d = reads["denoising"]
+        ids, mask = pad_rows(d.memory_inputs, pad_id=0, device=memory.reasoner.device)
+        instruction = torch.tensor(d.prompts[0])
+        alone["denoising"] = objectives.denoising(
+            memory, DenoiseBatch(torch.tensor(d.targets), ids, mask), instruction
+        ).loss
+        r = reads["rehearsal"]
+        kv = memory.write(torch.tensor(r.memory_inputs)).kv
+        alone["rehearsal"] = objectives.answer(memory, kv, r.prompts, r.targets).loss
+    assert set(joint) == set(alone)
+    for name in alone:
+        torch.testing.assert_close(joint[name].loss, alone[name], atol=1e-4, rtol=1e-4, msg=name)
+    stats = learner.update(batch)
+    assert {"rehearsal", "infonce", "ewc"} <= set(stats.parts)

@@ -46,7 +46,7 @@ import torch
 
 from ..memory.model import MemoryModel, pad_rows
 from ..reasoner.identity import assert_frozen
-from ..train.objectives import DenoiseBatch, PairBatch, continuation, denoising, infonce
+from ..train.objectives import ObjectiveResult, PairBatch, answer_groups, infonce
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
 from .ewc import ElasticAnchor
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
@@ -191,6 +191,15 @@ class OnlineConfig:
 
 
 @dataclass
+class ReadRows:
+    """Rows of one objective that reads a memory: memory input -> [memory][prompt] -> target (teacher-forced)."""
+
+    memory_inputs: list[list[int]]
+    prompts: list[list[int]]
+    targets: list[list[int]]
+
+
+@dataclass
 class UpdateStats:
     update: int
     """1-based index of this update."""
@@ -257,7 +266,7 @@ class OnlineLearner:
         self.history: list[UpdateStats] = []
         tok = self.reasoner.tokenizer
         instruction = tok(cfg.instruction, add_special_tokens=False)["input_ids"] if tok is not None else [0]
-        self.instruction = torch.tensor(instruction or [0], dtype=torch.long, device=self.reasoner.device)
+        self.instruction_ids = list(instruction or [0])
         self.mask_id = (
             tok.unk_token_id
             if tok is not None and tok.unk_token_id is not None
@@ -414,10 +423,7 @@ class OnlineLearner:
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.privacy is None:
                 with autocast:
-                    loss, parts = self._batch_loss(rows, fallback)
-                    if (rehearsed := self._rehearsal_loss()) is not None:
-                        loss = loss + cfg.rehearsal_weight * rehearsed
-                        parts["rehearsal"] = rehearsed.detach()
+                    loss, parts = self._batch_loss(rows, fallback, rehearse=True)
                 if loss.requires_grad:  # not when every row's memory fell back: nothing reaches the weights
                     loss.backward()
                 # The EWC gradient goes straight into .grad (the same gradient a backward pass through
@@ -486,14 +492,8 @@ class OnlineLearner:
     def _rehearsal_loss(self) -> torch.Tensor | None:
         """The answer loss of `rehearsal_per_update` rehearsal items, each question reading a memory written (with
         autograd) from its own evidence; None when rehearsal is off."""
-        if self.rehearsal is None or self.config.rehearsal_per_update == 0:
-            return None
-        from ..train.objectives import answer
-        from .bootstrap import write_chunks
-
-        items = self.rehearsal.sample(self.config.rehearsal_per_update, self.rng)
-        written = write_chunks(self.memory, [it.memory for it in items])
-        return answer(self.memory, written.kv, [it.prompt for it in items], [it.answer for it in items]).loss
+        reads = self._rehearsal_rows()
+        return None if reads is None else self._read({"rehearsal": reads})["rehearsal"].loss
 
     def _l2_anchor_penalty(self) -> torch.Tensor:
         total = torch.zeros((), device=self.reasoner.device)
@@ -506,10 +506,15 @@ class OnlineLearner:
         return 0.5 * self.config.ewc_weight * total
 
     def _batch_loss(
-        self, rows: list[Interaction], fallback: list[list[int]], contrastive: bool = True
+        self,
+        rows: list[Interaction],
+        fallback: list[list[int]],
+        contrastive: bool = True,
+        rehearse: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted loss of one update over `rows` and `fallback` inputs, and its unweighted terms (detached
-        0-d tensors, left on the device)."""
+        """The weighted loss of one update over `rows` and `fallback` inputs (plus rehearsal items with `rehearse`),
+        and its unweighted terms (detached 0-d tensors, left on the device). The objectives that read a memory
+        (next-token, denoising, rehearsal) share one encoder call and one reasoner pass (`_read`)."""
         cfg = self.config
         device = self.reasoner.device
         total = torch.zeros((), device=device)
@@ -519,10 +524,9 @@ class OnlineLearner:
             alternate and self.updates % 2 == 1 and cfg.denoise_weight > 0
         )
         use_denoise = cfg.denoise_weight > 0 and not (alternate and self.updates % 2 == 0 and use_next)
-        if use_next and (batch := self._continuation_batch(rows)) is not None:
-            r = continuation(self.memory, *(t.to(device) for t in batch))
-            total = total + cfg.next_token_weight * r.loss
-            parts["next_token"] = r.loss.detach()
+        reads: dict[str, ReadRows] = {}
+        if use_next and (next_rows := self._continuation_rows(rows)) is not None:
+            reads["next_token"] = next_rows
         if cfg.denoise_source == "context":
             passages = []
             for it in rows:
@@ -531,10 +535,18 @@ class OnlineLearner:
         else:
             passages = [(it.query + it.response)[: cfg.target_tokens] for it in rows]
         passages += [ids[: cfg.target_tokens] for ids in fallback]
-        if use_denoise and (batch := self._denoise_batch(passages)) is not None:
-            r = denoising(self.memory, batch, self.instruction)
-            total = total + cfg.denoise_weight * r.loss
-            parts["denoising"] = r.loss.detach()
+        if use_denoise and (denoise_rows := self._denoise_rows(passages)) is not None:
+            reads["denoising"] = denoise_rows
+        if rehearse and (rehearsal_rows := self._rehearsal_rows()) is not None:
+            reads["rehearsal"] = rehearsal_rows
+        weights = {
+            "next_token": cfg.next_token_weight,
+            "denoising": cfg.denoise_weight,
+            "rehearsal": cfg.rehearsal_weight,
+        }
+        for name, result in self._read(reads).items():
+            total = total + weights[name] * result.loss
+            parts[name] = result.loss.detach()
         if contrastive and cfg.contrastive_weight > 0 and (batch := self._pair_batch(rows)) is not None:
             r = infonce(self.memory, batch, cfg.temperature)
             total = total + cfg.contrastive_weight * r.loss
@@ -553,8 +565,22 @@ class OnlineLearner:
             parts["fallback_norm"] = hinge.detach()
         return total, parts
 
-    def _continuation_batch(self, rows: list[Interaction]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(context (B, Tc), following (B, Tf)): rows share lengths (the shortest), no padding reaches the reasoner."""
+    def _read(self, reads: dict[str, ReadRows]) -> dict[str, ObjectiveResult]:
+        """Each read objective's mean loss: every memory input encoded in one call (padded and masked), every
+        [memory][prompt] -> target row in one reasoner pass (`answer_groups`)."""
+        if not reads:
+            return {}
+        inputs = [m for r in reads.values() for m in r.memory_inputs]
+        ids, mask = pad_rows(inputs, pad_id=0, device=self.reasoner.device)
+        written = self.memory.write(ids, mask)
+        prompts = [p for r in reads.values() for p in r.prompts]
+        targets = [t for r in reads.values() for t in r.targets]
+        sizes = [len(r.prompts) for r in reads.values()]
+        return dict(zip(reads, answer_groups(self.memory, written.kv, prompts, targets, sizes), strict=True))
+
+    def _continuation_rows(self, rows: list[Interaction]) -> ReadRows | None:
+        """Next-token rows: memory of the last `context_tokens` of the history, then x_t y_t teacher-forced from its
+        first token; contexts and targets are cut to the batch's shortest, so rows share lengths."""
         cfg = self.config
         rows = [it for it in rows if it.context and len(it.query) + len(it.response) >= 2]
         if not rows:
@@ -563,11 +589,13 @@ class OnlineLearner:
             min(len(it.context) for it in rows), cfg.context_tokens, self.memory.config.max_memory_tokens
         )
         tf = min(min(len(it.query) + len(it.response) for it in rows), cfg.target_tokens + 1)
-        context = torch.tensor([it.context[-tc:] for it in rows], dtype=torch.long)
-        following = torch.tensor([(it.query + it.response)[:tf] for it in rows], dtype=torch.long)
-        return context, following
+        following = [(it.query + it.response)[:tf] for it in rows]
+        return ReadRows(
+            [it.context[-tc:] for it in rows], [f[:1] for f in following], [f[1:] for f in following]
+        )
 
-    def _denoise_batch(self, passages: list[list[int]]) -> DenoiseBatch | None:
+    def _denoise_rows(self, passages: list[list[int]]) -> ReadRows | None:
+        """Denoising rows: memory of the passage with spans corrupted, then the instruction, then the passage."""
         cfg = self.config
         passages = [p for p in passages if len(p) >= 2]
         if not passages:
@@ -578,8 +606,14 @@ class OnlineLearner:
             corrupt_spans(r, self.rng, cfg.denoise_ratio, cfg.denoise_span, cfg.denoise_drop, self.mask_id)
             for r in rows
         ]
-        ids, mask = pad_rows(corrupted, pad_id=0, device=self.reasoner.device)
-        return DenoiseBatch(torch.tensor(rows, dtype=torch.long, device=self.reasoner.device), ids, mask)
+        return ReadRows(corrupted, [self.instruction_ids] * len(rows), rows)
+
+    def _rehearsal_rows(self) -> ReadRows | None:
+        """`rehearsal_per_update` rehearsal items: memory of the evidence, then the question, then the answer."""
+        if self.rehearsal is None or self.config.rehearsal_per_update == 0:
+            return None
+        items = self.rehearsal.sample(self.config.rehearsal_per_update, self.rng)
+        return ReadRows([it.memory for it in items], [it.prompt for it in items], [it.answer for it in items])
 
     def _pair_batch(self, rows: list[Interaction]) -> PairBatch | None:
         cfg = self.config

@@ -6,7 +6,8 @@ Every objective returns an `ObjectiveResult` with a differentiable mean loss plu
 - `denoising`: the encoder reads P with spans masked or dropped; the reasoner regenerates the original P.
 - `infonce`: latents of a query span and of the passage it comes from are pulled together against in-batch negatives.
 - `answer`: the reasoner reads [memory][question prompt] and produces the answer (teacher-forced cross-entropy on the
-  answer tokens only): what question answering from memory asks of it.
+  answer tokens only): what question answering from memory asks of it. `answer_groups` computes several such
+  objectives (any [memory][prompt] -> target read) in one reasoner pass.
 
 The reasoner's hidden states come from `hidden_states_with_memory`; logits are formed only at target positions and
 in chunks by `lm_head_cross_entropy`, which never holds (tokens, vocab) logits for more than one chunk at a time.
@@ -144,8 +145,25 @@ def answer(
 
     Rows (prompt + answer) are left-padded to one length; `memory` has one row per prompt, or one row that all
     prompts read (one conversation asked several questions), or is None (the reasoner alone)."""
+    return answer_groups(memory_model, memory, prompts, answers, [len(prompts)])[0]
+
+
+def answer_groups(
+    memory_model,
+    memory: MemoryKV | None,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    sizes: list[int],
+) -> list[ObjectiveResult]:
+    """`answer` for consecutive groups of rows (`sizes` rows each) in ONE reasoner pass: one result per group, each
+    the mean over that group's own answer tokens. Objectives of one update that all read [memory][prompt] -> target
+    (next-token, denoising, answering) share the pass this way instead of running the reasoner once each."""
     if len(prompts) != len(answers) or not prompts or not all(answers):
         raise ValueError("answer: needs as many non-empty answers as prompts, and at least one")
+    if sum(sizes) != len(prompts) or any(n < 1 for n in sizes):
+        raise ValueError(
+            f"answer_groups: group sizes {sizes} must be positive and add up to {len(prompts)} rows"
+        )
     reasoner = memory_model.reasoner
     if memory is not None and memory.batch_size == 1 and len(prompts) > 1:
         memory = memory.index_rows([0] * len(prompts))
@@ -153,9 +171,13 @@ def answer(
     ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
     hidden = hidden_states_with_memory(reasoner, ids, mask, memory)  # (B, T, d)
     t = ids.shape[1]
-    row = torch.cat([torch.full((len(a),), r, dtype=torch.long) for r, a in enumerate(answers)])
-    pos = torch.cat([torch.arange(t - len(a) - 1, t - 1) for a in answers])
-    row, pos = row.to(ids.device), pos.to(ids.device)
-    loss_sum, correct = lm_head_cross_entropy(reasoner, hidden[row, pos], ids[row, pos + 1])
-    n = int(row.numel())
-    return ObjectiveResult(loss_sum / n, n, correct)
+    out, first = [], 0
+    for n in sizes:
+        group = range(first, first + n)
+        row = torch.cat([torch.full((len(answers[r]),), r, dtype=torch.long) for r in group])
+        pos = torch.cat([torch.arange(t - len(answers[r]) - 1, t - 1) for r in group])
+        row, pos = row.to(ids.device), pos.to(ids.device)
+        loss_sum, correct = lm_head_cross_entropy(reasoner, hidden[row, pos], ids[row, pos + 1])
+        out.append(ObjectiveResult(loss_sum / int(row.numel()), int(row.numel()), correct))
+        first += n
+    return out
