@@ -76,7 +76,8 @@ def labelled(fn, name: str):
 def label_phases(learner) -> None:
     import memsplice.online.loop as loop
 
-    for name in ("continuation", "denoising", "infonce"):  # module functions (earlier versions call them apart)
+    # module functions (versions before the shared read pass call continuation and denoising apart)
+    for name in ("continuation", "denoising", "infonce"):
         if hasattr(loop, name):
             setattr(loop, name, labelled(getattr(loop, name), name))
     if hasattr(learner, "_read"):  # the read objectives' shared encoder call and reasoner pass

@@ -181,6 +181,8 @@ class EpisodeExample:
     """Each question written as a user turn: what the address head (`memory.address`) reads."""
     positives: list[list[int]]
     """For each question, the indices of the chunks that hold its evidence turns."""
+    questions: list[str]
+    """Each question's text (what `prompts` ask, before any prompt template)."""
 
 
 def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens, values: str = "pools"):
@@ -239,6 +241,7 @@ def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExamp
                 evidence=evidence,
                 queries=[question_input(tok, q.question) for q in questions],
                 positives=[sorted({c for t in q.evidence for c in chunk_of.get(t, [])}) for q in questions],
+                questions=[q.question for q in questions],
             )
         )
     return out

@@ -106,11 +106,9 @@ def rehearsal_from_synthetic(
     drawn = [
         ep for k, kind in enumerate(kinds) for ep in synthetic_episodes(cfg, share, seed + k, count, kind)
     ]
-    drawn = [ep for ep in drawn if any(q.answer for q in ep.questions)]  # as episode_examples keeps them
     items = []
-    for episode, ex in zip(drawn, episode_examples(drawn, reasoner, chunk_tokens), strict=True):
-        asked = [q.question for q in episode.questions if q.answer]
-        for question, e, p, a in zip(asked, ex.evidence, ex.prompts, ex.answers, strict=True):
+    for ex in episode_examples(drawn, reasoner, chunk_tokens):
+        for question, e, p, a in zip(ex.questions, ex.evidence, ex.prompts, ex.answers, strict=True):
             if prompts == "chat" or (prompts == "both" and len(items) % 2 == 1):
                 p = reasoner.chat_ids([{"role": "user", "content": question}])
             items.append(RehearsalItem(memory=e, prompt=p, answer=a))
