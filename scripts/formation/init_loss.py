@@ -32,29 +32,50 @@ def main() -> None:
     args = parser.parse_args()
     reasoner = load_reasoner(device=args.device)
     tok = reasoner.tokenizer
-    passages = heldout_passages(corpus_tokens(tok, DataArgs(sources=args.sources), "heldout"), args.length,
-                                args.passages).to(reasoner.device)
-    instruction = torch.tensor(tok(DataArgs().instruction, add_special_tokens=False)["input_ids"],
-                               device=reasoner.device)
+    passages = heldout_passages(
+        corpus_tokens(tok, DataArgs(sources=args.sources), "heldout"), args.length, args.passages
+    ).to(reasoner.device)
+    instruction = torch.tensor(
+        tok(DataArgs().instruction, add_special_tokens=False)["input_ids"], device=reasoner.device
+    )
     rows = []
     with torch.no_grad():
         text = torch.cat([instruction.expand(len(passages), -1), passages], 1)
         hidden = hidden_states_with_memory(reasoner, text, None, None)
         i = instruction.numel()
-        loss, hits = obj.lm_head_cross_entropy(reasoner, hidden[:, i - 1:i + args.length - 1], passages)
-        rows.append({"memory": "none (floor)", "loss": float(loss) / passages.numel(),
-                     "token_accuracy": int(hits) / passages.numel()})
+        loss, hits = obj.lm_head_cross_entropy(reasoner, hidden[:, i - 1 : i + args.length - 1], passages)
+        rows.append(
+            {
+                "memory": "none (floor)",
+                "loss": float(loss) / passages.numel(),
+                "token_accuracy": int(hits) / passages.numel(),
+            }
+        )
         for kv_init in ("reasoner", "random", "sink"):
             for bias in (3.0, 0.0):
                 torch.manual_seed(0)
                 memory = MemoryModel(MemoryConfig(kv_init=kv_init, gate_init_bias=bias), reasoner)
                 result = obj.reconstruction(memory, passages, instruction)
-                rows.append({"memory": f"untrained, kv_init={kv_init}, gate_init_bias={bias}",
-                             "loss": float(result.loss), "token_accuracy": int(result.correct) / result.tokens})
+                rows.append(
+                    {
+                        "memory": f"untrained, kv_init={kv_init}, gate_init_bias={bias}",
+                        "loss": float(result.loss),
+                        "token_accuracy": int(result.correct) / result.tokens,
+                    }
+                )
     for r in rows:
         print(f"{r['memory']:<48} loss {r['loss']:6.3f}  token acc {100 * r['token_accuracy']:5.1f}%")
-    save_result("formation-init-loss", {"reasoner": reasoner.name, "passages": args.passages, "length": args.length,
-                                        "sources": args.sources, "rows": rows}, device=reasoner.device)
+    save_result(
+        "formation-init-loss",
+        {
+            "reasoner": reasoner.name,
+            "passages": args.passages,
+            "length": args.length,
+            "sources": args.sources,
+            "rows": rows,
+        },
+        device=reasoner.device,
+    )
 
 
 if __name__ == "__main__":

@@ -252,8 +252,12 @@ class RunArgs:
     """Run the encoder under bf16 autocast on CUDA (float32 masters); ignored on the CPU."""
     fused_attention: bool = True
     """Use the fused gated attention for training forward passes (one SDPA kernel, gate folded into the keys)."""
+    fast_reader: bool = True
+    """Run the training reads through `FastReader` (the reasoner's decoder as plain tensor functions, fused q/k/v
+    and gate/up projections) when the reasoner is Llama-family; other reasoners keep the transformers decoder."""
     compile: str = "none"
-    """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers)."""
+    """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
+    reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
     max_minutes: float | None = None
     """Stop this invocation after this much training time and save (the run can be resumed); None: no limit."""
     plan_minutes: float | None = None

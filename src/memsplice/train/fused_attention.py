@@ -55,12 +55,35 @@ def fused_gated_attention(
         return base_attention_function("sdpa")(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    t, s = query.shape[2], key.shape[2]
+    assert memory_gate_bias.shape[-1] == s - t, "fused attention needs the memory at the front of the cache"
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = gated_causal_attention(
+        query,
+        key,
+        value,
+        memory_gate_bias[:, module.layer_idx],
+        scale,
+        dropout=dropout if module.training else 0.0,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def gated_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gate_bias: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """query (B, Hq, T, D); key, value (B, H, M+T, D) with memory first; gate_bias (B, M) log g per slot.
+
+    Returns (B, Hq, T, D): text token i attends to every memory slot (its score raised by log g) and to text tokens
+    <= i, in one SDPA call with no mask tensor (see the module docstring)."""
     b, hq, t, d = query.shape
     hk, s = key.shape[1], key.shape[2]
-    m = s - t
-    assert memory_gate_bias.shape[-1] == m, "fused attention needs the memory at the front of the cache"
-    scale = scaling if scaling is not None else d**-0.5
-    bias = memory_gate_bias[:, module.layer_idx].clamp(min=GATE_FLOOR).to(query.dtype) / scale  # (B, M)
+    bias = gate_bias.clamp(min=GATE_FLOOR).to(query.dtype) / scale  # (B, M)
     key_extra = torch.cat([bias, bias.new_zeros(b, t)], dim=1)  # (B, M+T)
     q = torch.cat([query, query.new_ones(b, hq, t, 1), query.new_zeros(b, hq, t, EXTRA_DIMS - 1)], dim=-1)
     k = torch.cat(
@@ -74,10 +97,10 @@ def fused_gated_attention(
         _repeat_kv(k, rep),
         _repeat_kv(v, rep),
         attn_mask=causal_lower_right(t, s),
-        dropout_p=dropout if module.training else 0.0,
+        dropout_p=dropout,
         scale=scale,
     )  # (B, Hq, T, D+8)
-    return out[..., :d].transpose(1, 2).contiguous(), None
+    return out[..., :d]
 
 
 def register_fused_attention() -> str:

@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .data import PassageSource, corpus_tokens, fact_tokens, heldout_passages
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, teardown
 from .evaluate import reconstruction_fidelity
+from .fast_reader import FastReader, fast_reading
 from .flops import ReasonerCost, encoder_flops, peak_flops, reasoner_read_flops
 from .fused_attention import fused_memory_attention
 from .plots import MetricsLog, plot_curves
@@ -252,6 +253,7 @@ class FormationRecipe:
             logger.info("resumed from %s at step %d", ckpt, self.state.step)
         self.stage = None
         self._apply_stage()
+        self.reader = self._fast_reader()
         self._compile()
         self.cost = ReasonerCost.from_reasoner(self.reasoner)
         self.peak = peak_flops(self.device)
@@ -319,6 +321,16 @@ class FormationRecipe:
         else:
             self.model = self.objective
 
+    def _fast_reader(self) -> FastReader | None:
+        r = self.config.run
+        if not r.fast_reader:
+            return None
+        why = FastReader.refusal(self.reasoner)
+        if why:
+            logger.info("training reads go through the transformers decoder: %s", why)
+            return None
+        return FastReader(self.reasoner, compile=r.compile == "all")
+
     def _compile(self) -> None:
         mode = self.config.run.compile
         if mode == "none":
@@ -331,7 +343,7 @@ class FormationRecipe:
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         self.memory.encoder.compile(dynamic=False)
-        if mode == "all":
+        if mode == "all" and self.reader is None:  # the fast reader compiles its own layer function
             for layer in self.reasoner.decoder.layers:
                 layer.compile(dynamic=False)
 
@@ -414,7 +426,11 @@ class FormationRecipe:
             group["lr"] = lr * group["lr_scale"]
         batches = self._batches(step)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast(), fused_memory_attention(self.reasoner, cfg.run.fused_attention):
+        with (
+            self._autocast(),
+            fused_memory_attention(self.reasoner, cfg.run.fused_attention),
+            fast_reading(self.reader),
+        ):
             loss, stats = self.model(batches)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

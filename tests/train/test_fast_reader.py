@@ -1,0 +1,81 @@
+"""The fast reader computes what the Hugging Face decoder computes for the training layout, values and gradients."""
+
+import pytest
+import torch
+
+from helpers import random_ids, small_memory
+from memsplice.inject import hidden_states_with_memory
+from memsplice.train.fast_reader import FastReader, fast_reading, read_hidden_states
+from memsplice.train.objectives import reconstruction
+
+
+def _grads(memory, hidden):
+    (hidden.pow(2).mean() + hidden[:, -1].sum()).backward()
+    return {n: p.grad.clone() for n, p in memory.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_close(got: dict, want: dict):
+    assert got.keys() == want.keys() and "gate.weight" in want
+    for name, g in want.items():
+        scale = g.abs().max().clamp(min=1e-6)
+        assert ((got[name] - g).abs().max() / scale) < 1e-4, name
+
+
+@pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
+def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator):
+    memory = small_memory(reasoner, operator)
+    with torch.no_grad():
+        memory.gate.weight.normal_(0, 0.05)  # a gate that differs per slot
+    ids, text = random_ids(3, 10), random_ids(3, 7)
+    reader = FastReader(reasoner)
+
+    memory.zero_grad()
+    want = hidden_states_with_memory(reasoner, text, None, memory.write(ids).kv)
+    want_grads = _grads(memory, want)
+    memory.zero_grad()
+    got = reader.hidden_states(text, memory.write(ids).kv)
+    got_grads = _grads(memory, got)
+
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    _assert_grads_close(got_grads, want_grads)
+
+
+def test_read_hidden_states_uses_the_active_reader_only_for_live_rows(reasoner, monkeypatch):
+    memory = small_memory(reasoner, "prepend_kv")
+    reader = FastReader(reasoner)
+    calls = []
+    original = reader.hidden_states
+    monkeypatch.setattr(reader, "hidden_states", lambda *a: calls.append(1) or original(*a))
+    ids, text = random_ids(2, 6), random_ids(2, 5)
+    with torch.no_grad():
+        kv = memory.write(ids).kv
+        outside = read_hidden_states(reasoner, text, kv)
+        with fast_reading(reader):
+            inside = read_hidden_states(reasoner, text, kv)
+            kv.live[1] = False  # a fallback row: the decoder path, which masks its memory
+            fallback = read_hidden_states(reasoner, text, kv)
+        assert calls == [1]
+        torch.testing.assert_close(inside, outside, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(fallback, hidden_states_with_memory(reasoner, text, None, kv))
+        after = read_hidden_states(reasoner, text, kv)
+    assert calls == [1] and torch.equal(after, fallback)
+
+
+def test_reconstruction_loss_is_the_same_through_the_fast_reader(reasoner):
+    memory = small_memory(reasoner, "prepend_kv")
+    passage, instruction = random_ids(2, 9), random_ids(1, 3)[0]
+    want = reconstruction(memory, passage, instruction)
+    with fast_reading(FastReader(reasoner)):
+        got = reconstruction(memory, passage, instruction)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    assert int(got.correct) == int(want.correct)
+
+
+def test_fast_reader_refuses_what_it_cannot_run():
+    from tiny import tiny_reasoner
+
+    r = tiny_reasoner("llama")
+    r.model.config.hidden_act = "gelu"
+    assert "gelu" in FastReader.refusal(r)
+    with pytest.raises(ValueError, match="FastReader"):
+        FastReader(r)
