@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
 from memsplice.bench.record import save_result
 from memsplice.train import FormationRecipe, TrainConfig
+from memsplice.train.fast_reader import fast_reading
+from memsplice.train.fused_attention import fused_memory_attention
 
 
 def _kind(name: str) -> str:
@@ -35,6 +39,32 @@ def _kind(name: str) -> str:
     if "triton" in n:
         return "fused (triton)"
     return "elementwise/reduce"
+
+
+def check_against_transformers(recipe) -> dict:
+    """One batch's loss and gradient through this variant's reader and through the transformers decoder."""
+    batches = recipe._batches(recipe.state.step)
+    params = [p for p in recipe.memory.parameters() if p.requires_grad]
+    runs = {}
+    for name, reader in (("variant", recipe.reader), ("transformers", None)):
+        recipe.optimizer.zero_grad(set_to_none=True)
+        with (
+            recipe._autocast(),
+            fused_memory_attention(recipe.reasoner, recipe.config.run.fused_attention),
+            fast_reading(reader),
+        ):
+            loss, _ = recipe.model(batches)
+        loss.backward()
+        grad = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
+        runs[name] = (float(loss), grad)
+    recipe.optimizer.zero_grad(set_to_none=True)
+    (la, ga), (lb, gb) = runs["variant"], runs["transformers"]
+    return {
+        "loss": la,
+        "loss_transformers": lb,
+        "grad_cosine": float(torch.nn.functional.cosine_similarity(ga, gb, dim=0)),
+        "grad_relative_difference": float((ga - gb).norm() / gb.norm()),
+    }
 
 
 def profile_variant(name: str, sets: list[str], args) -> dict:
@@ -76,6 +106,8 @@ def profile_variant(name: str, sets: list[str], args) -> dict:
     }
     if recipe.peak:
         result["mfu"] = flops / seconds / recipe.peak
+    if args.check and recipe.reader is not None:
+        result["check"] = check_against_transformers(recipe)
     if args.profile_steps and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -134,15 +166,21 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps after timing (CUDA only)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per variant")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also compare one batch's loss and gradient with the transformers decoder (fast-reader variants)",
+    )
     p.add_argument("--work", default="/tmp/memsplice-profile", help="output directory of the trainers")
     p.add_argument("--record", default=None, help="save benchmarks/results/formation/profile-NAME.json")
     args = p.parse_args()
     results = [profile_variant(v[0], v[1:], args) for v in args.variant]
     if args.record:
         path = save_result(
-            f"formation/profile-{args.record}",
+            f"profile-{args.record}",
             {"length": args.length, "tokens_per_step": args.tokens_per_step, "variants": results},
             device=results[0]["device"],
+            directory=Path(os.environ.get("MEMSPLICE_RESULTS", "benchmarks/results")) / "formation",
         )
         print(f"saved {path}")
     return 0

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
-from .fused_attention import gated_causal_attention
+from .fused_attention import flex_gated_causal_attention, gated_causal_attention, memory_causal_block_mask
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -75,8 +75,10 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
+    block_mask=None,
 ) -> torch.Tensor:
-    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M)."""
+    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M); attention
+    through FlexAttention when `block_mask` is given, else through SDPA with the gate in a padded key dimension."""
     b, t, _ = x.shape
     h = _rms_norm(x, input_norm, eps)
     proj = F.linear(h, qkv, qkv_bias)
@@ -88,7 +90,10 @@ def _decoder_layer(
     k = k * cos + rotate_half(k) * sin
     k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
     v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    a = gated_causal_attention(q, k, v, gate_bias, scale)  # (B, Hq, T, D)
+    if block_mask is not None:
+        a = flex_gated_causal_attention(q, k, v, gate_bias, scale, block_mask)  # (B, Hq, T, D)
+    else:
+        a = gated_causal_attention(q, k, v, gate_bias, scale)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -97,7 +102,12 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(self, reasoner, compile: bool = False, dynamic: bool | None = None):
+    def __init__(
+        self, reasoner, compile: bool = False, dynamic: bool | None = None, attention: str | None = None
+    ):
+        """compile: one `torch.compile`d layer function (and LM-head loss). attention: "sdpa" (the gate in a padded
+        key dimension, any device) or "flex" (FlexAttention at the native head dim; compiled CUDA training only);
+        None picks flex when compiling on CUDA."""
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
@@ -111,6 +121,16 @@ class FastReader:
         self.layers = [self._weights(layer) for layer in decoder.layers]
         self.final_norm = decoder.norm.weight
         self.embedding = decoder.embed_tokens
+        if attention is None:
+            attention = "flex" if compile and reasoner.device.type == "cuda" else "sdpa"
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"FastReader: attention must be 'sdpa' or 'flex', not {attention!r}")
+        if attention == "flex" and not compile:
+            raise ValueError(
+                "FastReader: FlexAttention needs compile=True (uncompiled it runs a reference loop)"
+            )
+        self.attention = attention
+        self._block_masks: dict = {}
         self._layer = torch.compile(_decoder_layer, dynamic=dynamic) if compile else _decoder_layer
         from .objectives import chunk_cross_entropy
 
@@ -172,6 +192,11 @@ class FastReader:
         positions = torch.arange(m, m + t, device=input_ids.device)[None]
         cos, sin = self.reasoner.rotary_cos_sin(positions, like=x)  # (1, T, D)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+        mask = None
+        if self.attention == "flex":
+            if (t, m) not in self._block_masks:
+                self._block_masks[(t, m)] = memory_causal_block_mask(t, m, input_ids.device)
+            mask = self._block_masks[(t, m)]
         for i, w in enumerate(self.layers):
             x = self._layer(
                 x,
@@ -192,6 +217,7 @@ class FastReader:
                 self.head_dim,
                 self.eps,
                 self.scale,
+                mask,
             )
         return _rms_norm(x, self.final_norm, self.eps)
 

@@ -131,3 +131,46 @@ def fused_memory_attention(reasoner, enabled: bool = True):
         yield
     finally:
         set_attention_implementation(model, before)
+
+
+def memory_causal_block_mask(text: int, slots: int, device):
+    """The FlexAttention block mask of the training layout: text query i sees every memory slot and text <= i."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + slots
+
+    return create_block_mask(visible, None, None, text, slots + text, device=device)
+
+
+def flex_gated_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gate_bias: torch.Tensor,
+    scale: float,
+    block_mask,
+) -> torch.Tensor:
+    """What `gated_causal_attention` computes, as one FlexAttention kernel at the native head dim (no padded key
+    dimension, no repeated K/V heads): log g enters as a score modification of the memory columns, the causal
+    layout as `block_mask` (`memory_causal_block_mask`). Efficient only inside `torch.compile`; CUDA only for
+    training (FlexAttention has no CPU backward)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, t = query.shape[0], query.shape[2]
+    bias = torch.cat(
+        [gate_bias.clamp(min=GATE_FLOOR).to(query.dtype), query.new_zeros(b, t)], dim=1
+    )  # (B, M+T)
+
+    def add_gate(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+
+    return flex_attention(
+        query,
+        key,
+        value,
+        score_mod=add_gate,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
