@@ -255,9 +255,6 @@ class RunArgs:
     fast_reader: bool = True
     """Run the training reads through `FastReader` (the reasoner's decoder as plain tensor functions, fused q/k/v
     and gate/up projections) when the reasoner is Llama-family; other reasoners keep the transformers decoder."""
-    reader_attention: str | None = None
-    """The fast reader's attention: "sdpa" (the gate in a padded key dimension) or "flex" (FlexAttention at the
-    native head dimension, compiled CUDA runs only); None: flex when `compile` is "all" on CUDA, else sdpa."""
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
@@ -300,20 +297,6 @@ class RunArgs:
             self.compile in ("none", "encoder", "all"),
             "compile",
             'must be "none", "encoder" or "all"',
-        )
-        _need(
-            s,
-            self,
-            self.reader_attention in (None, "sdpa", "flex"),
-            "reader_attention",
-            'must be "sdpa", "flex" or null',
-        )
-        _need(
-            s,
-            self,
-            self.reader_attention != "flex" or self.compile == "all",
-            "reader_attention",
-            'flex needs compile: "all"',
         )
         _need(
             s,

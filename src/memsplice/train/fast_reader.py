@@ -11,6 +11,11 @@ copy of it that all layers share (the weights are arguments, so one graph serves
 head's chunked cross-entropy (`memsplice.train.objectives.chunk_cross_entropy`) is compiled with it, so the
 (chunk, vocab) logits are read by one fused kernel instead of several float32 passes.
 
+Attention stays SDPA with the gate folded into one padded key dimension (`memsplice.train.fused_attention`). That
+runs flash attention's 96-wide kernels for 64-wide heads, about a quarter of a step on an H200. FlexAttention at the
+native head dim, with the gate as a score modification, was measured and is 3.6x slower per step (its gradient for
+the captured gate goes through atomics): `benchmarks/results/formation/profile-h200-*-flex.json`.
+
 Supported: decoders of the Llama family (llama, mistral without a sliding window, qwen2) with SiLU gated MLPs and
 full rotary dimensions. `FastReader.supports(reasoner)` says why another one is refused; the caller then keeps the
 Hugging Face path (`hidden_states_with_memory`), which is always correct.
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
-from .fused_attention import flex_gated_causal_attention, gated_causal_attention, memory_causal_block_mask
+from .fused_attention import gated_causal_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -75,10 +80,8 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
-    block_mask=None,
 ) -> torch.Tensor:
-    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M); attention
-    through FlexAttention when `block_mask` is given, else through SDPA with the gate in a padded key dimension."""
+    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M)."""
     b, t, _ = x.shape
     h = _rms_norm(x, input_norm, eps)
     proj = F.linear(h, qkv, qkv_bias)
@@ -90,10 +93,7 @@ def _decoder_layer(
     k = k * cos + rotate_half(k) * sin
     k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
     v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    if block_mask is not None:
-        a = flex_gated_causal_attention(q, k, v, gate_bias, scale, block_mask)  # (B, Hq, T, D)
-    else:
-        a = gated_causal_attention(q, k, v, gate_bias, scale)
+    a = gated_causal_attention(q, k, v, gate_bias, scale)  # (B, Hq, T, D)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -102,12 +102,7 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(
-        self, reasoner, compile: bool = False, dynamic: bool | None = None, attention: str | None = None
-    ):
-        """compile: one `torch.compile`d layer function (and LM-head loss). attention: "sdpa" (the gate in a padded
-        key dimension, any device) or "flex" (FlexAttention at the native head dim; compiled CUDA training only);
-        None picks flex when compiling on CUDA."""
+    def __init__(self, reasoner, compile: bool = False, dynamic: bool | None = None):
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
@@ -121,16 +116,6 @@ class FastReader:
         self.layers = [self._weights(layer) for layer in decoder.layers]
         self.final_norm = decoder.norm.weight
         self.embedding = decoder.embed_tokens
-        if attention is None:
-            attention = "flex" if compile and reasoner.device.type == "cuda" else "sdpa"
-        if attention not in ("sdpa", "flex"):
-            raise ValueError(f"FastReader: attention must be 'sdpa' or 'flex', not {attention!r}")
-        if attention == "flex" and not compile:
-            raise ValueError(
-                "FastReader: FlexAttention needs compile=True (uncompiled it runs a reference loop)"
-            )
-        self.attention = attention
-        self._block_masks: dict = {}
         self._layer = torch.compile(_decoder_layer, dynamic=dynamic) if compile else _decoder_layer
         from .objectives import chunk_cross_entropy
 
@@ -192,11 +177,6 @@ class FastReader:
         positions = torch.arange(m, m + t, device=input_ids.device)[None]
         cos, sin = self.reasoner.rotary_cos_sin(positions, like=x)  # (1, T, D)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-        mask = None
-        if self.attention == "flex":
-            if (t, m) not in self._block_masks:
-                self._block_masks[(t, m)] = memory_causal_block_mask(t, m, input_ids.device)
-            mask = self._block_masks[(t, m)]
         for i, w in enumerate(self.layers):
             x = self._layer(
                 x,
@@ -217,7 +197,6 @@ class FastReader:
                 self.head_dim,
                 self.eps,
                 self.scale,
-                mask,
             )
         return _rms_norm(x, self.final_norm, self.eps)
 

@@ -329,7 +329,7 @@ class FormationRecipe:
         if why:
             logger.info("training reads go through the transformers decoder: %s", why)
             return None
-        return FastReader(self.reasoner, compile=r.compile == "all", attention=r.reader_attention)
+        return FastReader(self.reasoner, compile=r.compile == "all")
 
     def _compile(self) -> None:
         mode = self.config.run.compile
