@@ -57,6 +57,14 @@ class MemoryConfig:
     """Safety bound: a row with a slot whose L2 norm exceeds this (or any non-finite value) is not injected."""
     latent_norm_clip: float | None = None
     """Privacy option: rescale each slot to at most this L2 norm before injection (None: no clipping)."""
+    refine_steps: int = 0
+    """Write-time refinement (`memory.refine`): Adam steps on the latents against reading the passage back after
+    `reconstruction_instruction`, starting from the encoder's output; 0: the encoder's latents as they are."""
+    refine_lr: float = 1e-2
+    """Learning rate of write-time refinement."""
+    reconstruction_instruction: str | None = None
+    """The instruction after which the reasoner regenerates a passage from its memory (recorded by `memsplice
+    train`); write-time refinement needs it."""
     embed_warmup_updates: int = 1000
     """N: the token embedding stays tied to (and frozen as) the reasoner's for this many optimizer updates."""
     reasoner_name: str | None = None
@@ -114,6 +122,12 @@ class MemoryConfig:
             "must be None or a positive integer",
         )
         need(self.max_latent_norm > 0, "max_latent_norm", "must be positive")
+        need(
+            isinstance(self.refine_steps, int) and self.refine_steps >= 0,
+            "refine_steps",
+            "must be a non-negative integer",
+        )
+        need(self.refine_lr > 0, "refine_lr", "must be positive")
         need(
             self.latent_norm_clip is None or self.latent_norm_clip > 0,
             "latent_norm_clip",

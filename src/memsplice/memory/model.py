@@ -34,6 +34,7 @@ from ..inject.splice import forward_with_memory, generate_with_memory
 from .address import AddressHead
 from .config import CONFIG_NAME, MemoryConfig
 from .encoder import build_encoder
+from .refine import refine_latents
 from .safety import NON_FINITE_KV, FallbackEvent, FallbackLog, check_latents
 
 logger = logging.getLogger(__name__)
@@ -112,12 +113,19 @@ class MemoryModel(nn.Module):
         scope: str | None = None,
         gate_override: float | torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
+        refine_steps: int | None = None,
     ) -> Memory:
-        """Encode (or take `latents`), check, gate and project into per-layer K/V.
+        """Encode (or take `latents`), refine, check, gate and project into per-layer K/V.
 
         gate_override: force g (a float or (B, M) tensor) instead of the learned gate, e.g. 0.0 to close it.
+        refine_steps: write-time refinement steps (`memory.refine`; None: `config.refine_steps`, default 0).
         """
         z = self.encode(input_ids, attention_mask) if latents is None else latents.to(self.reasoner.device)
+        steps = self.config.refine_steps if refine_steps is None else refine_steps
+        if steps:
+            z, _ = refine_latents(
+                self, input_ids, attention_mask, steps=steps, lr=self.config.refine_lr, latents=z
+            )
         return self.inject(z, scope=scope, gate_override=gate_override, memory_input=input_ids)
 
     def inject(

@@ -8,7 +8,7 @@ at positions 0..M-1 and the text after it, see `memsplice.inject.memory_kv`) the
 function per layer. `FastReader` holds that function, the reasoner's frozen weights laid out for it (q/k/v and
 gate/up projections concatenated, so each is one matrix multiply) and, with `compile=True`, one `torch.compile`d
 copy of it that all layers share (the weights are arguments, so one graph serves every layer of a shape). The LM
-head's chunked cross-entropy (`memsplice.train.objectives.chunk_cross_entropy`) is compiled with it, so the
+head's chunked cross-entropy (`memsplice.reasoner.head_loss.chunk_cross_entropy`) is compiled with it, so the
 (chunk, vocab) logits are read by one fused kernel instead of several float32 passes.
 
 Attention stays SDPA with the gate folded into one padded key dimension (`memsplice.train.fused_attention`). That
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
+from ..reasoner.head_loss import chunk_cross_entropy
 from .fused_attention import gated_causal_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -117,8 +118,6 @@ class FastReader:
         self.final_norm = decoder.norm.weight
         self.embedding = decoder.embed_tokens
         self._layer = torch.compile(_decoder_layer, dynamic=dynamic) if compile else _decoder_layer
-        from .objectives import chunk_cross_entropy
-
         self.chunk_cross_entropy = (
             torch.compile(chunk_cross_entropy, dynamic=dynamic) if compile else chunk_cross_entropy
         )

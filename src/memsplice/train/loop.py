@@ -193,6 +193,7 @@ class FormationRecipe:
         else:
             self.memory = MemoryModel(MemoryConfig.from_dict(cfg.memory.to_dict()), self.reasoner)
         # what the fidelity bench needs to read this memory back the way it was trained
+        self.memory.config.reconstruction_instruction = cfg.data.instruction
         self.memory.config.extra = {
             **self.memory.config.extra,
             "trained_with": "memsplice train",

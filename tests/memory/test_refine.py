@@ -1,0 +1,80 @@
+"""Write-time refinement: lowers the read-back loss, changes only the latents, keeps rows independent."""
+
+import pytest
+import torch
+
+from helpers import random_ids, small_memory
+from memsplice.memory.refine import reconstruction_instruction, reconstruction_loss, refine_latents
+
+INSTRUCTION = "Repeat the text."
+
+
+def _memory(reasoner, **overrides):
+    memory = small_memory(reasoner, reconstruction_instruction=INSTRUCTION, **overrides)
+    memory.eval()
+    return memory
+
+
+def _loss(memory, z, ids, mask=None):
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        return float(reconstruction_loss(memory, z, ids, mask, reconstruction_instruction(memory)))
+
+
+def test_refinement_lowers_the_loss_and_changes_nothing_else(reasoner):
+    memory = _memory(reasoner)
+    ids = random_ids(2, 12)
+    before = {n: p.detach().clone() for n, p in memory.named_parameters()}
+    digest = reasoner.weights_digest()
+    start = memory.encode(ids).detach()
+    with torch.no_grad():  # works where writes usually run
+        z, losses = refine_latents(memory, ids, steps=15, lr=5e-2)
+    assert len(losses) == 15 and losses[-1] < losses[0]
+    assert _loss(memory, z, ids) < _loss(memory, start, ids)
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in memory.named_parameters())
+    assert reasoner.weights_digest() == digest
+    same, none = refine_latents(memory, ids, steps=0)
+    assert torch.equal(same, start) and none == []
+
+
+def test_rows_are_refined_independently_and_padding_is_not_scored(reasoner):
+    memory = _memory(reasoner)
+    a, b = random_ids(1, 10), random_ids(1, 7)
+    alone_a, _ = refine_latents(memory, a, steps=4)
+    alone_b, _ = refine_latents(memory, b, steps=4)
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    ids[0], ids[1, :7] = a[0], b[0]
+    mask = torch.zeros_like(ids)
+    mask[0], mask[1, :7] = 1, 1
+    # the encoder reads the padded row with its mask, so start both from the latents written alone
+    start = torch.cat([memory.encode(a), memory.encode(b)]).detach()
+    together, _ = refine_latents(memory, ids, mask, steps=4, latents=start)
+    torch.testing.assert_close(together[0], alone_a[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1], alone_b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_unsafe_rows_are_left_for_the_safety_check_and_bounds_hold(reasoner):
+    memory = _memory(reasoner, max_latent_norm=50.0)
+    ids = random_ids(2, 8)
+    start = memory.encode(ids).detach()
+    start[1, 0, 0] = float("nan")
+    z, _ = refine_latents(memory, ids, steps=3, lr=10.0, latents=start)  # a huge step must stay in bounds
+    assert torch.isnan(z[1, 0, 0]) and torch.equal(z[1, 1:], start[1, 1:])
+    assert torch.isfinite(z[0]).all() and float(z[0].norm(dim=-1).max()) <= 50.0
+    mem = memory.write(ids, latents=z)
+    assert mem.live.tolist() == [True, False]
+
+
+def test_write_refines_when_asked_and_refuses_without_an_instruction(reasoner):
+    memory = _memory(reasoner)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        plain = memory.write(ids)
+        refined = memory.write(ids, refine_steps=3)
+        memory.config.refine_steps = 3
+        default = memory.write(ids)
+    assert not torch.equal(plain.latents, refined.latents)
+    torch.testing.assert_close(default.latents, refined.latents)
+    bare = small_memory(reasoner)
+    with pytest.raises(ValueError, match="reconstruction_instruction"):
+        bare.write(ids, refine_steps=1)
