@@ -74,14 +74,29 @@ def _load(directory, reasoner):
     return memory
 
 
-def run(args) -> int:
+def heldout_setup(memory, tokenizer, data=None, sources=None):
+    """What every system is scored on, as `memory` (a checkpoint) was trained: (sources, instruction text,
+    instruction ids (I,), held-out token stream). Sources default to the checkpoint's training corpora, the
+    instruction to the one it was trained with; `heldout_passages(stream, length, count)` cuts the passages."""
     import torch
+
+    from ..train.config import DataArgs
+    from ..train.data import corpus_tokens
+
+    extra = memory.config.extra or {}
+    sources = list(sources or extra.get("data_sources") or DataArgs().sources)
+    instruction_text = extra.get("instruction") or DataArgs().instruction
+    ids = tokenizer(instruction_text, add_special_tokens=False)["input_ids"]
+    heldout = corpus_tokens(tokenizer, DataArgs(root=data, sources=sources), "heldout")
+    return sources, instruction_text, torch.tensor(ids, dtype=torch.long), heldout
+
+
+def run(args) -> int:
     from tqdm.auto import tqdm
 
     from ..checkpoints import default_checkpoint_dir
     from ..cli.common import load_reasoner_from
-    from ..train.config import DataArgs
-    from ..train.data import corpus_tokens, heldout_passages
+    from ..train.data import heldout_passages
     from ..train.evaluate import reconstruction_fidelity
 
     checkpoints = [Path(c) for c in args.checkpoint] or [default_checkpoint_dir()]
@@ -102,11 +117,7 @@ def run(args) -> int:
     if args.prior:
         systems.append(("prior_init", "prior_init", _load(args.prior, reasoner)))
     first = systems[0][2]
-    extra = first.config.extra or {}
-    sources = args.sources or extra.get("data_sources") or DataArgs().sources
-    instruction_text = extra.get("instruction") or DataArgs().instruction
-    instruction = torch.tensor(tok(instruction_text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    heldout = corpus_tokens(tok, DataArgs(root=args.data, sources=list(sources)), "heldout")
+    sources, instruction_text, instruction, heldout = heldout_setup(first, tok, args.data, args.sources)
     slots = first.config.num_slots
     too_long = [n for n in args.lengths if n > min(m.config.max_memory_tokens for _, _, m in systems if m)]
     if too_long:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..inject.memory_kv import MemoryKV
 from ..inject.splice import hidden_states_with_memory
 
 LOGIT_CHUNK = 4096
@@ -47,6 +48,20 @@ def position_hits(reasoner, hidden: torch.Tensor, targets: torch.Tensor) -> torc
 
 
 @torch.no_grad()
+def passage_hits(
+    reasoner, memory: MemoryKV | None, passages: torch.Tensor, instruction: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) bool: which tokens of `passages` (B, T) the reasoner predicts (argmax) when it reads
+    [memory][instruction (I,)] P teacher-forced; `memory` None reads no memory (the floor)."""
+    b, t = passages.shape
+    instruction = instruction.to(passages.device)
+    text = torch.cat([instruction.view(1, -1).expand(b, -1), passages], dim=1)
+    hidden = hidden_states_with_memory(reasoner, text, None, memory)
+    i = instruction.numel()
+    return position_hits(reasoner, hidden[:, i - 1 : i + t - 1], passages)
+
+
+@torch.no_grad()
 def reconstruction_fidelity(
     reasoner,
     memory_model,
@@ -61,12 +76,9 @@ def reconstruction_fidelity(
     hits_total, exact, n = 0, 0, passages.shape[0]
     for start in range(0, n, batch_rows):
         p = passages[start : start + batch_rows].to(device)
-        b, t = p.shape
+        b = p.shape[0]
         memory = memory_model.write(p).kv if memory_model is not None else None
-        text = torch.cat([instruction.view(1, -1).expand(b, -1), p], dim=1)
-        hidden = hidden_states_with_memory(reasoner, text, None, memory)
-        i = instruction.numel()
-        hits = position_hits(reasoner, hidden[:, i - 1 : i + t - 1], p)  # (B, T)
+        hits = passage_hits(reasoner, memory, p, instruction)  # (B, T)
         hits_total += int(hits.sum())
         exact += int(hits.all(dim=1).sum())
         if progress is not None:
