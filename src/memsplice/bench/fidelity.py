@@ -49,6 +49,12 @@ def add_arguments(p) -> None:
         metavar="N",
         help="also score each checkpoint with N steps of write-time refinement of its latents (one row per N)",
     )
+    p.add_argument(
+        "--refine-lr",
+        type=float,
+        default=None,
+        help="learning rate of that refinement (default: each checkpoint's refine_lr)",
+    )
     p.add_argument("--batch-rows", type=int, default=32, help="passages per forward pass")
     p.add_argument("--data", default=None, metavar="DIR", help="corpus directory (default: $MEMSPLICE_DATA)")
     p.add_argument(
@@ -125,11 +131,15 @@ def run(args) -> int:
         raise ValueError("--passages and --batch-rows must be >= 1 and --lengths >= 2")
     if any(n < 1 for n in args.refine_steps):
         raise ValueError("--refine-steps must be >= 1")
+    if args.refine_lr is not None and args.refine_lr <= 0:
+        raise ValueError("--refine-lr must be positive")
     reasoner = load_reasoner_from(args)
     tok = reasoner.require_tokenizer()
     systems: list[tuple[str, str, object, int]] = []  # (system, label, memory, refinement steps)
     for c in checkpoints:
         m = _load(c, reasoner)
+        if args.refine_lr is not None:
+            m.config.refine_lr = args.refine_lr
         systems.append(("latent", f"latent:{m.config.operator}", m, 0))
         systems += [
             ("latent_refined", f"latent:{m.config.operator}+refine{k}", m, k) for k in args.refine_steps
@@ -183,6 +193,9 @@ def run(args) -> int:
         "sources": list(sources),
         "passages_per_length": args.passages,
         "batch_rows": args.batch_rows,
+        "refine_lr": {
+            str(c): m.config.refine_lr for c, (_, _, m, _) in zip(checkpoints, systems, strict=False)
+        },
         "checkpoints": [str(c) for c in checkpoints],
         "causal": args.causal,
         "prior": args.prior,
