@@ -77,6 +77,8 @@ def test_bench_reports_all_systems_and_saves_summary(trained, corpus, tmp_path, 
             "16",
             "--passages",
             "3",
+            "--refine-steps",
+            "2",
             "--json",
             "--save",
             "--train-run",
@@ -86,9 +88,11 @@ def test_bench_reports_all_systems_and_saves_summary(trained, corpus, tmp_path, 
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     systems = {(r["length"], r["system"]) for r in result["rows"]}
-    assert systems == {(n, s) for n in (8, 16) for s in ("latent", "floor", "causal", "prior_init")}
+    names = ("latent", "latent_refined", "floor", "causal", "prior_init")
+    assert systems == {(n, s) for n in (8, 16) for s in names}
+    assert all(r["refine_steps"] == 2 for r in result["rows"] if r["system"] == "latent_refined")
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())["formation"]
-    assert set(summary["2x"]) >= {"latent", "floor", "causal", "prior_init"} and "4x" in summary
+    assert set(summary["2x"]) >= {*names, "refine_steps"} and "4x" in summary
     assert summary["train_tokens_per_s"] == 5.0 and summary["train_mfu"] == 0.1
     assert {"device", "commit", "date"} <= set(summary)
     saved = json.loads((tmp_path / "results" / "formation-fidelity.json").read_text())

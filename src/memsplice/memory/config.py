@@ -60,8 +60,9 @@ class MemoryConfig:
     refine_steps: int = 0
     """Write-time refinement (`memory.refine`): Adam steps on the latents against reading the passage back after
     `reconstruction_instruction`, starting from the encoder's output; 0: the encoder's latents as they are."""
-    refine_lr: float = 1e-2
-    """Learning rate of write-time refinement."""
+    refine_lr: float = 0.1
+    """Learning rate of write-time refinement (0.1 reaches in 50 steps what 0.03 needs 200 for at 32x on the shipped
+    checkpoint, benchmarks/results/formation/fidelity-refine-32x-lr*.json)."""
     reconstruction_instruction: str | None = None
     """The instruction after which the reasoner regenerates a passage from its memory (recorded by `memsplice
     train`); write-time refinement needs it."""

@@ -74,7 +74,7 @@ def refine_latents(
     attention_mask: torch.Tensor | None = None,
     *,
     steps: int,
-    lr: float = 1e-2,
+    lr: float = 0.1,
     latents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """(refined latents (B, M, d), the loss before each step) for passages `input_ids` (B, T).
