@@ -78,3 +78,14 @@ def test_write_refines_when_asked_and_refuses_without_an_instruction(reasoner):
     bare = small_memory(reasoner)
     with pytest.raises(ValueError, match="reconstruction_instruction"):
         bare.write(ids, refine_steps=1)
+
+
+def test_checkpoints_older_than_the_field_take_the_instruction_training_recorded():
+    from memsplice.memory import MemoryConfig
+
+    assert MemoryConfig(extra={"instruction": "Say it again."}).reconstruction_instruction == "Say it again."
+    assert (
+        MemoryConfig(reconstruction_instruction="A", extra={"instruction": "B"}).reconstruction_instruction
+        == "A"
+    )
+    assert MemoryConfig().reconstruction_instruction is None

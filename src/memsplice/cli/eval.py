@@ -164,6 +164,14 @@ def add_parser(sub):
         "with 16 slots, 128 tokens is 8x compression)",
     )
     p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="latent systems: refine every chunk memory with N write-time steps on reading its text back "
+        "(default: the checkpoint's refine_steps, 0 unless it says otherwise)",
+    )
+    p.add_argument(
         "--embedder",
         type=Path,
         default=None,
@@ -236,6 +244,7 @@ def _run(args) -> dict:
             chunk_tokens=args.chunk_tokens,
             select_chunks=args.select_chunks,
             select_by=args.select_by,
+            refine_steps=args.refine_steps,
             embedder=args.embedder,
             seed=args.seed,
         ),

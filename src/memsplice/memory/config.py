@@ -65,7 +65,8 @@ class MemoryConfig:
     checkpoint, benchmarks/results/formation/fidelity-refine-32x-lr*.json)."""
     reconstruction_instruction: str | None = None
     """The instruction after which the reasoner regenerates a passage from its memory (recorded by `memsplice
-    train`); write-time refinement needs it."""
+    train`; checkpoints written before this field took it from `extra["instruction"]`, where training recorded it);
+    write-time refinement needs it."""
     embed_warmup_updates: int = 1000
     """N: the token embedding stays tied to (and frozen as) the reasoner's for this many optimizer updates."""
     reasoner_name: str | None = None
@@ -79,6 +80,11 @@ class MemoryConfig:
 
     def __post_init__(self):
         from ..inject.registry import OPERATORS
+
+        if self.reconstruction_instruction is None and isinstance(self.extra, dict):
+            self.reconstruction_instruction = self.extra.get(
+                "instruction"
+            )  # checkpoints older than the field
 
         def need(cond: bool, name: str, msg: str):
             if not cond:

