@@ -75,6 +75,9 @@ def test_write_refines_when_asked_and_refuses_without_an_instruction(reasoner):
         default = memory.write(ids)
     assert not torch.equal(plain.latents, refined.latents)
     torch.testing.assert_close(default.latents, refined.latents)
+    trained = memory.write(ids)  # under autograd (training): the encoder's latents, with their gradient
+    assert trained.latents.requires_grad
+    torch.testing.assert_close(trained.latents.detach(), plain.latents)
     bare = small_memory(reasoner)
     with pytest.raises(ValueError, match="reconstruction_instruction"):
         bare.write(ids, refine_steps=1)

@@ -32,6 +32,7 @@ def test_precedence_file_env_flags(tmp_path):
         ("default_max_new_tokens: 999\nmax_new_tokens: 10\n", "default_max_new_tokens"),
         ("log_format: xml\n", "ServeConfig.log_format"),
         ("engine: vllm\n", "ServeConfig.engine"),
+        ("memory_refine_steps: -2\n", "ServeConfig.memory_refine_steps"),
         ("- a\n- b\n", "mapping"),
         ("port: [\n", "not valid YAML"),
     ],

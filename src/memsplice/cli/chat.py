@@ -106,6 +106,14 @@ def add_parser(sub):
         help="with --learn, also rehearse N synthetic questions per update, each answered from a memory of its "
         "evidence, so learning keeps the skill of answering from memory (memsplice.online.rehearsal; default: off)",
     )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refine every memory write with N gradient steps on its latents (memsplice.memory.refine; each step "
+        "is a forward and backward pass of the reasoner; default: the checkpoint's refine_steps, 0 unless set)",
+    )
     return p
 
 
@@ -319,6 +327,10 @@ def run(args) -> int:
         memory = learner.memory
     else:
         memory = load_memory(reasoner, args.checkpoint)
+    if args.refine_steps is not None:
+        if args.refine_steps < 0:
+            raise ValueError(f"--refine-steps must be at least 0 (got {args.refine_steps})")
+        memory.config.refine_steps = args.refine_steps
     session = ChatSession(
         reasoner,
         memory,

@@ -59,7 +59,8 @@ class MemoryConfig:
     """Privacy option: rescale each slot to at most this L2 norm before injection (None: no clipping)."""
     refine_steps: int = 0
     """Write-time refinement (`memory.refine`): Adam steps on the latents against reading the passage back after
-    `reconstruction_instruction`, starting from the encoder's output; 0: the encoder's latents as they are."""
+    `reconstruction_instruction`, starting from the encoder's output, for every write made without autograd
+    (training writes keep the encoder's latents, so that their gradient reaches it); 0: the encoder's latents."""
     refine_lr: float = 0.1
     """Learning rate of write-time refinement (0.1 reaches in 50 steps what 0.03 needs 200 for at 32x on the shipped
     checkpoint, benchmarks/results/formation/fidelity-refine-32x-lr*.json)."""

@@ -118,10 +118,15 @@ class MemoryModel(nn.Module):
         """Encode (or take `latents`), refine, check, gate and project into per-layer K/V.
 
         gate_override: force g (a float or (B, M) tensor) instead of the learned gate, e.g. 0.0 to close it.
-        refine_steps: write-time refinement steps (`memory.refine`; None: `config.refine_steps`, default 0).
+        refine_steps: write-time refinement steps (`memory.refine`). None: `config.refine_steps` for a write made
+        without autograd (serving, evaluation, conversation memory), and none for a write under autograd, whose
+        gradient must reach the encoder (training); refined latents carry no gradient to the encoder.
         """
         z = self.encode(input_ids, attention_mask) if latents is None else latents.to(self.reasoner.device)
-        steps = self.config.refine_steps if refine_steps is None else refine_steps
+        if refine_steps is not None:
+            steps = refine_steps
+        else:
+            steps = 0 if torch.is_grad_enabled() else self.config.refine_steps
         if steps:
             z, _ = refine_latents(
                 self, input_ids, attention_mask, steps=steps, lr=self.config.refine_lr, latents=z

@@ -68,6 +68,9 @@ class ServeConfig:
     memory_select_chunks: int | None = None
     """With a memory that has an address head: a chat reads only this many chunk memories, those its last user
     message picks (`ConversationMemory.address`); null: every chunk."""
+    memory_refine_steps: int | None = None
+    """Write-time refinement steps of every memory write (`memsplice.memory.refine`; each is one forward and backward
+    pass of the reasoner, paid in the request that writes); null: the checkpoint's `refine_steps` (0 unless set)."""
     memory_max_live_tokens: int = 65536
     """Most transcript tokens a scope's memory is built from; least-recently-used spans beyond it are evicted."""
     memory_track_attention: bool = False
@@ -166,6 +169,12 @@ class ServeConfig:
             isinstance(self.replay_capacity, int) and self.replay_capacity >= 0,
             "replay_capacity",
             "must be a non-negative integer",
+        )
+        need(
+            self.memory_refine_steps is None
+            or (isinstance(self.memory_refine_steps, int) and self.memory_refine_steps >= 0),
+            "memory_refine_steps",
+            "must be a non-negative integer or null",
         )
         for name in ("online_replay_per_update", "online_rehearsal_per_update"):
             v = getattr(self, name)
