@@ -33,6 +33,9 @@ def test_refinement_lowers_the_loss_and_changes_nothing_else(reasoner):
     assert _loss(memory, z, ids) < _loss(memory, start, ids)
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in memory.named_parameters())
     assert reasoner.weights_digest() == digest
+    seen = []
+    last, _ = refine_latents(memory, ids, steps=3, lr=5e-2, on_step=lambda k, z: seen.append((k, z)))
+    assert [k for k, _ in seen] == [1, 2, 3] and torch.equal(seen[-1][1], last)
     same, none = refine_latents(memory, ids, steps=0)
     assert torch.equal(same, start) and none == []
 

@@ -76,10 +76,12 @@ def refine_latents(
     steps: int,
     lr: float = 0.1,
     latents: torch.Tensor | None = None,
+    on_step=None,
 ) -> tuple[torch.Tensor, list[float]]:
     """(refined latents (B, M, d), the loss before each step) for passages `input_ids` (B, T).
 
-    `latents` is the start (default: the encoder's output for the passages)."""
+    `latents` is the start (default: the encoder's output for the passages). `on_step(step, latents)`, when given,
+    sees the (B, M, d) latents after each step (step = 1..steps), e.g. to score them along the way."""
     if steps < 0:
         raise ValueError(f"refine steps must be >= 0, got {steps}")
     device = memory_model.reasoner.device
@@ -109,6 +111,12 @@ def refine_latents(
             with torch.no_grad():  # stay inside the safety bound, or the refined row would be refused
                 norms = z.norm(dim=-1, keepdim=True).clamp(min=1e-12)
                 z.mul_((bound / norms).clamp(max=1.0))
+            if on_step is not None:
+                on_step(len(losses), _merged(start, rows, z))
+    return _merged(start, rows, z), losses
+
+
+def _merged(start: torch.Tensor, rows: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
     out = start.clone()
-    out[rows] = z.detach()
-    return out, losses
+    out[rows] = refined.detach()
+    return out
