@@ -15,10 +15,13 @@ teacher-forced token accuracy and exact match of the reasoner reading [memory][i
 Accuracy is reported after 0, 25, 50, 100, 200 and 400 Adam steps (--steps-list); step 0 of both free modes is the
 encoder itself. Passages are optimised --batch-rows at a time with the loss summed over rows, so each row's
 gradient is its own. Adam's step is relative: the parameters are the latents (per slot) and K/V (per layer and
-slot) divided by their starting RMS, so --lr is a step size relative to their scale.
+slot) divided by their starting RMS, so --lr (latents) and --kv-lr are step sizes relative to their scale. The
+defaults were checked on the CPU on one 512-token passage: free latents reached 66% / 73% / 81% / 92% token
+accuracy after 25 steps at lr 3e-3 / 1e-2 / 3e-2 / 1e-1, and 100% after 100 steps at 1e-1, while 3e-1 spiked the
+loss on the way; free K/V reached 100% after 25 steps at 3e-2 and oscillated at 1e-1.
 
     PYTHONPATH=src python scripts/formation/latent_capacity.py [--lengths 128 512] [--passages 8]
-        [--steps-list 0 25 50 100 200 400] [--lr 1e-2] [--device cuda] [--record NAME]
+        [--steps-list 0 25 50 100 200 400] [--lr 0.1] [--kv-lr 0.03] [--device cuda] [--record NAME]
 
 Passages: bench fidelity cuts --pool (its --passages, default 128) passages per length from the held-out stream;
 this script takes --passages of them spread evenly over those (indices i * pool // passages), so a subset covers
@@ -152,7 +155,8 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=128, help="bench fidelity's --passages: the set chosen from")
     p.add_argument("--batch-rows", type=int, default=8, help="passages optimised together")
     p.add_argument("--steps-list", type=int, nargs="+", default=[0, 25, 50, 100, 200, 400])
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam lr relative to the latents' / K/V's RMS")
+    p.add_argument("--lr", type=float, default=0.1, help="free_latents: Adam lr relative to the latents' RMS")
+    p.add_argument("--kv-lr", type=float, default=3e-2, help="free_kv: Adam lr relative to the K/V's RMS")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--data", default=None, metavar="DIR", help="corpus directory (default: $MEMSPLICE_DATA)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
@@ -196,7 +200,7 @@ def main() -> None:
                         instruction,
                         mode,
                         steps_list,
-                        args.lr,
+                        args.lr if mode == "free_latents" else args.kv_lr,
                     )
                 )
             events = memory.fallback_log.total - before  # rows injected as no memory (latent norm bound)
@@ -216,8 +220,15 @@ def main() -> None:
                     f"exact {100 * steps[str(s)]['exact_match']:5.1f}%  loss {steps[str(s)]['loss']:.4f}"
                 )
             per_step = sum(r["seconds_per_step"] for r in runs) / len(runs)
-            row[mode] = {"steps": steps, "seconds_per_step": per_step, "fallback_events": events}
-            print(f"{n:>4} tokens  {mode:<13} {per_step:.2f} s per step of {args.batch_rows} rows")
+            row[mode] = {
+                "steps": steps,
+                "seconds_per_step": per_step,
+                "rows_per_step": min(args.batch_rows, count),
+                "fallback_events": events,
+            }
+            print(
+                f"{n:>4} tokens  {mode:<13} {per_step:.2f} s per step of {min(args.batch_rows, count)} rows"
+            )
         rows.append(row)
     saved = save_result(
         f"latent-capacity-{args.record or reasoner.device.type}",
@@ -231,7 +242,7 @@ def main() -> None:
             "passages_per_length": dict(zip(map(str, args.lengths), counts, strict=True)),
             "pool": args.pool,
             "batch_rows": args.batch_rows,
-            "lr": args.lr,
+            "lr": {"free_latents": args.lr, "free_kv": args.kv_lr},
             "steps_list": steps_list,
             "rows": rows,
         },
