@@ -8,7 +8,8 @@ teacher-forced token accuracy and exact match of the reasoner reading [memory][i
 - free_latents: the M latents z of each passage are free parameters, started at the encoder's output and optimised
                 per passage by Adam on the reconstruction cross-entropy (the training read, teacher forced) through
                 the checkpoint's frozen gate and operator (`MemoryModel.inject`); the encoder is bypassed. What the
-                latent space plus operator can hold: a ceiling for any encoder of this checkpoint;
+                latent space plus operator can hold: a ceiling for any encoder of this checkpoint. (Memory writes
+                do this for real with `memsplice.memory.refine`, whose step size is absolute, not relative);
 - free_kv:      every layer's memory keys and values are free parameters, started at the operator's output for
                 the encoder's latents, with the gate the checkpoint computes from those latents. No bottleneck
                 beyond M slots per layer.
