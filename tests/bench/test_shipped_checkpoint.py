@@ -56,3 +56,33 @@ def test_shipped_checkpoint_reconstructs_heldout_passages(real_reasoner):
     floor = reconstruction_fidelity(real_reasoner, None, passages, instruction, batch_rows=8)
     assert latent.token_accuracy >= MIN_TOKEN_ACCURACY_8X, (latent, floor)
     assert latent.token_accuracy > floor.token_accuracy + 0.2
+
+
+PASSAGE = (
+    "The lighthouse keeper on Farrow Point kept two logs. In the first he wrote the weather every four hours: wind, "
+    "cloud, the height of the swell against the third step of the landing. In the second, which he showed no one, "
+    "he wrote down every ship that passed without answering his lamp, with the hour and the colour of its hull. "
+    "When the keeper retired after thirty-one years, the second log held four hundred and twelve entries, and the "
+    "harbour office, which had never asked for it, kept it in a drawer beside the tide tables. Nobody has opened "
+    "the drawer since the office moved to the new pier in the spring of the flood year."
+)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_refinement_makes_the_shipped_memory_read_a_new_passage_back_verbatim(real_reasoner):
+    """Write-time refinement on text no corpus holds: 128 tokens into 16 slots (8x) read back exactly after 10 steps
+    (the H200 bench: 100% of 128 held-out passages at 8x, benchmarks/results/formation/fidelity-refine-lr0.1.json)."""
+    from memsplice.memory import MemoryModel
+    from memsplice.memory.refine import reconstruction_instruction
+    from memsplice.train.evaluate import reconstruction_fidelity
+
+    memory = MemoryModel.from_pretrained(_shipped(), reasoner=real_reasoner).eval()
+    ids = real_reasoner.tokenizer(PASSAGE, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 128, len(ids)
+    passage = torch.tensor([ids[:128]])
+    instruction = reconstruction_instruction(memory).cpu()
+    encoder = reconstruction_fidelity(real_reasoner, memory, passage, instruction)
+    refined = reconstruction_fidelity(real_reasoner, memory, passage, instruction, refine_steps=10)
+    assert refined.exact_match == 1.0, (encoder, refined)
+    assert encoder.token_accuracy < 1.0  # the encoder alone does not: refinement is what closes it
