@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from memsplice.bench.record import save_result
+from memsplice.devices import synchronize
 from memsplice.train import FormationRecipe, TrainConfig
 from memsplice.train.fast_reader import fast_reading
 from memsplice.train.fused_attention import fused_memory_attention
@@ -81,11 +82,10 @@ def profile_variant(name: str, sets: list[str], args) -> dict:
     recipe = FormationRecipe(config, show_progress=False)
     recipe.setup()
     device = recipe.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         recipe.train_step()
-    sync()
+    synchronize(device)
     warm = time.perf_counter() - t0
     flops = tokens = 0.0
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def profile_variant(name: str, sets: list[str], args) -> dict:
         out = recipe.train_step()
         flops += out["cost"].flops
         tokens += out["cost"].tokens
-    sync()
+    synchronize(device)
     seconds = time.perf_counter() - t0
     result = {
         "variant": name,
@@ -115,7 +115,7 @@ def profile_variant(name: str, sets: list[str], args) -> dict:
             t0 = time.perf_counter()
             for _ in range(args.profile_steps):
                 recipe.train_step()
-            sync()
+            synchronize(device)
             wall = time.perf_counter() - t0
         kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         busy_us = sum(e.self_device_time_total for e in kernels)

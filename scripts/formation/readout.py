@@ -89,7 +89,7 @@ def main() -> None:
     path = args.checkpoint or default_checkpoint_dir()
     memory = MemoryModel.from_pretrained(path, reasoner=reasoner).eval()
     tok = reasoner.require_tokenizer()
-    instruction = memory.config.extra.get("instruction")
+    instruction = memory.config.reconstruction_instruction
     if not instruction:
         raise SystemExit(f"{path} records no formation instruction")
     reader = Reader(reasoner, settings=GenerationSettings(max_new_tokens=24))

@@ -24,6 +24,13 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU. Timers call it on both sides."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`dtype` if given (a torch dtype or a name such as "bf16"), else bf16 on CUDA and fp32 on the CPU."""
     if isinstance(dtype, torch.dtype):

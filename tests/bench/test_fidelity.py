@@ -91,6 +91,7 @@ def test_bench_reports_all_systems_and_saves_summary(trained, corpus, tmp_path, 
     names = ("latent", "latent_refined", "floor", "causal", "prior_init")
     assert systems == {(n, s) for n in (8, 16) for s in names}
     assert all(r["refine_steps"] == 2 for r in result["rows"] if r["system"] == "latent_refined")
+    assert set(result["refine_lr"]) == {r["label"] for r in result["rows"] if r["system"] == "latent_refined"}
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())["formation"]
     assert set(summary["2x"]) >= {*names, "refine_steps"} and "4x" in summary
     assert summary["train_tokens_per_s"] == 5.0 and summary["train_mfu"] == 0.1

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..devices import synchronize
 from .record import save_result, update_summary
 
 
@@ -80,7 +81,10 @@ def run(args) -> int:
         100, vocab, (1, min(args.memory_tokens, memory.config.max_memory_tokens)), generator=gen
     )
     q_ids = torch.randint(100, vocab, (1, args.question_tokens), generator=gen).to(reasoner.device)
-    sync = torch.cuda.synchronize if reasoner.device.type == "cuda" else (lambda: None)
+
+    def sync():
+        synchronize(reasoner.device)
+
     with torch.no_grad():
         mem = memory.write(mem_ids)
         result["cpu_forward_ms"] = {

@@ -102,17 +102,10 @@ def heldout_setup(memory, tokenizer, data=None, sources=None):
 
     extra = memory.config.extra or {}
     sources = list(sources or extra.get("data_sources") or DataArgs().sources)
-    instruction_text = extra.get("instruction") or DataArgs().instruction
+    instruction_text = memory.config.reconstruction_instruction or DataArgs().instruction
     ids = tokenizer(instruction_text, add_special_tokens=False)["input_ids"]
     heldout = corpus_tokens(tokenizer, DataArgs(root=data, sources=sources), "heldout")
     return sources, instruction_text, torch.tensor(ids, dtype=torch.long), heldout
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(args) -> int:
@@ -120,6 +113,7 @@ def run(args) -> int:
 
     from ..checkpoints import default_checkpoint_dir
     from ..cli.common import load_reasoner_from
+    from ..devices import synchronize
     from ..train.data import heldout_passages
     from ..train.evaluate import reconstruction_fidelity
 
@@ -163,7 +157,7 @@ def run(args) -> int:
             passages = heldout_passages(heldout, n, args.passages)
             for system, label, memory, refine in systems:
                 m = memory.config.num_slots if memory is not None else slots
-                _sync(reasoner.device)
+                synchronize(reasoner.device)
                 t0 = time.perf_counter()
                 f = reconstruction_fidelity(
                     reasoner,
@@ -174,7 +168,7 @@ def run(args) -> int:
                     progress=bar,
                     refine_steps=refine,
                 )
-                _sync(reasoner.device)
+                synchronize(reasoner.device)
                 rows.append(
                     {
                         "length": n,
@@ -193,9 +187,7 @@ def run(args) -> int:
         "sources": list(sources),
         "passages_per_length": args.passages,
         "batch_rows": args.batch_rows,
-        "refine_lr": {
-            str(c): m.config.refine_lr for c, (_, _, m, _) in zip(checkpoints, systems, strict=False)
-        },
+        "refine_lr": {label: m.config.refine_lr for _, label, m, steps in systems if steps},
         "checkpoints": [str(c) for c in checkpoints],
         "causal": args.causal,
         "prior": args.prior,

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..devices import synchronize
 from .record import save_result, update_summary
 
 logger = logging.getLogger(__name__)
@@ -141,23 +142,18 @@ def add_arguments(p):
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Bytes/s of a device-to-device copy (each byte read once and written once)."""
     n = nbytes // 2 if device.type == "cuda" else nbytes // 16
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return 2 * n / min(times)
 
@@ -228,7 +224,7 @@ def _time_hf(reasoner, prompt, memory, args: LatencyArgs) -> dict:
             if not self.prompt_seen:
                 self.prompt_seen = True
                 return
-            _sync(device)
+            synchronize(device)
             self.times.append(time.perf_counter())
 
         def end(self):
@@ -240,7 +236,7 @@ def _time_hf(reasoner, prompt, memory, args: LatencyArgs) -> dict:
         clock = _Clock()
         t0 = time.perf_counter()
         out = generate_with_memory(reasoner, ids, mask, memory, generation_config=config, streamer=clock)
-        _sync(device)
+        synchronize(device)
         first, last = clock.times[0], clock.times[-1]
         return first - t0, (last - first) / max(len(clock.times) - 1, 1), out
 

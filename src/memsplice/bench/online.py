@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_directory
+from ..devices import synchronize
 from .record import RESULTS_DIR, save_result, update_summary
 
 logger = logging.getLogger(__name__)
@@ -416,11 +417,6 @@ def prose_perplexity(memory, passages, with_memory: bool = True) -> float:
         logits[:, :-1].reshape(-1, logits.shape[-1]), text[:, 1:].reshape(-1)
     )
     return math.exp(float(nll))
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _compile_layers(reasoner) -> None:
@@ -804,7 +800,7 @@ def _mem0_style_write_seconds(reasoner, turns: list[str], args) -> list[float]:
             do_sample=False,
             pad_token_id=reasoner.tokenizer.eos_token_id,
         )
-        _sync(reasoner.device)
+        synchronize(reasoner.device)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -813,12 +809,12 @@ def _median_generate_seconds(reasoner, prompt, memory, gen: dict, repeats: int =
     from ..inject import generate_with_memory
 
     generate_with_memory(reasoner, prompt, None, memory, **gen)  # warm-up
-    _sync(reasoner.device)
+    synchronize(reasoner.device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         generate_with_memory(reasoner, prompt, None, memory, **gen)
-        _sync(reasoner.device)
+        synchronize(reasoner.device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -844,7 +840,7 @@ def run_cost(args, reasoner, memory) -> dict:
         while tokens < target:
             role, text, _ = next(turns)
             stats = conv.add_turn(role, text)
-            _sync(reasoner.device)
+            synchronize(reasoner.device)
             writes.append(stats)
             tokens += stats.tokens
             bar.update(stats.tokens)

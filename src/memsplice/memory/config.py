@@ -82,10 +82,9 @@ class MemoryConfig:
     def __post_init__(self):
         from ..inject.registry import OPERATORS
 
+        # checkpoints older than the field: training recorded the instruction in `extra`
         if self.reconstruction_instruction is None and isinstance(self.extra, dict):
-            self.reconstruction_instruction = self.extra.get(
-                "instruction"
-            )  # checkpoints older than the field
+            self.reconstruction_instruction = self.extra.get("instruction")
 
         def need(cond: bool, name: str, msg: str):
             if not cond:

@@ -468,7 +468,7 @@ def run_bootstrap(memory, cfg: BootstrapConfig, output: str | Path) -> dict:
         sum(len(e.answers) for e in held),
         time.perf_counter() - t0,
     )
-    instruction = memory.config.extra.get("instruction")
+    instruction = memory.config.reconstruction_instruction
     if cfg.reconstruction_rows and not instruction:
         raise ValueError(
             "bootstrap: the checkpoint records no formation instruction; set reconstruction_rows=0"

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..devices import synchronize
 from ..memory.config import MemoryConfig
 from ..memory.model import MemoryModel
 from . import objectives as obj
@@ -622,8 +623,7 @@ class FormationRecipe:
         return summary
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def _accumulate(self, window: dict, out: dict) -> None:
         window["steps"] += 1
