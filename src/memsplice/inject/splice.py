@@ -96,6 +96,25 @@ def hidden_states_with_memory(
     ).last_hidden_state
 
 
+def passage_hidden_states(
+    reasoner,
+    instruction: torch.Tensor,
+    passages: torch.Tensor,
+    memory: MemoryKV | None,
+    passage_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T, d) hidden states from which the reasoner predicts each token of `passages` (B, T), teacher-forced,
+    reading [memory][instruction (I,)] P: the read of reconstruction, scored at the T positions before each token.
+    `passage_mask` (B, T) marks right-padded passages' real tokens (None: all real)."""
+    b, t = passages.shape
+    i = instruction.numel()
+    text = torch.cat([instruction.to(passages.device).view(1, -1).expand(b, -1), passages], dim=1)
+    mask = None
+    if passage_mask is not None:
+        mask = torch.cat([torch.ones_like(text[:, :i]), passage_mask.to(text.dtype)], dim=1)
+    return hidden_states_with_memory(reasoner, text, mask, memory)[:, i - 1 : i + t - 1]
+
+
 def generate_with_memory(
     reasoner,
     input_ids: torch.Tensor,

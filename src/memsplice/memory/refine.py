@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inject.splice import hidden_states_with_memory
+from ..inject.splice import passage_hidden_states
 from ..reasoner.head_loss import lm_head_cross_entropy
 from .safety import check_latents
 
@@ -49,12 +49,8 @@ def reconstruction_loss(
 ) -> torch.Tensor:
     """Sum over rows of each row's mean teacher-forced cross-entropy of its passage after [memory][instruction]."""
     reasoner = memory_model.reasoner
-    b, t = input_ids.shape
-    i = instruction.numel()
     memory = memory_model.inject(latents)
-    text = torch.cat([instruction.view(1, -1).expand(b, -1), input_ids], dim=1)
-    mask = torch.cat([torch.ones_like(text[:, :i]), attention_mask.to(text.dtype)], dim=1)
-    hidden = hidden_states_with_memory(reasoner, text, mask, memory.kv)[:, i - 1 : i + t - 1]  # predicts P
+    hidden = passage_hidden_states(reasoner, instruction, input_ids, memory.kv, attention_mask)
     scored = attention_mask.bool()
     counts = scored.sum(1)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..inject.memory_kv import MemoryKV
-from ..inject.splice import hidden_states_with_memory
+from ..inject.splice import passage_hidden_states
 
 LOGIT_CHUNK = 4096
 
@@ -53,12 +53,7 @@ def passage_hits(
 ) -> torch.Tensor:
     """(B, T) bool: which tokens of `passages` (B, T) the reasoner predicts (argmax) when it reads
     [memory][instruction (I,)] P teacher-forced; `memory` None reads no memory (the floor)."""
-    b, t = passages.shape
-    instruction = instruction.to(passages.device)
-    text = torch.cat([instruction.view(1, -1).expand(b, -1), passages], dim=1)
-    hidden = hidden_states_with_memory(reasoner, text, None, memory)
-    i = instruction.numel()
-    return position_hits(reasoner, hidden[:, i - 1 : i + t - 1], passages)
+    return position_hits(reasoner, passage_hidden_states(reasoner, instruction, passages, memory), passages)
 
 
 @torch.no_grad()
