@@ -22,3 +22,17 @@ def small_memory(reasoner, operator: str = "prepend_kv", **overrides) -> MemoryM
 
 def random_ids(batch: int, length: int, vocab: int = 384, low: int = 3) -> torch.Tensor:
     return torch.randint(low, vocab, (batch, length))
+
+
+def memory_grads(memory, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Backpropagate a loss that weighs every position of `hidden` differently; the memory's parameter gradients."""
+    (hidden.pow(2).mean() + hidden[:, -1].sum()).backward()
+    return {n: p.grad.clone() for n, p in memory.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, want: dict, rel: float) -> None:
+    """Same parameters (the gate among them), each gradient within `rel` of the reference's largest entry."""
+    assert got.keys() == want.keys() and "gate.weight" in want
+    for name, g in want.items():
+        scale = g.abs().max().clamp(min=1e-6)
+        assert ((got[name] - g).abs().max() / scale) < rel, name

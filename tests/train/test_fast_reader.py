@@ -3,22 +3,10 @@
 import pytest
 import torch
 
-from helpers import random_ids, small_memory
+from helpers import assert_grads_close, memory_grads, random_ids, small_memory
 from memsplice.inject import hidden_states_with_memory
 from memsplice.train.fast_reader import FastReader, fast_reading, read_hidden_states
 from memsplice.train.objectives import reconstruction
-
-
-def _grads(memory, hidden):
-    (hidden.pow(2).mean() + hidden[:, -1].sum()).backward()
-    return {n: p.grad.clone() for n, p in memory.named_parameters() if p.grad is not None}
-
-
-def _assert_grads_close(got: dict, want: dict):
-    assert got.keys() == want.keys() and "gate.weight" in want
-    for name, g in want.items():
-        scale = g.abs().max().clamp(min=1e-6)
-        assert ((got[name] - g).abs().max() / scale) < 1e-4, name
 
 
 @pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
@@ -31,13 +19,13 @@ def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator):
 
     memory.zero_grad()
     want = hidden_states_with_memory(reasoner, text, None, memory.write(ids).kv)
-    want_grads = _grads(memory, want)
+    want_grads = memory_grads(memory, want)
     memory.zero_grad()
     got = reader.hidden_states(text, memory.write(ids).kv)
-    got_grads = _grads(memory, got)
+    got_grads = memory_grads(memory, got)
 
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    _assert_grads_close(got_grads, want_grads)
+    assert_grads_close(got_grads, want_grads, rel=1e-4)
 
 
 def test_read_hidden_states_uses_the_active_reader_only_for_live_rows(reasoner, monkeypatch):
