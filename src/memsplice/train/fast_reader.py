@@ -17,7 +17,7 @@ native head dim, with the gate as a score modification, was measured and is 3.6x
 the captured gate goes through atomics): `benchmarks/results/formation/profile-h200-*-flex.json`.
 
 Supported: decoders of the Llama family (llama, mistral without a sliding window, qwen2) with SiLU gated MLPs and
-full rotary dimensions. `FastReader.supports(reasoner)` says why another one is refused; the caller then keeps the
+full rotary dimensions. `FastReader.refusal(reasoner)` says why another one is refused; the caller then keeps the
 Hugging Face path (`hidden_states_with_memory`), which is always correct.
 
 Guarantee: `FastReader.hidden_states(ids, memory)` equals `hidden_states_with_memory(reasoner, ids, None, memory)`
@@ -103,7 +103,7 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(self, reasoner, compile: bool = False, dynamic: bool | None = None):
+    def __init__(self, reasoner, compile: bool = False):
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
@@ -117,10 +117,8 @@ class FastReader:
         self.layers = [self._weights(layer) for layer in decoder.layers]
         self.final_norm = decoder.norm.weight
         self.embedding = decoder.embed_tokens
-        self._layer = torch.compile(_decoder_layer, dynamic=dynamic) if compile else _decoder_layer
-        self.chunk_cross_entropy = (
-            torch.compile(chunk_cross_entropy, dynamic=dynamic) if compile else chunk_cross_entropy
-        )
+        self._layer = torch.compile(_decoder_layer) if compile else _decoder_layer
+        self.chunk_cross_entropy = torch.compile(chunk_cross_entropy) if compile else chunk_cross_entropy
 
     @staticmethod
     def refusal(reasoner) -> str | None:
@@ -145,10 +143,6 @@ class FastReader:
         ):
             return "partial rotary embeddings are not supported"
         return None
-
-    @classmethod
-    def supports(cls, reasoner) -> bool:
-        return cls.refusal(reasoner) is None
 
     @staticmethod
     @torch.no_grad()
