@@ -146,7 +146,8 @@ def add_parser(sub):
         "--select-chunks",
         type=int,
         default=1,
-        help="latent-select: chunk memories injected per question, the best ranked by --select-by (default: 1)",
+        help="latent-select, latent-readback: chunk memories read per question, the best ranked by --select-by "
+        "(latent-readback: by the address head) (default: 1)",
     )
     p.add_argument(
         "--select-by",
@@ -170,6 +171,14 @@ def add_parser(sub):
         metavar="N",
         help="latent systems: refine every chunk memory with N write-time steps on reading its text back "
         "(default: the checkpoint's refine_steps, 0 unless it says otherwise)",
+    )
+    p.add_argument(
+        "--write-turns",
+        type=int,
+        default=1,
+        metavar="N",
+        help="latent systems: turns per memory write; 1 writes after every turn as a chat does, more write a "
+        "backlog at once so its chunks are encoded and refined in batches (default: 1)",
     )
     p.add_argument(
         "--embedder",
@@ -245,6 +254,7 @@ def _run(args) -> dict:
             select_chunks=args.select_chunks,
             select_by=args.select_by,
             refine_steps=args.refine_steps,
+            write_turns=args.write_turns,
             embedder=args.embedder,
             seed=args.seed,
         ),

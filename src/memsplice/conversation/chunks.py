@@ -35,7 +35,10 @@ class Chunk:
     quota: int = 0
     """Slots of this chunk the composed memory uses (0 until first encoded)."""
     latents: torch.Tensor | None = None
-    """(M, d) float32: the encoder's output for the current spans."""
+    """(M, d) float32: the latents of the current spans (the encoder's output, refined when the memory refines)."""
+    address_latents: torch.Tensor | None = None
+    """(M, d) float32: the encoder's output before refinement, which the address head scores; None when the latents
+    were not refined (then the head scores `latents`)."""
     gate: torch.Tensor | None = None
     """(M,) gate values of the slots."""
     kv: MemoryKV | None = None
@@ -141,6 +144,7 @@ def _encode_group(
     live = written.kv.live.tolist()  # one host read for the group
     for row, chunk in enumerate(group):
         chunk.latents = written.latents[row].detach().float()
+        chunk.address_latents = None if written.encoded is None else written.encoded[row].detach().float()
         chunk.gate = written.gate[row].detach().float()
         chunk.set_kv(written.kv.index_rows([row]), bool(live[row]))
         chunk.dirty = False
@@ -158,6 +162,12 @@ def reinject_chunk(memory, chunk: Chunk, scope: str | None = None) -> None:
     chunk.gate = written.gate[0].detach().float()
     chunk.kv = written.kv
     chunk.dirty = False
+
+
+def address_source(chunk: Chunk) -> torch.Tensor:
+    """The latents the address head scores for `chunk`: the encoder's, before any refinement."""
+    assert chunk.latents is not None
+    return chunk.latents if chunk.address_latents is None else chunk.address_latents
 
 
 def select_slots(chunk: Chunk, quota: int, by: str = "gate") -> list[int]:

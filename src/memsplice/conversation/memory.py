@@ -31,13 +31,14 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
 from ..inject.memory_kv import MemoryKV
-from .chunks import Chunk, encode_chunks, reinject_chunk, weights_version
+from .chunks import Chunk, address_source, encode_chunks, reinject_chunk, weights_version
 from .hierarchy import Hierarchy, compose
 from .probe import MemoryAttention, memory_attention
 from .transcript import SLOT_BUDGET, TranscriptStore
@@ -250,41 +251,63 @@ class ConversationMemory:
     # -- writing ---------------------------------------------------------------------------------------------
     def add_turn(self, role: str, text: str) -> WriteStats:
         """Append one turn to the transcript and update memory incrementally."""
-        if not isinstance(role, str) or not role.strip():
-            raise ValueError(f"add_turn: role must be a non-empty string, got {role!r}")
-        if not isinstance(text, str):
-            raise ValueError(f"add_turn: text must be a string, got {type(text).__name__}")
-        rendered = self.config.turn_template.format(role=role, text=text)
-        ids = list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise ValueError(
-                "add_turn: the turn has no tokens once rendered; check ConversationConfig.turn_template"
-            )
-        return self.add_turn_ids(role, rendered, ids)
+        return self.add_turns([(role, text)])
+
+    def add_turns(self, turns: Sequence[tuple[str, str]]) -> WriteStats:
+        """Append (role, text) turns in order and update memory once for all of them.
+
+        The turns land in the same chunks as with one `add_turn` per turn, and those chunks are encoded together,
+        in batches of `encode_batch`, instead of the open chunk once per turn; the hierarchy fits the slot budget
+        once, at the end, so which older chunks it merges can differ from turn-by-turn writes. For a backlog (a session that arrives at
+        once, an imported conversation) and for write-time refinement, whose steps cost about the same for a batch
+        of chunks as for one. Stats are those of the one write."""
+        rendered = []
+        for role, text in turns:
+            if not isinstance(role, str) or not role.strip():
+                raise ValueError(f"add_turn: role must be a non-empty string, got {role!r}")
+            if not isinstance(text, str):
+                raise ValueError(f"add_turn: text must be a string, got {type(text).__name__}")
+            line = self.config.turn_template.format(role=role, text=text)
+            ids = list(self.tokenizer(line, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise ValueError(
+                    "add_turn: the turn has no tokens once rendered; check ConversationConfig.turn_template"
+                )
+            rendered.append((role, line, ids))
+        return self._write(rendered)
 
     def add_turn_ids(self, role: str, text: str, token_ids: list[int]) -> WriteStats:
         """`add_turn` for a turn already rendered and tokenized: `text` is what `token_ids` encode (kept in the
         archive, and re-tokenized if the conversation is later restored onto another reasoner)."""
         if not token_ids:
             raise ValueError("add_turn_ids: token_ids is empty")
+        return self._write([(role, text, list(token_ids))])
+
+    def _write(self, turns: list[tuple[str, str, list[int]]]) -> WriteStats:
+        """Place rendered, tokenized turns (role, text, ids) as spans, evict over the cap, encode what changed and fit
+        the slot budget: one write."""
+        if not turns:
+            raise ValueError("add_turns: no turns to write")
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
-            stats = WriteStats(seconds=0.0, tokens=len(token_ids), slots=0)
+            stats = WriteStats(seconds=0.0, tokens=sum(len(ids) for _, _, ids in turns), slots=0)
             stats.refreshed, calls, tokens = self._refresh_if_stale()
-            self.store.begin_step()
-            turn = self.turns
-            self.turns += 1
-            pieces = [
-                token_ids[i : i + self.chunk_tokens] for i in range(0, len(token_ids), self.chunk_tokens)
-            ]
-            for piece in pieces:
-                piece_text = text if len(pieces) == 1 else self._decode(piece)
-                span = self.store.add(role, piece_text, piece, turn)
-                self._append_span(span.id, span.num_tokens)
-            stats.spans = len(pieces)
-            evicted = self.store.evict_over_cap()
-            for record in evicted:
-                self._remove_span(record.span_id)
+            evicted = []
+            for role, text, token_ids in turns:
+                self.store.begin_step()
+                turn = self.turns
+                self.turns += 1
+                pieces = [
+                    token_ids[i : i + self.chunk_tokens] for i in range(0, len(token_ids), self.chunk_tokens)
+                ]
+                for piece in pieces:
+                    piece_text = text if len(pieces) == 1 else self._decode(piece)
+                    span = self.store.add(role, piece_text, piece, turn)
+                    self._append_span(span.id, span.num_tokens)
+                stats.spans += len(pieces)
+                for record in self.store.evict_over_cap():
+                    self._remove_span(record.span_id)
+                    evicted.append(record)
             dirty = [c for c in self._all_chunks() if c.dirty]
             if dirty:
                 tokens += encode_chunks(
@@ -564,6 +587,32 @@ class ConversationMemory:
         The question is encoded as a user turn (one short encoder call); the chunks are scored from the latents they
         already hold, so nothing of the history is re-read. The spans of the picked chunks count as used (for
         least-recently-used eviction)."""
+        with self._lock:
+            chosen = self._address_chunks(question, top_chunks)
+            if not chosen:
+                return None
+            return compose(chosen, self.memory.reasoner, self.config.slot_selection, full_resolution=True)[0]
+
+    def read_back(self, question: str, top_chunks: int = 1) -> list[str]:
+        """The text the reasoner regenerates from the memory of each chunk the address head picks for `question`
+        (`memory.readback`), in conversation order; [] when nothing live is written.
+
+        Only the chunks' memories are read, never the transcript: each chunk's K/V, after the memory's reconstruction
+        instruction, for at most as many tokens as the chunk was written from. The text is as faithful as the chunk
+        memory: verbatim for chunks refined at write time (`MemoryConfig.refine_steps`), lossy without. The cost is
+        decoding the picked chunks (one batch of `top_chunks` rows). The picked spans count as used, as in
+        `address`."""
+        from ..memory.readback import read_back
+
+        with self._lock:
+            chosen = self._address_chunks(question, top_chunks)
+            if not chosen:
+                return []
+            kv = MemoryKV.cat_rows([c.kv for c in chosen])
+            return read_back(self.memory, kv, [c.tokens for c in chosen])
+
+    def _address_chunks(self, question: str, top_chunks: int) -> list[Chunk]:
+        """The live chunks the address head picks for `question`, in conversation order; marks their spans used."""
         from ..memory.address import top_chunks as best
 
         head = self.memory.address
@@ -574,11 +623,11 @@ class ConversationMemory:
             )
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"address: question must be a non-empty string, got {question!r}")
-        with self._lock, torch.no_grad():
+        with torch.no_grad():
             self._refresh_if_stale()
             live = [c for c in self._all_chunks() if c.live and c.latents is not None]
             if not live:
-                return None
+                return []
             text = self.config.turn_template.format(role="user", text=question)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = ids[-self.memory.config.max_memory_tokens :]
@@ -590,7 +639,7 @@ class ConversationMemory:
             for chunk in chosen:
                 for span_id in chunk.span_ids:
                     self.store.mark_used(span_id, 1.0 / len(chosen), used=True)
-            return compose(chosen, self.memory.reasoner, self.config.slot_selection, full_resolution=True)[0]
+            return chosen
 
     def _address_keys(self, head, live: list[Chunk], device) -> torch.Tensor:
         """The address head's keys of `live` chunks' latents, (C, M, dim); computed again only when a chunk was
@@ -601,17 +650,20 @@ class ConversationMemory:
             cached is not None
             and cached[0] == version
             and len(cached[1]) == len(live)
-            and all(a is c.latents for a, c in zip(cached[1], live, strict=True))
+            and all(a is address_source(c) for a, c in zip(cached[1], live, strict=True))
         ):
             return cached[2]
-        keys = head.keys(torch.stack([c.latents for c in live]).to(device))
-        self._keys_cache = (version, [c.latents for c in live], keys)
+        sources = [address_source(c) for c in live]
+        keys = head.keys(torch.stack(sources).to(device))
+        self._keys_cache = (version, sources, keys)
         return keys
 
     # -- inspection ------------------------------------------------------------------------------------------
     def _stored_parts(self) -> tuple[int, int]:
         """(latent bytes, transcript bytes): what the conversation keeps, float32 latents and text with token ids."""
-        latent_bytes = sum(c.latents.numel() * 4 for c in self._all_chunks() if c.latents is not None)
+        latent_bytes = sum(
+            t.numel() * 4 for c in self._all_chunks() for t in (c.latents, c.address_latents) if t is not None
+        )
         transcript_bytes = sum(len(s.text.encode()) + 4 * s.num_tokens for s in self.store.spans.values())
         return latent_bytes, transcript_bytes
 
@@ -684,6 +736,9 @@ class ConversationMemory:
                         "quota": chunk.quota,
                         "slot_attention": list(chunk.slot_attention),
                         "latents": None if chunk.latents is None else _tensor_to_b64(chunk.latents),
+                        "address_latents": None
+                        if chunk.address_latents is None
+                        else _tensor_to_b64(chunk.address_latents),
                     }
                 )
             return {
@@ -755,6 +810,10 @@ class ConversationMemory:
                 and saved.get("num_slots") == memory.config.num_slots
             ):
                 chunk.latents = _tensor_from_b64(row["latents"]).to(memory.reasoner.device)
+                if row.get("address_latents") is not None:
+                    chunk.address_latents = _tensor_from_b64(row["address_latents"]).to(
+                        memory.reasoner.device
+                    )
                 reinject_chunk(memory, chunk, scope=conv.config.scope)
                 chunk.encoded_with = weights_version(memory)
             else:

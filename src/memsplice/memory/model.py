@@ -63,6 +63,9 @@ class Memory:
     """(B, M) gate values in [0, 1]."""
     kv: MemoryKV
     events: list[FallbackEvent] = field(default_factory=list)
+    encoded: torch.Tensor | None = None
+    """(B, M, d): the encoder's latents before write-time refinement; None when the write was not refined (then they
+    are `latents`). What the address head was trained on, so chunk selection reads these."""
 
     @property
     def live(self) -> torch.Tensor:
@@ -127,11 +130,15 @@ class MemoryModel(nn.Module):
             steps = refine_steps
         else:
             steps = 0 if torch.is_grad_enabled() else self.config.refine_steps
+        encoded = None
         if steps:
+            encoded = z.detach()
             z, _ = refine_latents(
                 self, input_ids, attention_mask, steps=steps, lr=self.config.refine_lr, latents=z
             )
-        return self.inject(z, scope=scope, gate_override=gate_override, memory_input=input_ids)
+        written = self.inject(z, scope=scope, gate_override=gate_override, memory_input=input_ids)
+        written.encoded = encoded
+        return written
 
     def inject(
         self,

