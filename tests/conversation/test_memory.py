@@ -379,3 +379,73 @@ def test_bad_turns_are_refused_and_change_nothing(memory, role, text):
     with pytest.raises(ValueError):
         conv.add_turn(role, text)
     assert conv.to_dict() == before
+
+
+def test_add_turns_places_turns_as_one_add_turn_per_turn_does_in_one_write(memory):
+    rng = random.Random(8)
+    turns = [("user" if i % 2 else "assistant", sentence(rng, rng.randint(3, 20))) for i in range(30)]
+    one_by_one = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    for role, text in turns:
+        one_by_one.add_turn(role, text)
+    batched = ConversationMemory(memory, ConversationConfig(slot_budget=4096, encode_batch=4))
+    seen, handle = count_encoder_tokens(memory)
+    try:
+        stats = batched.add_turns(turns)
+    finally:
+        handle.remove()
+    check_invariants(batched)
+    assert batched.turns == len(turns) == len(batched.write_seconds) * len(turns)
+    assert [c.span_ids for c in batched._all_chunks()] == [c.span_ids for c in one_by_one._all_chunks()]
+    chunks = batched._all_chunks()
+    assert stats.encoder_calls == len(seen) == -(-len(chunks) // 4)  # every chunk once, in batches of 4
+    assert stats.encoded_tokens == sum(c.tokens for c in chunks) == stats.tokens
+    for a, b in zip(chunks, one_by_one._all_chunks(), strict=True):
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no turns"):
+        batched.add_turns([])
+    with pytest.raises(ValueError, match="role"):
+        batched.add_turns([("user", "fine"), ("", "no role")])
+    assert batched.turns == len(turns)  # a refused batch writes nothing
+
+
+def test_read_back_reads_the_picked_chunks_from_memory_alone(memory, monkeypatch):
+    from memsplice.memory.readback import read_back
+
+    memory.config.reconstruction_instruction = "Repeat the text."
+    rng = random.Random(9)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    conv.add_turns([("user", sentence(rng, 12)) for _ in range(12)])
+    with pytest.raises(ValueError, match="no address head"):
+        conv.read_back("Where does Ada live?")
+    memory.add_address_head(8)
+    picked = conv._address_chunks("Where does Ada live?", 2)
+    assert [c.id for c in picked] == sorted(c.id for c in picked)
+    for span in conv.store.spans.values():  # the transcript is not read: blank it
+        monkeypatch.setattr(span, "text", "")
+    texts = conv.read_back("Where does Ada live?", 2)
+    want = [read_back(memory, c.kv, c.tokens)[0] for c in picked]
+    assert texts == want and len(texts) == 2
+    empty = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    assert empty.read_back("Where does Ada live?") == []
+
+
+def test_refined_chunks_are_addressed_by_the_encoders_latents_and_keep_them_when_saved(memory):
+    memory.config.reconstruction_instruction = "Repeat the text."
+    memory.config.refine_steps = 2
+    memory.add_address_head(8)
+    rng = random.Random(10)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    conv.add_turns([("user", sentence(rng, 12)) for _ in range(8)])
+    chunk = conv._all_chunks()[0]
+    with torch.no_grad():
+        encoded = memory.encode(torch.tensor([chunk_input(chunk, conv.store)]))[0]
+    torch.testing.assert_close(chunk.address_latents, encoded)
+    assert not torch.allclose(chunk.latents, encoded)
+    conv.address("Where does Ada live?")
+    live = [c for c in conv._all_chunks() if c.live]
+    with torch.no_grad():
+        keys = memory.address.keys(torch.stack([c.address_latents for c in live]))
+    assert torch.equal(conv._keys_cache[2], keys)
+    restored = ConversationMemory.from_dict(json.loads(json.dumps(conv.to_dict())), memory)
+    for a, b in zip(restored._all_chunks(), conv._all_chunks(), strict=True):
+        assert torch.equal(a.address_latents, b.address_latents) and torch.equal(a.latents, b.latents)

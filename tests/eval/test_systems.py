@@ -289,3 +289,53 @@ def test_embedder_without_sentence_transformers_matches_it():
     assert a.shape == b.shape == (3, 384)
     assert (a * b).sum(1).min() > 0.9999
     assert abs(float((b * b).sum(1).mean()) - 1.0) < 1e-5
+
+
+def _readback_checkpoint(reasoner, path):
+    """A small memory with what read-back needs: an address head and a reconstruction instruction."""
+    from memsplice.memory import MemoryConfig, MemoryModel
+
+    torch.manual_seed(0)
+    config = MemoryConfig(
+        num_slots=4,
+        max_memory_tokens=32,
+        encoder_layers=1,
+        encoder_width=32,
+        encoder_heads=2,
+        address_dim=8,
+        reconstruction_instruction="Repeat the text.",
+    )
+    MemoryModel(config, reasoner).save_pretrained(path)
+    return path
+
+
+def test_latent_readback_asks_over_the_text_read_back_from_the_picked_chunks(eval_reasoner, tmp_path):
+    ckpt = _readback_checkpoint(eval_reasoner, tmp_path / "memory")
+    runtime = _runtime(eval_reasoner, checkpoint=ckpt, chunk_tokens=16, select_chunks=2, write_turns=5)
+    system = build_system("latent-readback", runtime)
+    system.reset()
+    system.feed(_turns(12))
+    conv = system.conversation
+    assert len(conv.write_seconds) == -(-(12 + 3) // 5)  # 12 turns and 3 session headers, 5 per write
+    question = _question()
+    texts = conv.read_back(question.question, 2)
+    history = "\n".join(t.strip() for t in texts if t.strip())
+    answer = system.answer(question)
+    want = runtime.reader.read(question.question, history or None)
+    assert answer.text == want.text
+    assert answer.costs.memory_slots == 0 and answer.costs.retrieval_s > 0
+    assert answer.costs.context_tokens == (runtime.reader.count_tokens(history) if history else 0)
+
+    windowed = build_system(
+        "latent-readback+window",
+        _runtime(eval_reasoner, checkpoint=ckpt, chunk_tokens=16, select_chunks=1, window_tokens=60),
+    )
+    windowed.reset()
+    windowed.feed(_turns(30))
+    assert windowed.window and windowed.conversation.turns > 0
+    recalled = windowed.conversation.read_back(question.question, 1)
+    parts = ["\n".join(t.strip() for t in recalled if t.strip()), render_history(windowed.window)]
+    want = runtime.reader.read(question.question, "\n".join(p for p in parts if p))
+    assert windowed.answer(question).text == want.text
+    with pytest.raises(ValueError, match="write_turns"):
+        SystemArgs(write_turns=0)

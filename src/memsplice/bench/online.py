@@ -151,6 +151,19 @@ def add_arguments(p):
         default=None,
         help="ConversationConfig.slot_budget (default: history tokens / 16 for each length)",
     )
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=None,
+        help="history tokens per chunk memory (cost, recall; default: the memory's chunk_tokens)",
+    )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write-time refinement steps of every chunk memory (cost, recall; default: the checkpoint's)",
+    )
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--mem0-turns", type=int, default=8, help="turns timed for the Mem0-style write")
     p.add_argument("--mem0-extract-tokens", type=int, default=64)
@@ -162,7 +175,22 @@ def add_arguments(p):
         "--select-chunks",
         type=int,
         default=2,
-        help="latent-select: chunk memories each question reads (recall; default: 2)",
+        help="latent-select, latent-readback: chunk memories each question reads (recall; default: 2)",
+    )
+    p.add_argument(
+        "--encode-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="latent systems: chunks encoded (and refined) per call when a write changed several (recall)",
+    )
+    p.add_argument(
+        "--write-turns",
+        type=int,
+        default=1,
+        metavar="N",
+        help="latent systems: turns per memory write (recall; 1: after every turn; more: a backlog at once, its "
+        "chunks encoded and refined in batches; default: 1)",
     )
     p.add_argument(
         "--values",
@@ -236,6 +264,12 @@ def add_arguments(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the reasoner's decoder layers")
     p.add_argument("--results", default=None, help="results directory (default: benchmarks/results)")
     p.add_argument("--save", action="store_true", help="save results (and summary.json for --part summary)")
+    p.add_argument(
+        "--record",
+        default=None,
+        metavar="NAME",
+        help="with --save: save as NAME.json instead of the part's default name (online-cost, online-recall, ...)",
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -831,7 +865,10 @@ def run_cost(args, reasoner, memory) -> dict:
     for target in args.history_tokens:
         budget = args.slot_budget or max(target // 16, 4 * memory.config.num_slots)
         conv = ConversationMemory(
-            memory, ConversationConfig(slot_budget=budget, max_live_tokens=max(target, 65536))
+            memory,
+            ConversationConfig(
+                slot_budget=budget, max_live_tokens=max(target, 65536), chunk_tokens=args.chunk_tokens
+            ),
         )
         turns = dialogue_turns(args.data, "heldout", args.seed)
         writes, tokens = [], 0
@@ -882,6 +919,8 @@ def run_cost(args, reasoner, memory) -> dict:
                 "answer_tokens": args.answer_tokens,
                 "mem0_style_write_ms_mean": 1e3 * statistics.fmean(mem0) if mem0 else None,
                 "mem0_style_generated_tokens": args.mem0_extract_tokens + args.mem0_update_tokens,
+                "chunk_tokens": conv.chunk_tokens,
+                "refine_steps": memory.config.refine_steps,
                 "conversation_stats": conv.stats(),
             }
         )
@@ -889,7 +928,9 @@ def run_cost(args, reasoner, memory) -> dict:
     return {"lengths": results}
 
 
-def run_recall(args, reasoner) -> dict:
+def run_recall(args, reasoner, on_length=None) -> dict:
+    """Recall at each of `args.history_tokens`; `on_length(result so far)` after each length (e.g. to save it, so
+    that a command stopped during a later length keeps the earlier ones)."""
     try:
         from ..eval import EvalConfig, SystemArgs, TaskArgs, run_eval
     except ImportError as e:
@@ -917,7 +958,11 @@ def run_recall(args, reasoner) -> dict:
             system_args=SystemArgs(
                 checkpoint=Path(args.checkpoint) if args.checkpoint else None,
                 slot_budget=budget,
+                chunk_tokens=args.chunk_tokens,
                 select_chunks=args.select_chunks,
+                refine_steps=args.refine_steps,
+                write_turns=args.write_turns,
+                encode_batch=args.encode_batch,
                 seed=args.seed,
             ),
         )
@@ -925,12 +970,18 @@ def run_recall(args, reasoner) -> dict:
         metric = out["main_metric"]
         by_system: dict[str, list[float]] = {}
         slots: dict[str, list[float]] = {}
+        answer_kv: dict[str, list[float]] = {}
         for r in out["records"]:
             if r.get(metric) is not None:
                 by_system.setdefault(r["system"], []).append(float(r[metric]))
             # memory K/V at answer over the K/V full context would hold, per question
             if r.get("memory_slots"):
                 slots.setdefault(r["system"], []).append(r["memory_slots"] / max(r["history_tokens"], 1))
+            # all K/V the answer held (memory, prompt, answer) over the K/V of the full history, per question
+            if r.get("kv_bytes"):
+                answer_kv.setdefault(r["system"], []).append(
+                    r["kv_bytes"] / (max(r["history_tokens"], 1) * per_token_kv)
+                )
         results[str(length)] = {
             "accuracy": {k: statistics.fmean(v) for k, v in by_system.items()},
             "metric": metric,
@@ -939,14 +990,31 @@ def run_recall(args, reasoner) -> dict:
             "slot_budget": budget,
             "kv_fraction": budget * per_token_kv / (length * per_token_kv),
             "kv_fraction_measured": {k: statistics.fmean(v) for k, v in slots.items()},
+            "kv_fraction_answer": {k: statistics.fmean(v) for k, v in answer_kv.items()},
+            "ttft_ms": {
+                k: 1e3
+                * statistics.fmean(
+                    r["ttft_s"] for r in out["records"] if r["system"] == k and r.get("ttft_s")
+                )
+                for k in by_system
+                if any(r["system"] == k and r.get("ttft_s") for r in out["records"])
+            },
             "write_s_per_turn": {f["system"]: f["write_s_per_turn"] for f in out["feeds"]},
         }
         logger.info("recall at %d tokens: %s", length, results[str(length)]["accuracy"])
+        if on_length is not None and len(results) < len(args.history_tokens):
+            on_length(_recall_result(results, args, complete=False))
+    return _recall_result(results, args, complete=True)
+
+
+def _recall_result(results: dict, args, complete: bool) -> dict:
     return {
         "recall": {k: v["accuracy"] for k, v in results.items()},
         "kv_fraction": {k: v["kv_fraction_measured"] for k, v in results.items()},
+        "kv_fraction_answer": {k: v["kv_fraction_answer"] for k, v in results.items()},
         "values": args.values,
         "lengths": results,
+        "complete": complete,
     }
 
 
@@ -999,20 +1067,28 @@ def run(args) -> int:
         return 0
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
     memory = load_memory(reasoner, args.checkpoint)
+    if args.refine_steps is not None:
+        if args.refine_steps < 0:
+            raise ValueError(f"--refine-steps must be at least 0 (got {args.refine_steps})")
+        memory.config.refine_steps = args.refine_steps
+
+    def save(data: dict, name: str):
+        data["checkpoint"] = args.checkpoint
+        data["memory_config"] = asdict(memory.config)
+        if args.save:
+            path = save_result(args.record or name, data, device=reasoner.device, directory=directory)
+            print(f"saved {path}")
+
     if args.part == "cost":
         data = run_cost(args, reasoner, memory)
         name = "online-cost"
     elif args.part == "recall":
-        data = run_recall(args, reasoner)
         name = "online-recall"
+        data = run_recall(args, reasoner, on_length=lambda partial: save(partial, name))
     else:
         data = run_stability(args, reasoner, memory)
         name = stability_name(args)
-    data["checkpoint"] = args.checkpoint
-    data["memory_config"] = asdict(memory.config)
-    if args.save:
-        path = save_result(name, data, device=reasoner.device, directory=directory)
-        print(f"saved {path}")
+    save(data, name)
     if args.json or not args.save:
         print(json.dumps(data, indent=2, default=str))
     return 0

@@ -173,6 +173,13 @@ def add_parser(sub):
         "(default: the checkpoint's refine_steps, 0 unless it says otherwise)",
     )
     p.add_argument(
+        "--encode-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="latent systems: chunks encoded (and refined) per call when a write changed several (default: 16)",
+    )
+    p.add_argument(
         "--write-turns",
         type=int,
         default=1,
@@ -255,6 +262,7 @@ def _run(args) -> dict:
             select_by=args.select_by,
             refine_steps=args.refine_steps,
             write_turns=args.write_turns,
+            encode_batch=args.encode_batch,
             embedder=args.embedder,
             seed=args.seed,
         ),

