@@ -78,3 +78,18 @@ def test_a_refined_write_keeps_the_encoders_latents(memory):
     assert plain.encoded is None
     torch.testing.assert_close(refined.encoded, plain.latents)
     assert not torch.equal(refined.latents, plain.latents)
+
+
+def test_the_engine_reads_back_what_generate_does_one_row_at_a_time(memory):
+    from memsplice.engine import DecoderPool
+
+    ids = random_ids(3, 8)
+    z = memory.encode(ids).detach()
+    z[2, 0, 0] = float("nan")  # a row that fell back reads back empty on the engine too
+    with torch.no_grad():
+        kv = memory.write(ids, latents=z).kv
+    pool = DecoderPool(memory.reasoner, max_new_tokens=8, min_len=16)
+    assert read_back_ids(memory, kv, [7, 4, 5], decoders=pool) == read_back_ids(memory, kv, [7, 4, 5])
+    assert read_back_ids(memory, kv, [7, 4, 5], decoders=pool)[2] == []
+    with pytest.raises(ValueError, match="at most 8"):
+        read_back_ids(memory, kv, 9, decoders=pool)

@@ -602,7 +602,12 @@ class ConversationMemory:
             return compose(chosen, self.memory.reasoner, self.config.slot_selection, full_resolution=True)[0]
 
     def read_back(
-        self, question: str | None = None, top_chunks: int = 1, *, input_ids: torch.Tensor | None = None
+        self,
+        question: str | None = None,
+        top_chunks: int = 1,
+        *,
+        input_ids: torch.Tensor | None = None,
+        decoders=None,
     ) -> list[str]:
         """The text the reasoner regenerates from the memory of each of `top_chunks` chunks (`memory.readback`), in
         conversation order; [] when nothing live is written. The chunks are the ones the address head picks for
@@ -612,7 +617,8 @@ class ConversationMemory:
         Only the chunks' memories are read, never the transcript: each chunk's K/V, after the memory's reconstruction
         instruction, for at most as many tokens as the chunk was written from. The text is as faithful as the chunk
         memory: verbatim for chunks refined at write time (`MemoryConfig.refine_steps`), lossy without. The cost is
-        decoding the picked chunks (one batch of `top_chunks` rows)."""
+        decoding the picked chunks: one batch of `top_chunks` rows through `generate()`, or, given `decoders` (a
+        `memsplice.engine.DecoderPool`), one chunk after another on the engine."""
         from ..memory.readback import read_back
 
         if (question is None) == (input_ids is None):
@@ -625,7 +631,7 @@ class ConversationMemory:
             if not chosen:
                 return []
             kv = MemoryKV.cat_rows([c.kv for c in chosen])
-            return read_back(self.memory, kv, [c.tokens for c in chosen])
+            return read_back(self.memory, kv, [c.tokens for c in chosen], decoders=decoders)
 
     def _address_chunks(self, question: str, top_chunks: int) -> list[Chunk]:
         """The live chunks the address head picks for `question`, in conversation order; marks their spans used."""

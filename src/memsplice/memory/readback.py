@@ -10,8 +10,13 @@ Why it matters: a refined memory holds a fact (its read-back contains it) more o
 question about the fact with the memory in front (`scripts/formation/readout.py`). Reading the memory back as text
 and asking the question over that text is a read path that uses what the memory holds.
 
+Decoding runs through transformers' `generate()` (all rows in one batch), or, given a `DecoderPool`, on memsplice's
+batch-1 engine (`memsplice.engine`, CUDA graphs on a GPU), one row after another: on a GPU several times faster for
+the one or two chunks a question reads.
+
 Guarantees:
-- greedy and deterministic; no gradient, no parameter changes;
+- greedy and deterministic; no gradient, no parameter changes; the engine decodes what `generate()` decodes (the
+  engine's own guarantee, for reasoners whose generation config is plain greedy);
 - row i of the result has at most `max_tokens[i]` tokens and stops before the first end-of-sequence or
   end-of-turn token;
 - rows whose memory is not live (safety fallback) read back as empty.
@@ -38,9 +43,12 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def read_back_ids(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int]) -> list[list[int]]:
+def read_back_ids(
+    memory_model, memory: MemoryKV, max_tokens: int | Sequence[int], *, decoders=None
+) -> list[list[int]]:
     """Token ids the reasoner regenerates from each row of `memory` (batch B) after the reconstruction instruction;
-    `max_tokens`: one bound for all rows, or one per row (e.g. each passage's token count)."""
+    `max_tokens`: one bound for all rows, or one per row (e.g. each passage's token count). `decoders`: a
+    `memsplice.engine.DecoderPool` of the memory's reasoner to decode on (None: `generate()`)."""
     b = memory.batch_size
     limits = [int(max_tokens)] * b if isinstance(max_tokens, int) else [int(n) for n in max_tokens]
     if len(limits) != b:
@@ -48,6 +56,10 @@ def read_back_ids(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int
     if any(n < 1 for n in limits):
         raise ValueError(f"read_back: every token limit must be >= 1 (got {limits})")
     tok = memory_model.reasoner.require_tokenizer()
+    stops = stop_token_ids(tok)
+    live = memory.live.tolist()
+    if decoders is not None:
+        return _on_engine(memory_model, memory, limits, live, stops, decoders)
     instruction = reconstruction_instruction(memory_model)[None].expand(b, -1)
     out = memory_model.generate(
         instruction,
@@ -56,8 +68,6 @@ def read_back_ids(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int
         max_new_tokens=max(limits),
         do_sample=False,
     )
-    stops = stop_token_ids(tok)
-    live = memory.live.tolist()
     rows = []
     for row, generated in enumerate(out[:, instruction.shape[1] :].tolist()):
         ids = []
@@ -69,7 +79,29 @@ def read_back_ids(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int
     return rows
 
 
-def read_back(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int]) -> list[str]:
+def _on_engine(memory_model, memory: MemoryKV, limits, live, stops, decoders) -> list[list[int]]:
+    if decoders.reasoner is not memory_model.reasoner:
+        raise ValueError("read_back: the decoder pool belongs to another reasoner")
+    if max(limits) > decoders.max_new_tokens:
+        raise ValueError(
+            f"read_back: {max(limits)} tokens to read back, but the decoder pool decodes at most "
+            f"{decoders.max_new_tokens}"
+        )
+    instruction = reconstruction_instruction(memory_model).tolist()
+    rows = []
+    for row, limit in enumerate(limits):
+        if not live[row]:
+            rows.append([])
+            continue
+        kv = memory.index_rows([row])
+        decoder = decoders.decoder_for(kv.num_slots + len(instruction) + limit)
+        if decoder is None:
+            raise ValueError(f"read_back: {limit} tokens after the memory do not fit the reasoner's window")
+        rows.append(decoder.generate(instruction, kv, max_new_tokens=limit, stop_ids=tuple(stops)).tokens)
+    return rows
+
+
+def read_back(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int], *, decoders=None) -> list[str]:
     """`read_back_ids`, decoded."""
     tok = memory_model.reasoner.require_tokenizer()
-    return [tok.decode(ids) for ids in read_back_ids(memory_model, memory, max_tokens)]
+    return [tok.decode(ids) for ids in read_back_ids(memory_model, memory, max_tokens, decoders=decoders)]

@@ -187,6 +187,21 @@ class _ReadsBack(_PicksChunks):
     Picking and decoding the chunks count as retrieval time; the KV at answer time is the prompt's. A memory that
     records no reconstruction instruction (an untrained one) reads nothing back, with a warning."""
 
+    def _readback_decoders(self):
+        """One engine pool per run for read-back (chunks up to the memory's input size), set up as the reader's."""
+        from ...engine import DecoderPool
+
+        def build():
+            memory = load_memory_model(self.runtime)
+            return DecoderPool(
+                self.reader.reasoner,
+                max_new_tokens=memory.config.max_memory_tokens,
+                min_len=64,
+                cuda_graphs=self.reader.cuda_graphs,
+            )
+
+        return self.runtime.shared("readback_decoders", build)
+
     def _read_back(self, question: Question, window: Sequence[Turn] = ()) -> tuple[str | None, float]:
         if self.conversation is None or not self.conversation.turns:
             return None, 0.0
@@ -201,14 +216,15 @@ class _ReadsBack(_PicksChunks):
             return None, 0.0
         t0 = time.perf_counter()
         k = self.args.select_chunks
+        decoders = self._readback_decoders()
         if self._select_by() == "address":
-            texts = self.conversation.read_back(question.question, k)
+            texts = self.conversation.read_back(question.question, k, decoders=decoders)
         else:
             history = render_history(window) if window else None
             ids = torch.tensor(
                 [self.reader.prompt_ids(question.question, history)], device=self.reader.reasoner.device
             )
-            texts = self.conversation.read_back(input_ids=ids, top_chunks=k)
+            texts = self.conversation.read_back(input_ids=ids, top_chunks=k, decoders=decoders)
         recalled = "\n".join(t.strip() for t in texts if t.strip()) or None
         return recalled, time.perf_counter() - t0
 
