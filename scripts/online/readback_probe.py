@@ -134,7 +134,9 @@ def main() -> int:
     p.add_argument("--refine-steps", type=int, default=5)
     p.add_argument("--episodes", type=int, default=3, help="2k-token episodes for fidelity and selection")
     p.add_argument("--fidelity-chunks", type=int, default=16)
-    p.add_argument("--reading-chunks", type=int, nargs="+", default=[32, 64])
+    p.add_argument(
+        "--reading-chunks", type=int, nargs="*", default=[32, 64], help="chunk sizes for 3. (none: skip it)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--record", default=None, help="save as benchmarks/results/online/NAME.json")
     args = p.parse_args()

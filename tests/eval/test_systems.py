@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import small_memory
 from memsplice.eval.reader import (
     GenerationSettings,
     Reader,
@@ -293,19 +294,15 @@ def test_embedder_without_sentence_transformers_matches_it():
 
 def _readback_checkpoint(reasoner, path):
     """A small memory with what read-back needs: an address head and a reconstruction instruction."""
-    from memsplice.memory import MemoryConfig, MemoryModel
-
     torch.manual_seed(0)
-    config = MemoryConfig(
-        num_slots=4,
+    memory = small_memory(
+        reasoner,
         max_memory_tokens=32,
         encoder_layers=1,
-        encoder_width=32,
-        encoder_heads=2,
         address_dim=8,
         reconstruction_instruction="Repeat the text.",
     )
-    MemoryModel(config, reasoner).save_pretrained(path)
+    memory.save_pretrained(path)
     return path
 
 

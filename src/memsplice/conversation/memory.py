@@ -7,6 +7,8 @@
     conv.probe(ids_with_answer, query_mask=answer_positions)            # optional: attention -> span usage
     kv = conv.address("Where does Ada live?", top_chunks=2)             # only the chunks the question picks
     kv = conv.read("Where does Ada live?")                              # address() or memory_kv(), as configured
+    texts = conv.read_back("Where does Ada live?", top_chunks=1)        # the picked chunks regenerated as text
+    conv.add_turns([("user", "..."), ("assistant", "...")])             # several turns, one write
     state = conv.to_dict(); conv = ConversationMemory.from_dict(state, memory)
 
 How it works: turns go into a `TranscriptStore` as spans; live spans are packed, in order, into chunks of at most
