@@ -39,9 +39,9 @@ class SystemArgs:
     """latent, latent+window: history tokens per memory chunk, i.e. per encoder call (None: ConversationConfig's
     default, the memory's max_memory_tokens); with 16 slots a chunk of 128 tokens is 8x compression, 512 is 32x."""
     select_chunks: int = 1
-    """latent-select: chunk memories kept for each question (ranked as `select_by` says)."""
+    """latent-select, latent-readback: chunk memories read for each question (ranked as `select_by` says)."""
     select_by: str = "auto"
-    """latent-select: how chunks are ranked: "address" (the memory's trained address head scores them from their
+    """latent-select, latent-readback: how chunks are ranked: "address" (the memory's trained address head scores them from their
     latents), "attention" (the question's attention to them, one probe pass over the whole memory), or "auto"
     (address when the memory has an address head, else attention)."""
     refine_steps: int | None = None
