@@ -971,6 +971,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
         by_system: dict[str, list[float]] = {}
         slots: dict[str, list[float]] = {}
         answer_kv: dict[str, list[float]] = {}
+        ttft: dict[str, list[float]] = {}
         for r in out["records"]:
             if r.get(metric) is not None:
                 by_system.setdefault(r["system"], []).append(float(r[metric]))
@@ -982,6 +983,8 @@ def run_recall(args, reasoner, on_length=None) -> dict:
                 answer_kv.setdefault(r["system"], []).append(
                     r["kv_bytes"] / (max(r["history_tokens"], 1) * per_token_kv)
                 )
+            if r.get("ttft_s"):
+                ttft.setdefault(r["system"], []).append(1e3 * r["ttft_s"])
         results[str(length)] = {
             "accuracy": {k: statistics.fmean(v) for k, v in by_system.items()},
             "metric": metric,
@@ -991,14 +994,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
             "kv_fraction": budget * per_token_kv / (length * per_token_kv),
             "kv_fraction_measured": {k: statistics.fmean(v) for k, v in slots.items()},
             "kv_fraction_answer": {k: statistics.fmean(v) for k, v in answer_kv.items()},
-            "ttft_ms": {
-                k: 1e3
-                * statistics.fmean(
-                    r["ttft_s"] for r in out["records"] if r["system"] == k and r.get("ttft_s")
-                )
-                for k in by_system
-                if any(r["system"] == k and r.get("ttft_s") for r in out["records"])
-            },
+            "ttft_ms": {k: statistics.fmean(v) for k, v in ttft.items()},
             "write_s_per_turn": {f["system"]: f["write_s_per_turn"] for f in out["feeds"]},
         }
         logger.info("recall at %d tokens: %s", length, results[str(length)]["accuracy"])

@@ -260,9 +260,9 @@ class ConversationMemory:
 
         The turns land in the same chunks as with one `add_turn` per turn, and those chunks are encoded together,
         in batches of `encode_batch`, instead of the open chunk once per turn; the hierarchy fits the slot budget
-        once, at the end, so which older chunks it merges can differ from turn-by-turn writes. For a backlog (a session that arrives at
-        once, an imported conversation) and for write-time refinement, whose steps cost about the same for a batch
-        of chunks as for one. Stats are those of the one write."""
+        once, at the end, so which older chunks it merges can differ from turn-by-turn writes. For a backlog (a
+        session that arrives at once, an imported conversation) and for write-time refinement, whose steps cost
+        about the same for a batch of chunks as for one. Stats are those of the one write."""
         rendered = []
         for role, text in turns:
             if not isinstance(role, str) or not role.strip():

@@ -156,12 +156,16 @@ class _PicksChunks(_LatentBase):
         if self._select_by() == "address":
             memory = self.conversation.address(question.question, self.args.select_chunks)
         else:
-            history = render_history(window) if window else None
-            ids = torch.tensor(
-                [self.reader.prompt_ids(question.question, history)], device=self.reader.reasoner.device
-            )
-            memory = self.conversation.select(ids, self.args.select_chunks)
+            memory = self.conversation.select(self._probe_prompt(question, window), self.args.select_chunks)
         return memory, time.perf_counter() - t0
+
+    def _probe_prompt(self, question: Question, window: Sequence[Turn]) -> torch.Tensor:
+        """(1, T) ids of the prompt the answer will have (question plus `window` as text): what the attention probe
+        reads to rank chunks."""
+        history = render_history(window) if window else None
+        return torch.tensor(
+            [self.reader.prompt_ids(question.question, history)], device=self.reader.reasoner.device
+        )
 
 
 @register_system(
@@ -220,10 +224,7 @@ class _ReadsBack(_PicksChunks):
         if self._select_by() == "address":
             texts = self.conversation.read_back(question.question, k, decoders=decoders)
         else:
-            history = render_history(window) if window else None
-            ids = torch.tensor(
-                [self.reader.prompt_ids(question.question, history)], device=self.reader.reasoner.device
-            )
+            ids = self._probe_prompt(question, window)
             texts = self.conversation.read_back(input_ids=ids, top_chunks=k, decoders=decoders)
         recalled = "\n".join(t.strip() for t in texts if t.strip()) or None
         return recalled, time.perf_counter() - t0
