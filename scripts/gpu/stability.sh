@@ -13,6 +13,8 @@
 # it, so it gets less time in that command). VARIANTS picks the streams (default "ewc_replay plain"); with
 # EXTRA="--rehearsal 4" they rehearse (results online-stability-<variant>-rehearsal.json; give them a STATE of their
 # own), e.g. VARIANTS=ewc_replay EXTRA="--rehearsal 4" STATE=/root/stability-rehearsal, one GPU left for other work.
+# Several copies may run at once (e.g. one per CUDA_VISIBLE_DEVICES, each with its own STATE and EXTRA such as
+# "--guard-tolerance 0.01"): TAG names each copy's logs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:?usage: scripts/gpu/stability.sh MEMORY_CHECKPOINT_DIR}"
@@ -29,6 +31,7 @@ UPDATES="${UPDATES:-10000}"
 RUN_ARGS="${RUN_ARGS:---context-tokens 32 --facts 128 --eval-every 500 --objective-schedule alternate}"
 EXTRA="${EXTRA:-}"        # e.g. "--rehearsal 4" (skill rehearsal; results then end in -rehearsal) or "--device cpu"
 VARIANTS="${VARIANTS:-ewc_replay plain}"  # the first runs on GPU 0, any other on the last GPU
+TAG="${TAG:+-$TAG}"       # suffix of this copy's log names
 LATENCY="${LATENCY:-}"
 mkdir -p "$MEMSPLICE_RESULTS" "$STATE"
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
@@ -36,7 +39,7 @@ last=$(( gpus > 0 ? gpus - 1 : 0 ))
 t0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 # Dequantize the reasoner once, so the processes below find it cached instead of racing to convert it.
-$PY -c "from memsplice.reasoner import load_reasoner; load_reasoner(None, device='cpu')" > "$OUT/load.log" 2>&1
+$PY -c "from memsplice.reasoner import load_reasoner; load_reasoner(None, device='cpu')" > "$OUT/load$TAG.log" 2>&1
 
 stream() {  # stream VARIANT GPU: this command's segment of one variant, stopping in time to evaluate and save
     local variant=$1 gpu=$2 secs
@@ -44,8 +47,8 @@ stream() {  # stream VARIANT GPU: this command's segment of one variant, stoppin
     if (( secs < 30 )); then echo "$variant: no time left in this command"; return; fi
     CUDA_VISIBLE_DEVICES=$gpu timeout $(( secs + 80 )) $PY -m memsplice.cli.main bench online --part stability \
         --variant "$variant" --checkpoint "$CKPT" --updates "$UPDATES" $RUN_ARGS $EXTRA \
-        --state "$STATE/$variant" --max-seconds "$secs" --save >> "$OUT/stability-$variant.log" 2>&1 \
-        || echo "$variant: the segment failed or was cut (see stability-$variant.log)"
+        --state "$STATE/$variant" --max-seconds "$secs" --save >> "$OUT/stability-$variant$TAG.log" 2>&1 \
+        || echo "$variant: the segment failed or was cut (see stability-$variant$TAG.log)"
 }
 
 read -ra variants <<< "$VARIANTS"
@@ -71,4 +74,4 @@ print(r["variant"], "updates", r["updates"], "segments", r.get("segments"), "com
       "mean_update_ms", r.get("mean_update_ms"))
 PY
 done
-rm -f "$OUT/load.log"
+rm -f "$OUT/load$TAG.log"

@@ -119,6 +119,24 @@ def test_a_stability_run_with_rehearsal_names_its_result_and_its_set(tmp_path):
     assert summary["forgetting_drop"] == {"with_ewc_replay_rehearsal": 0.01}
 
 
+@pytest.mark.slow
+def test_a_stability_run_with_a_guard_reports_its_checks(tmp_path):
+    memory = tiny_memory()
+    a = args(updates=4, eval_every=4, ppl_passages=4, batch_size=2, anchor_interval=4, guard_tolerance=0.0)
+    a.guard_questions = 4
+    out = bench.run_stability(a, memory.reasoner, memory)
+    guard = out["guard"]
+    assert guard["canary_questions"] == 4 and "canary" in guard["canary"] and "train split" in guard["canary"]
+    assert guard["checks"] == 2 and guard["rollbacks"] == sum(not e["kept"] for e in guard["events"])
+    assert 0.0 <= guard["reference"] <= 1.0 and out["config"]["guard_tolerance"] == 0.0
+    assert bench.stability_name(a) == "online-stability-ewc_replay-guard"
+    (tmp_path / "online-stability-ewc_replay-guard.json").write_text(
+        json.dumps({"forgetting_drop": 0.0, "perplexity_drop": 0.0, "updates": 4})
+    )
+    summary = bench.run_summary(args(results=str(tmp_path)))
+    assert summary["forgetting_drop"] == {"with_ewc_replay_guard": 0.0}
+
+
 def stability_args(state, **overrides):
     return args(
         **{

@@ -126,3 +126,19 @@ def test_accumulate_grad_skips_parameters_without_a_fisher_and_does_nothing_with
     a.weight = 0.0
     assert a.accumulate_grad() == 0 and a.penalty() == 0
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_restore_puts_every_anchored_parameter_back_and_leaves_new_ones_alone():
+    m = model()
+    a = ElasticAnchor(m)
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+    extra = nn.Parameter(torch.ones(3))
+    m.register_parameter("extra", extra)  # appears after the anchor was taken
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.5)
+    assert a.restore() == len(start)
+    for n, p in m.named_parameters():
+        if n in start:
+            assert torch.equal(p, start[n]) and p.data_ptr() != a.anchor[n].data_ptr()
+    assert torch.equal(extra, torch.full((3,), 1.5))

@@ -18,7 +18,10 @@ Parts (`--part`):
   with memory of the text before it injected (gate as learned). `--variant ewc_replay` (EWC + replay, the default
   config) or `plain` (both off) for the contrast; `--rehearsal N` adds skill rehearsal to either (N questions per
   update answered from a memory of their evidence, from the synthetic task's train split: `online.rehearsal`; the
-  result is then `online-stability-<variant>-rehearsal`). With `--state DIR` a run spans several commands: each
+  result is then `online-stability-<variant>-rehearsal`); `--guard-tolerance T` adds a skill guard (`online.guard`:
+  at every anchor refresh a canary set of train-split questions is answered from memory, and the updates since the
+  last refresh are rolled back when its score fell more than T below the start; `-guard` is added to the name; the
+  early facts are never part of the canary). With `--state DIR` a run spans several commands: each
   continues where the last stopped (the learner with its optimizer, anchor, Fisher, replay and generators; the
   position in the stream, which is rebuilt from the seed; the curve, losses and update times; the seconds so far)
   and saves that into DIR, atomically, at every evaluation and when it stops. Such a run evaluates on the
@@ -245,6 +248,20 @@ def add_arguments(p):
         default="reader",
         help="how rehearsal asks: the eval reader's prompt, the bare question as a chat turn (as the stability "
         "probe asks), or every other item each way (with --rehearsal; default: reader)",
+    )
+    p.add_argument(
+        "--guard-tolerance",
+        type=float,
+        default=None,
+        metavar="T",
+        help="skill guard (online.guard): at every anchor refresh, roll the memory back to the anchor when its "
+        "canary score fell more than T (a share, e.g. 0.01) below the starting score (any variant; default: off)",
+    )
+    p.add_argument(
+        "--guard-questions",
+        type=int,
+        default=128,
+        help="canary questions of the skill guard (with --guard-tolerance)",
     )
     p.add_argument(
         "--anchor-interval", type=int, default=200, help="interaction steps between anchor refreshes"
@@ -484,6 +501,8 @@ RUN_ARGUMENTS = (
     "rehearsal",
     "rehearsal_questions",
     "rehearsal_prompts",
+    "guard_tolerance",
+    "guard_questions",
     "anchor_interval",
     "lr",
     "context_tokens",
@@ -606,9 +625,26 @@ def _rehearsal_set(args, memory):
     )
 
 
+def _guard(args, memory):
+    """The skill guard of a stability run with --guard-tolerance (train split, a seed of its own), else None."""
+    if args.guard_tolerance is None:
+        return None
+    from ..online import default_guard
+    from ..online.guard import GUARD_SEED
+
+    return default_guard(
+        memory, args.guard_tolerance, args.guard_questions, seed=args.seed + GUARD_SEED, data=args.data
+    )
+
+
 def stability_name(args) -> str:
-    """The result's name: online-stability-<variant>, with -rehearsal when the run rehearses."""
-    return f"online-stability-{args.variant}" + ("-rehearsal" if args.rehearsal else "")
+    """The result's name: online-stability-<variant>, with -rehearsal when the run rehearses and -guard when a skill
+    guard checks it."""
+    return (
+        f"online-stability-{args.variant}"
+        + ("-rehearsal" if args.rehearsal else "")
+        + ("-guard" if args.guard_tolerance is not None else "")
+    )
 
 
 def run_stability(args, reasoner, memory) -> dict:
@@ -630,12 +666,15 @@ def run_stability(args, reasoner, memory) -> dict:
         ewc_weight=args.ewc_weight if args.variant == "ewc_replay" else 0.0,
         replay_per_update=args.replay if args.variant == "ewc_replay" else 0,
         rehearsal_per_update=args.rehearsal,
+        guard_tolerance=args.guard_tolerance,
     )
     state = Path(args.state) if args.state else None
     progress = load_stability_state(state, args) if state is not None else None
     resumed = progress is not None
     if progress is None:
-        learner = OnlineLearner(memory, cfg, rehearsal=_rehearsal_set(args, memory))
+        learner = OnlineLearner(
+            memory, cfg, rehearsal=_rehearsal_set(args, memory), guard=_guard(args, memory)
+        )
         progress = StabilityProgress(arguments=run_arguments(args))
     else:
         learner = OnlineLearner.load(state / STATE_LEARNER, reasoner=reasoner)
@@ -768,6 +807,7 @@ def run_stability(args, reasoner, memory) -> dict:
         "compiled": compiled,
         "facts": len(probes),
         "rehearsal": None if learner.rehearsal is None else learner.rehearsal.source,
+        "guard": None if learner.guard is None else _guard_report(learner.guard),
         "ppl_passages": len(passages),
         "bare_perplexity": progress.bare_perplexity,
         "curve": curve,
@@ -785,6 +825,19 @@ def run_stability(args, reasoner, memory) -> dict:
         "loss_first_100": statistics.fmean(losses[:100]) if losses else None,
         "loss_last_100": statistics.fmean(losses[-100:]) if losses else None,
         "seconds": round(progress.seconds, 1),
+    }
+
+
+def _guard_report(guard) -> dict:
+    """What the skill guard did over the run: its canary, its reference, and every check (kept or rolled back)."""
+    return {
+        "canary": guard.canary.source,
+        "canary_questions": len(guard.canary),
+        "tolerance": guard.tolerance,
+        "reference": guard.reference,
+        "checks": len(guard.events),
+        "rollbacks": guard.rollbacks,
+        "events": [asdict(e) for e in guard.events],
     }
 
 
@@ -1031,6 +1084,9 @@ def run_summary(args) -> dict:
         ("plain", "without_ewc_replay"),
         ("ewc_replay-rehearsal", "with_ewc_replay_rehearsal"),
         ("plain-rehearsal", "with_rehearsal_only"),
+        ("ewc_replay-guard", "with_ewc_replay_guard"),
+        ("ewc_replay-rehearsal-guard", "with_ewc_replay_rehearsal_guard"),
+        ("plain-guard", "with_guard_only"),
     ):
         path = directory / f"online-stability-{variant}.json"
         if path.is_file():

@@ -2,6 +2,7 @@
 
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
 from .ewc import ElasticAnchor
+from .guard import GuardEvent, SkillGuard, default_guard
 from .loop import OnlineConfig, OnlineLearner, StepResult, UpdateStats
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
 from .rehearsal import (
@@ -15,6 +16,7 @@ from .rehearsal import (
 __all__ = [
     "ElasticAnchor",
     "FallbackQueue",
+    "GuardEvent",
     "Interaction",
     "InteractionBuffer",
     "OnlineConfig",
@@ -24,9 +26,11 @@ __all__ = [
     "RehearsalItem",
     "RehearsalSet",
     "ReplayReservoir",
+    "SkillGuard",
     "StepResult",
     "UpdateStats",
     "corrupt_spans",
+    "default_guard",
     "default_rehearsal",
     "ensure_rehearsal",
     "private_gradients",

@@ -5,6 +5,7 @@
     loss = task_loss + anchor.penalty()                  # (lambda / 2) * sum F * (phi - phi')^2
     value = anchor.accumulate_grad()                     # or, after task_loss.backward(): its gradient into .grad
     anchor.refresh()                                     # phi' <- phi every anchor_interval steps
+    anchor.restore()                                     # phi <- phi' (a rollback, `online.guard`)
 
 The Fisher information is the diagonal empirical Fisher, from per-sample gradients of the task loss (squared
 minibatch gradients would underestimate it), accumulated across refreshes with a decay as in online EWC (Schwarz et
@@ -45,6 +46,18 @@ class ElasticAnchor:
         """phi' <- phi (Algorithm 1, line 10)."""
         self.anchor = {n: p.detach().float().clone() for n, p in self._params().items()}
         self.refreshes += 1
+
+    @torch.no_grad()
+    def restore(self) -> int:
+        """phi <- phi': every anchored parameter back to its anchor value (a rollback); returns how many. Parameters
+        that appeared after the anchor was taken (the embedding untied since) keep their values."""
+        restored = 0
+        for n, p in self._params().items():
+            a = self.anchor.get(n)
+            if a is not None and a.shape == p.shape:
+                p.copy_(a.to(p.dtype))
+                restored += 1
+        return restored
 
     def estimate_fisher(self, per_sample_losses: Iterable[Callable[[], torch.Tensor]]) -> int:
         """Accumulate the diagonal empirical Fisher from per-sample losses; returns the samples used.

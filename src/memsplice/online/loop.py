@@ -24,6 +24,10 @@ One update minimises, over the buffer plus `replay_per_update` interactions draw
 plus, for memory inputs that failed the safety check (queued from the fallback log), denoising on that input and a
 hinge on latent norms above half the safety bound, so the encoder learns to stay within it.
 
+With a skill guard (`online.guard`, `OnlineConfig.guard_tolerance`), each anchor refresh is first a check: the memory
+answers a fixed canary set from memory, and when its score fell more than the tolerance below the starting score,
+the updates since the last refresh are rolled back to the anchor instead of becoming it.
+
 Guarantees: the reasoner stays frozen (asserted after every update); the memory is in eval mode outside updates;
 the learner's state (optimizer, anchor, Fisher, reservoir, buffer, counters, privacy accounting) is saved and
 restored by `save` / `load`; a `ConversationMemory` using this memory re-encodes itself after an update (it notices
@@ -49,6 +53,7 @@ from ..reasoner.identity import assert_frozen
 from ..train.objectives import ObjectiveResult, PairBatch, answer_groups, infonce
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
 from .ewc import ElasticAnchor
+from .guard import SkillGuard
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
 from .rehearsal import RehearsalSet
 
@@ -104,6 +109,10 @@ class OnlineConfig:
     `RehearsalSet` given to the learner)."""
     rehearsal_weight: float = 1.0
     """Weight of the rehearsal answer loss."""
+    guard_tolerance: float | None = None
+    """Skill guard (`online.guard`): at every anchor refresh, roll the memory back to the anchor when its canary
+    score fell more than this share below the starting score (e.g. 0.01; None: no guard; needs a `SkillGuard` given
+    to the learner)."""
     context_tokens: int = 256
     """Most history tokens the next-token objective writes into memory (capped by max_memory_tokens)."""
     target_tokens: int = 64
@@ -172,6 +181,11 @@ class OnlineConfig:
             'must be "all" or "alternate"',
         )
         need(0.0 <= self.fisher_decay <= 1.0, "fisher_decay", "must be in [0, 1]")
+        need(
+            self.guard_tolerance is None or 0.0 <= self.guard_tolerance < 1.0,
+            "guard_tolerance",
+            "must be None or in [0, 1)",
+        )
         need(0.0 < self.denoise_ratio < 1.0, "denoise_ratio", "must be in (0, 1)")
         need(self.denoise_span >= 1.0, "denoise_span", "must be >= 1")
         need(0.0 <= self.denoise_drop <= 1.0, "denoise_drop", "must be in [0, 1]")
@@ -234,7 +248,11 @@ class StepResult:
 
 class OnlineLearner:
     def __init__(
-        self, memory: MemoryModel, config: OnlineConfig | None = None, rehearsal: RehearsalSet | None = None
+        self,
+        memory: MemoryModel,
+        config: OnlineConfig | None = None,
+        rehearsal: RehearsalSet | None = None,
+        guard: SkillGuard | None = None,
     ):
         self.memory = memory
         self.config = cfg = config or OnlineConfig()
@@ -244,6 +262,16 @@ class OnlineLearner:
                 "OnlineLearner(memory, config, rehearsal=rehearsal_from_synthetic(reasoner))"
             )
         self.rehearsal = rehearsal
+        if cfg.guard_tolerance is not None and guard is None:
+            raise ValueError(
+                "OnlineConfig.guard_tolerance needs a skill guard: "
+                "OnlineLearner(memory, config, guard=default_guard(memory, config.guard_tolerance))"
+            )
+        if guard is not None:
+            if cfg.guard_tolerance is None:
+                raise ValueError("a skill guard was given but OnlineConfig.guard_tolerance is None")
+            guard.tolerance = cfg.guard_tolerance
+        self.guard = guard
         self.reasoner = memory.reasoner
         if cfg.privacy is not None and cfg.privacy.latent_norm_clip is not None:
             memory.config.latent_norm_clip = cfg.privacy.latent_norm_clip
@@ -274,6 +302,8 @@ class OnlineLearner:
         )
         self._lock = threading.RLock()
         memory.eval()
+        if guard is not None:
+            guard.start(memory)  # the reference: the canary score of the weights the learner starts from
 
     # -- Algorithm 1 -----------------------------------------------------------------------------------------
     def step(
@@ -364,8 +394,7 @@ class OnlineLearner:
             stats = self.update(self.buffer.drain()) if self.buffer.full else None
             refreshed = False
             if self.steps % self.config.anchor_interval == 0:
-                self.refresh_anchor()
-                refreshed = True
+                refreshed = self.refresh_anchor()
             return stats, refreshed
 
     def observe_batch(self, items: list[Interaction]) -> tuple[UpdateStats, bool]:
@@ -385,9 +414,7 @@ class OnlineLearner:
             self.steps += len(items)
             stats = self.update(items)
             interval = self.config.anchor_interval
-            refreshed = self.steps // interval > before // interval
-            if refreshed:
-                self.refresh_anchor()
+            refreshed = self.steps // interval > before // interval and self.refresh_anchor()
             return stats, refreshed
 
     def forget(self, scope: str) -> int:
@@ -630,9 +657,13 @@ class OnlineLearner:
         return PairBatch(query, mask, passage)
 
     # -- consolidation ---------------------------------------------------------------------------------------
-    def refresh_anchor(self) -> None:
-        """phi' <- phi, then add a Fisher estimate from interactions in the replay reservoir."""
+    def refresh_anchor(self) -> bool:
+        """phi' <- phi, then add a Fisher estimate from interactions in the replay reservoir; returns True. With a
+        skill guard whose check fails, phi <- phi' instead (`roll_back`) and returns False."""
         with self._lock:
+            if self.guard is not None and not self.guard.check(self.memory, self.updates):
+                self.roll_back()
+                return False
             self.anchor.refresh()
             if self.config.ewc_weight > 0 and self.config.privacy is None:
                 samples = self.reservoir.sample(self.config.fisher_samples)
@@ -642,6 +673,14 @@ class OnlineLearner:
                         self._estimate_fisher(samples)
                     finally:
                         self.memory.eval()
+            return True
+
+    def roll_back(self) -> None:
+        """Discard every update since the last anchor refresh: the weights go back to the anchor and the optimizer
+        forgets the moments those updates built (it starts them afresh, as at the first update)."""
+        with self._lock:
+            self.anchor.restore()
+            self.optimizer.state.clear()
 
     def _estimate_fisher(self, samples: list[Interaction]) -> int:
         if self.config.privacy is not None:
@@ -695,6 +734,7 @@ class OnlineLearner:
                 "rng": [rng[0], list(rng[1]), rng[2]],
                 "accountant": None if self.accountant is None else self.accountant.to_dict(),
                 "rehearsal": None if self.rehearsal is None else self.rehearsal.to_dict(),
+                "guard": None if self.guard is None else self.guard.to_dict(),
                 "history": [asdict(h) for h in self.history[-1000:]],
             }
             (directory / STATE_NAME).write_text(json.dumps(state))
@@ -707,11 +747,12 @@ class OnlineLearner:
             raise FileNotFoundError(f"{directory} holds no online learner state ({STATE_NAME} is missing)")
         state = json.loads((directory / STATE_NAME).read_text())
         memory = MemoryModel.from_pretrained(directory / "memory", reasoner=reasoner)
-        rehearsal = state.get("rehearsal")
+        rehearsal, guard = state.get("rehearsal"), state.get("guard")
         learner = cls(
             memory,
             OnlineConfig.from_dict(state["config"]),
             rehearsal=None if rehearsal is None else RehearsalSet.from_dict(rehearsal),
+            guard=None if guard is None else SkillGuard.from_dict(guard),
         )
         tensors = torch.load(directory / TENSORS_NAME, map_location=reasoner.device, weights_only=True)
         learner.optimizer.load_state_dict(tensors["optimizer"])
