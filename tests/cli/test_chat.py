@@ -105,6 +105,26 @@ def test_chat_learn_rehearsal_trains_on_synthetic_questions_and_is_saved(
     assert code == 2 and "--learn-rehearsal" in out.err
 
 
+def test_chat_learn_guard_keeps_its_canary_and_reference_in_the_state(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    f, learn = tmp_path / "chat.json", tmp_path / "learner"
+    flags = ("--learn", "--learn-dir", str(learn), "--learn-batch", "1", "--learn-guard", "0.05")
+    code, out = _chat(
+        monkeypatch, capsys, tiny_model_dir, f, ["Ada lives in Lisbon."], *flags, max_new_tokens=3
+    )
+    assert code == 0 and "online update 1" in out.out
+    state = json.loads((learn / "online_state.json").read_text())
+    guard = state["guard"]
+    assert state["config"]["guard_tolerance"] == 0.05 and guard["tolerance"] == 0.05
+    assert guard["canary"]["items"] and 0.0 <= guard["reference"] <= 1.0 and guard["events"] == []
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hi"], "--learn", "--learn-dir", str(learn))
+    assert code == 0
+    assert json.loads((learn / "online_state.json").read_text())["guard"] is None  # resumed without it: off
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hi"], "--learn", "--learn-guard", "1.5")
+    assert code == 2 and "--learn-guard" in out.err
+
+
 def test_chat_learn_batch_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
     flags = ("--learn", "--learn-batch", "0")
     code, out = _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], *flags)

@@ -10,7 +10,8 @@ and any safety fallback. Greedy answers (the default, --temperature 0) decode on
 With --learn the memory keeps learning from the conversation (`memsplice.online`, Algorithm 1): every exchange
 goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC
 towards a slow anchor, replay), and the updated memory plus the learner's state are saved to --learn-dir, from
-which a later `--learn` run resumes.
+which a later `--learn` run resumes. --learn-guard T rolls updates back when a canary set of questions answered
+from memory loses more than T of its starting score (checked at every anchor refresh).
 
 Lines starting with "/" are commands: /stats, /forget (erase the memory and its file), /quit.
 """
@@ -105,6 +106,15 @@ def add_parser(sub):
         metavar="N",
         help="with --learn, also rehearse N synthetic questions per update, each answered from a memory of its "
         "evidence, so learning keeps the skill of answering from memory (memsplice.online.rehearsal; default: off)",
+    )
+    p.add_argument(
+        "--learn-guard",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --learn, check the memory on a canary set of synthetic questions at every anchor refresh and roll "
+        "the updates since the last one back when its score fell more than T (a share, e.g. 0.01) below where it "
+        "started (memsplice.online.guard; default: off)",
     )
     p.add_argument(
         "--refine-steps",
@@ -297,22 +307,33 @@ def _format_status(s: dict) -> str:
 def _learner_for(args, reasoner, path: Path):
     """The online learner for --learn: resumed from --learn-dir when it holds one, else new on the checkpoint."""
     from memsplice.checkpoints import load_memory
-    from memsplice.online import OnlineConfig, OnlineLearner, default_rehearsal, ensure_rehearsal
+    from memsplice.online import (
+        OnlineConfig,
+        OnlineLearner,
+        default_rehearsal,
+        ensure_guard,
+        ensure_rehearsal,
+    )
 
     if args.learn_batch < 1:
         raise ValueError(f"--learn-batch must be at least 1 (got {args.learn_batch})")
     if args.learn_rehearsal < 0:
         raise ValueError(f"--learn-rehearsal must be at least 0 (got {args.learn_rehearsal})")
+    if args.learn_guard is not None and not 0.0 <= args.learn_guard < 1.0:
+        raise ValueError(f"--learn-guard must be in [0, 1) (got {args.learn_guard})")
     directory = Path(args.learn_dir) if args.learn_dir else path.with_name(path.stem + ".learner")
     if (directory / "online_state.json").is_file():
         learner = OnlineLearner.load(directory, reasoner=reasoner)
         learner.config.rehearsal_per_update = args.learn_rehearsal
         ensure_rehearsal(learner)
+        ensure_guard(learner, args.learn_guard)
         return learner, directory
     memory = load_memory(reasoner, args.checkpoint)
     config = OnlineConfig(batch_size=args.learn_batch, rehearsal_per_update=args.learn_rehearsal)
     rehearsal = default_rehearsal(memory) if args.learn_rehearsal else None
-    return OnlineLearner(memory, config, rehearsal=rehearsal), directory
+    learner = OnlineLearner(memory, config, rehearsal=rehearsal)
+    ensure_guard(learner, args.learn_guard)
+    return learner, directory
 
 
 def run(args) -> int:
@@ -375,7 +396,15 @@ def run(args) -> int:
         text, status = session.answer(line, args.max_new_tokens, args.temperature)
         print(f"assistant> {text}\n{_format_status(status)}", flush=True)
         if learner is not None:
+            checks = len(learner.guard.events) if learner.guard is not None else 0
             update, refreshed = learner.observe_exchange(session.conversation, line, text, context)
+            if learner.guard is not None and len(learner.guard.events) > checks:
+                event = learner.guard.events[-1]
+                print(
+                    f"  [skill guard: canary {event.score:.3f} against {event.reference:.3f} at the start: "
+                    + ("kept]" if event.kept else "the updates since the last anchor were rolled back]"),
+                    flush=True,
+                )
             if update is not None:
                 print(
                     f"  [online update {update.update}: loss {update.loss:.3f} "

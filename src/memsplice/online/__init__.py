@@ -2,7 +2,7 @@
 
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
 from .ewc import ElasticAnchor
-from .guard import GuardEvent, SkillGuard, default_guard
+from .guard import GuardEvent, SkillGuard, default_guard, ensure_guard
 from .loop import OnlineConfig, OnlineLearner, StepResult, UpdateStats
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
 from .rehearsal import (
@@ -32,6 +32,7 @@ __all__ = [
     "corrupt_spans",
     "default_guard",
     "default_rehearsal",
+    "ensure_guard",
     "ensure_rehearsal",
     "private_gradients",
     "rehearsal_from_synthetic",

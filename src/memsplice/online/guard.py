@@ -150,3 +150,17 @@ def default_guard(
     )
     canary.source = "canary: " + canary.source
     return SkillGuard(canary, tolerance)
+
+
+def ensure_guard(learner, tolerance: float | None) -> None:
+    """Set `learner`'s skill guard to `tolerance` (None: no guard): a learner without one (new, or resumed from a
+    state saved without one) gets `default_guard`, whose reference is the score of the weights it has now; one that
+    has a guard keeps it, canary, reference and log, with the new tolerance."""
+    learner.config.guard_tolerance = tolerance
+    if tolerance is None:
+        learner.guard = None
+        return
+    if learner.guard is None:
+        learner.guard = default_guard(learner.memory, tolerance)
+    learner.guard.tolerance = tolerance
+    learner.guard.start(learner.memory)
