@@ -28,11 +28,12 @@ def test_demo_runs_every_system(tmp_path, capsys):
     )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["systems"]) == {"none", "latent", "latent+window", "full"}
+    assert set(out["systems"]) == {"none", "latent", "latent-readback", "latent+window", "full"}
     for name, s in out["systems"].items():
         assert len(s["answers"]) == len(QUESTIONS)
         slots = [a["costs"]["memory_slots"] for a in s["answers"]]
-        assert (max(slots) > 0) == name.startswith("latent"), name
+        # read-back puts text in the prompt: the answer itself reads no memory slots
+        assert (max(slots) > 0) == (name in ("latent", "latent+window")), name
     full = out["systems"]["full"]["answers"][0]["costs"]
     latent = out["systems"]["latent"]["answers"][0]["costs"]
     assert full["prompt_tokens"] > latent["prompt_tokens"]

@@ -6,6 +6,8 @@ reasoner with the same prompt and greedy decoding:
 
   none            the question alone (what a stateless LLM knows)
   latent          the question, with the conversation's latent memory spliced into the KV cache
+  latent-readback the chunk memory the question picks (address head) read back as text by the reasoner from
+                  the memory alone, then the question over that text
   latent+window   the most recent turns as text, latent memory for everything older
   full            the whole history as text in the prompt (the expensive reference)
 
@@ -20,7 +22,7 @@ import json
 
 from .common import add_checkpoint_flag, add_reasoner_flags
 
-SYSTEMS = ("none", "latent", "latent+window", "full")
+SYSTEMS = ("none", "latent", "latent-readback", "latent+window", "full")
 
 
 def add_parser(sub):
@@ -39,6 +41,20 @@ def add_parser(sub):
         type=int,
         default=128,
         help="latent+window: recent history kept as text (default: %(default)s tokens)",
+    )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="latent systems: write-time refinement steps of every chunk memory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--select-chunks",
+        type=int,
+        default=1,
+        metavar="K",
+        help="latent-readback: chunk memories read back per question (default: %(default)s)",
     )
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
@@ -61,7 +77,15 @@ def run(args) -> int:
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
     checkpoint = args.checkpoint or checkpoint_for(reasoner)
     reader = Reader(reasoner, settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
-    runtime = Runtime(reader, SystemArgs(window_tokens=args.window_tokens, checkpoint=checkpoint))
+    runtime = Runtime(
+        reader,
+        SystemArgs(
+            window_tokens=args.window_tokens,
+            checkpoint=checkpoint,
+            refine_steps=args.refine_steps,
+            select_chunks=args.select_chunks,
+        ),
+    )
     episode = build_demo_episode()
     history_tokens = sum(reader.count_tokens(t.text) for t in episode.turns)
     results: dict = {
@@ -107,10 +131,10 @@ def run(args) -> int:
         for name in names:
             row = results["systems"][name]["answers"][i]
             mark = "yes" if row["correct"] else "no "
-            print(f"   {name:<14} [{mark}] {row['answer'][:90]!r}")
+            print(f"   {name:<16} [{mark}] {row['answer'][:90]!r}")
         print()
     print(
-        f"{'system':<14} {'correct':>8} {'prompt tok':>11} {'slots':>6} {'KV at answer':>13} "
+        f"{'system':<16} {'correct':>8} {'prompt tok':>11} {'slots':>6} {'KV at answer':>13} "
         f"{'TTFT ms':>8} {'write ms/turn':>14} {'stored':>10}"
     )
     for name in names:
@@ -118,13 +142,14 @@ def run(args) -> int:
         costs = [r["costs"] for r in s["answers"]]
         n = len(costs)
         print(
-            f"{name:<14} {s['correct']:>5}/{n:<2} {sum(c['prompt_tokens'] for c in costs) / n:>11.0f} "
+            f"{name:<16} {s['correct']:>5}/{n:<2} {sum(c['prompt_tokens'] for c in costs) / n:>11.0f} "
             f"{max(c['memory_slots'] for c in costs):>6} {_mib(int(sum(c['kv_bytes'] for c in costs) / n)):>13} "
             f"{1e3 * sum(c['ttft_s'] for c in costs) / n:>8.0f} {1e3 * s['feed']['write_s_per_turn']:>14.1f} "
             f"{s['feed']['stored_bytes'] / 1024:>8.1f} KiB"
         )
     print(
         "\nThe latent rows use the memory checkpoint shipped for this reasoner; see README 'Results' for how far "
-        "its recall is from the text baselines."
+        "its recall is from the text baselines. Its address head (which picks the chunk latent-readback reads) was "
+        "trained on conversations whose facts name the person; these are told in the first person."
     )
     return 0
