@@ -74,7 +74,9 @@ def test_write_refines_when_asked_and_refuses_without_an_instruction(reasoner):
     with torch.no_grad():
         plain = memory.write(ids)
         refined = memory.write(ids, refine_steps=3)
-        memory.config.refine_steps = 3
+        memory.set_refine_steps(None)  # keeps the checkpoint's (0)
+        assert memory.config.refine_steps == 0
+        memory.set_refine_steps(3)
         default = memory.write(ids)
     assert not torch.equal(plain.latents, refined.latents)
     torch.testing.assert_close(default.latents, refined.latents)
@@ -84,6 +86,10 @@ def test_write_refines_when_asked_and_refuses_without_an_instruction(reasoner):
     bare = small_memory(reasoner)
     with pytest.raises(ValueError, match="reconstruction_instruction"):
         bare.write(ids, refine_steps=1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="refine steps"):
+            memory.set_refine_steps(bad)
+    assert memory.config.refine_steps == 3
 
 
 def test_checkpoints_older_than_the_field_take_the_instruction_training_recorded():

@@ -1119,10 +1119,7 @@ def run(args) -> int:
         return 0
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
     memory = load_memory(reasoner, args.checkpoint)
-    if args.refine_steps is not None:
-        if args.refine_steps < 0:
-            raise ValueError(f"--refine-steps must be at least 0 (got {args.refine_steps})")
-        memory.config.refine_steps = args.refine_steps
+    memory.set_refine_steps(args.refine_steps)
 
     def save(data: dict, name: str):
         data["checkpoint"] = args.checkpoint

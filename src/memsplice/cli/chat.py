@@ -348,10 +348,7 @@ def run(args) -> int:
         memory = learner.memory
     else:
         memory = load_memory(reasoner, args.checkpoint)
-    if args.refine_steps is not None:
-        if args.refine_steps < 0:
-            raise ValueError(f"--refine-steps must be at least 0 (got {args.refine_steps})")
-        memory.config.refine_steps = args.refine_steps
+    memory.set_refine_steps(args.refine_steps)
     session = ChatSession(
         reasoner,
         memory,

@@ -257,6 +257,15 @@ class MemoryModel(nn.Module):
         self.address = AddressHead(self.reasoner.shapes.hidden_size, dim).to(self.reasoner.device)
         return self.address
 
+    def set_refine_steps(self, steps: int | None) -> None:
+        """Make every write without autograd refine its latents `steps` times (`config.refine_steps`; None: keep the
+        checkpoint's). What `--refine-steps` of chat, serve, eval and bench sets; refuses a negative count."""
+        if steps is None:
+            return
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"refine steps must be a whole number >= 0 (got {steps!r})")
+        self.config.refine_steps = steps
+
     @contextlib.contextmanager
     def evaluating(self):
         """Eval mode (dropout off) for the block, then back to the mode the memory was in: for writes whose result

@@ -60,8 +60,7 @@ def build_service(config: ServeConfig, reasoner=None) -> MemoryService:
 
         reasoner = load_reasoner(config.reasoner, device=config.device, dtype=config.dtype)
     memory = load_memory(config, reasoner)
-    if config.memory_refine_steps is not None:
-        memory.config.refine_steps = config.memory_refine_steps
+    memory.set_refine_steps(config.memory_refine_steps)
     store = MemoryStore(config.store_url, sqlite_synchronous=config.sqlite_synchronous)
     if config.auth and store.count_live_keys() == 0:
         store.close()

@@ -52,8 +52,7 @@ def load_memory_model(runtime):
             )
             torch.manual_seed(runtime.args.seed)
         model = load_memory(runtime.reasoner, checkpoint).eval()
-        if runtime.args.refine_steps is not None:
-            model.config.refine_steps = runtime.args.refine_steps
+        model.set_refine_steps(runtime.args.refine_steps)
         return model
 
     return runtime.shared("memory_model", build)
