@@ -253,6 +253,30 @@ def test_online_rehearsal_gives_the_learner_a_synthetic_set_also_when_resumed(tm
     assert resumed.config.rehearsal_per_update == 2 and len(resumed.rehearsal) > 0
 
 
+def test_online_guard_gives_the_learner_a_canary_also_when_resumed(tmp_path):
+    from memsplice.serve import ServeConfig
+
+    _, learner = make(tmp_path / "new", online_guard_tolerance=0.05)
+    inner = learner.learner
+    assert inner.config.guard_tolerance == 0.05 and inner.guard.tolerance == 0.05
+    assert "canary" in inner.guard.canary.source and 0.0 <= inner.guard.reference <= 1.0
+    assert learner.status()["guard_checks"] == 0 and learner.status()["guard_rollbacks"] == 0
+    for _ in range(2):  # 4 samples: one anchor refresh (online_anchor_interval 4), so one check
+        learner.learner.observe_batch(_two_interactions())
+    assert learner.status()["guard_checks"] == 1
+    _, plain = make(tmp_path / "resumed")
+    assert plain.learner.guard is None and "guard_checks" not in plain.status()
+    plain.learner.save(tmp_path / "resumed" / "state")
+    from memsplice.online import OnlineLearner
+    from memsplice.serve.online import apply_settings
+
+    resumed = OnlineLearner.load(tmp_path / "resumed" / "state", reasoner=plain.learner.reasoner)
+    apply_settings(resumed, _online_config(online_guard_tolerance=0.02))
+    assert resumed.guard is not None and resumed.guard.tolerance == 0.02
+    with pytest.raises(ValueError, match="online_guard_tolerance"):
+        ServeConfig(online_guard_tolerance=1.0)
+
+
 def _two_interactions():
     from memsplice.online import Interaction
 

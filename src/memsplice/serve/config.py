@@ -101,6 +101,10 @@ class ServeConfig:
     """Skill-rehearsal questions per online update (`memsplice.online.rehearsal`: synthetic train-split questions
     answered from a memory of their evidence, so learning from traffic keeps the skill of answering from memory;
     0: off)."""
+    online_guard_tolerance: float | None = None
+    """Skill guard of the online learner (`memsplice.online.guard`): at every anchor refresh a canary set of synthetic
+    train-split questions is answered from memory, and the updates since the last refresh are rolled back when the
+    score fell more than this share below where the learner started (e.g. 0.01; null: off)."""
     online_context_tokens: int = 256
     """Most history tokens a queued sample keeps as the context its next-token objective writes into memory
     (capped by the memory's max_memory_tokens)."""
@@ -182,6 +186,11 @@ class ServeConfig:
         need(self.online_interval_s > 0, "online_interval_s", "must be positive")
         need(self.online_lr > 0, "online_lr", "must be positive")
         need(self.online_ewc_weight >= 0, "online_ewc_weight", "must be non-negative")
+        need(
+            self.online_guard_tolerance is None or 0.0 <= self.online_guard_tolerance < 1.0,
+            "online_guard_tolerance",
+            "must be null or in [0, 1)",
+        )
         need(self.graceful_timeout_s >= 0, "graceful_timeout_s", "must be non-negative")
         need(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
         need(self.log_format in LOG_FORMATS, "log_format", f"must be one of {LOG_FORMATS}")
@@ -227,6 +236,7 @@ class ServeConfig:
             replay_capacity=self.replay_capacity,
             replay_per_update=self.online_replay_per_update,
             rehearsal_per_update=self.online_rehearsal_per_update,
+            guard_tolerance=self.online_guard_tolerance,
             context_tokens=self.online_context_tokens,
             seed=self.seed,
         )

@@ -33,7 +33,15 @@ import torch
 
 from ..atomic import atomic_directory
 from ..memory.model import MemoryModel
-from ..online import Interaction, OnlineConfig, OnlineLearner, default_rehearsal, ensure_rehearsal
+from ..online import (
+    Interaction,
+    OnlineConfig,
+    OnlineLearner,
+    default_guard,
+    default_rehearsal,
+    ensure_guard,
+    ensure_rehearsal,
+)
 from ..online.loop import STATE_NAME
 from .scope_memory import weights_digest
 
@@ -122,6 +130,11 @@ class ServerOnlineLearner:
             "replay_items": len(learner.reservoir),
             "fallback_inputs": len(learner.fallbacks),
             "anchor_refreshes": learner.anchor.refreshes,
+            **(
+                {}
+                if learner.guard is None
+                else {"guard_checks": len(learner.guard.events), "guard_rollbacks": learner.guard.rollbacks}
+            ),
         }
 
     def persist(self) -> None:
@@ -167,6 +180,7 @@ def apply_settings(learner: OnlineLearner, config: OnlineConfig) -> None:
     learner.reservoir.capacity = config.replay_capacity
     del learner.reservoir.items[config.replay_capacity :]
     ensure_rehearsal(learner)
+    ensure_guard(learner, config.guard_tolerance)
 
 
 def build_online_learner(memory: MemoryModel, config) -> ServerOnlineLearner:
@@ -186,6 +200,9 @@ def build_online_learner(memory: MemoryModel, config) -> ServerOnlineLearner:
         logger.info("online learner resumed from %s after %d updates", state_dir, learner.updates)
     else:
         rehearsal = default_rehearsal(memory) if online_config.rehearsal_per_update else None
-        learner = OnlineLearner(copy_memory(memory), online_config, rehearsal=rehearsal)
+        own = copy_memory(memory)
+        tolerance = online_config.guard_tolerance
+        guard = default_guard(own, tolerance) if tolerance is not None else None
+        learner = OnlineLearner(own, online_config, rehearsal=rehearsal, guard=guard)
     memory.fallback_log.subscribe(learner.fallbacks)  # fallbacks of served requests are trained on too
     return ServerOnlineLearner(learner, state_dir)
