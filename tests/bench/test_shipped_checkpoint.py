@@ -1,4 +1,5 @@
-"""The memory checkpoint shipped for SmolLM2-135M-Instruct reconstructs held-out passages on the CPU.
+"""The memory checkpoint shipped for SmolLM2-135M-Instruct reconstructs held-out passages on the CPU, and its address
+head finds the chunk that holds a test question's answer.
 
 Stated threshold: at 8x (128 held-out tokens into 16 slots), teacher-forced token accuracy of at least
 MIN_TOKEN_ACCURACY_8X over 16 passages, and well above the no-memory floor. The test is skipped, saying so, while
@@ -92,3 +93,30 @@ def test_refinement_makes_the_shipped_memory_read_a_new_passage_back_verbatim(re
     with torch.no_grad():
         written = memory.write(passage, refine_steps=10)
     assert read_back_ids(memory, written.kv, 128) == [passage[0].tolist()]
+
+
+MIN_ADDRESS_RECALL_AT_1 = 0.75
+"""The shipped address head put the evidence chunk first for 97.9% of 144 held-out train-split questions
+(benchmarks/results/online-address-shipped-c32-cpu.json) and for 11 of these 12 test-split questions on the CPU."""
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_the_shipped_address_head_finds_the_evidence_of_test_questions(real_reasoner):
+    """A fresh install picks the chunk memory that holds a question's answer: 12 questions of two synthetic test-split
+    conversations of 1k tokens, scored within each conversation from the chunks' latents (32-token chunks, as the
+    checkpoint's config says)."""
+    from memsplice.eval.reader import Reader
+    from memsplice.eval.tasks import TaskArgs, get_task
+    from memsplice.memory import MemoryModel
+    from memsplice.online.address import address_examples, recall_at
+    from memsplice.online.bootstrap import episode_examples
+
+    memory = MemoryModel.from_pretrained(_shipped(), reasoner=real_reasoner).eval()
+    assert memory.address is not None and memory.config.chunk_tokens == 32
+    args = TaskArgs(examples=2, lengths=(1024,), seed=0, split="test", facts=6)
+    episodes = get_task("synthetic")(args, Reader(real_reasoner).count_tokens)
+    recall = recall_at(memory, address_examples(memory, episode_examples(episodes, real_reasoner, 32)))
+    assert recall["questions"] == 12
+    assert recall["recall@1"] >= MIN_ADDRESS_RECALL_AT_1, recall
+    assert recall["recall@2"] >= 0.9 and recall["recall@1"] > 10 * recall["chance@1"], recall
