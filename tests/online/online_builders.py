@@ -5,7 +5,7 @@ import random
 import torch
 
 from helpers import small_memory
-from memsplice.online import Interaction
+from memsplice.online import Interaction, OnlineConfig
 from tiny import tiny_reasoner
 
 VOCAB = 384
@@ -24,3 +24,16 @@ def interactions(
     return [
         Interaction(id=-1, context=tok(context), query=tok(query), response=tok(response)) for _ in range(n)
     ]
+
+
+def small_online_config(**overrides) -> OnlineConfig:
+    """An `OnlineConfig` for `tiny_memory`: batches of 2, an anchor refresh every 4 steps, short rows, a large rate."""
+    cfg = dict(
+        batch_size=2,
+        anchor_interval=4,
+        context_tokens=24,
+        target_tokens=12,
+        replay_per_update=2,
+        lr=1e-3,
+    )
+    return OnlineConfig(**{**cfg, **overrides})

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from online_builders import interactions, tiny_memory
+from online_builders import interactions, small_online_config, tiny_memory
 
 pytest.importorskip("memsplice.eval.tasks")
 
@@ -23,16 +23,7 @@ def canary(memory, questions=4, seed=2000):
 
 
 def config(**overrides):
-    cfg = dict(
-        batch_size=2,
-        anchor_interval=4,
-        context_tokens=24,
-        target_tokens=12,
-        replay_per_update=2,
-        lr=1e-3,
-        guard_tolerance=0.01,
-    )
-    return OnlineConfig(**{**cfg, **overrides})
+    return small_online_config(**{"guard_tolerance": 0.01, **overrides})
 
 
 def weights(memory) -> dict[str, torch.Tensor]:

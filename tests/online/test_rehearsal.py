@@ -2,7 +2,7 @@ import random
 
 import pytest
 import torch
-from online_builders import interactions, tiny_memory
+from online_builders import interactions, small_online_config, tiny_memory
 
 pytest.importorskip("memsplice.eval.tasks")
 
@@ -27,16 +27,7 @@ def small_set(memory, questions=6, seed=1000, values="mixed"):
 
 
 def config(**overrides):
-    cfg = dict(
-        batch_size=2,
-        anchor_interval=4,
-        context_tokens=24,
-        target_tokens=12,
-        replay_per_update=2,
-        lr=1e-3,
-        rehearsal_per_update=2,
-    )
-    return OnlineConfig(**{**cfg, **overrides})
+    return small_online_config(**{"rehearsal_per_update": 2, **overrides})
 
 
 def test_items_hold_the_answer_in_their_memory_input_and_come_from_the_train_split():
