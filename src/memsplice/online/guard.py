@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .rehearsal import RehearsalSet, rehearsal_from_synthetic
+from .rehearsal import RehearsalSet, default_rehearsal
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +77,16 @@ class SkillGuard:
     def score(self, memory) -> float:
         """Teacher-forced answer-token accuracy over the canary items, each question reading a memory written from its
         own evidence; memory in eval mode, no autograd."""
-        from ..memory.model import pad_rows
-        from ..train.objectives import answer_groups
+        from ..train.objectives import answer
+        from .bootstrap import write_chunks
 
-        device = memory.reasoner.device
         correct = total = 0
         with memory.evaluating():
             items = self.canary.items
             for start in range(0, len(items), self.batch):
                 part = items[start : start + self.batch]
-                ids, mask = pad_rows([it.memory for it in part], pad_id=0, device=device)
-                written = memory.write(ids, mask)
-                (result,) = answer_groups(
-                    memory, written.kv, [it.prompt for it in part], [it.answer for it in part], [len(part)]
-                )
+                written = write_chunks(memory, [it.memory for it in part])
+                result = answer(memory, written.kv, [it.prompt for it in part], [it.answer for it in part])
                 correct += int(result.correct)
                 total += result.tokens
         return correct / max(total, 1)
@@ -144,10 +140,7 @@ def default_guard(
 ) -> SkillGuard:
     """A guard with `questions` canary items from the synthetic train split (evidence cut to the memory's chunk size,
     asked both as the eval reader asks and as a bare chat turn), seeded apart from the rehearsal sets."""
-    chunk = min(memory.config.chunk_tokens or 64, memory.config.max_memory_tokens)
-    canary = rehearsal_from_synthetic(
-        memory.reasoner, questions, seed=seed, chunk_tokens=chunk, prompts="both", data=data
-    )
+    canary = default_rehearsal(memory, questions, seed=seed, prompts="both", data=data)
     canary.source = "canary: " + canary.source
     return SkillGuard(canary, tolerance)
 
