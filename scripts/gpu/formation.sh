@@ -11,6 +11,12 @@
 #                                       under benchmarks/results/ (summary.json "formation")
 #   scripts/gpu/formation.sh throughput tokens/s and MFU for compile=none/encoder/all (SECONDS_EACH, default 60;
 #                                       MODES picks some)
+#   scripts/gpu/formation.sh ablation   the language-prior ablation at equal compute: configs/formation-prior.yaml
+#                                       trained twice side by side on one GPU, encoder initialised from the reasoner's
+#                                       layers and at random, the same architecture, data, seed and schedule of
+#                                       ABLATION_STEPS (default 800) steps; run it again until both finish (exact
+#                                       resume), then the fidelity bench of the pair (--record
+#                                       formation/prior-ablation-equal-steps, summary.json untouched)
 #   scripts/gpu/formation.sh extend     more training for the weights in $INIT (default: the shipped checkpoint) on a
 #                                       new schedule of PLAN_MINUTES; COMPILE=auto first times compile=none and
 #                                       compile=all (SECONDS_EACH) and trains with the faster; continue with `resume`
@@ -24,7 +30,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ablation}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -139,6 +145,34 @@ case "$PHASE" in
     for mode in ${MODES:-none encoder all}; do
       time_compile "$mode" "$SECS" | tee "$STAGE/throughput-$mode.json" || echo "compile=$mode failed"
     done
+    package ""
+    ;;
+  ablation)
+    STEPS=${ABLATION_STEPS:-800}
+    [ "${SMALL:-0}" = 1 ] && STEPS=4
+    pids=()
+    for init in reasoner random; do
+      # the same schedule (run.steps) for both, whatever their speed; --resume starts fresh when there is no state
+      $PY -m memsplice.cli.main train --config configs/formation-prior.yaml --output "$RUN/ablation-$init" --quiet \
+        --resume --steps "$STEPS" --stop-at "$(deadline)" --set memory.encoder_init="$init" --set run.eval_every=200 \
+        "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" > "$STAGE/train-summary-$init.json" 2> "$STAGE/train-$init.log" &
+      pids+=($!)
+    done
+    wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
+    done_both=1
+    for init in reasoner random; do
+      cat "$STAGE/train-summary-$init.json" || true
+      for f in metrics.jsonl curves.png; do cp "$RUN/ablation-$init/$f" "$STAGE/$init-$f" 2>/dev/null || true; done
+      $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
+        "$STAGE/train-summary-$init.json" 2>/dev/null || done_both=0
+    done
+    if [ "$done_both" = 1 ]; then
+      $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/ablation-random/memory" \
+        --prior "$RUN/ablation-reasoner/memory" --passages "$PASSAGES" --record formation/prior-ablation-equal-steps \
+        --json "${BENCH_SMALL[@]}" > "$STAGE/fidelity-ablation.json" || echo "the fidelity bench failed"
+    else
+      echo "the schedules are not finished: run this phase again (it resumes exactly)"
+    fi
     package ""
     ;;
   extend)

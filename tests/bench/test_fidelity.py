@@ -114,3 +114,9 @@ def test_floor_equals_the_bare_reasoner(trained, corpus):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["bench", "fidelity", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "no memory checkpoint" in capsys.readouterr().err
+
+
+def test_a_record_name_may_name_a_folder(tmp_path):
+    path = record.save_result("formation/ablation", {"x": 1}, directory=tmp_path / "results")
+    assert path == tmp_path / "results" / "formation" / "ablation.json"
+    assert json.loads(path.read_text())["x"] == 1

@@ -21,7 +21,9 @@ Parts (`--part`):
   result is then `online-stability-<variant>-rehearsal`); `--guard-tolerance T` adds a skill guard (`online.guard`:
   at every anchor refresh a canary set of train-split questions is answered from memory, and the updates since the
   last refresh are rolled back when its score fell more than T below the start; `-guard` is added to the name; the
-  early facts are never part of the canary). With `--state DIR` a run spans several commands: each
+  early facts are never part of the canary); `--consolidation-weight W` adds write consolidation
+  (`online.consolidation`: the writes of a uniform sample of past histories, as the memory wrote them right after
+  seeing them, are held with weight W; `-consolidation` is added to the name). With `--state DIR` a run spans several commands: each
   continues where the last stopped (the learner with its optimizer, anchor, Fisher, replay and generators; the
   position in the stream, which is rebuilt from the seed; the curve, losses and update times; the seconds so far)
   and saves that into DIR, atomically, at every evaluation and when it stops. Such a run evaluates on the
@@ -248,6 +250,26 @@ def add_arguments(p):
         default="reader",
         help="how rehearsal asks: the eval reader's prompt, the bare question as a chat turn (as the stability "
         "probe asks), or every other item each way (with --rehearsal; default: reader)",
+    )
+    p.add_argument(
+        "--consolidation-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="write consolidation (online.consolidation): weight of the relative error between what the memory "
+        "writes now for held past histories and what it wrote for them then (any variant; 0: off)",
+    )
+    p.add_argument(
+        "--consolidation-items",
+        type=int,
+        default=256,
+        help="past interactions whose writes are held (with --consolidation-weight)",
+    )
+    p.add_argument(
+        "--consolidation-per-update",
+        type=int,
+        default=4,
+        help="held writes compared per update (with --consolidation-weight)",
     )
     p.add_argument(
         "--guard-tolerance",
@@ -501,6 +523,9 @@ RUN_ARGUMENTS = (
     "rehearsal",
     "rehearsal_questions",
     "rehearsal_prompts",
+    "consolidation_weight",
+    "consolidation_items",
+    "consolidation_per_update",
     "guard_tolerance",
     "guard_questions",
     "anchor_interval",
@@ -638,11 +663,12 @@ def _guard(args, memory):
 
 
 def stability_name(args) -> str:
-    """The result's name: online-stability-<variant>, with -rehearsal when the run rehearses and -guard when a skill
-    guard checks it."""
+    """The result's name: online-stability-<variant>, with -rehearsal when the run rehearses, -consolidation when it
+    holds past writes and -guard when a skill guard checks it."""
     return (
         f"online-stability-{args.variant}"
         + ("-rehearsal" if args.rehearsal else "")
+        + ("-consolidation" if args.consolidation_weight > 0 else "")
         + ("-guard" if args.guard_tolerance is not None else "")
     )
 
@@ -666,6 +692,9 @@ def run_stability(args, reasoner, memory) -> dict:
         ewc_weight=args.ewc_weight if args.variant == "ewc_replay" else 0.0,
         replay_per_update=args.replay if args.variant == "ewc_replay" else 0,
         rehearsal_per_update=args.rehearsal,
+        consolidation_weight=args.consolidation_weight,
+        consolidation_capacity=args.consolidation_items,
+        consolidation_per_update=args.consolidation_per_update,
         guard_tolerance=args.guard_tolerance,
     )
     state = Path(args.state) if args.state else None
@@ -1087,6 +1116,8 @@ def run_summary(args) -> dict:
         ("ewc_replay-guard", "with_ewc_replay_guard"),
         ("ewc_replay-rehearsal-guard", "with_ewc_replay_rehearsal_guard"),
         ("plain-guard", "with_guard_only"),
+        ("ewc_replay-consolidation", "with_ewc_replay_consolidation"),
+        ("plain-consolidation", "with_consolidation_only"),
     ):
         path = directory / f"online-stability-{variant}.json"
         if path.is_file():

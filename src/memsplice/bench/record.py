@@ -70,9 +70,8 @@ def provenance(device=None) -> dict:
 
 def save_result(name: str, data: dict, device=None, directory: Path | None = None) -> Path:
     """Write `data` plus provenance to <results>/<name>.json (atomically) and return the path."""
-    directory = Path(directory or RESULTS_DIR)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
+    path = Path(directory or RESULTS_DIR) / f"{name}.json"  # a name may hold folders, e.g. "formation/x"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**provenance(device), **data}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

@@ -21,6 +21,9 @@ One update minimises, over the buffer plus `replay_per_update` interactions draw
   EWC         (`ElasticAnchor`, weight lambda_ewc): (lambda/2) sum F (phi - phi')^2 towards the slow anchor;
   rehearsal   (`online.rehearsal`, optional): the answer loss of questions read from memories of their evidence,
               so that the skill of answering from memory is trained on even when the stream never asks;
+  consolidation (`online.consolidation`, optional, weight lambda_w): the relative error between what the memory
+              writes now for a sample of past histories and what it wrote for them then, so old memories keep
+              reading the same;
 plus, for memory inputs that failed the safety check (queued from the fallback log), denoising on that input and a
 hinge on latent norms above half the safety bound, so the encoder learns to stay within it.
 
@@ -32,7 +35,7 @@ Guarantees: the reasoner stays frozen (asserted after every update); the memory 
 the learner's state (optimizer, anchor, Fisher, reservoir, buffer, counters, privacy accounting) is saved and
 restored by `save` / `load`; a `ConversationMemory` using this memory re-encodes itself after an update (it notices
 the new weights); `forget(scope)` removes every interaction and fallback input of a scope from the buffer, the replay
-reservoir and the fallback queue, so nothing of it is trained on afterwards (what earlier updates learned from it
+reservoir, the fallback queue and the held writes of write consolidation, so nothing of it is trained on afterwards (what earlier updates learned from it
 stays in the weights). The learner's methods may be called from several threads: they serialise on one lock.
 """
 
@@ -52,6 +55,7 @@ from ..memory.model import MemoryModel, pad_rows
 from ..reasoner.identity import assert_frozen
 from ..train.objectives import ObjectiveResult, PairBatch, answer_groups, infonce
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
+from .consolidation import WriteConsolidation
 from .ewc import ElasticAnchor
 from .guard import SkillGuard
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
@@ -109,6 +113,13 @@ class OnlineConfig:
     `RehearsalSet` given to the learner)."""
     rehearsal_weight: float = 1.0
     """Weight of the rehearsal answer loss."""
+    consolidation_weight: float = 0.0
+    """Write consolidation (`online.consolidation`): weight of the relative error between what the memory writes now
+    for a sample of past interactions' histories and what it wrote for them right after it saw them (0: off)."""
+    consolidation_capacity: int = 256
+    """Past interactions whose writes are held (a uniform sample of all seen; each holds its K/V on the device)."""
+    consolidation_per_update: int = 4
+    """Held writes compared per update."""
     guard_tolerance: float | None = None
     """Skill guard (`online.guard`): at every anchor refresh, roll the memory back to the anchor when its canary
     score fell more than this share below the starting score (e.g. 0.01; None: no guard; needs a `SkillGuard` given
@@ -150,6 +161,7 @@ class OnlineConfig:
             "fallback_capacity",
             "fallback_per_update",
             "rehearsal_per_update",
+            "consolidation_per_update",
         ):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, name, "must be a non-negative integer")
@@ -163,8 +175,20 @@ class OnlineConfig:
             "ewc_weight",
             "fallback_norm_weight",
             "rehearsal_weight",
+            "consolidation_weight",
         ):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(
+            isinstance(self.consolidation_capacity, int) and self.consolidation_capacity > 0,
+            "consolidation_capacity",
+            "must be a positive integer",
+        )
+        need(
+            self.consolidation_weight == 0 or self.privacy is None,
+            "consolidation_weight",
+            "write consolidation holds K/V written from users' data, outside per-sample clipping and noise: "
+            "it is not available with privacy (set it to 0 or drop privacy)",
+        )
         need(
             self.next_token_weight + self.denoise_weight + self.contrastive_weight > 0,
             "next_token_weight",
@@ -278,6 +302,15 @@ class OnlineLearner:
         self.buffer = InteractionBuffer(cfg.batch_size)
         self.reservoir = ReplayReservoir(cfg.replay_capacity, seed=cfg.seed)
         self.fallbacks = FallbackQueue(cfg.fallback_capacity)
+        self.consolidation = (
+            WriteConsolidation(
+                cfg.consolidation_capacity,
+                min(cfg.context_tokens, memory.config.max_memory_tokens),
+                seed=cfg.seed + 3,
+            )
+            if cfg.consolidation_weight > 0
+            else None
+        )
         memory.fallback_log.subscribe(self.fallbacks)
         self.rng = random.Random(cfg.seed + 1)
         self.noise = torch.Generator().manual_seed(cfg.seed + 2)
@@ -418,10 +451,13 @@ class OnlineLearner:
             return stats, refreshed
 
     def forget(self, scope: str) -> int:
-        """Drop every interaction and fallback input of `scope` (buffer, replay reservoir, fallback queue);
-        returns how many. Waits for an update in flight."""
+        """Drop every interaction and fallback input of `scope` (buffer, replay reservoir, fallback queue, held
+        writes of write consolidation); returns how many. Waits for an update in flight."""
         with self._lock:
-            return self.buffer.forget(scope) + self.reservoir.forget(scope) + self.fallbacks.forget(scope)
+            held = 0 if self.consolidation is None else self.consolidation.forget(scope)
+            return (
+                self.buffer.forget(scope) + self.reservoir.forget(scope) + self.fallbacks.forget(scope) + held
+            )
 
     # -- one update ------------------------------------------------------------------------------------------
     def update(self, items: list[Interaction]) -> UpdateStats:
@@ -450,7 +486,7 @@ class OnlineLearner:
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.privacy is None:
                 with autocast:
-                    loss, parts = self._batch_loss(rows, fallback, rehearse=True)
+                    loss, parts = self._batch_loss(rows, fallback, rehearse=True, consolidate=True)
                 if loss.requires_grad:  # not when every row's memory fell back: nothing reaches the weights
                     loss.backward()
                 # The EWC gradient goes straight into .grad (the same gradient a backward pass through
@@ -463,6 +499,9 @@ class OnlineLearner:
                     total, parts, grad_norm = self._private_step(rows, fallback, params)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.consolidation is not None:
+                with autocast:
+                    self.consolidation.offer(self.memory, items)  # what the memory writes for them now
         finally:
             self.memory.eval()
         for it in items:
@@ -538,8 +577,10 @@ class OnlineLearner:
         fallback: list[list[int]],
         contrastive: bool = True,
         rehearse: bool = False,
+        consolidate: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted loss of one update over `rows` and `fallback` inputs (plus rehearsal items with `rehearse`),
+        """The weighted loss of one update over `rows` and `fallback` inputs (plus rehearsal items with `rehearse`,
+        and write consolidation with `consolidate`),
         and its unweighted terms (detached 0-d tensors, left on the device). The objectives that read a memory
         (next-token, denoising, rehearsal) share one encoder call and one reasoner pass (`_read`)."""
         cfg = self.config
@@ -590,6 +631,11 @@ class OnlineLearner:
             )  # non-finite latents carry no usable gradient
             total = total + cfg.fallback_norm_weight * hinge
             parts["fallback_norm"] = hinge.detach()
+        if consolidate and self.consolidation is not None:
+            held = self.consolidation.sample(cfg.consolidation_per_update, self.rng)
+            if (drift := self.consolidation.loss(self.memory, held)) is not None:
+                total = total + cfg.consolidation_weight * drift
+                parts["consolidation"] = drift.detach()
         return total, parts
 
     def _read(self, reads: dict[str, ReadRows]) -> dict[str, ObjectiveResult]:
@@ -720,6 +766,7 @@ class OnlineLearner:
                 "optimizer": self.optimizer.state_dict(),
                 "ewc": self.anchor.state_dict(),
                 "noise": self.noise.get_state(),
+                "consolidation": None if self.consolidation is None else self.consolidation.state_dict(),
             }
             torch.save(tensors, directory / TENSORS_NAME)
             rng = self.rng.getstate()
@@ -759,6 +806,12 @@ class OnlineLearner:
         learner.anchor.load_state_dict(tensors["ewc"])
         # map_location moved the noise generator's state; generator states live on the CPU
         learner.noise.set_state(tensors["noise"].cpu())
+        if learner.consolidation is not None:
+            if tensors.get("consolidation") is None:
+                raise ValueError(
+                    f"{directory}: the config enables write consolidation but no held writes were saved"
+                )
+            learner.consolidation.load_state_dict(tensors["consolidation"])
         learner.steps, learner.updates, learner.next_id = state["steps"], state["updates"], state["next_id"]
         learner.buffer.items = [Interaction.from_dict(d) for d in state["buffer"]]
         learner.reservoir = ReplayReservoir.from_dict(state["reservoir"])
