@@ -125,6 +125,34 @@ def test_chat_learn_guard_keeps_its_canary_and_reference_in_the_state(
     assert code == 2 and "--learn-guard" in out.err
 
 
+def test_chat_learn_consolidation_holds_writes_and_resumes_with_or_without_it(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    f, learn = tmp_path / "chat.json", tmp_path / "learner"
+    flags = ("--learn", "--learn-dir", str(learn), "--learn-batch", "1", "--learn-consolidation", "10")
+    code, out = _chat(
+        monkeypatch,
+        capsys,
+        tiny_model_dir,
+        f,
+        ["Ada lives in Lisbon.", "And Bram in Oslo.", "Clea in Lyon."],
+        *flags,
+        max_new_tokens=3,
+    )
+    assert code == 0 and "online update 3" in out.out
+    state = json.loads((learn / "online_state.json").read_text())
+    assert state["config"]["consolidation_weight"] == 10
+    # the first exchange has no history to write; the second's write is held, and the third update pulls on it
+    assert "consolidation" in state["history"][-1]["parts"]
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, f, ["hi"], "--learn", "--learn-dir", str(learn))
+    assert code == 0
+    assert json.loads((learn / "online_state.json").read_text())["config"]["consolidation_weight"] == 0
+    code, out = _chat(
+        monkeypatch, capsys, tiny_model_dir, f, ["hi"], "--learn", "--learn-consolidation", "-1"
+    )
+    assert code == 2 and "--learn-consolidation" in out.err
+
+
 def test_chat_learn_batch_must_be_positive(monkeypatch, capsys, tiny_model_dir, tmp_path):
     flags = ("--learn", "--learn-batch", "0")
     code, out = _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], *flags)

@@ -330,3 +330,22 @@ def test_memsplice_serve_online_learning_trains_in_the_server_process(tmp_path):
         assert training["enabled"] and training["status"]["errors"] == 0
         assert math.isfinite(training["metrics"]["loss"][0]["value"])
     assert (data / "online" / "online_state.json").is_file()
+
+
+def test_online_consolidation_holds_writes_also_when_resumed(tmp_path):
+    _, learner = make(tmp_path / "new", online_consolidation_weight=10.0)
+    inner = learner.learner
+    inner.observe_batch(_two_interactions())
+    assert learner.status()["held_writes"] == len(inner.consolidation) > 0
+    assert "consolidation" in inner.update(_two_interactions()).parts
+    _, plain = make(tmp_path / "resumed")
+    assert plain.learner.consolidation is None and "held_writes" not in plain.status()
+    plain.learner.save(tmp_path / "resumed" / "state")
+    from memsplice.online import OnlineLearner
+    from memsplice.serve.online import apply_settings
+
+    resumed = OnlineLearner.load(tmp_path / "resumed" / "state", reasoner=plain.learner.reasoner)
+    apply_settings(resumed, _online_config(online_consolidation_weight=5.0))
+    assert resumed.consolidation is not None and len(resumed.consolidation) == 0
+    apply_settings(resumed, _online_config())
+    assert resumed.consolidation is None

@@ -117,6 +117,14 @@ def add_parser(sub):
         "started (memsplice.online.guard; default: off)",
     )
     p.add_argument(
+        "--learn-consolidation",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="with --learn, hold what the memory wrote for a sample of past exchanges' histories (write "
+        "consolidation, weight W, e.g. 100; memsplice.online.consolidation; default: off)",
+    )
+    p.add_argument(
         "--refine-steps",
         type=int,
         default=None,
@@ -311,6 +319,7 @@ def _learner_for(args, reasoner, path: Path):
         OnlineConfig,
         OnlineLearner,
         default_rehearsal,
+        ensure_consolidation,
         ensure_guard,
         ensure_rehearsal,
     )
@@ -321,15 +330,23 @@ def _learner_for(args, reasoner, path: Path):
         raise ValueError(f"--learn-rehearsal must be at least 0 (got {args.learn_rehearsal})")
     if args.learn_guard is not None and not 0.0 <= args.learn_guard < 1.0:
         raise ValueError(f"--learn-guard must be in [0, 1) (got {args.learn_guard})")
+    if args.learn_consolidation < 0:
+        raise ValueError(f"--learn-consolidation must be at least 0 (got {args.learn_consolidation})")
     directory = Path(args.learn_dir) if args.learn_dir else path.with_name(path.stem + ".learner")
     if (directory / "online_state.json").is_file():
         learner = OnlineLearner.load(directory, reasoner=reasoner)
         learner.config.rehearsal_per_update = args.learn_rehearsal
+        learner.config.consolidation_weight = args.learn_consolidation
         ensure_rehearsal(learner)
+        ensure_consolidation(learner)
         ensure_guard(learner, args.learn_guard)
         return learner, directory
     memory = load_memory(reasoner, args.checkpoint)
-    config = OnlineConfig(batch_size=args.learn_batch, rehearsal_per_update=args.learn_rehearsal)
+    config = OnlineConfig(
+        batch_size=args.learn_batch,
+        rehearsal_per_update=args.learn_rehearsal,
+        consolidation_weight=args.learn_consolidation,
+    )
     rehearsal = default_rehearsal(memory) if args.learn_rehearsal else None
     learner = OnlineLearner(memory, config, rehearsal=rehearsal)
     ensure_guard(learner, args.learn_guard)

@@ -1,6 +1,7 @@
 """Memory that keeps learning from its own interaction traces: Algorithm 1 with replay, EWC and privacy options."""
 
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
+from .consolidation import WriteConsolidation, ensure_consolidation
 from .ewc import ElasticAnchor
 from .guard import GuardEvent, SkillGuard, default_guard, ensure_guard
 from .loop import OnlineConfig, OnlineLearner, StepResult, UpdateStats
@@ -29,9 +30,11 @@ __all__ = [
     "SkillGuard",
     "StepResult",
     "UpdateStats",
+    "WriteConsolidation",
     "corrupt_spans",
     "default_guard",
     "default_rehearsal",
+    "ensure_consolidation",
     "ensure_guard",
     "ensure_rehearsal",
     "private_gradients",

@@ -155,3 +155,27 @@ class WriteConsolidation:
             WriteTarget(int(d["id"]), d["scope"], list(d["input_ids"]), kv, gate.float())
             for d, kv, gate in zip(items, kvs, gates, strict=True)
         ]
+
+
+def ensure_consolidation(learner) -> None:
+    """Give `learner` the write consolidation its config asks for: a new, empty store when
+    `consolidation_weight` > 0 and it has none (e.g. a learner resumed under new settings), none when the weight is
+    0, and the store trimmed to `consolidation_capacity` when that shrank."""
+    cfg = learner.config
+    if cfg.consolidation_weight <= 0:
+        learner.consolidation = None
+        return
+    if cfg.privacy is not None:
+        raise ValueError(
+            "write consolidation is not available with privacy (see OnlineConfig.consolidation_weight)"
+        )
+    held = learner.consolidation
+    if held is None:
+        learner.consolidation = WriteConsolidation(
+            cfg.consolidation_capacity,
+            min(cfg.context_tokens, learner.memory.config.max_memory_tokens),
+            seed=cfg.seed + 3,
+        )
+        return
+    held.capacity = cfg.consolidation_capacity
+    del held.targets[held.capacity :]

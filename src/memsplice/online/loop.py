@@ -55,7 +55,7 @@ from ..memory.model import MemoryModel, pad_rows
 from ..reasoner.identity import assert_frozen
 from ..train.objectives import ObjectiveResult, PairBatch, answer_groups, infonce
 from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
-from .consolidation import WriteConsolidation
+from .consolidation import WriteConsolidation, ensure_consolidation
 from .ewc import ElasticAnchor
 from .guard import SkillGuard
 from .privacy import PrivacyAccountant, PrivacyConfig, private_gradients
@@ -302,15 +302,8 @@ class OnlineLearner:
         self.buffer = InteractionBuffer(cfg.batch_size)
         self.reservoir = ReplayReservoir(cfg.replay_capacity, seed=cfg.seed)
         self.fallbacks = FallbackQueue(cfg.fallback_capacity)
-        self.consolidation = (
-            WriteConsolidation(
-                cfg.consolidation_capacity,
-                min(cfg.context_tokens, memory.config.max_memory_tokens),
-                seed=cfg.seed + 3,
-            )
-            if cfg.consolidation_weight > 0
-            else None
-        )
+        self.consolidation: WriteConsolidation | None = None
+        ensure_consolidation(self)
         memory.fallback_log.subscribe(self.fallbacks)
         self.rng = random.Random(cfg.seed + 1)
         self.noise = torch.Generator().manual_seed(cfg.seed + 2)

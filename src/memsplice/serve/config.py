@@ -105,6 +105,9 @@ class ServeConfig:
     """Skill guard of the online learner (`memsplice.online.guard`): at every anchor refresh a canary set of synthetic
     train-split questions is answered from memory, and the updates since the last refresh are rolled back when the
     score fell more than this share below where the learner started (e.g. 0.01; null: off)."""
+    online_consolidation_weight: float = 0.0
+    """Write consolidation of the online learner (`memsplice.online.consolidation`): weight of the pull that keeps
+    what the memory writes for a sample of past requests' histories as it wrote them then (e.g. 100; 0: off)."""
     online_context_tokens: int = 256
     """Most history tokens a queued sample keeps as the context its next-token objective writes into memory
     (capped by the memory's max_memory_tokens)."""
@@ -186,6 +189,7 @@ class ServeConfig:
         need(self.online_interval_s > 0, "online_interval_s", "must be positive")
         need(self.online_lr > 0, "online_lr", "must be positive")
         need(self.online_ewc_weight >= 0, "online_ewc_weight", "must be non-negative")
+        need(self.online_consolidation_weight >= 0, "online_consolidation_weight", "must be non-negative")
         need(
             self.online_guard_tolerance is None or 0.0 <= self.online_guard_tolerance < 1.0,
             "online_guard_tolerance",
@@ -237,6 +241,7 @@ class ServeConfig:
             replay_per_update=self.online_replay_per_update,
             rehearsal_per_update=self.online_rehearsal_per_update,
             guard_tolerance=self.online_guard_tolerance,
+            consolidation_weight=self.online_consolidation_weight,
             context_tokens=self.online_context_tokens,
             seed=self.seed,
         )

@@ -39,6 +39,7 @@ from ..online import (
     OnlineLearner,
     default_guard,
     default_rehearsal,
+    ensure_consolidation,
     ensure_guard,
     ensure_rehearsal,
 )
@@ -135,6 +136,7 @@ class ServerOnlineLearner:
                 if learner.guard is None
                 else {"guard_checks": len(learner.guard.events), "guard_rollbacks": learner.guard.rollbacks}
             ),
+            **({} if learner.consolidation is None else {"held_writes": len(learner.consolidation)}),
         }
 
     def persist(self) -> None:
@@ -180,6 +182,7 @@ def apply_settings(learner: OnlineLearner, config: OnlineConfig) -> None:
     learner.reservoir.capacity = config.replay_capacity
     del learner.reservoir.items[config.replay_capacity :]
     ensure_rehearsal(learner)
+    ensure_consolidation(learner)
     ensure_guard(learner, config.guard_tolerance)
 
 
