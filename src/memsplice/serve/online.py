@@ -16,7 +16,7 @@ Guarantees:
   server not to fetch or keep one).
 - Fallback inputs of served requests (the serving memory's fallback log) reach the learner's fallback queue with
   their scope, as do those of its own training passes.
-- `forget(scope)` drops the scope's interactions from the learner's buffer, replay reservoir and fallback queue;
+- `forget(scope)` drops the scope's interactions from the learner's buffer, replay reservoir, fallback queue and held writes;
   followed by `persist()`, the saved state holds none of them either.
 - `persist()` writes the learner's state (its memory, optimizer, EWC anchor and Fisher, reservoir, counters) to
   `state_dir` atomically (a sibling temporary directory renamed into place); `build_online_learner` resumes it.
