@@ -18,6 +18,12 @@ Cost: one extra encoder pass (with autograd) over `per_update` short inputs per 
 SmolLM2-135M with 16 slots, 2 x 30 layers x 3 heads x 16 slots x 64 = 184k numbers per item (368 KB in bf16), so the
 default 256 items hold 94 MB on the memory's device. Targets are users' data written by earlier weights: not
 available with the privacy options (the learner refuses the combination). `forget(scope)` drops a scope's targets.
+A skill guard's rollback (`OnlineLearner.roll_back`) restores the weights but keeps the writes held since the last
+anchor refresh: they are what the rolled-back weights wrote for those histories, a target as good as any other.
+
+Measured on the stability stream (H200, README "Stability"): with weight 1000 on top of EWC and replay, facts told
+early held within 2% (asked in the eval reader's prompt; +26% asked bare) over 6,556 updates, where EWC and replay
+alone lost 38.5%.
 """
 
 from __future__ import annotations
