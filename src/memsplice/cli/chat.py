@@ -11,7 +11,9 @@ With --learn the memory keeps learning from the conversation (`memsplice.online`
 goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC
 towards a slow anchor, replay), and the updated memory plus the learner's state are saved to --learn-dir, from
 which a later `--learn` run resumes. --learn-guard T rolls updates back when a canary set of questions answered
-from memory loses more than T of its starting score (checked at every anchor refresh).
+from memory loses more than T of its starting score (checked at every anchor refresh). --learn-consolidation W holds
+what the memory wrote for a sample of past exchanges' histories (weight 1000 held early facts within 2% over 6,556
+updates on the stability stream).
 
 Lines starting with "/" are commands: /stats, /forget (erase the memory and its file), /quit.
 """
@@ -122,7 +124,7 @@ def add_parser(sub):
         default=0.0,
         metavar="W",
         help="with --learn, hold what the memory wrote for a sample of past exchanges' histories (write "
-        "consolidation, weight W, e.g. 100; memsplice.online.consolidation; default: off)",
+        "consolidation, weight W, e.g. 1000; memsplice.online.consolidation; default: off)",
     )
     p.add_argument(
         "--refine-steps",
