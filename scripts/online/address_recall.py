@@ -1,10 +1,13 @@
 """Recall@k of a memory's address head on the eval's synthetic *test* split (never trained on): within each
 conversation, the share of questions whose evidence chunk is among the k chunks the head scores highest.
 
-    python scripts/online/address_recall.py CHECKPOINT [--chunk-tokens N] [--record NAME]
+    python scripts/online/address_recall.py CHECKPOINT [--chunk-tokens N] [--lengths 1024 2048 4096]
+        [--examples 4] [--seed 0] [--values pools open] [--record NAME]
 
-The conversations are the 12 (4 per length, 1k/2k/4k tokens, 72 questions) that `memsplice eval --task synthetic
---examples 4 --lengths 1k,2k,4k` asks, with pool values and with made-up values.
+By default the conversations are the 12 (4 per length, 1k/2k/4k tokens, 72 questions) that `memsplice eval --task
+synthetic --examples 4 --lengths 1k,2k,4k` asks, with pool values and with made-up values; with `--lengths 16384
+32768 65536` (and `--seed 0` / `1`) those of `memsplice bench online --part recall` at long histories. Each length
+is reported on its own under "lengths", all of them together at the top.
 """
 
 import argparse
@@ -24,18 +27,27 @@ def main() -> int:
     p.add_argument("checkpoint")
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: the checkpoint's chunk_tokens")
     p.add_argument("--device", default=None)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="history tokens")
+    p.add_argument("--examples", type=int, default=4, help="conversations per length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--values", nargs="+", choices=["pools", "open"], default=["pools", "open"])
     p.add_argument("--record", default=None, help="save as benchmarks/results/NAME.json with provenance")
     args = p.parse_args()
     reasoner = load_reasoner(None, device=args.device)
     started = provenance(reasoner.device)
     memory = load_memory(reasoner, args.checkpoint)
     chunk = args.chunk_tokens or memory.config.chunk_tokens or memory.config.max_memory_tokens
-    out = {"checkpoint": args.checkpoint, "chunk_tokens": chunk, "split": "test"}
-    for values in ("pools", "open"):
-        task = TaskArgs(examples=4, lengths=(1024, 2048, 4096), seed=0, split="test", facts=6, values=values)
-        episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
-        examples = episode_examples(episodes, reasoner, chunk)
-        out[values] = recall_at(memory, address_examples(memory, examples))
+    out = {"checkpoint": args.checkpoint, "chunk_tokens": chunk, "split": "test", "seed": args.seed}
+    for values in args.values:
+        by_length = {}
+        for length in args.lengths:
+            task = TaskArgs(
+                examples=args.examples, lengths=(length,), seed=args.seed, split="test", facts=6, values=values
+            )
+            episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
+            by_length[length] = address_examples(memory, episode_examples(episodes, reasoner, chunk))
+        out[values] = recall_at(memory, [e for examples in by_length.values() for e in examples])
+        out[values]["lengths"] = {str(n): recall_at(memory, examples) for n, examples in by_length.items()}
     if args.record:
         print(f"saved {save_result(args.record, {**out, **started}, device=reasoner.device)}")
     print(json.dumps(out, indent=2))
