@@ -42,7 +42,12 @@ def main() -> int:
         by_length = {}
         for length in args.lengths:
             task = TaskArgs(
-                examples=args.examples, lengths=(length,), seed=args.seed, split="test", facts=6, values=values
+                examples=args.examples,
+                lengths=(length,),
+                seed=args.seed,
+                split="test",
+                facts=6,
+                values=values,
             )
             episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
             by_length[length] = address_examples(memory, episode_examples(episodes, reasoner, chunk))
