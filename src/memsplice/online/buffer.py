@@ -79,16 +79,19 @@ class ReplayReservoir:
         self.seen = 0
         self.rng = random.Random(seed)
 
-    def add(self, item: Interaction) -> None:
+    def add(self, item) -> bool:
+        """Offer `item` (an `Interaction`, or anything with `id` and `scope`); returns whether it was kept."""
         self.seen += 1
         if self.capacity == 0:
-            return
+            return False
         if len(self.items) < self.capacity:
             self.items.append(item)
-            return
+            return True
         j = self.rng.randrange(self.seen)
         if j < self.capacity:
             self.items[j] = item
+            return True
+        return False
 
     def sample(self, k: int, exclude: set[int] | None = None) -> list[Interaction]:
         pool = [it for it in self.items if not exclude or it.id not in exclude]

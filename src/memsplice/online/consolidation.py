@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..memory.model import MemoryModel, pad_rows
-from .buffer import Interaction
+from .buffer import Interaction, ReplayReservoir
 
 
 @dataclass
@@ -58,17 +58,24 @@ class WriteConsolidation:
             raise ValueError(f"write consolidation needs capacity >= 1 (got {capacity})")
         if max_tokens < 1:
             raise ValueError(f"write consolidation needs max_tokens >= 1 (got {max_tokens})")
-        self.capacity = capacity
         self.max_tokens = max_tokens
-        self.targets: list[WriteTarget] = []
-        self.seen = 0
-        self.rng = random.Random(seed)
+        self.reservoir = ReplayReservoir(capacity, seed=seed)
+        """Algorithm R over the held `WriteTarget`s (its `forget(scope)` works on them as on interactions)."""
+
+    @property
+    def targets(self) -> list[WriteTarget]:
+        return self.reservoir.items
+
+    @property
+    def capacity(self) -> int:
+        return self.reservoir.capacity
+
+    @property
+    def seen(self) -> int:
+        return self.reservoir.seen
 
     def __len__(self) -> int:
         return len(self.targets)
-
-    def nbytes(self) -> int:
-        return sum(t.kv.numel() * t.kv.element_size() + t.gate.numel() * 4 for t in self.targets)
 
     # -- recording -------------------------------------------------------------------------------------------
     def offer(self, memory: MemoryModel, items: list[Interaction]) -> int:
@@ -82,18 +89,9 @@ class WriteConsolidation:
             kv, gate, live = self._write(memory, inputs)
         kept = 0
         for k, it in enumerate(items):
-            if not bool(live[k]):
-                continue  # a write the safety check refused is no target to hold
-            self.seen += 1
-            target = WriteTarget(it.id, it.scope, inputs[k], kv[:, :, k].clone(), gate[k].clone())
-            if len(self.targets) < self.capacity:
-                self.targets.append(target)
-            else:
-                j = self.rng.randrange(self.seen)
-                if j >= self.capacity:
-                    continue
-                self.targets[j] = target
-            kept += 1
+            if bool(live[k]):  # a write the safety check refused is no target to hold
+                target = WriteTarget(it.id, it.scope, inputs[k], kv[:, :, k].clone(), gate[k].clone())
+                kept += self.reservoir.add(target)
         return kept
 
     # -- the loss --------------------------------------------------------------------------------------------
@@ -121,19 +119,18 @@ class WriteConsolidation:
         ids, mask = pad_rows(inputs, pad_id=0, device=memory.reasoner.device)
         written = memory.write(ids, mask, refine_steps=0)
         m = written.kv
-        kv = torch.stack([torch.stack(m.keys), torch.stack(m.values)])  # (2, L, B, H, M, D)
-        gate = torch.exp(m.gate_bias.float())
-        return kv, gate, m.live
+        kv = m.stacked(
+            m.keys[0].dtype, m.keys[0].device
+        )  # same dtype and device: still on the autograd graph
+        return kv, torch.exp(m.gate_bias.float()), m.live
 
     # -- scopes and persistence ------------------------------------------------------------------------------
     def forget(self, scope: str) -> int:
-        """Drop the targets of `scope`; returns how many (`seen` is kept, as `ReplayReservoir.forget` does)."""
-        kept = [t for t in self.targets if t.scope != scope]
-        dropped, self.targets = len(self.targets) - len(kept), kept
-        return dropped
+        """Drop the targets of `scope`; returns how many (`seen` is kept: `ReplayReservoir.forget`)."""
+        return self.reservoir.forget(scope)
 
     def state_dict(self) -> dict:
-        state = self.rng.getstate()
+        state = self.reservoir.rng.getstate()
         return {
             "capacity": self.capacity,
             "max_tokens": self.max_tokens,
@@ -154,10 +151,10 @@ class WriteConsolidation:
         items, kvs, gates = state["items"], state["kv"], state["gate"]
         if not (len(items) == len(kvs) == len(gates)):
             raise ValueError("write consolidation state: items, kv and gate lists differ in length")
-        self.seen = int(state["seen"])
+        self.reservoir.seen = int(state["seen"])
         version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.targets = [
+        self.reservoir.rng.setstate((version, tuple(internal), gauss))
+        self.reservoir.items = [
             WriteTarget(int(d["id"]), d["scope"], list(d["input_ids"]), kv, gate.float())
             for d, kv, gate in zip(items, kvs, gates, strict=True)
         ]
@@ -183,5 +180,5 @@ def ensure_consolidation(learner) -> None:
             seed=cfg.seed + 3,
         )
         return
-    held.capacity = cfg.consolidation_capacity
-    del held.targets[held.capacity :]
+    held.reservoir.capacity = cfg.consolidation_capacity
+    del held.reservoir.items[cfg.consolidation_capacity :]
