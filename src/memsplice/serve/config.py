@@ -107,7 +107,8 @@ class ServeConfig:
     score fell more than this share below where the learner started (e.g. 0.01; null: off)."""
     online_consolidation_weight: float = 0.0
     """Write consolidation of the online learner (`memsplice.online.consolidation`): weight of the pull that keeps
-    what the memory writes for a sample of past requests' histories as it wrote them then (e.g. 100; 0: off)."""
+    what the memory writes for a sample of past requests' histories as it wrote them then (e.g. 1000, the weight
+    measured on the stability stream; 0: off)."""
     online_context_tokens: int = 256
     """Most history tokens a queued sample keeps as the context its next-token objective writes into memory
     (capped by the memory's max_memory_tokens)."""
