@@ -14,7 +14,8 @@
 # EXTRA="--rehearsal 4" they rehearse (results online-stability-<variant>-rehearsal.json; give them a STATE of their
 # own), e.g. VARIANTS=ewc_replay EXTRA="--rehearsal 4" STATE=/root/stability-rehearsal, one GPU left for other work.
 # Several copies may run at once (e.g. one per CUDA_VISIBLE_DEVICES, each with its own STATE and EXTRA such as
-# "--guard-tolerance 0.01"): TAG names each copy's logs.
+# "--guard-tolerance 0.01"): TAG names each copy's logs. With EXTRA="--compile" the updates run compiled
+# (`OnlineLearner.compile`); FIRST_GPU=1 puts the first variant on GPU 1.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:?usage: scripts/gpu/stability.sh MEMORY_CHECKPOINT_DIR}"
@@ -30,7 +31,8 @@ UPDATES="${UPDATES:-10000}"
 # The stream's definition; it must not change between the commands of one run (the state refuses otherwise).
 RUN_ARGS="${RUN_ARGS:---context-tokens 32 --facts 128 --eval-every 500 --objective-schedule alternate}"
 EXTRA="${EXTRA:-}"        # e.g. "--rehearsal 4" (skill rehearsal; results then end in -rehearsal) or "--device cpu"
-VARIANTS="${VARIANTS:-ewc_replay plain}"  # the first runs on GPU 0, any other on the last GPU
+VARIANTS="${VARIANTS:-ewc_replay plain}"  # the first runs on GPU $FIRST_GPU, any other on the last GPU
+FIRST_GPU="${FIRST_GPU:-0}"
 TAG="${TAG:+-$TAG}"       # suffix of this copy's log names
 LATENCY="${LATENCY:-}"
 mkdir -p "$MEMSPLICE_RESULTS" "$STATE"
@@ -52,7 +54,7 @@ stream() {  # stream VARIANT GPU: this command's segment of one variant, stoppin
 }
 
 read -ra variants <<< "$VARIANTS"
-stream "${variants[0]}" 0 &
+stream "${variants[0]}" "$FIRST_GPU" &
 pids=($!)
 if [ -n "$LATENCY" ]; then
     CUDA_VISIBLE_DEVICES=$last $PY -m memsplice.cli.main bench latency --checkpoint "$CKPT" --slots 16 --contexts 1k,8k \

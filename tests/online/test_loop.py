@@ -282,3 +282,57 @@ def test_read_objectives_share_one_reasoner_pass_and_equal_their_separate_losses
         torch.testing.assert_close(joint[name].loss, alone[name], atol=1e-4, rtol=1e-4, msg=name)
     stats = learner.update(batch)
     assert {"rehearsal", "infonce", "ewc"} <= set(stats.parts)
+
+
+def test_unpadded_reads_go_through_the_shared_fast_reader_with_the_same_losses_and_gradients(monkeypatch):
+    """Rows of one length (what the alternate schedule gives every update) read through the reasoner's shared
+    FastReader; the loss and the encoder's gradient are those of the transformers path."""
+    from memsplice.online import loop
+    from memsplice.train.fast_reader import FastReader
+
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config())
+    rows = learner._continuation_rows(interactions(3, seed=6))
+    assert len({len(p) + len(t) for p, t in zip(rows.prompts, rows.targets, strict=True)}) == 1
+
+    def loss_and_grads():
+        memory.zero_grad()
+        loss = learner._read({"next_token": rows})["next_token"].loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in memory.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = FastReader.hidden_states
+    monkeypatch.setattr(FastReader, "hidden_states", lambda self, *a: calls.append(1) or real(self, *a))
+    fast, fast_grads = loss_and_grads()
+    assert calls == [1]
+    monkeypatch.setattr(loop, "shared_reader", lambda reasoner, compile=False: None)
+    slow, slow_grads = loss_and_grads()
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert set(fast_grads) == set(slow_grads) and fast_grads
+    for n in slow_grads:
+        torch.testing.assert_close(fast_grads[n], slow_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+
+
+def test_the_fast_reader_is_shared_per_reasoner_and_refused_where_it_cannot_run():
+    from memsplice.train.fast_reader import shared_reader
+    from tiny import tiny_reasoner
+
+    memory = tiny_memory()
+    reader = shared_reader(memory.reasoner)
+    assert reader is not None and shared_reader(memory.reasoner) is reader
+    assert shared_reader(memory.reasoner, compile=True) not in (None, reader)
+    other = tiny_reasoner("llama")
+    other.model.config.hidden_act = "gelu"
+    assert shared_reader(other) is None
+
+
+def test_compile_switches_the_encoder_and_the_reads_and_back():
+    memory = tiny_memory()
+    learner = OnlineLearner(memory, small_config())
+    assert not learner.compiled
+    learner.compile()
+    assert learner.compiled and memory.encoder._compiled_call_impl is not None
+    learner.compile(False)
+    assert not learner.compiled and memory.encoder._compiled_call_impl is None

@@ -29,6 +29,7 @@ path instead (`read_hidden_states` decides).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +196,22 @@ class FastReader:
 
 
 _ACTIVE: dict[int, FastReader] = {}
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_reader(reasoner, compile: bool = False) -> FastReader | None:
+    """One `FastReader` per reasoner (and per `compile`), built on first use and kept as long as the reasoner lives:
+    its fused q/k/v and gate/up copies cost about half the decoder's weights once, not once per caller. None when
+    `FastReader.refusal` refuses the reasoner. The online learners of every memory scope of a process share it.
+
+    A compiled one traces its layer function on first use and again when a shape first changes, after which
+    torch.compile treats the changed sizes as dynamic (the online loop's rows vary in length from update to update)."""
+    if FastReader.refusal(reasoner) is not None:
+        return None
+    readers = _SHARED.setdefault(reasoner, {})
+    if compile not in readers:
+        readers[compile] = FastReader(reasoner, compile=compile)
+    return readers[compile]
 
 
 @contextlib.contextmanager

@@ -134,7 +134,10 @@ def answer_groups(
         memory = memory.index_rows([0] * len(prompts))
     rows = [p + a for p, a in zip(prompts, answers, strict=True)]
     ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device, left=True)
-    hidden = hidden_states_with_memory(reasoner, ids, mask, memory)  # (B, T, d)
+    if len({len(r) for r in rows}) == 1:  # unpadded: the active FastReader may take it
+        hidden = read_hidden_states(reasoner, ids, memory)  # (B, T, d)
+    else:
+        hidden = hidden_states_with_memory(reasoner, ids, mask, memory)
     t = ids.shape[1]
     out, first = [], 0
     for n in sizes:
