@@ -14,8 +14,7 @@
 # EXTRA="--rehearsal 4" they rehearse (results online-stability-<variant>-rehearsal.json; give them a STATE of their
 # own), e.g. VARIANTS=ewc_replay EXTRA="--rehearsal 4" STATE=/root/stability-rehearsal, one GPU left for other work.
 # Several copies may run at once (e.g. one per CUDA_VISIBLE_DEVICES, each with its own STATE and EXTRA such as
-# "--guard-tolerance 0.01"): TAG names each copy's logs. With EXTRA="--compile" the updates run compiled
-# (`OnlineLearner.compile`); FIRST_GPU=1 puts the first variant on GPU 1.
+# "--guard-tolerance 0.01"): TAG names each copy's logs. FIRST_GPU=1 puts the first variant on GPU 1.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:?usage: scripts/gpu/stability.sh MEMORY_CHECKPOINT_DIR}"

@@ -306,7 +306,7 @@ def test_unpadded_reads_go_through_the_shared_fast_reader_with_the_same_losses_a
     monkeypatch.setattr(FastReader, "hidden_states", lambda self, *a: calls.append(1) or real(self, *a))
     fast, fast_grads = loss_and_grads()
     assert calls == [1]
-    monkeypatch.setattr(loop, "shared_reader", lambda reasoner, compile=False: None)
+    monkeypatch.setattr(loop, "shared_reader", lambda reasoner: None)
     slow, slow_grads = loss_and_grads()
     assert calls == [1]
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
@@ -322,17 +322,6 @@ def test_the_fast_reader_is_shared_per_reasoner_and_refused_where_it_cannot_run(
     memory = tiny_memory()
     reader = shared_reader(memory.reasoner)
     assert reader is not None and shared_reader(memory.reasoner) is reader
-    assert shared_reader(memory.reasoner, compile=True) not in (None, reader)
     other = tiny_reasoner("llama")
     other.model.config.hidden_act = "gelu"
     assert shared_reader(other) is None
-
-
-def test_compile_switches_the_encoder_and_the_reads_and_back():
-    memory = tiny_memory()
-    learner = OnlineLearner(memory, small_config())
-    assert not learner.compiled
-    learner.compile()
-    assert learner.compiled and memory.encoder._compiled_call_impl is not None
-    learner.compile(False)
-    assert not learner.compiled and memory.encoder._compiled_call_impl is None

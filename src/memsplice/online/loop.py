@@ -328,24 +328,9 @@ class OnlineLearner:
             else (tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0)
         )
         self._lock = threading.RLock()
-        self.compiled = False
         memory.eval()
         if guard is not None:
             guard.start(memory)  # the reference: the canary score of the weights the learner starts from
-
-    def compile(self, enabled: bool = True) -> None:
-        """torch.compile what an update runs most: the reasoner's layers in the reads (one compiled `FastReader`
-        layer function shared by every layer) and the memory encoder. An update of a few short rows is bound by
-        kernel launches on a GPU, and compiled code launches a few fused kernels where eager code launches dozens.
-        The first updates trace (tens of seconds), and the first change of a row length traces again with that size
-        dynamic. `compile(False)` goes back to eager code (after a compiler failure, say). Not saved with the
-        learner: a run that resumes chooses again."""
-        self.compiled = enabled
-        encoder = self.memory.encoder
-        if enabled:
-            encoder.compile()
-        else:
-            encoder._compiled_call_impl = None
 
     # -- Algorithm 1 -----------------------------------------------------------------------------------------
     def step(
@@ -659,9 +644,10 @@ class OnlineLearner:
         targets = [t for r in reads.values() for t in r.targets]
         sizes = [len(r.prompts) for r in reads.values()]
         # Rows of one length (one objective per update, as the alternate schedule gives) read through the fused
-        # decoder functions of `FastReader`: the same values, about half the kernel launches of a read through the
-        # transformers modules, which is what an update of a few short rows on a GPU waits on.
-        with fast_reading(shared_reader(self.reasoner, compile=self.compiled)):
+        # decoder functions of `FastReader`: the same values with ~12% fewer ops than the transformers modules; an
+        # update of a few short rows is launch-bound on a GPU, and this made it 264 instead of 283 ms on an H200
+        # (benchmarks/gpu-runs.md, 2026-11-30 14:45). torch.compile of these reads was no faster there.
+        with fast_reading(shared_reader(self.reasoner)):
             results = answer_groups(self.memory, written.kv, prompts, targets, sizes)
         return dict(zip(reads, results, strict=True))
 

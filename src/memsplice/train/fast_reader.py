@@ -199,19 +199,16 @@ _ACTIVE: dict[int, FastReader] = {}
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def shared_reader(reasoner, compile: bool = False) -> FastReader | None:
-    """One `FastReader` per reasoner (and per `compile`), built on first use and kept as long as the reasoner lives:
-    its fused q/k/v and gate/up copies cost about half the decoder's weights once, not once per caller. None when
-    `FastReader.refusal` refuses the reasoner. The online learners of every memory scope of a process share it.
-
-    A compiled one traces its layer function on first use and again when a shape first changes, after which
-    torch.compile treats the changed sizes as dynamic (the online loop's rows vary in length from update to update)."""
+def shared_reader(reasoner) -> FastReader | None:
+    """One eager `FastReader` per reasoner, built on first use and kept as long as the reasoner lives: its fused
+    q/k/v and gate/up copies cost about half the decoder's weights once, not once per caller. None when
+    `FastReader.refusal` refuses the reasoner. The online learners of every memory scope of a process share it."""
     if FastReader.refusal(reasoner) is not None:
         return None
-    readers = _SHARED.setdefault(reasoner, {})
-    if compile not in readers:
-        readers[compile] = FastReader(reasoner, compile=compile)
-    return readers[compile]
+    reader = _SHARED.get(reasoner)
+    if reader is None:
+        reader = _SHARED[reasoner] = FastReader(reasoner)
+    return reader
 
 
 @contextlib.contextmanager
