@@ -25,6 +25,9 @@ class Reasoner:
         self.fingerprint = fingerprint or fingerprint_weights(model)
         enable_gated_attention(model)
         assert_frozen(self.model)
+        self.derived: dict = {}
+        """What callers build once from the frozen weights and share (e.g. `memsplice.train.fast_reader.shared_reader`'s
+        fused copies); emptied by `to`, since it follows the weights' device and dtype."""
 
     # -- placement -------------------------------------------------------------------------------------------
     @property
@@ -37,6 +40,7 @@ class Reasoner:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Reasoner:
         self.model.to(device=device, dtype=dtype)
+        self.derived.clear()
         return self
 
     # -- parts memory needs ----------------------------------------------------------------------------------

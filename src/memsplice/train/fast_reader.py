@@ -29,7 +29,6 @@ path instead (`read_hidden_states` decides).
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -196,18 +195,18 @@ class FastReader:
 
 
 _ACTIVE: dict[int, FastReader] = {}
-_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def shared_reader(reasoner) -> FastReader | None:
-    """One eager `FastReader` per reasoner, built on first use and kept as long as the reasoner lives: its fused
-    q/k/v and gate/up copies cost about half the decoder's weights once, not once per caller. None when
-    `FastReader.refusal` refuses the reasoner. The online learners of every memory scope of a process share it."""
+    """One eager `FastReader` per reasoner, built on first use and held in `reasoner.derived` (so it lives as long
+    as the reasoner, and `Reasoner.to` drops it with the weights it copied): its fused q/k/v and gate/up copies cost
+    about half the decoder's weights once, not once per caller. None when `FastReader.refusal` refuses the reasoner.
+    The online learners of every memory scope of a process share it."""
     if FastReader.refusal(reasoner) is not None:
         return None
-    reader = _SHARED.get(reasoner)
+    reader = reasoner.derived.get("fast_reader")
     if reader is None:
-        reader = _SHARED[reasoner] = FastReader(reasoner)
+        reader = reasoner.derived["fast_reader"] = FastReader(reasoner)
     return reader
 
 
