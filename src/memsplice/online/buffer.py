@@ -68,6 +68,18 @@ class InteractionBuffer:
         return len(self.items)
 
 
+def random_state(rng: random.Random) -> list:
+    """`rng`'s state as JSON-able lists (what `restore_random` takes back)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def restore_random(rng: random.Random, state: list) -> None:
+    """Set `rng` to a state `random_state` returned."""
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
 class ReplayReservoir:
     """A uniform random sample of at most `capacity` of all items ever offered (algorithm R)."""
 
@@ -108,12 +120,11 @@ class ReplayReservoir:
         return len(self.items)
 
     def to_dict(self) -> dict:
-        state = self.rng.getstate()
         return {
             "capacity": self.capacity,
             "seen": self.seen,
             "items": [it.to_dict() for it in self.items],
-            "rng": [state[0], list(state[1]), state[2]],
+            "rng": random_state(self.rng),
         }
 
     @classmethod
@@ -121,8 +132,7 @@ class ReplayReservoir:
         r = cls(int(d["capacity"]))
         r.seen = int(d["seen"])
         r.items = [Interaction.from_dict(it) for it in d["items"]]
-        version, internal, gauss = d["rng"]
-        r.rng.setstate((version, tuple(internal), gauss))
+        restore_random(r.rng, d["rng"])
         return r
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..memory.model import MemoryModel, pad_rows
-from .buffer import Interaction, ReplayReservoir
+from .buffer import Interaction, ReplayReservoir, random_state, restore_random
 
 
 @dataclass
@@ -130,12 +130,11 @@ class WriteConsolidation:
         return self.reservoir.forget(scope)
 
     def state_dict(self) -> dict:
-        state = self.reservoir.rng.getstate()
         return {
             "capacity": self.capacity,
             "max_tokens": self.max_tokens,
             "seen": self.seen,
-            "rng": [state[0], list(state[1]), state[2]],
+            "rng": random_state(self.reservoir.rng),
             "items": [{"id": t.id, "scope": t.scope, "input_ids": t.input_ids} for t in self.targets],
             "kv": [t.kv for t in self.targets],
             "gate": [t.gate for t in self.targets],
@@ -152,8 +151,7 @@ class WriteConsolidation:
         if not (len(items) == len(kvs) == len(gates)):
             raise ValueError("write consolidation state: items, kv and gate lists differ in length")
         self.reservoir.seen = int(state["seen"])
-        version, internal, gauss = state["rng"]
-        self.reservoir.rng.setstate((version, tuple(internal), gauss))
+        restore_random(self.reservoir.rng, state["rng"])
         self.reservoir.items = [
             WriteTarget(int(d["id"]), d["scope"], list(d["input_ids"]), kv, gate.float())
             for d, kv, gate in zip(items, kvs, gates, strict=True)

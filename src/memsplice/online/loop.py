@@ -55,7 +55,15 @@ from ..memory.model import MemoryModel, pad_rows
 from ..reasoner.identity import assert_frozen
 from ..train.fast_reader import fast_reading, shared_reader
 from ..train.objectives import ObjectiveResult, PairBatch, answer_groups, infonce
-from .buffer import FallbackQueue, Interaction, InteractionBuffer, ReplayReservoir, corrupt_spans
+from .buffer import (
+    FallbackQueue,
+    Interaction,
+    InteractionBuffer,
+    ReplayReservoir,
+    corrupt_spans,
+    random_state,
+    restore_random,
+)
 from .consolidation import WriteConsolidation, ensure_consolidation
 from .ewc import ElasticAnchor
 from .guard import SkillGuard
@@ -769,7 +777,6 @@ class OnlineLearner:
                 "consolidation": None if self.consolidation is None else self.consolidation.state_dict(),
             }
             torch.save(tensors, directory / TENSORS_NAME)
-            rng = self.rng.getstate()
             state = {
                 "config": self.config.to_dict(),
                 "steps": self.steps,
@@ -778,7 +785,7 @@ class OnlineLearner:
                 "buffer": [it.to_dict() for it in self.buffer.items],
                 "reservoir": self.reservoir.to_dict(),
                 "fallbacks": self.fallbacks.to_dict(),
-                "rng": [rng[0], list(rng[1]), rng[2]],
+                "rng": random_state(self.rng),
                 "accountant": None if self.accountant is None else self.accountant.to_dict(),
                 "rehearsal": None if self.rehearsal is None else self.rehearsal.to_dict(),
                 "guard": None if self.guard is None else self.guard.to_dict(),
@@ -816,8 +823,7 @@ class OnlineLearner:
         learner.buffer.items = [Interaction.from_dict(d) for d in state["buffer"]]
         learner.reservoir = ReplayReservoir.from_dict(state["reservoir"])
         learner.fallbacks.restore(state["fallbacks"])
-        version, internal, gauss = state["rng"]
-        learner.rng.setstate((version, tuple(internal), gauss))
+        restore_random(learner.rng, state["rng"])
         if state["accountant"] is not None:
             learner.accountant = PrivacyAccountant.from_dict(state["accountant"])
         learner.history = [UpdateStats(**h) for h in state["history"]]

@@ -201,13 +201,12 @@ def shared_reader(reasoner) -> FastReader | None:
     """One eager `FastReader` per reasoner, built on first use and held in `reasoner.derived` (so it lives as long
     as the reasoner, and `Reasoner.to` drops it with the weights it copied): its fused q/k/v and gate/up copies cost
     about half the decoder's weights once, not once per caller. None when `FastReader.refusal` refuses the reasoner.
-    The online learners of every memory scope of a process share it."""
-    if FastReader.refusal(reasoner) is not None:
-        return None
-    reader = reasoner.derived.get("fast_reader")
-    if reader is None:
-        reader = reasoner.derived["fast_reader"] = FastReader(reasoner)
-    return reader
+    The online learners of every memory scope of a process share it. The refusal is held too, so an online update
+    only looks the reader up."""
+    if "fast_reader" not in reasoner.derived:
+        refused = FastReader.refusal(reasoner) is not None
+        reasoner.derived["fast_reader"] = None if refused else FastReader(reasoner)
+    return reasoner.derived["fast_reader"]
 
 
 @contextlib.contextmanager
