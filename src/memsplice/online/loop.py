@@ -474,11 +474,10 @@ class OnlineLearner:
         rows = items + replay
         self.memory.train()
         device = self.reasoner.device
-        # bf16 matmuls in the encoder on CUDA when the reasoner runs in bf16; master weights stay float32.
+        # bf16 matmuls in the encoder when the reasoner runs in bf16 (on CUDA, and on CPUs, where bf16 matmuls are
+        # several times faster than float32 ones on AVX512-BF16/AMX); master weights stay float32.
         autocast = torch.autocast(
-            device_type=device.type,
-            dtype=torch.bfloat16,
-            enabled=device.type == "cuda" and self.reasoner.dtype == torch.bfloat16,
+            device_type=device.type, dtype=torch.bfloat16, enabled=self.reasoner.dtype == torch.bfloat16
         )
         try:
             if not self.anchor.fisher and cfg.ewc_weight > 0:
