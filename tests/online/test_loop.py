@@ -332,12 +332,8 @@ def test_the_fast_reader_is_shared_per_reasoner_and_refused_where_it_cannot_run(
 def test_a_bf16_reasoner_on_the_cpu_updates_the_encoder_under_bf16_autocast():
     """An update autocasts the encoder's matmuls to bf16 wherever the reasoner runs in bf16 (CPUs with bf16 matmul
     units run them several times faster than float32 ones); master weights and the optimizer stay float32."""
-    from helpers import small_memory
-    from tiny import tiny_reasoner
-
-    reasoner = tiny_reasoner("llama").to(dtype=torch.bfloat16)
-    torch.manual_seed(1)
-    memory = small_memory(reasoner, max_memory_tokens=48, encoder_layers=1)
+    memory = tiny_memory()
+    memory.reasoner.to(dtype=torch.bfloat16)
     learner = OnlineLearner(memory, small_config(objective_schedule="alternate"))
     seen = []
     first = memory.encoder.blocks[0].gate_up  # a matmul (the block's residual stream stays float32)
