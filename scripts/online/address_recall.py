@@ -1,8 +1,13 @@
 """Recall@k of a memory's address head on the eval's synthetic *test* split (never trained on): within each
-conversation, the share of questions whose evidence chunk is among the k chunks the head scores highest.
+conversation, the share of questions whose evidence chunk is among the k chunks the head ranks first.
 
     python scripts/online/address_recall.py CHECKPOINT [--chunk-tokens N] [--lengths 1024 2048 4096]
-        [--examples 4] [--seed 0] [--values pools open] [--record NAME]
+        [--examples 4] [--seed 0] [--values pools open] [--split test] [--recency-margins 0 0.5 1] [--record NAME]
+
+Chunks are ranked as `ConversationMemory.address` ranks them: by score, near-ties (within the checkpoint's
+`address_recency_margin`) to the later chunk. `--recency-margins` reports each margin given instead (under
+"by_margin", the first also at the top); choose a head's margin with `--split train` (the split it was trained on,
+whose conversations the test split never shares), then measure it on the test split.
 
 By default the conversations are the 12 (4 per length, 1k/2k/4k tokens, 72 questions) that `memsplice eval --task
 synthetic --examples 4 --lengths 1k,2k,4k` asks, with pool values and with made-up values; with `--lengths 16384
@@ -31,13 +36,23 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=4, help="conversations per length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--values", nargs="+", choices=["pools", "open"], default=["pools", "open"])
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument(
+        "--recency-margins",
+        type=float,
+        nargs="+",
+        default=None,
+        help="address-head score margins for the recency tie-break (default: the checkpoint's)",
+    )
     p.add_argument("--record", default=None, help="save as benchmarks/results/NAME.json with provenance")
     args = p.parse_args()
     reasoner = load_reasoner(None, device=args.device)
     started = provenance(reasoner.device)
     memory = load_memory(reasoner, args.checkpoint)
     chunk = args.chunk_tokens or memory.config.chunk_tokens or memory.config.max_memory_tokens
-    out = {"checkpoint": args.checkpoint, "chunk_tokens": chunk, "split": "test", "seed": args.seed}
+    margins = args.recency_margins or [memory.config.address_recency_margin]
+    out = {"checkpoint": args.checkpoint, "chunk_tokens": chunk, "split": args.split, "seed": args.seed}
+    out["recency_margins"] = margins
     for values in args.values:
         by_length = {}
         for length in args.lengths:
@@ -45,14 +60,24 @@ def main() -> int:
                 examples=args.examples,
                 lengths=(length,),
                 seed=args.seed,
-                split="test",
+                split=args.split,
                 facts=6,
                 values=values,
             )
             episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
             by_length[length] = address_examples(memory, episode_examples(episodes, reasoner, chunk))
-        out[values] = recall_at(memory, [e for examples in by_length.values() for e in examples])
-        out[values]["lengths"] = {str(n): recall_at(memory, examples) for n, examples in by_length.items()}
+        every = [e for examples in by_length.values() for e in examples]
+        by_margin = {}
+        for margin in margins:
+            found = recall_at(memory, every, recency_margin=margin)
+            found["lengths"] = {
+                str(n): recall_at(memory, examples, recency_margin=margin)
+                for n, examples in by_length.items()
+            }
+            by_margin[str(margin)] = found
+        out[values] = dict(by_margin[str(margins[0])])
+        if len(margins) > 1:
+            out[values]["by_margin"] = by_margin
     if args.record:
         print(f"saved {save_result(args.record, {**out, **started}, device=reasoner.device)}")
     print(json.dumps(out, indent=2))

@@ -151,6 +151,41 @@ def test_address_splices_the_chunks_the_head_scores_best(memory):
         conv.address("  ")
 
 
+def test_address_gives_a_near_tie_to_the_later_chunk_by_the_configured_margin(memory):
+    rng = random.Random(5)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    for _ in range(12):
+        conv.add_turn("user", sentence(rng, 12))
+    memory.add_address_head(8)
+    chunks = conv._all_chunks()
+    question = "Where does Ada live?"
+    with torch.no_grad():
+        q = memory.encode(
+            torch.tensor([conv.tokenizer(f"user: {question}\n", add_special_tokens=False)["input_ids"]])
+        )
+        keys = memory.address.keys(torch.stack([c.latents for c in chunks]))
+        scores = memory.address.score(memory.address.queries(q), keys)[0]
+    order = torch.argsort(scores, descending=True).tolist()
+    assert conv.address(question).num_slots == memory.config.num_slots
+
+    def picked() -> list[int]:
+        kv = conv.address(question)
+        for i, chunk in enumerate(chunks):
+            ref = compose([chunk], memory.reasoner, full_resolution=True)[0]
+            if all(torch.equal(a, b) for a, b in zip(kv.keys, ref.keys, strict=True)):
+                return [i]
+        return []
+
+    assert picked() == [order[0]]
+    # a margin that makes every chunk a tie: the latest chunk is read
+    memory.config.address_recency_margin = float(scores.max() - scores.min()) + 1.0
+    assert picked() == [len(chunks) - 1]
+    # a margin just short of the runner-up: the best again
+    memory.config.address_recency_margin = float(scores[order[0]] - scores[order[1]]) / 2
+    assert picked() == [order[0]]
+    memory.config.address_recency_margin = 0.0
+
+
 def test_address_reuses_chunk_keys_until_memory_or_weights_change(memory, monkeypatch):
     rng = random.Random(6)
     conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import small_memory
-from memsplice.memory import MemoryModel
-from memsplice.memory.address import AddressHead, address_loss, top_chunks
+from memsplice.memory import MemoryConfig, MemoryModel
+from memsplice.memory.address import AddressHead, address_loss, rank_chunks, top_chunks
 from tiny import tiny_reasoner
 
 
@@ -51,6 +51,37 @@ def test_top_chunks_returns_the_best_in_time_order():
     assert top_chunks(torch.tensor([0.1, 0.9]), 5) == [0, 1]
     with pytest.raises(ValueError):
         top_chunks(torch.tensor([0.1]), 0)
+
+
+def test_rank_chunks_breaks_near_ties_in_favour_of_the_later_chunk():
+    scores = torch.tensor([5.0, 1.0, 4.6, 4.0, 3.4])
+    assert rank_chunks(scores) == [0, 2, 3, 4, 1]  # margin 0: by score alone
+    assert rank_chunks(scores, 0.3) == [0, 2, 3, 4, 1]  # no two scores within 0.3
+    # within 0.5 of 5.0 are chunks 0 and 2: the later (2) first; of the rest, each has no tie left
+    assert rank_chunks(scores, 0.5) == [2, 0, 3, 4, 1]
+    # within 1.2 of the best left: chunks 0, 2, 3, so 3 first; then 0 and 2, so 2; then 0; then 4 and 1
+    assert rank_chunks(scores, 1.2) == [3, 2, 0, 4, 1]
+    # a later chunk outside the margin never passes one inside it
+    assert rank_chunks(torch.tensor([3.0, 9.0, 1.5]), 1.0) == [1, 0, 2]
+    assert rank_chunks(torch.tensor([7.0]), 2.0) == [0]
+    with pytest.raises(ValueError, match="recency_margin"):
+        rank_chunks(scores, -0.1)
+
+
+def test_top_chunks_with_a_recency_margin_returns_the_first_ranked_in_time_order():
+    scores = torch.tensor([5.0, 1.0, 4.6, 4.0])
+    assert top_chunks(scores, 1) == [0]
+    assert top_chunks(scores, 1, recency_margin=0.5) == [2]
+    assert top_chunks(scores, 2, recency_margin=0.5) == [0, 2]
+    assert top_chunks(scores, 1, recency_margin=1.5) == [3]
+
+
+def test_the_recency_margin_is_part_of_the_config_and_validated(tmp_path):
+    assert MemoryConfig().address_recency_margin == 0.0
+    with pytest.raises(ValueError, match="address_recency_margin"):
+        MemoryConfig(address_recency_margin=-1.0)
+    MemoryConfig(address_recency_margin=0.75).save(tmp_path)
+    assert MemoryConfig.load(tmp_path).address_recency_margin == 0.75
 
 
 def test_the_head_is_saved_and_loaded_with_the_memory(tmp_path):

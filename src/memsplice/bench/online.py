@@ -183,6 +183,20 @@ def add_arguments(p):
         help="latent-select, latent-readback: chunk memories each question reads (recall; default: 2)",
     )
     p.add_argument(
+        "--recency-margin",
+        type=float,
+        default=None,
+        help="latent-select, latent-readback: address-head near-ties within this margin go to the later chunk "
+        "(recall; default: the checkpoint's address_recency_margin)",
+    )
+    p.add_argument(
+        "--window-tokens",
+        type=int,
+        default=1024,
+        help="latent+window systems: the most recent history kept as text, in reasoner tokens (recall; default: "
+        "%(default)s)",
+    )
+    p.add_argument(
         "--encode-batch",
         type=int,
         default=None,
@@ -1042,6 +1056,8 @@ def run_recall(args, reasoner, on_length=None) -> dict:
                 slot_budget=budget,
                 chunk_tokens=args.chunk_tokens,
                 select_chunks=args.select_chunks,
+                recency_margin=args.recency_margin,
+                window_tokens=args.window_tokens,
                 refine_steps=args.refine_steps,
                 write_turns=args.write_turns,
                 encode_batch=args.encode_batch,

@@ -157,6 +157,13 @@ def add_parser(sub):
         "to them (one probe pass); auto: address when the checkpoint has an address head (default: auto)",
     )
     p.add_argument(
+        "--recency-margin",
+        type=float,
+        default=None,
+        help="latent-select, latent-readback with an address head: head scores within this margin of the best are "
+        "a tie that goes to the later chunk (default: the checkpoint's address_recency_margin; 0: by score alone)",
+    )
+    p.add_argument(
         "--chunk-tokens",
         type=int,
         default=None,
@@ -260,6 +267,7 @@ def _run(args) -> dict:
             chunk_tokens=args.chunk_tokens,
             select_chunks=args.select_chunks,
             select_by=args.select_by,
+            recency_margin=args.recency_margin,
             refine_steps=args.refine_steps,
             write_turns=args.write_turns,
             encode_batch=args.encode_batch,

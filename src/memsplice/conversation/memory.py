@@ -592,7 +592,8 @@ class ConversationMemory:
 
     def address(self, question: str, top_chunks: int = 1) -> MemoryKV | None:
         """The memory of the `top_chunks` chunks the memory's address head (`memory.address`) scores highest for
-        `question`, each at full resolution, composed in conversation order; None when nothing live is written.
+        `question` (near-ties, within `MemoryConfig.address_recency_margin`, going to the later chunk), each at full
+        resolution, composed in conversation order; None when nothing live is written.
 
         The question is encoded as a user turn (one short encoder call); the chunks are scored from the latents they
         already hold, so nothing of the history is re-read. The spans of the picked chunks count as used (for
@@ -659,7 +660,8 @@ class ConversationMemory:
                 query = self.memory.encode(torch.tensor([ids]))
             keys = self._address_keys(head, live, query.device)
             scores = head.score(head.queries(query), keys)[0]
-            chosen = [live[i] for i in best(scores, top_chunks)]
+            margin = self.memory.config.address_recency_margin
+            chosen = [live[i] for i in best(scores, top_chunks, margin)]
             for chunk in chosen:
                 for span_id in chunk.span_ids:
                     self.store.mark_used(span_id, 1.0 / len(chosen), used=True)

@@ -63,9 +63,32 @@ def address_loss(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(scores, dim=1) - pos).mean()
 
 
-def top_chunks(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the `k` best-scoring chunks for one question (scores (C,)), in their original (time) order."""
+def rank_chunks(scores: torch.Tensor, recency_margin: float = 0.0) -> list[int]:
+    """Every chunk's index for one question (scores (C,), chunks in conversation order), best first.
+
+    With `recency_margin` > 0, scores within that margin of the best remaining one count as a tie, and among them
+    the latest chunk ranks first: when two chunks are about equally relevant, the newer one is more likely to hold
+    what is true now (a fact told, then changed: the head ranks both, and by its scores alone it cannot tell them
+    apart). The margin is in the head's score units (`MemoryConfig.address_recency_margin`); 0 ranks by score alone.
+    """
+    if recency_margin < 0:
+        raise ValueError(f"rank_chunks: recency_margin must be >= 0 (got {recency_margin})")
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    if recency_margin == 0 or len(order) < 2:
+        return order
+    values = scores.tolist()
+    ranked, left = [], order
+    while left:
+        best = values[left[0]]
+        pick = max((i for i in left if values[i] >= best - recency_margin), key=lambda i: i)
+        ranked.append(pick)
+        left = [i for i in left if i != pick]
+    return ranked
+
+
+def top_chunks(scores: torch.Tensor, k: int, recency_margin: float = 0.0) -> list[int]:
+    """Indices of the `k` chunks `rank_chunks` ranks first for one question (scores (C,)), in their original (time)
+    order."""
     if k < 1:
         raise ValueError(f"top_chunks: k must be >= 1 (got {k})")
-    picked = torch.topk(scores, min(k, scores.numel())).indices.tolist()
-    return sorted(picked)
+    return sorted(rank_chunks(scores, recency_margin)[:k])

@@ -53,6 +53,10 @@ class MemoryConfig:
     address_dim: int | None = None
     """Width of the address head that lets a question pick which chunk memories to read (`memory.address`);
     None: no address head (chunks can still be picked by the reasoner's attention)."""
+    address_recency_margin: float = 0.0
+    """Address-head scores within this margin of the best count as a tie, broken in favour of the later chunk
+    (`memory.address.rank_chunks`); in the head's score units, so chosen for a trained head (on train-split
+    histories: `scripts/online/address_recall.py --split train --recency-margins ...`); 0: by score alone."""
     max_latent_norm: float = 1000.0
     """Safety bound: a row with a slot whose L2 norm exceeds this (or any non-finite value) is not injected."""
     latent_norm_clip: float | None = None
@@ -127,6 +131,11 @@ class MemoryConfig:
             self.address_dim is None or (isinstance(self.address_dim, int) and self.address_dim > 0),
             "address_dim",
             "must be None or a positive integer",
+        )
+        need(
+            isinstance(self.address_recency_margin, int | float) and self.address_recency_margin >= 0,
+            "address_recency_margin",
+            "must be a non-negative number",
         )
         need(self.max_latent_norm > 0, "max_latent_norm", "must be positive")
         need(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..memory.address import address_loss
+from ..memory.address import address_loss, rank_chunks
 from ..memory.model import pad_rows
 from .bootstrap import EpisodeExample, episode_examples, synthetic_episodes
 
@@ -139,10 +139,15 @@ def step_batch(examples: list[AddressExample], device) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def recall_at(memory, examples: list[AddressExample], ks=RECALL_AT) -> dict:
-    """Within each question's own conversation: the share of questions whose best-scored k chunks include an
-    evidence chunk, for each k, and what k chunks picked at random would get (expected)."""
+def recall_at(
+    memory, examples: list[AddressExample], ks=RECALL_AT, recency_margin: float | None = None
+) -> dict:
+    """Within each question's own conversation: the share of questions whose k first-ranked chunks include an
+    evidence chunk, for each k, and what k chunks picked at random would get (expected). Chunks are ranked as
+    `ConversationMemory.address` ranks them (`rank_chunks`, with `recency_margin`; None: the memory's
+    `address_recency_margin`)."""
     head = memory.address
+    margin = memory.config.address_recency_margin if recency_margin is None else recency_margin
     device = memory.reasoner.device
     hits = {k: 0 for k in ks}
     chance = {k: 0.0 for k in ks}
@@ -154,7 +159,7 @@ def recall_at(memory, examples: list[AddressExample], ks=RECALL_AT) -> dict:
             if not pos:
                 continue
             n += 1
-            order = torch.argsort(row, descending=True).tolist()
+            order = rank_chunks(row, margin)
             for k in ks:
                 hits[k] += bool(set(order[:k]) & set(pos))
                 chance[k] += 1.0 - _none_picked(c, len(pos), min(k, c))

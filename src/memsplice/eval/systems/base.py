@@ -44,6 +44,9 @@ class SystemArgs:
     """latent-select, latent-readback: how chunks are ranked: "address" (the memory's trained address head scores them from their
     latents), "attention" (the question's attention to them, one probe pass over the whole memory), or "auto"
     (address when the memory has an address head, else attention)."""
+    recency_margin: float | None = None
+    """latent-select, latent-readback (address head): address-head scores within this margin of the best count as a
+    tie that goes to the later chunk (None: the checkpoint's `address_recency_margin`; 0: by score alone)."""
     refine_steps: int | None = None
     """latent systems: write-time refinement steps of every chunk memory (`memsplice.memory.refine`; None: the
     checkpoint's refine_steps, 0 unless it says otherwise)."""
@@ -66,6 +69,8 @@ class SystemArgs:
             raise ValueError(f"SystemArgs.top_k must be >= 1 (got {self.top_k})")
         if self.slot_budget is not None and self.slot_budget < 1:
             raise ValueError(f"SystemArgs.slot_budget must be >= 1 (got {self.slot_budget})")
+        if self.recency_margin is not None and self.recency_margin < 0:
+            raise ValueError(f"SystemArgs.recency_margin must be >= 0 (got {self.recency_margin})")
         if self.select_chunks < 1:
             raise ValueError(f"SystemArgs.select_chunks must be >= 1 (got {self.select_chunks})")
         if self.select_by not in ("auto", "address", "attention"):
