@@ -336,3 +336,14 @@ def test_latent_readback_asks_over_the_text_read_back_from_the_picked_chunks(eva
     assert windowed.answer(question).text == want.text
     with pytest.raises(ValueError, match="write_turns"):
         SystemArgs(write_turns=0)
+
+
+def test_recency_margin_overrides_the_checkpoints_for_the_run(eval_reasoner, tmp_path):
+    from memsplice.eval.systems.latent import load_memory_model
+
+    ckpt = _readback_checkpoint(eval_reasoner, tmp_path / "memory")
+    assert load_memory_model(_runtime(eval_reasoner, checkpoint=ckpt)).config.address_recency_margin == 0.0
+    runtime = _runtime(eval_reasoner, checkpoint=ckpt, recency_margin=2.5)
+    assert load_memory_model(runtime).config.address_recency_margin == 2.5
+    with pytest.raises(ValueError, match="recency_margin"):
+        SystemArgs(recency_margin=-0.5)

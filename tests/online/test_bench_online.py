@@ -241,3 +241,31 @@ def test_recall_reports_accuracy_and_measured_kv_fraction_per_system(tmp_path):
     slots = memory.config.num_slots
     assert kv["latent-select"] <= 2 * slots / 400 < kv["latent"]
     assert out["values"] == "pools"
+
+
+def test_recall_reads_the_recency_margin_and_window_it_is_given(tmp_path, monkeypatch):
+    """--recency-margin and --window-tokens reach the recall systems (SystemArgs) unchanged."""
+    pytest.importorskip("memsplice.eval.tasks")
+    import memsplice.eval as evaluation
+
+    memory = tiny_memory()
+    memory.add_address_head(8)
+    memory.save_pretrained(tmp_path / "m")
+    seen = []
+    real = evaluation.run_eval
+
+    def spy(config, **kw):
+        seen.append(config.system_args)
+        return real(config, **kw)
+
+    monkeypatch.setattr(evaluation, "run_eval", spy)  # run_recall imports it from memsplice.eval when it runs
+    a = args(
+        history_tokens=[512],
+        examples=1,
+        systems=["latent-select"],
+        checkpoint=str(tmp_path / "m"),
+        recency_margin=1.25,
+        window_tokens=96,
+    )
+    bench.run_recall(a, memory.reasoner)
+    assert seen and all(s.recency_margin == 1.25 and s.window_tokens == 96 for s in seen)
