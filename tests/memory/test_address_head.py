@@ -64,6 +64,10 @@ def test_rank_chunks_breaks_near_ties_in_favour_of_the_later_chunk():
     # a later chunk outside the margin never passes one inside it
     assert rank_chunks(torch.tensor([3.0, 9.0, 1.5]), 1.0) == [1, 0, 2]
     assert rank_chunks(torch.tensor([7.0]), 2.0) == [0]
+    # the first `limit` of the same ranking
+    assert rank_chunks(scores, 1.2, limit=2) == [3, 2]
+    assert rank_chunks(scores, 0.0, limit=2) == [0, 2]
+    assert rank_chunks(scores, 0.5, limit=9) == rank_chunks(scores, 0.5)
     with pytest.raises(ValueError, match="recency_margin"):
         rank_chunks(scores, -0.1)
 

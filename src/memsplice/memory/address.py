@@ -63,8 +63,9 @@ def address_loss(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(scores, dim=1) - pos).mean()
 
 
-def rank_chunks(scores: torch.Tensor, recency_margin: float = 0.0) -> list[int]:
-    """Every chunk's index for one question (scores (C,), chunks in conversation order), best first.
+def rank_chunks(scores: torch.Tensor, recency_margin: float = 0.0, limit: int | None = None) -> list[int]:
+    """Chunk indices for one question (scores (C,), chunks in conversation order), best first: all of them, or the
+    first `limit`.
 
     With `recency_margin` > 0, scores within that margin of the best remaining one count as a tie, and among them
     the latest chunk ranks first: when two chunks are about equally relevant, the newer one is more likely to hold
@@ -74,13 +75,17 @@ def rank_chunks(scores: torch.Tensor, recency_margin: float = 0.0) -> list[int]:
     if recency_margin < 0:
         raise ValueError(f"rank_chunks: recency_margin must be >= 0 (got {recency_margin})")
     order = torch.argsort(scores, descending=True, stable=True).tolist()
-    if recency_margin == 0 or len(order) < 2:
-        return order
+    n = len(order) if limit is None else min(limit, len(order))
+    if recency_margin == 0:
+        return order[:n]
     values = scores.tolist()
     ranked, left = [], order
-    while left:
-        best = values[left[0]]
-        pick = max((i for i in left if values[i] >= best - recency_margin), key=lambda i: i)
+    while len(ranked) < n:
+        floor = values[left[0]] - recency_margin
+        tied = 1  # left is in score order: the ties of its best are a prefix
+        while tied < len(left) and values[left[tied]] >= floor:
+            tied += 1
+        pick = max(left[:tied])
         ranked.append(pick)
         left = [i for i in left if i != pick]
     return ranked
@@ -91,4 +96,4 @@ def top_chunks(scores: torch.Tensor, k: int, recency_margin: float = 0.0) -> lis
     order."""
     if k < 1:
         raise ValueError(f"top_chunks: k must be >= 1 (got {k})")
-    return sorted(rank_chunks(scores, recency_margin)[:k])
+    return sorted(rank_chunks(scores, recency_margin, limit=k))

@@ -159,7 +159,7 @@ def recall_at(
             if not pos:
                 continue
             n += 1
-            order = rank_chunks(row, margin)
+            order = rank_chunks(row, margin, limit=max(ks))
             for k in ks:
                 hits[k] += bool(set(order[:k]) & set(pos))
                 chance[k] += 1.0 - _none_picked(c, len(pos), min(k, c))
