@@ -88,6 +88,18 @@ def test_the_recency_margin_is_part_of_the_config_and_validated(tmp_path):
     assert MemoryConfig.load(tmp_path).address_recency_margin == 0.75
 
 
+def test_set_recency_margin_overrides_the_checkpoints_and_refuses_a_negative_one():
+    memory = small_memory(tiny_reasoner("llama"))
+    memory.set_recency_margin(None)  # keeps the checkpoint's
+    assert memory.config.address_recency_margin == 0.0
+    memory.set_recency_margin(1.5)
+    assert memory.config.address_recency_margin == 1.5
+    for bad in (-0.1, "1", True):
+        with pytest.raises(ValueError, match="recency margin"):
+            memory.set_recency_margin(bad)
+    assert memory.config.address_recency_margin == 1.5
+
+
 def test_the_head_is_saved_and_loaded_with_the_memory(tmp_path):
     reasoner = tiny_reasoner("llama")
     memory = small_memory(reasoner)

@@ -1167,8 +1167,9 @@ def run(args) -> int:
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
     memory = load_memory(reasoner, args.checkpoint)
     memory.set_refine_steps(args.refine_steps)
-    if args.recency_margin is not None:  # what the recall systems read, so the saved memory_config says it
-        memory.config.address_recency_margin = args.recency_margin
+    memory.set_recency_margin(
+        args.recency_margin
+    )  # what the recall systems read, so the saved memory_config says it
 
     def save(data: dict, name: str):
         data["checkpoint"] = args.checkpoint

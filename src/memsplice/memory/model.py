@@ -266,6 +266,16 @@ class MemoryModel(nn.Module):
             raise ValueError(f"refine steps must be a whole number >= 0 (got {steps!r})")
         self.config.refine_steps = steps
 
+    def set_recency_margin(self, margin: float | None) -> None:
+        """Make the address head's near-ties, within `margin` of the best score, go to the later chunk
+        (`config.address_recency_margin`; None: keep the checkpoint's; 0: by score alone). What `--recency-margin`
+        of eval and bench sets; refuses a negative margin."""
+        if margin is None:
+            return
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 0:
+            raise ValueError(f"recency margin must be a number >= 0 (got {margin!r})")
+        self.config.address_recency_margin = float(margin)
+
     @contextlib.contextmanager
     def evaluating(self):
         """Eval mode (dropout off) for the block, then back to the mode the memory was in: for writes whose result

@@ -53,8 +53,7 @@ def load_memory_model(runtime):
             torch.manual_seed(runtime.args.seed)
         model = load_memory(runtime.reasoner, checkpoint).eval()
         model.set_refine_steps(runtime.args.refine_steps)
-        if runtime.args.recency_margin is not None:
-            model.config.address_recency_margin = runtime.args.recency_margin
+        model.set_recency_margin(runtime.args.recency_margin)
         return model
 
     return runtime.shared("memory_model", build)
