@@ -464,6 +464,65 @@ def test_read_back_reads_the_picked_chunks_from_memory_alone(memory, monkeypatch
     assert empty.read_back("Where does Ada live?") == []
 
 
+def test_read_back_puts_the_session_header_read_back_from_its_own_chunk_in_front(memory, monkeypatch):
+    from memsplice.memory.readback import read_back, read_back_ids
+
+    memory.config.reconstruction_instruction = "Repeat the text."
+    memory.add_address_head(8)
+    rng = random.Random(11)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    turns = [("system", "[Session 1, 8 May]")] + [("user", sentence(rng, 9)) for _ in range(6)]
+    turns += [("system", "[Session 2, 9 May]")] + [("user", sentence(rng, 9)) for _ in range(12)]
+    conv.add_turns(turns)
+    chunks = [c for c in conv._all_chunks() if c.live]
+    header = next(s for s in conv.store.spans.values() if "Session 2" in s.text)
+    holder = conv._chunk_of(header.id)
+    later = [c for c in chunks if min(c.span_ids) > header.id]
+    assert len(later) >= 2, "the test needs two chunks of session 2 without its header"
+    picked = later[-1]
+    context = conv._readback_context(picked)
+    assert context is not None and context[0] is holder and context[1] == header.id
+    start, end = context[2], context[3]
+    assert (
+        chunk_input(holder, conv.store)[start:end] == header.token_ids
+    )  # the header's positions in its chunk
+    assert conv._readback_context(holder) is None  # a chunk holding a header gets none in front
+
+    monkeypatch.setattr(conv, "_address_chunks", lambda question, k: [picked])
+    for span in conv.store.spans.values():  # the transcript is not read: blank it
+        monkeypatch.setattr(span, "text", "")
+    tok = memory.reasoner.tokenizer
+    want = (
+        tok.decode(read_back_ids(memory, holder.kv, end)[0][start:end])
+        + read_back(memory, picked.kv, picked.tokens)[0]
+    )
+    assert conv.read_back("Where does Ada live?") == [want]
+    # two picked chunks of the same session: the header once, in front of the first
+    monkeypatch.setattr(conv, "_address_chunks", lambda question, k: later[-2:])
+    texts = conv.read_back("Where does Ada live?", 2)
+    assert texts[0].startswith(want[: len(want) - len(read_back(memory, picked.kv, picked.tokens)[0])])
+    assert texts[1] == read_back(memory, later[-1].kv, later[-1].tokens)[0]
+    conv.config.readback_context_role = None
+    monkeypatch.setattr(conv, "_address_chunks", lambda question, k: [picked])
+    assert conv.read_back("Where does Ada live?") == [read_back(memory, picked.kv, picked.tokens)[0]]
+
+
+def test_read_back_context_skips_a_header_that_is_too_long_or_a_piece(memory):
+    rng = random.Random(12)
+    long_header = " ".join(["Session"] * 40)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096, readback_context_tokens=8))
+    conv.add_turns(
+        [("system", "[Session 1, 8 May, a long day]")] + [("user", sentence(rng, 9)) for _ in range(8)]
+    )
+    last = conv._all_chunks()[-1]
+    assert conv._readback_context(last) is None  # longer than readback_context_tokens
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096, readback_context_tokens=4096))
+    conv.add_turns([("system", long_header)] + [("user", sentence(rng, 9)) for _ in range(8)])
+    assert conv._readback_context(conv._all_chunks()[-1]) is None  # a piece of a turn cut across chunks
+    with pytest.raises(ValueError, match="readback_context_role"):
+        ConversationConfig(readback_context_role="")
+
+
 def test_refined_chunks_are_addressed_by_the_encoders_latents_and_keep_them_when_saved(memory):
     memory.config.reconstruction_instruction = "Repeat the text."
     memory.config.refine_steps = 2

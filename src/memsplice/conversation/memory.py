@@ -87,6 +87,14 @@ class ConversationConfig:
     question picks (`address`); None, or a memory without an address head: every chunk (`memory_kv`)."""
     encode_batch: int = 16
     """Chunks encoded per encoder call when several need it (refresh, restore)."""
+    readback_context_role: str | None = "system"
+    """`read_back` puts in front of a chunk's text the latest turn of this role written before the chunk (a session
+    header with its date, as the eval writes them), itself read back from the chunk memory that holds it, so that a
+    chunk read on its own keeps its session's context. Only a whole turn of at most `readback_context_tokens`
+    tokens that is still live qualifies; a chunk that holds a turn of this role itself gets none. None: each chunk's
+    text alone."""
+    readback_context_tokens: int = 32
+    """Longest turn (in tokens, as written) that `read_back` puts in front of a chunk as its context."""
     scope: str | None = None
     """Name of the memory scope (user, agent), attached to fallback events."""
 
@@ -101,10 +109,22 @@ class ConversationConfig:
 
         if self.chunk_tokens is not None:
             positive_int("chunk_tokens")
-        for name in ("slot_budget", "max_live_tokens", "min_slots_per_chunk", "encode_batch"):
+        for name in (
+            "slot_budget",
+            "max_live_tokens",
+            "min_slots_per_chunk",
+            "encode_batch",
+            "readback_context_tokens",
+        ):
             positive_int(name)
         if self.select_chunks is not None:
             positive_int("select_chunks")
+        role = self.readback_context_role
+        need(
+            role is None or (isinstance(role, str) and role != ""),
+            "readback_context_role",
+            "must be a role or None",
+        )
         need(
             isinstance(self.keep_full_chunks, int) and self.keep_full_chunks >= 0,
             "keep_full_chunks",
@@ -621,8 +641,13 @@ class ConversationMemory:
         instruction, for at most as many tokens as the chunk was written from. The text is as faithful as the chunk
         memory: verbatim for chunks refined at write time (`MemoryConfig.refine_steps`), lossy without. The cost is
         decoding the picked chunks: one batch of `top_chunks` rows through `generate()`, or, given `decoders` (a
-        `memsplice.engine.DecoderPool`), one chunk after another on the engine."""
-        from ..memory.readback import read_back
+        `memsplice.engine.DecoderPool`), one chunk after another on the engine.
+
+        A chunk's text starts with its context (`ConversationConfig.readback_context_role`): the session header it
+        falls under, read back from the memory of the chunk that holds the header, up to the header's end, and cut
+        at the header's token positions. That is one more, shorter, read per picked chunk of another session; a
+        context already in front of the previous picked chunk is not repeated."""
+        from ..memory.readback import read_back_ids
 
         if (question is None) == (input_ids is None):
             raise ValueError("read_back: give a question (address head) or input_ids (attention), not both")
@@ -633,8 +658,61 @@ class ConversationMemory:
                 chosen = self._attended_chunks(input_ids, top_chunks, None)
             if not chosen:
                 return []
-            kv = MemoryKV.cat_rows([c.kv for c in chosen])
-            return read_back(self.memory, kv, [c.tokens for c in chosen], decoders=decoders)
+            contexts = [self._readback_context(c) for c in chosen]
+            shown, rows = set(), list(chosen)
+            for i, ctx in enumerate(contexts):
+                if ctx is None or ctx[1] in shown:
+                    contexts[i] = None
+                    continue
+                shown.add(ctx[1])
+                if ctx[0] not in rows:
+                    rows.append(ctx[0])
+            limits = [c.tokens for c in rows]
+            for ctx in contexts:  # a context row is read only as far as the header's end
+                if ctx is not None and ctx[0] not in chosen:
+                    limits[rows.index(ctx[0])] = ctx[3]
+            ids = read_back_ids(
+                self.memory, MemoryKV.cat_rows([c.kv for c in rows]), limits, decoders=decoders
+            )
+            texts = []
+            for i, ctx in enumerate(contexts):
+                head = "" if ctx is None else self._decode(ids[rows.index(ctx[0])][ctx[2] : ctx[3]])
+                texts.append(head + self._decode(ids[i]))
+            return texts
+
+    def _readback_context(self, chunk: Chunk) -> tuple[Chunk, int, int, int] | None:
+        """(chunk holding it, span id, start, end token position in that chunk) of the context turn `read_back`
+        puts in front of `chunk` (`ConversationConfig.readback_context_role`); None when there is none: no role
+        set, the chunk holds a turn of that role itself, or the latest one before it is too long, a piece of a
+        longer turn, archived or in a chunk that fell back."""
+        role = self.config.readback_context_role
+        if role is None or not chunk.span_ids:
+            return None
+        if any(self.store[s].role == role for s in chunk.span_ids):
+            return None
+        first = min(chunk.span_ids)
+        span = next(
+            (
+                self.store[s]
+                for s in range(first - 1, -1, -1)
+                if s in self.store.spans and self.store[s].role == role
+            ),
+            None,
+        )
+        if span is None or span.archived or span.num_tokens > self.config.readback_context_tokens:
+            return None
+        pieces = [s for s in (span.id - 1, span.id + 1) if s in self.store.spans]
+        if any(self.store[s].turn == span.turn for s in pieces):
+            return None
+        holder = self._chunk_of(span.id)
+        if holder is None or not holder.live:
+            return None
+        start = 0
+        for s in holder.span_ids:
+            if s == span.id:
+                break
+            start += self.store[s].num_tokens
+        return holder, span.id, start, start + span.num_tokens
 
     def _address_chunks(self, question: str, top_chunks: int) -> list[Chunk]:
         """The live chunks the address head picks for `question`, in conversation order; marks their spans used."""
