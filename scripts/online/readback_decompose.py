@@ -10,7 +10,8 @@ from the oracle towards what `latent-readback` reads:
   turn, plus whatever of the turn before shares the chunk);
 - `chunk_readback`: that chunk's memory (refined at write time) read back as text by the reasoner;
 - `picked_readback`: the memory of the chunk the address head picks (recency tie-break included) read back; what
-  `latent-readback` answers over.
+  `latent-readback` answered over before `ConversationMemory.read_back` put the chunk's session header in front
+  (`scripts/online/reader_context.py` measures what that header is worth).
 The drops between neighbours are what the chunk's cut, read-back fidelity and addressing each cost. Chunks are
 written one at a time here (not within a whole conversation), with the same chunking, refinement and read-back as
 `ConversationMemory`.

@@ -310,15 +310,18 @@ class LatentSelectPlusWindow(_PicksChunks, LatentPlusWindow):
 
 @register_system(
     "latent-readback+window",
-    help="the recent window as exact text, and the chunk memories of everything older that the question picks, "
-    "read back as text (as latent-readback) in front of it",
+    help="the recent window as exact text, and after it the chunk memories of everything older that the question "
+    "picks, read back as text (as latent-readback)",
 )
 class LatentReadbackPlusWindow(_ReadsBack, LatentPlusWindow):
-    """`latent+window` reading its memory as `latent-readback` does: the read-back text of the picked chunks, then
-    the window's turns, as the prompt's history."""
+    """`latent+window` reading its memory as `latent-readback` does: the window's turns, then the read-back text of
+    the picked chunks (each under the session header read back with it), as the prompt's history. Read-back goes
+    last, nearest the question: on the 288 synthetic test questions at 16k-64k the reader answers 73.6% over the
+    window then the evidence chunk under its header, 56.2% the other way round and 62.8% with the chunk alone before
+    the window (`scripts/online/reader_context.py --window-tokens 256`, `online/reader-context-cpu.json`)."""
 
     def answer(self, question: Question) -> Answer:
         recalled, seconds = self._read_back(question, self.window)
         window = render_history(self.window) if self.window else None
-        history = "\n".join(h for h in (recalled, window) if h) or None
+        history = "\n".join(h for h in (window, recalled) if h) or None
         return self.reader.read(question.question, history, retrieval_s=seconds)
