@@ -331,7 +331,10 @@ def test_latent_readback_asks_over_the_text_read_back_from_the_picked_chunks(eva
     windowed.feed(_turns(30))
     assert windowed.window and windowed.conversation.turns > 0
     recalled = windowed.conversation.read_back(question.question, 1)
-    parts = [render_history(windowed.window), "\n".join(t.strip() for t in recalled if t.strip())]  # read-back last
+    parts = [
+        render_history(windowed.window),
+        "\n".join(t.strip() for t in recalled if t.strip()),
+    ]  # read-back last
     want = runtime.reader.read(question.question, "\n".join(p for p in parts if p))
     assert windowed.answer(question).text == want.text
     with pytest.raises(ValueError, match="write_turns"):
