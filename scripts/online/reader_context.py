@@ -3,7 +3,7 @@ framings, on the eval's synthetic test split. Reader only (no memory): the chunk
 verbatim read-back.
 
     python scripts/online/reader_context.py [--lengths 16384 32768 65536] [--seeds 0 1 2 3] [--examples 4]
-        [--window-tokens 256] [--dtype bfloat16] [--record NAME]
+        [--split test|train] [--window-tokens 256] [--dtype bfloat16] [--record NAME]
 
 Histories, for each question (the evidence turn being the last turn the question names, and its chunk the 32-token
 chunk of the conversation memory that holds it):
@@ -36,6 +36,7 @@ def main() -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536], help="history tokens")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--examples", type=int, default=4, help="conversations per length and seed")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="the synthetic task's split")
     p.add_argument("--chunk-tokens", type=int, default=32)
     p.add_argument("--window-tokens", type=int, default=0, help="also the window variants (0: not)")
     p.add_argument("--device", default=None)
@@ -53,7 +54,7 @@ def main() -> int:
     for length in args.lengths:
         for seed in args.seeds:
             task = TaskArgs(
-                examples=args.examples, lengths=(length,), seed=seed, split="test", values="pools"
+                examples=args.examples, lengths=(length,), seed=seed, split=args.split, values="pools"
             )
             episodes = get_task("synthetic")(task, reader.count_tokens)
             examples = episode_examples(episodes, reasoner, args.chunk_tokens)
@@ -87,7 +88,7 @@ def main() -> int:
             done = [r for r in rows if r["length"] == length and r["seed"] == seed]
             print(length, seed, summarize(done, names), flush=True)
     out = {
-        "split": "test",
+        "split": args.split,
         "chunk_tokens": args.chunk_tokens,
         "window_tokens": args.window_tokens,
         "by_length": {str(n): summarize([r for r in rows if r["length"] == n], names) for n in args.lengths},
