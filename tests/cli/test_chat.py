@@ -215,3 +215,47 @@ def test_chat_engine_flags(monkeypatch, capsys, tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit):
         _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "b.json", ["hello"], "--engine", "fast")
     assert "--engine" in capsys.readouterr().err
+
+
+def test_read_back_answers_over_the_text_read_back_from_memory():
+    from helpers import small_memory
+    from memsplice.cli.chat import RECALL_HEADER, ChatSession
+
+    reasoner = tiny_reasoner("llama")
+    memory = small_memory(reasoner)
+    with pytest.raises(ValueError, match="reconstruction instruction"):
+        ChatSession(reasoner, memory, "You are helpful.", read_back=True)
+    memory.config.reconstruction_instruction = "Repeat the text."
+    for address in (False, True):  # the prompt's attention picks, then the address head
+        if address:
+            memory.add_address_head(8)
+        chat = ChatSession(reasoner, memory, "You are helpful.", read_back=True, engine="eager")
+        text, status = chat.answer("Ada lives in Lisbon.", 4, 0.0)
+        assert status["recalled"] == "" and status["slots"] == 0  # nothing written yet
+        for line in ("The fox jumps over the lazy dog.", "Ada works as a carpenter."):
+            chat.answer(line, 4, 0.0)
+        question = "Where does Ada live?"
+        if address:
+            want = "\n".join(t.strip() for t in chat.conversation.read_back(question, 1) if t.strip())
+        seen, real = {}, reasoner.chat_ids
+
+        def spy(messages, seen=seen, real=real):
+            seen.setdefault("messages", messages)
+            return real(messages)
+
+        reasoner.chat_ids = spy
+        try:
+            text, status = chat.answer(question, 4, 0.0)
+        finally:
+            reasoner.chat_ids = real
+        assert status["slots"] == 0 and status["read_back_ms"] > 0 and isinstance(text, str)
+        assert status["recalled"] and (not address or status["recalled"] == want)
+        system = seen["messages"][0]["content"]
+        assert system == f"You are helpful.\n\n{RECALL_HEADER}\n{status['recalled']}"
+
+
+def test_chat_read_back_refuses_a_memory_that_cannot_be_read_back(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    code, out = _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], "--read-back")
+    assert code == 2 and "reconstruction instruction" in out.err

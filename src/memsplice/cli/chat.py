@@ -7,6 +7,12 @@ same memory. After each answer a status line shows the slots in use, the gate va
 and any safety fallback. Greedy answers (the default, --temperature 0) decode on `memsplice.engine.GreedyDecoder`
 (--engine auto), with the text eager generation gives; --engine eager keeps transformers' generate().
 
+With --read-back the memory is read another way: the --select-chunks chunk memories (default 1) each message picks
+(address head, else the prompt's attention) are read back as text by the reasoner, from memory alone
+(`ConversationMemory.read_back`), and that text goes into the system prompt instead of memory K/V in the cache. It is
+the read path that answers best in the evaluation (`latent-readback`); it needs a memory trained to be read back
+(the shipped checkpoint is), and is most faithful with refined writes (--refine-steps 5).
+
 With --learn the memory keeps learning from the conversation (`memsplice.online`, Algorithm 1): every exchange
 goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC
 towards a slow anchor, replay), and the updated memory plus the learner's state are saved to --learn-dir, from
@@ -66,6 +72,13 @@ def add_parser(sub):
         metavar="N",
         help="with a memory that has an address head: read only the N chunk memories each message picks "
         "(default: every chunk)",
+    )
+    p.add_argument(
+        "--read-back",
+        action="store_true",
+        help="read the --select-chunks (default 1) chunk memories each message picks back as text, from memory alone, "
+        "and answer over that text instead of splicing memory into the cache (as the eval's latent-readback; best "
+        "with --refine-steps 5)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
@@ -191,6 +204,7 @@ class ChatSession:
         select_chunks: int | None = None,
         engine: str = "auto",
         compile_decode: bool = False,
+        read_back: bool = False,
     ):
         from memsplice.conversation import ConversationConfig, ConversationMemory
         from memsplice.engine import plain_greedy
@@ -201,6 +215,13 @@ class ChatSession:
         self.engine = engine if plain_greedy(reasoner) else "eager"
         self.compile_decode = compile_decode
         self._decoders = None  # a DecoderPool, made on the first greedy answer
+        self._readback_decoders = None  # a DecoderPool for read-back, made on the first one
+        if read_back and not memory.config.reconstruction_instruction:
+            raise ValueError(
+                "read_back: this memory records no reconstruction instruction, so nothing can be read back from it "
+                "(use a checkpoint trained to be read back, such as the shipped one)"
+            )
+        self.read_back = read_back
         state = state or {}
         self.turns: list[dict] = list(state.get("turns", []))
         if state.get("conversation"):
@@ -251,12 +272,19 @@ class ChatSession:
 
         from memsplice.engine import loaded_slots
 
-        kv = self.conversation.read(message)
         messages = [
             {"role": "system", "content": self.system},
             *self._recent_window(),
             {"role": "user", "content": message},
         ]
+        recalled, read_s = None, 0.0
+        if self.read_back:
+            kv = None
+            recalled, read_s = self._recall(message, messages)
+            if recalled:
+                messages[0] = {"role": "system", "content": f"{self.system}\n\n{RECALL_HEADER}\n{recalled}"}
+        else:
+            kv = self.conversation.read(message)
         prompt = self.reasoner.chat_ids(messages)
         t0 = time.perf_counter()
         positions = loaded_slots(kv) + len(prompt) + max_new_tokens
@@ -292,6 +320,9 @@ class ChatSession:
             if self.memory.fallback_log.total > events_before
             else [],
         }
+        if self.read_back:
+            status["read_back_ms"] = round(read_s * 1e3, 1)
+            status["recalled"] = recalled or ""
         if kv is not None and kv.any_live:
             g = kv.gate_bias[0].amax(dim=0).exp()  # (S,) per slot, from the layers that hold it
             g = g[g > 0]
@@ -303,13 +334,43 @@ class ChatSession:
                 }
         return text, status
 
+    def _recall(self, message: str, messages: list[dict]) -> tuple[str | None, float]:
+        """The text read back from the chunk memories `message` picks, one chunk per line (None: nothing written),
+        and the seconds it took. The address head picks when the memory has one, else the attention of the prompt
+        `messages` makes."""
+        import torch
+
+        from memsplice.engine import DecoderPool
+
+        if not self.conversation.turns:
+            return None, 0.0
+        t0 = time.perf_counter()
+        k = self.conversation.config.select_chunks or 1
+        if self.engine == "auto" and self._readback_decoders is None:
+            self._readback_decoders = DecoderPool(
+                self.reasoner, max_new_tokens=self.memory.config.max_memory_tokens, min_len=64
+            )
+        decoders = self._readback_decoders if self.engine == "auto" else None
+        if self.memory.address is not None:
+            texts = self.conversation.read_back(message, k, decoders=decoders)
+        else:
+            ids = torch.tensor([self.reasoner.chat_ids(messages)], device=self.reasoner.device)
+            texts = self.conversation.read_back(input_ids=ids, top_chunks=k, decoders=decoders)
+        recalled = "\n".join(t.strip() for t in texts if t.strip()) or None
+        return recalled, time.perf_counter() - t0
+
+
+RECALL_HEADER = "What you remember from earlier in this conversation:"
+"""The line in front of read-back text in the system prompt (`--read-back`)."""
+
 
 def _format_status(s: dict) -> str:
     gate = s.get("gate")
     gate_txt = f"gate {gate['mean']:.2f} (min {gate['min']:.2f}, max {gate['max']:.2f})" if gate else "gate -"
     fb = f"fallback: {', '.join(s['fallbacks'])}" if s["fallbacks"] else "no fallback"
+    read = f"read back {s['read_back_ms']:.0f} ms | " if "read_back_ms" in s else ""
     return (
-        f"  [memory {s['slots']} slots | {gate_txt} | prompt {s['prompt_tokens']} tokens | "
+        f"  [memory {s['slots']} slots | {gate_txt} | prompt {s['prompt_tokens']} tokens | {read}"
         f"write {s['write_ms']:.0f} ms | answer {s['answer_ms']:.0f} ms | {fb}]"
     )
 
@@ -377,6 +438,7 @@ def run(args) -> int:
         select_chunks=args.select_chunks,
         engine=args.engine,
         compile_decode=args.compile,
+        read_back=args.read_back,
     )
     interactive = sys.stdin.isatty()
     learning = f", learning online (state in {learn_dir})" if learner is not None else ""
