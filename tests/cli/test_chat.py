@@ -219,7 +219,8 @@ def test_chat_engine_flags(monkeypatch, capsys, tiny_model_dir, tmp_path):
 
 def test_read_back_answers_over_the_text_read_back_from_memory():
     from helpers import small_memory
-    from memsplice.cli.chat import RECALL_HEADER, ChatSession
+    from memsplice.cli.chat import ChatSession
+    from memsplice.memory.readback import RECALL_HEADER
 
     reasoner = tiny_reasoner("llama")
     memory = small_memory(reasoner)
@@ -240,7 +241,7 @@ def test_read_back_answers_over_the_text_read_back_from_memory():
         seen, real = {}, reasoner.chat_ids
 
         def spy(messages, seen=seen, real=real):
-            seen.setdefault("messages", messages)
+            seen["messages"] = messages  # the last prompt rendered is the answer's
             return real(messages)
 
         reasoner.chat_ids = spy

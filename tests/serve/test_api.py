@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from tests.serve.harness import Harness
 
@@ -301,3 +302,38 @@ def test_chat_reads_only_the_chunks_the_address_head_picks(tmp_path):
             slots[select] = reply["memsplice"]["slots"]
     assert slots[1] == memory.config.num_slots
     assert slots[None] > 2 * memory.config.num_slots
+
+
+def test_chat_reads_memory_back_as_text_with_memory_read_back(tmp_path):
+    """memory_read_back: a chat gets the chunk memories its last user message picks read back as text in its system
+    message, and no memory K/V; a memory that cannot be read back is refused when the server starts."""
+    from fastapi.testclient import TestClient
+    from tests.serve.harness import Harness, small_memory
+
+    from memsplice.serve import ServeConfig
+
+    with pytest.raises(ValueError, match="reconstruction instruction"):
+        Harness(tmp_path / "refused", memory=small_memory(), memory_read_back=True)
+    with pytest.raises(ValueError, match="memory_read_back"):
+        ServeConfig(memory_read_back="yes")
+    prompts = {}
+    for address in (False, True):  # the prompt's attention picks, then the address head
+        memory = small_memory(reconstruction_instruction="Repeat the text.")
+        if address:
+            memory.add_address_head(8)
+        h = Harness(tmp_path / str(address), memory=memory, memory_chunk_tokens=16, memory_read_back=True)
+        with TestClient(h.app) as client:
+            client.harness = h
+            empty = chat(client, "How many books does Ada keep?").json()  # nothing written yet
+            assert empty["memsplice"]["read_back_tokens"] == 0 and not empty["memsplice"]["live"]
+            turns = [
+                {"role": "user", "content": f"Fact number {i}: Ada keeps {i} red books."} for i in range(6)
+            ]
+            r = client.post("/v1/memory/scopes/alice/turns", headers=h.headers(), json={"turns": turns})
+            assert r.status_code == 200
+            reply = chat(client, "How many books does Ada keep?").json()
+            info = reply["memsplice"]
+            assert info["slots"] == 0 and info["live"] and info["read_back_tokens"] > 0
+            prompts[address] = (reply["usage"]["prompt_tokens"], empty["usage"]["prompt_tokens"])
+    for with_memory, without in prompts.values():
+        assert with_memory > without  # the read-back text is in the prompt

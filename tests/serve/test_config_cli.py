@@ -125,3 +125,13 @@ def test_engine_flags_reach_the_config():
     }
     with pytest.raises(SystemExit):
         parse(["serve", "--engine", "vllm"])
+
+
+def test_read_back_flag_reaches_the_config():
+    from memsplice.cli.main import build_parser
+    from memsplice.cli.serve import _config
+
+    parse = build_parser().parse_args
+    assert _config(parse(["serve"])).memory_read_back is False
+    assert _config(parse(["serve", "--read-back"])).memory_read_back is True
+    assert env_values({"MEMSPLICE_MEMORY_READ_BACK": "true"}) == {"memory_read_back": True}

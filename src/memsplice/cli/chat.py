@@ -271,6 +271,7 @@ class ChatSession:
         import torch
 
         from memsplice.engine import loaded_slots
+        from memsplice.memory.readback import with_recalled
 
         messages = [
             {"role": "system", "content": self.system},
@@ -281,8 +282,7 @@ class ChatSession:
         if self.read_back:
             kv = None
             recalled, read_s = self._recall(message, messages)
-            if recalled:
-                messages[0] = {"role": "system", "content": f"{self.system}\n\n{RECALL_HEADER}\n{recalled}"}
+            messages = with_recalled(messages, recalled)
         else:
             kv = self.conversation.read(message)
         prompt = self.reasoner.chat_ids(messages)
@@ -335,33 +335,24 @@ class ChatSession:
         return text, status
 
     def _recall(self, message: str, messages: list[dict]) -> tuple[str | None, float]:
-        """The text read back from the chunk memories `message` picks, one chunk per line (None: nothing written),
-        and the seconds it took. The address head picks when the memory has one, else the attention of the prompt
-        `messages` makes."""
-        import torch
-
+        """The text read back from the chunk memories `message` picks (`ConversationMemory.recall`; None: nothing
+        written), and the seconds it took."""
         from memsplice.engine import DecoderPool
 
         if not self.conversation.turns:
             return None, 0.0
         t0 = time.perf_counter()
-        k = self.conversation.config.select_chunks or 1
         if self.engine == "auto" and self._readback_decoders is None:
             self._readback_decoders = DecoderPool(
                 self.reasoner, max_new_tokens=self.memory.config.max_memory_tokens, min_len=64
             )
-        decoders = self._readback_decoders if self.engine == "auto" else None
-        if self.memory.address is not None:
-            texts = self.conversation.read_back(message, k, decoders=decoders)
-        else:
-            ids = torch.tensor([self.reasoner.chat_ids(messages)], device=self.reasoner.device)
-            texts = self.conversation.read_back(input_ids=ids, top_chunks=k, decoders=decoders)
-        recalled = "\n".join(t.strip() for t in texts if t.strip()) or None
+        recalled = self.conversation.recall(
+            message,
+            self.conversation.config.select_chunks or 1,
+            prompt_ids=self.reasoner.chat_ids(messages),
+            decoders=self._readback_decoders if self.engine == "auto" else None,
+        )
         return recalled, time.perf_counter() - t0
-
-
-RECALL_HEADER = "What you remember from earlier in this conversation:"
-"""The line in front of read-back text in the system prompt (`--read-back`)."""
 
 
 def _format_status(s: dict) -> str:

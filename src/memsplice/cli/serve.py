@@ -86,6 +86,16 @@ def add_parser(sub):
         "in a background worker that never blocks a request (settings: online_* in ServeConfig)",
     )
     p.add_argument(
+        "--read-back",
+        dest="memory_read_back",
+        action="store_const",
+        const=True,
+        default=None,
+        help="give each chat the chunk memories its last user message picks read back as text, from memory alone, "
+        "in its system message instead of memory K/V (as the eval's latent-readback; needs a memory trained to be "
+        "read back, such as the shipped one; ServeConfig memory_read_back)",
+    )
+    p.add_argument(
         "--engine",
         choices=["auto", "eager"],
         default=None,

@@ -680,6 +680,24 @@ class ConversationMemory:
                 texts.append(head + self._decode(ids[i]))
             return texts
 
+    def recall(
+        self, question: str, top_chunks: int = 1, *, prompt_ids: Sequence[int] | None = None, decoders=None
+    ) -> str | None:
+        """What a chat gives the reasoner from memory read back (`read_back`): the text of the `top_chunks` chunks
+        `question` picks, one chunk per line, None when nothing was read back. The address head picks when the
+        memory has one; else the attention of `prompt_ids` (the prompt the answer will be decoded after), which is
+        then required."""
+        if self.memory.address is not None:
+            texts = self.read_back(question, top_chunks, decoders=decoders)
+        elif prompt_ids is None:
+            raise ValueError(
+                "recall: a memory without an address head picks chunks by a prompt's attention; pass prompt_ids"
+            )
+        else:
+            ids = torch.tensor([list(prompt_ids)], device=self.memory.reasoner.device)
+            texts = self.read_back(input_ids=ids, top_chunks=top_chunks, decoders=decoders)
+        return "\n".join(t.strip() for t in texts if t.strip()) or None
+
     def _readback_context(self, chunk: Chunk) -> tuple[Chunk, int, int, int] | None:
         """(chunk holding it, span id, start, end token position in that chunk) of the context turn `read_back`
         puts in front of `chunk` (`ConversationConfig.readback_context_role`); None when there is none: no role

@@ -105,3 +105,19 @@ def read_back(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int], *
     """`read_back_ids`, decoded."""
     tok = memory_model.reasoner.require_tokenizer()
     return [tok.decode(ids) for ids in read_back_ids(memory_model, memory, max_tokens, decoders=decoders)]
+
+
+RECALL_HEADER = "What you remember from earlier in this conversation:"
+"""The line in front of read-back text in a chat's system message (`with_recalled`)."""
+
+
+def with_recalled(messages: list[dict], recalled: str | None) -> list[dict]:
+    """Chat `messages` with read-back text given to the reasoner: appended to the first system message after
+    `RECALL_HEADER`, or as a system message of its own in front when there is none. A copy; `messages` is not
+    changed, and nothing is added when `recalled` is empty."""
+    if not recalled:
+        return list(messages)
+    note = f"{RECALL_HEADER}\n{recalled}"
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]

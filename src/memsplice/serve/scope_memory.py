@@ -121,6 +121,18 @@ class ScopeMemory:
             kv.live.clone(),
         )
 
+    def recall(self, question: str, prompt_ids: list[int], decoders=None) -> str | None:
+        """The text read back from the chunk memories `question` picks (`ConversationMemory.recall`, as many as the
+        conversation's `select_chunks`, default 1), one per line; None when nothing live is written."""
+        if not self.conversation.turns:
+            return None
+        text = self.conversation.recall(
+            question, self.conversation.config.select_chunks or 1, prompt_ids=prompt_ids, decoders=decoders
+        )
+        self.reads += 1
+        self.last_read = time.time()
+        return text
+
     def probe(self, input_ids: torch.Tensor, query_mask: torch.Tensor) -> None:
         """Record which spans the reasoner's attention used (the spans' LRU clock); no-op unless tracking is on."""
         self.conversation.probe(input_ids, query_mask=query_mask)

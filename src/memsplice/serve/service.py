@@ -46,6 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..engine import DecoderPool, GreedyDecoder, loaded_slots, plain_greedy
 from ..inject.memory_kv import MemoryKV
 from ..memory.model import MemoryModel
+from ..memory.readback import with_recalled
 from ..memory.safety import FallbackEvent
 from ..store import MemoryStore, ScopeExistsError
 from .config import ServeConfig
@@ -194,6 +195,13 @@ class MemoryService:
         self.reasoner = memory.reasoner
         self.store = store
         self.config = config or ServeConfig()
+        if self.config.memory_read_back and not memory.config.reconstruction_instruction:
+            raise ValueError(
+                "memory_read_back: this memory records no reconstruction instruction, so nothing can be read back "
+                "from it (serve a checkpoint trained to be read back, such as the shipped one)"
+            )
+        self._readback_decoders: DecoderPool | None = None
+        """Read-back decoders (memory_read_back with engine "auto"); made on the first read-back, on the worker."""
         self.model_id = self.config.model_id or f"memsplice-{self.reasoner.name}"
         self.conversation_config = self.config.conversation_config()
         self.metrics = ServerMetrics()
@@ -442,18 +450,36 @@ class MemoryService:
                 code="context_length_exceeded",
                 param="messages",
             )
-        kv, info = None, {}
-        if sm is not None:
+        kv, info, recalled = None, {}, None
+        if sm is not None and self.config.memory_read_back:
+            question = last_user_message(messages)
+            recalled = sm.recall(question, ids, self._readback_pool()) if question else None
+            if recalled:
+                with_memory = self.reasoner.chat_ids(with_recalled(messages, recalled))
+                if len(with_memory) <= self.config.max_prompt_tokens:
+                    ids = with_memory
+                else:  # the request fits, the read-back does not: answer without it rather than refuse
+                    logger.warning(
+                        "scope %s: read-back left out, the prompt with it has %d tokens (max_prompt_tokens %d)",
+                        sm.scope,
+                        len(with_memory),
+                        self.config.max_prompt_tokens,
+                    )
+                    recalled = None
+        elif sm is not None:
             kv = sm.memory_kv(last_user_message(messages))
+        if sm is not None:
             stats = sm.stats()
             info = {
                 "scope": sm.scope,
-                "live": bool(kv is not None and kv.any_live),
+                "live": bool(recalled) or bool(kv is not None and kv.any_live),
                 "slots": kv.num_slots if kv is not None else 0,
                 "turns_in_memory": stats["turns"],
                 "live_spans": stats["live_spans"],
                 "gate_mean": (stats["gate"] or {}).get("mean"),
             }
+            if self.config.memory_read_back:
+                info["read_back_tokens"] = len(self.reasoner.tokenizer(recalled or "")["input_ids"])
             if self.config.expose_memory_digest:
                 info["kv_sha256"] = kv_digest(kv)
             if info["live"]:
@@ -479,6 +505,17 @@ class MemoryService:
         self.metrics.prompt_tokens.inc(len(ids))
         self.metrics.completion_tokens.inc(len(new))
         return ChatResult(stream.text, len(ids), len(new), finish, info)
+
+    def _readback_pool(self) -> DecoderPool | None:
+        """Decoders for read-back, as many tokens as the memory reads (None: engine "eager", read back through
+        generate())."""
+        if self.decoders is None:
+            return None
+        if self._readback_decoders is None:
+            self._readback_decoders = DecoderPool(
+                self.reasoner, max_new_tokens=self.memory.config.max_memory_tokens, min_len=64
+            )
+        return self._readback_decoders
 
     def _greedy_decoder(self, prompt_tokens: int, kv: MemoryKV | None, params: GenerationParams):
         """The engine for a greedy request that fits the reasoner's window; None: decode eagerly."""
