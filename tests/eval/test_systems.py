@@ -350,3 +350,19 @@ def test_recency_margin_overrides_the_checkpoints_for_the_run(eval_reasoner, tmp
     assert load_memory_model(runtime).config.address_recency_margin == 2.5
     with pytest.raises(ValueError, match="recency_margin"):
         SystemArgs(recency_margin=-0.5)
+
+
+def test_readback_context_reaches_the_conversation_and_none_turns_it_off(eval_reasoner, tmp_path):
+    from memsplice.cli.main import build_parser
+
+    ckpt = _readback_checkpoint(eval_reasoner, tmp_path / "memory")
+    for role in ("system", None):
+        system = build_system(
+            "latent-readback", _runtime(eval_reasoner, checkpoint=ckpt, readback_context=role)
+        )
+        system.reset()
+        assert system.conversation.config.readback_context_role == role
+    parse = build_parser().parse_args
+    assert parse(["eval", "--out", "o", "--readback-context", "none"]).readback_context is None
+    assert parse(["eval", "--out", "o"]).readback_context == "system"
+    assert parse(["bench", "online", "--readback-context", "None"]).readback_context is None

@@ -183,6 +183,14 @@ def add_arguments(p):
         help="latent-select, latent-readback: chunk memories each question reads (recall; default: 2)",
     )
     p.add_argument(
+        "--readback-context",
+        default="system",
+        type=lambda v: None if v.lower() == "none" else v,
+        metavar="ROLE",
+        help="latent-readback (recall): read back the latest turn of this role before a picked chunk in front of it (the "
+        "session headers, written as system turns; default: system); none: each chunk's text alone",
+    )
+    p.add_argument(
         "--recency-margin",
         type=float,
         default=None,
@@ -1057,6 +1065,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
                 chunk_tokens=args.chunk_tokens,
                 select_chunks=args.select_chunks,
                 recency_margin=args.recency_margin,
+                readback_context=args.readback_context,
                 window_tokens=args.window_tokens,
                 refine_steps=args.refine_steps,
                 write_turns=args.write_turns,

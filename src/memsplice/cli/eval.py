@@ -157,6 +157,14 @@ def add_parser(sub):
         "to them (one probe pass); auto: address when the checkpoint has an address head (default: auto)",
     )
     p.add_argument(
+        "--readback-context",
+        default="system",
+        type=lambda v: None if v.lower() == "none" else v,
+        metavar="ROLE",
+        help="latent-readback: read back the latest turn of this role before a picked chunk in front of it (the "
+        "session headers, written as system turns; default: system); none: each chunk's text alone",
+    )
+    p.add_argument(
         "--recency-margin",
         type=float,
         default=None,
@@ -268,6 +276,7 @@ def _run(args) -> dict:
             select_chunks=args.select_chunks,
             select_by=args.select_by,
             recency_margin=args.recency_margin,
+            readback_context=args.readback_context,
             refine_steps=args.refine_steps,
             write_turns=args.write_turns,
             encode_batch=args.encode_batch,

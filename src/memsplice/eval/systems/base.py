@@ -47,6 +47,10 @@ class SystemArgs:
     recency_margin: float | None = None
     """latent-select, latent-readback (address head): address-head scores within this margin of the best count as a
     tie that goes to the later chunk (None: the checkpoint's `address_recency_margin`; 0: by score alone)."""
+    readback_context: str | None = "system"
+    """latent-readback: the role of the turns read back in front of a picked chunk as its context (the session
+    headers the latent systems write as "system" turns; `ConversationConfig.readback_context_role`); None: each
+    chunk's text alone."""
     refine_steps: int | None = None
     """latent systems: write-time refinement steps of every chunk memory (`memsplice.memory.refine`; None: the
     checkpoint's refine_steps, 0 unless it says otherwise)."""

@@ -68,7 +68,9 @@ def new_conversation(runtime):
         for k in ("slot_budget", "chunk_tokens", "encode_batch")
         if getattr(runtime.args, k) is not None
     }
-    return ConversationMemory(model, ConversationConfig(**overrides))
+    return ConversationMemory(
+        model, ConversationConfig(**overrides, readback_context_role=runtime.args.readback_context)
+    )
 
 
 class _LatentBase(System):
