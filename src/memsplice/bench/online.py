@@ -154,7 +154,8 @@ def add_arguments(p):
         "--slot-budget",
         type=int,
         default=None,
-        help="ConversationConfig.slot_budget (default: history tokens / 16 for each length)",
+        help="ConversationConfig.slot_budget of latent and latent+window (default: history tokens / 16 for each length; "
+        "the address-head pick systems keep every chunk)",
     )
     p.add_argument(
         "--chunk-tokens",

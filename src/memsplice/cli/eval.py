@@ -140,7 +140,8 @@ def add_parser(sub):
         "--slot-budget",
         type=int,
         default=None,
-        help="latent systems: most memory slots per conversation (default: the conversation memory's)",
+        help="latent, latent+window: most memory slots per conversation (default: the conversation memory's; the "
+        "address-head pick systems keep every chunk)",
     )
     p.add_argument(
         "--select-chunks",

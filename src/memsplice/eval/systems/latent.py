@@ -59,7 +59,9 @@ def load_memory_model(runtime):
     return runtime.shared("memory_model", build)
 
 
-def new_conversation(runtime):
+def new_conversation(runtime, *, keep_every_chunk: bool = False):
+    """A fresh conversation memory set up as `runtime.args` say. `keep_every_chunk`: no slot budget (for read paths
+    that never compose the whole memory, so that no chunk is evicted to fit one)."""
     from ...conversation import ConversationConfig, ConversationMemory
 
     model = load_memory_model(runtime)
@@ -68,9 +70,15 @@ def new_conversation(runtime):
         for k in ("slot_budget", "chunk_tokens", "encode_batch")
         if getattr(runtime.args, k) is not None
     }
+    if keep_every_chunk:
+        overrides["slot_budget"] = UNBOUNDED_SLOTS
     return ConversationMemory(
         model, ConversationConfig(**overrides, readback_context_role=runtime.args.readback_context)
     )
+
+
+UNBOUNDED_SLOTS = 1 << 40
+"""The slot budget of a conversation whose whole memory is never composed: one that nothing has to fit."""
 
 
 class _LatentBase(System):
@@ -81,8 +89,11 @@ class _LatentBase(System):
 
     def reset(self) -> None:
         super().reset()
-        self.conversation = new_conversation(self.runtime)
+        self.conversation = self._new_conversation()
         self._last_session = None
+
+    def _new_conversation(self):
+        return new_conversation(self.runtime)
 
     def _write(self, turns: Sequence[Turn]) -> None:
         if self.conversation is None:
@@ -132,7 +143,15 @@ class _PicksChunks(_LatentBase):
     """What the selecting systems share: only `SystemArgs.select_chunks` chunk memories are read per question, ranked
     (`SystemArgs.select_by`) by the memory's address head, which scores each chunk's stored latents against the
     question's own latents (one short encoder call), or by the attention the question's prompt gives them with the
-    whole memory in front (one extra forward pass). Either cost is counted in the time to first token."""
+    whole memory in front (one extra forward pass). Either cost is counted in the time to first token.
+
+    With the address head the whole memory is never composed, so the conversation has no slot budget
+    (`SystemArgs.slot_budget` is not applied): a budget sized for splicing the whole memory (1/16 of the history's
+    KV) would evict chunks the head could pick, most of them at short histories (at 1k tokens of history, 29 of 48
+    spans). What the answer reads is the picked chunks at full resolution, whatever the budget."""
+
+    def _new_conversation(self):
+        return new_conversation(self.runtime, keep_every_chunk=self._select_by() == "address")
 
     def _select_by(self) -> str:
         """`SystemArgs.select_by`, with auto = the address head when the checkpoint has one, else attention."""
