@@ -543,3 +543,22 @@ def test_refined_chunks_are_addressed_by_the_encoders_latents_and_keep_them_when
     restored = ConversationMemory.from_dict(json.loads(json.dumps(conv.to_dict())), memory)
     for a, b in zip(restored._all_chunks(), conv._all_chunks(), strict=True):
         assert torch.equal(a.address_latents, b.address_latents) and torch.equal(a.latents, b.latents)
+
+
+def test_recall_joins_what_the_address_head_or_the_prompt_picks(memory):
+    memory.config.reconstruction_instruction = "Repeat the text."
+    rng = random.Random(13)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=4096))
+    conv.add_turns([("user", sentence(rng, 9)) for _ in range(8)])
+    prompt = memory.reasoner.tokenizer("Where does Ada live?", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="prompt_ids"):
+        conv.recall("Where does Ada live?")  # no address head: attention, which needs the prompt
+    by_attention = conv.read_back(input_ids=torch.tensor([prompt]), top_chunks=2)
+    want = "\n".join(t.strip() for t in by_attention if t.strip()) or None
+    assert conv.recall("Where does Ada live?", 2, prompt_ids=prompt) == want
+    memory.add_address_head(8)
+    by_address = "\n".join(t.strip() for t in conv.read_back("Where does Ada live?", 2) if t.strip()) or None
+    assert conv.recall("Where does Ada live?", 2) == by_address
+    assert conv.recall("Where does Ada live?", 2, prompt_ids=prompt, select_by="attention") == want
+    with pytest.raises(ValueError, match="select_by"):
+        conv.recall("Where does Ada live?", select_by="bm25")

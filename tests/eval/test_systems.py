@@ -368,7 +368,9 @@ def test_readback_context_reaches_the_conversation_and_none_turns_it_off(eval_re
     assert parse(["bench", "online", "--readback-context", "None"]).readback_context is None
 
 
-def test_systems_that_pick_chunks_by_address_keep_every_chunk_whatever_the_slot_budget(eval_reasoner, tmp_path):
+def test_systems_that_pick_chunks_by_address_keep_every_chunk_whatever_the_slot_budget(
+    eval_reasoner, tmp_path
+):
     """A slot budget sized for splicing the whole memory evicts chunks from `latent`; the address-head read paths
     never compose the whole memory, so their conversation keeps every chunk the head could pick."""
     from memsplice.eval.systems.latent import UNBOUNDED_SLOTS, load_memory_model
@@ -377,7 +379,9 @@ def test_systems_that_pick_chunks_by_address_keep_every_chunk_whatever_the_slot_
     budget = 4 * load_memory_model(_runtime(eval_reasoner, checkpoint=ckpt)).config.num_slots
     evicted = {}
     for name in ("latent", "latent-select", "latent-readback", "latent-readback+window"):
-        runtime = _runtime(eval_reasoner, checkpoint=ckpt, chunk_tokens=16, slot_budget=budget, window_tokens=30)
+        runtime = _runtime(
+            eval_reasoner, checkpoint=ckpt, chunk_tokens=16, slot_budget=budget, window_tokens=30
+        )
         system = build_system(name, runtime)
         system.reset()
         system.feed(_turns(40))

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_directory
+from ..cli.common import add_chunk_reading_flags
 from ..devices import synchronize
 from .record import RESULTS_DIR, save_result, update_summary
 
@@ -183,21 +184,7 @@ def add_arguments(p):
         default=2,
         help="latent-select, latent-readback: chunk memories each question reads (recall; default: 2)",
     )
-    p.add_argument(
-        "--readback-context",
-        default="system",
-        type=lambda v: None if v.lower() == "none" else v,
-        metavar="ROLE",
-        help="latent-readback (recall): read back the latest turn of this role before a picked chunk in front of it (the "
-        "session headers, written as system turns; default: system); none: each chunk's text alone",
-    )
-    p.add_argument(
-        "--recency-margin",
-        type=float,
-        default=None,
-        help="latent-select, latent-readback: address-head near-ties within this margin go to the later chunk "
-        "(recall; default: the checkpoint's address_recency_margin)",
-    )
+    add_chunk_reading_flags(p)  # recall
     p.add_argument(
         "--window-tokens",
         type=int,
@@ -1177,9 +1164,8 @@ def run(args) -> int:
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
     memory = load_memory(reasoner, args.checkpoint)
     memory.set_refine_steps(args.refine_steps)
-    memory.set_recency_margin(
-        args.recency_margin
-    )  # what the recall systems read, so the saved memory_config says it
+    # what the recall systems read, so that the saved memory_config says it
+    memory.set_recency_margin(args.recency_margin)
 
     def save(data: dict, name: str):
         data["checkpoint"] = args.checkpoint

@@ -208,6 +208,7 @@ class ChatSession:
     ):
         from memsplice.conversation import ConversationConfig, ConversationMemory
         from memsplice.engine import plain_greedy
+        from memsplice.memory.readback import require_read_back
 
         if engine not in ("auto", "eager"):
             raise ValueError(f"engine must be 'auto' or 'eager' (got {engine!r})")
@@ -216,11 +217,8 @@ class ChatSession:
         self.compile_decode = compile_decode
         self._decoders = None  # a DecoderPool, made on the first greedy answer
         self._readback_decoders = None  # a DecoderPool for read-back, made on the first one
-        if read_back and not memory.config.reconstruction_instruction:
-            raise ValueError(
-                "read_back: this memory records no reconstruction instruction, so nothing can be read back from it "
-                "(use a checkpoint trained to be read back, such as the shipped one)"
-            )
+        if read_back:
+            require_read_back(memory, "read_back")
         self.read_back = read_back
         state = state or {}
         self.turns: list[dict] = list(state.get("turns", []))
@@ -337,15 +335,13 @@ class ChatSession:
     def _recall(self, message: str, messages: list[dict]) -> tuple[str | None, float]:
         """The text read back from the chunk memories `message` picks (`ConversationMemory.recall`; None: nothing
         written), and the seconds it took."""
-        from memsplice.engine import DecoderPool
+        from memsplice.memory.readback import readback_decoders
 
         if not self.conversation.turns:
             return None, 0.0
         t0 = time.perf_counter()
         if self.engine == "auto" and self._readback_decoders is None:
-            self._readback_decoders = DecoderPool(
-                self.reasoner, max_new_tokens=self.memory.config.max_memory_tokens, min_len=64
-            )
+            self._readback_decoders = readback_decoders(self.memory)
         recalled = self.conversation.recall(
             message,
             self.conversation.config.select_chunks or 1,

@@ -27,6 +27,26 @@ def add_checkpoint_flag(p: argparse.ArgumentParser, required: bool = False) -> N
     )
 
 
+def add_chunk_reading_flags(p: argparse.ArgumentParser) -> None:
+    """How the latent systems that pick chunks read them: the address head's recency tie-break and the context read
+    back in front of each chunk (`SystemArgs.recency_margin`, `SystemArgs.readback_context`)."""
+    p.add_argument(
+        "--readback-context",
+        default="system",
+        type=lambda v: None if v.lower() == "none" else v,
+        metavar="ROLE",
+        help="latent-readback: read back the latest turn of this role before a picked chunk in front of it (the "
+        "session headers, written as system turns; default: system); none: each chunk's text alone",
+    )
+    p.add_argument(
+        "--recency-margin",
+        type=float,
+        default=None,
+        help="latent-select, latent-readback with an address head: head scores within this margin of the best are "
+        "a tie that goes to the later chunk (default: the checkpoint's address_recency_margin; 0: by score alone)",
+    )
+
+
 def load_reasoner_from(args):
     from memsplice.reasoner import load_reasoner
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_checkpoint_flag, add_reasoner_flags
+from .common import add_checkpoint_flag, add_chunk_reading_flags, add_reasoner_flags
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -157,21 +157,7 @@ def add_parser(sub):
         help="latent-select: rank chunks with the memory's trained address head, or by the question's attention "
         "to them (one probe pass); auto: address when the checkpoint has an address head (default: auto)",
     )
-    p.add_argument(
-        "--readback-context",
-        default="system",
-        type=lambda v: None if v.lower() == "none" else v,
-        metavar="ROLE",
-        help="latent-readback: read back the latest turn of this role before a picked chunk in front of it (the "
-        "session headers, written as system turns; default: system); none: each chunk's text alone",
-    )
-    p.add_argument(
-        "--recency-margin",
-        type=float,
-        default=None,
-        help="latent-select, latent-readback with an address head: head scores within this margin of the best are "
-        "a tie that goes to the later chunk (default: the checkpoint's address_recency_margin; 0: by score alone)",
-    )
+    add_chunk_reading_flags(p)
     p.add_argument(
         "--chunk-tokens",
         type=int,

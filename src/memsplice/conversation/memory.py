@@ -681,20 +681,28 @@ class ConversationMemory:
             return texts
 
     def recall(
-        self, question: str, top_chunks: int = 1, *, prompt_ids: Sequence[int] | None = None, decoders=None
+        self,
+        question: str,
+        top_chunks: int = 1,
+        *,
+        prompt_ids: Sequence[int] | torch.Tensor | None = None,
+        decoders=None,
+        select_by: str = "auto",
     ) -> str | None:
         """What a chat gives the reasoner from memory read back (`read_back`): the text of the `top_chunks` chunks
-        `question` picks, one chunk per line, None when nothing was read back. The address head picks when the
-        memory has one; else the attention of `prompt_ids` (the prompt the answer will be decoded after), which is
-        then required."""
-        if self.memory.address is not None:
+        `question` picks, one chunk per line, None when nothing was read back. `select_by`: "address" (the address
+        head), "attention" (the attention of `prompt_ids`, the prompt the answer will be decoded after, which is
+        then required) or "auto" (the address head when the memory has one)."""
+        if select_by not in ("auto", "address", "attention"):
+            raise ValueError(
+                f'recall: select_by must be "auto", "address" or "attention" (got {select_by!r})'
+            )
+        if select_by == "address" or (select_by == "auto" and self.memory.address is not None):
             texts = self.read_back(question, top_chunks, decoders=decoders)
         elif prompt_ids is None:
-            raise ValueError(
-                "recall: a memory without an address head picks chunks by a prompt's attention; pass prompt_ids"
-            )
+            raise ValueError("recall: chunks picked by a prompt's attention need prompt_ids")
         else:
-            ids = torch.tensor([list(prompt_ids)], device=self.memory.reasoner.device)
+            ids = torch.as_tensor(prompt_ids, device=self.memory.reasoner.device).reshape(1, -1)
             texts = self.read_back(input_ids=ids, top_chunks=top_chunks, decoders=decoders)
         return "\n".join(t.strip() for t in texts if t.strip()) or None
 

@@ -101,6 +101,28 @@ def _on_engine(memory_model, memory: MemoryKV, limits, live, stops, decoders) ->
     return rows
 
 
+def require_read_back(memory_model, who: str) -> None:
+    """Refuse, naming `who`, a memory that records no reconstruction instruction: nothing can be read back from it."""
+    if not memory_model.config.reconstruction_instruction:
+        raise ValueError(
+            f"{who}: this memory records no reconstruction instruction, so nothing can be read back from it (use a "
+            "checkpoint trained to be read back, such as the shipped one)"
+        )
+
+
+def readback_decoders(memory_model, **decoder_kwargs):
+    """A `memsplice.engine.DecoderPool` for `read_back_ids(..., decoders=)`: the memory's reasoner, reading back at
+    most as many tokens as the memory reads in one call (`max_memory_tokens`)."""
+    from ..engine import DecoderPool
+
+    return DecoderPool(
+        memory_model.reasoner,
+        max_new_tokens=memory_model.config.max_memory_tokens,
+        min_len=64,
+        **decoder_kwargs,
+    )
+
+
 def read_back(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int], *, decoders=None) -> list[str]:
     """`read_back_ids`, decoded."""
     tok = memory_model.reasoner.require_tokenizer()

@@ -46,7 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..engine import DecoderPool, GreedyDecoder, loaded_slots, plain_greedy
 from ..inject.memory_kv import MemoryKV
 from ..memory.model import MemoryModel
-from ..memory.readback import with_recalled
+from ..memory.readback import readback_decoders, require_read_back, with_recalled
 from ..memory.safety import FallbackEvent
 from ..store import MemoryStore, ScopeExistsError
 from .config import ServeConfig
@@ -195,11 +195,8 @@ class MemoryService:
         self.reasoner = memory.reasoner
         self.store = store
         self.config = config or ServeConfig()
-        if self.config.memory_read_back and not memory.config.reconstruction_instruction:
-            raise ValueError(
-                "memory_read_back: this memory records no reconstruction instruction, so nothing can be read back "
-                "from it (serve a checkpoint trained to be read back, such as the shipped one)"
-            )
+        if self.config.memory_read_back:
+            require_read_back(memory, "memory_read_back")
         self._readback_decoders: DecoderPool | None = None
         """Read-back decoders (memory_read_back with engine "auto"); made on the first read-back, on the worker."""
         self.model_id = self.config.model_id or f"memsplice-{self.reasoner.name}"
@@ -512,9 +509,7 @@ class MemoryService:
         if self.decoders is None:
             return None
         if self._readback_decoders is None:
-            self._readback_decoders = DecoderPool(
-                self.reasoner, max_new_tokens=self.memory.config.max_memory_tokens, min_len=64
-            )
+            self._readback_decoders = readback_decoders(self.memory)
         return self._readback_decoders
 
     def _greedy_decoder(self, prompt_tokens: int, kv: MemoryKV | None, params: GenerationParams):

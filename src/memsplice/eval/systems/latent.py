@@ -214,16 +214,10 @@ class _ReadsBack(_PicksChunks):
 
     def _readback_decoders(self):
         """One engine pool per run for read-back (chunks up to the memory's input size), set up as the reader's."""
-        from ...engine import DecoderPool
+        from ...memory.readback import readback_decoders
 
         def build():
-            memory = load_memory_model(self.runtime)
-            return DecoderPool(
-                self.reader.reasoner,
-                max_new_tokens=memory.config.max_memory_tokens,
-                min_len=64,
-                cuda_graphs=self.reader.cuda_graphs,
-            )
+            return readback_decoders(load_memory_model(self.runtime), cuda_graphs=self.reader.cuda_graphs)
 
         return self.runtime.shared("readback_decoders", build)
 
@@ -240,14 +234,14 @@ class _ReadsBack(_PicksChunks):
                 self._warned_no_instruction = True
             return None, 0.0
         t0 = time.perf_counter()
-        k = self.args.select_chunks
-        decoders = self._readback_decoders()
-        if self._select_by() == "address":
-            texts = self.conversation.read_back(question.question, k, decoders=decoders)
-        else:
-            ids = self._probe_prompt(question, window)
-            texts = self.conversation.read_back(input_ids=ids, top_chunks=k, decoders=decoders)
-        recalled = "\n".join(t.strip() for t in texts if t.strip()) or None
+        by = self._select_by()
+        recalled = self.conversation.recall(
+            question.question,
+            self.args.select_chunks,
+            prompt_ids=self._probe_prompt(question, window) if by == "attention" else None,
+            decoders=self._readback_decoders(),
+            select_by=by,
+        )
         return recalled, time.perf_counter() - t0
 
 
