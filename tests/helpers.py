@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from memsplice import MemoryConfig, MemoryModel
@@ -18,6 +21,15 @@ def small_memory(reasoner, operator: str = "prepend_kv", **overrides) -> MemoryM
     )
     cfg.update(overrides)
     return MemoryModel(MemoryConfig(**cfg), reasoner)
+
+
+def load_script(relative: str):
+    """A script of the repository's `scripts/` folder (e.g. "online/merge_recall.py"), imported as a module."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_ids(batch: int, length: int, vocab: int = 384, low: int = 3) -> torch.Tensor:

@@ -1,20 +1,15 @@
 """scripts/online/merge_recall.py: per-(length, seed) recall runs merge into means over seeds, with the share of the
 oracle; a system given twice for one seed, an incomplete run, or seeds with different systems is refused."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "online" / "merge_recall.py"
+from helpers import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("merge_recall", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("online/merge_recall.py")
 
 
 def _run(tmp_path, name, seed, recall, complete=True):

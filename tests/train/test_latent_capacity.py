@@ -1,23 +1,15 @@
 """scripts/formation/latent_capacity.py: per-passage optimisation of free latents / free K/V lowers the reconstruction
 loss, and step 0 is the encoder itself."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from helpers import random_ids, small_memory
+from helpers import load_script, random_ids, small_memory
 from memsplice.train.evaluate import reconstruction_fidelity
 from tiny import tiny_reasoner
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "formation" / "latent_capacity.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("latent_capacity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("formation/latent_capacity.py")
 
 
 @pytest.mark.parametrize("mode", ["free_latents", "free_kv"])
