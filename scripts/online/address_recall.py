@@ -2,7 +2,8 @@
 conversation, the share of questions whose evidence chunk is among the k chunks the head ranks first.
 
     python scripts/online/address_recall.py CHECKPOINT [--chunk-tokens N] [--lengths 1024 2048 4096]
-        [--examples 4] [--seed 0] [--values pools open] [--split test] [--recency-margins 0 0.5 1] [--record NAME]
+        [--examples 4] [--seed 0] [--values pools open] [--split test] [--perspective others|user]
+        [--recency-margins 0 0.5 1] [--record NAME]
 
 Chunks are ranked as `ConversationMemory.address` ranks them: by score, near-ties (within the checkpoint's
 `address_recency_margin`) to the later chunk. `--recency-margins` reports each margin given instead (under
@@ -38,6 +39,12 @@ def main() -> int:
     p.add_argument("--values", nargs="+", choices=["pools", "open"], default=["pools", "open"])
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument(
+        "--perspective",
+        choices=["others", "user"],
+        default="others",
+        help="the synthetic task's perspective (\"user\": a user's chat, half the facts the user's own)",
+    )
+    p.add_argument(
         "--recency-margins",
         type=float,
         nargs="+",
@@ -52,6 +59,7 @@ def main() -> int:
     chunk = args.chunk_tokens or memory.config.chunk_tokens or memory.config.max_memory_tokens
     margins = args.recency_margins or [memory.config.address_recency_margin]
     out = {"checkpoint": args.checkpoint, "chunk_tokens": chunk, "split": args.split, "seed": args.seed}
+    out["perspective"] = args.perspective
     out["recency_margins"] = margins
     for values in args.values:
         by_length = {}
@@ -63,6 +71,7 @@ def main() -> int:
                 split=args.split,
                 facts=6,
                 values=values,
+                perspective=args.perspective,
             )
             episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
             by_length[length] = address_examples(memory, episode_examples(episodes, reasoner, chunk))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from memsplice.eval.reader import render_turn
 from memsplice.eval.tasks import LoCoMoFormatError, TaskArgs, approx_tokens, get_task, load_locomo
 from memsplice.eval.tasks.filler import _dialogues
-from memsplice.eval.tasks.synthetic import ATTRIBUTES
+from memsplice.eval.tasks.synthetic import ATTRIBUTES, INTRODUCTIONS, SELF_TEMPLATES
 
 
 def _synthetic(**kw):
@@ -173,8 +174,35 @@ def test_open_values_are_made_up_per_fact_and_keep_the_episode_sound():
     assert _synthetic(values="pools") == _synthetic()
 
 
+def test_user_perspective_is_a_users_chat_with_first_person_facts():
+    """The user names themselves in the first turn; half the facts (rounded up) are theirs, told by them in the first
+    person, and asked about by a name their fact's turn does not hold; the other facts are told by the user too."""
+    episodes = _synthetic(examples=3, lengths=(1024,), perspective="user", split="train")
+    assert episodes == _synthetic(examples=3, lengths=(1024,), perspective="user", split="train")
+    assert {a.name for a in ATTRIBUTES} == set(SELF_TEMPLATES)
+    for episode in episodes:
+        assert "user" in episode.id
+        assert {t.speaker for t in episode.turns} == {"user", "assistant"}
+        first = episode.turns[0]
+        assert first.speaker == "user"
+        patterns = [re.escape(t).replace(re.escape("{name}"), "(.+)") for t in INTRODUCTIONS]
+        (user,) = [m.group(1) for p in patterns if (m := re.fullmatch(p, first.text))]
+        given = user.split()[0]
+        own = 0
+        for q in episode.questions:
+            (evidence,) = episode.turns_by_id(q.evidence)
+            assert evidence.speaker == "user" and q.answer in evidence.text
+            if given in q.question:
+                own += 1
+                assert given not in evidence.text  # the fact's turn says "I", not the name
+        assert own == 3  # 6 facts: 3 the user's own
+    # the option leaves the default perspective exactly as it was
+    assert _synthetic(perspective="others") == _synthetic()
+
+
 def test_task_args_validate():
     for bad in (
+        dict(perspective="mine"),
         dict(values="random"),
         dict(examples=-1),
         dict(lengths=()),

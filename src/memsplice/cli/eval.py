@@ -127,6 +127,13 @@ def add_parser(sub):
         help="synthetic: facts' values from the split's fixed lists (pools) or made-up words and numbers drawn "
         "afresh for each fact (open: answers no model can know except from the history; default: pools)",
     )
+    p.add_argument(
+        "--perspective",
+        choices=("others", "user"),
+        default="others",
+        help="synthetic: two friends talk about other people (others), or a user chats with an assistant and half "
+        "the facts are the user's own, told in the first person and asked about by name (user; default: others)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit (default: 24)")
     p.add_argument(
@@ -252,6 +259,7 @@ def _run(args) -> dict:
             data=args.data,
             facts=args.facts,
             values=args.values,
+            perspective=args.perspective,
             depths=args.depths,
         ),
         system_args=SystemArgs(

@@ -57,6 +57,12 @@ class AddressConfig:
     """Tokens per chunk (default: the checkpoint's `chunk_tokens`, else its `max_memory_tokens`)."""
     open_values: float = 0.5
     """Share of episodes (train and held-out) with made-up values (`TaskArgs.values="open"`)."""
+    user_perspective: float = 0.0
+    """Share of the pool-value episodes (train and held-out) that are a user's chat with an assistant, half of
+    whose facts are the user's own, told in the first person (`TaskArgs.perspective="user"`): questions that name
+    someone the fact's chunk does not."""
+    new_head: bool = False
+    """Start from a fresh head even when the checkpoint has one (else train the checkpoint's head further)."""
     episodes_per_step: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -77,8 +83,9 @@ class AddressConfig:
             raise ValueError(
                 f"AddressConfig.history_tokens must be lengths >= 256 (got {self.history_tokens})"
             )
-        if not 0.0 <= self.open_values <= 1.0:
-            raise ValueError(f"AddressConfig.open_values must lie in [0, 1] (got {self.open_values})")
+        for name in ("open_values", "user_perspective"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"AddressConfig.{name} must lie in [0, 1] (got {getattr(self, name)})")
         if self.lr <= 0:
             raise ValueError("AddressConfig.lr must be positive")
 
@@ -191,6 +198,8 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
             f"AddressConfig.chunk_tokens={chunk_tokens} is more than the memory reads in one call "
             f"(max_memory_tokens={memory.config.max_memory_tokens})"
         )
+    if cfg.new_head:
+        memory.address = None
     if memory.address is None:
         memory.add_address_head(cfg.dim)
     elif memory.address.dim != cfg.dim:
@@ -199,12 +208,19 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
     torch.manual_seed(cfg.seed)
     count = Reader(reasoner).count_tokens
     t0 = time.perf_counter()
-    n_open = round(cfg.episodes * cfg.open_values)
-    episodes = synthetic_episodes(cfg, cfg.episodes - n_open, cfg.seed, count)
-    episodes += synthetic_episodes(cfg, n_open, cfg.seed, count, values="open")
-    n_open_held = round(cfg.eval_episodes * cfg.open_values)
-    held_episodes = synthetic_episodes(cfg, cfg.eval_episodes - n_open_held, cfg.seed + 10_000, count)
-    held_episodes += synthetic_episodes(cfg, n_open_held, cfg.seed + 10_000, count, values="open")
+
+    def mix(total: int, seed: int) -> list:
+        """`total` train-split episodes: made-up values, the user's perspective and the default one, as shares."""
+        n_open = round(total * cfg.open_values)
+        n_user = round((total - n_open) * cfg.user_perspective)
+        return (
+            synthetic_episodes(cfg, total - n_open - n_user, seed, count)
+            + synthetic_episodes(cfg, n_user, seed, count, perspective="user")
+            + synthetic_episodes(cfg, n_open, seed, count, values="open")
+        )
+
+    episodes = mix(cfg.episodes, cfg.seed)
+    held_episodes = mix(cfg.eval_episodes, cfg.seed + 10_000)
     train = address_examples(memory, episode_examples(episodes, reasoner, chunk_tokens), cfg.encode_batch)
     held = address_examples(memory, episode_examples(held_episodes, reasoner, chunk_tokens), cfg.encode_batch)
     if not train or not held:

@@ -185,8 +185,16 @@ class EpisodeExample:
     """Each question's text (what `prompts` ask, before any prompt template)."""
 
 
-def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens, values: str = "pools"):
-    """`count` train-split episodes spread over `cfg.history_tokens`, with pool or made-up ("open") values."""
+def synthetic_episodes(
+    cfg: BootstrapConfig,
+    count: int,
+    seed: int,
+    count_tokens,
+    values: str = "pools",
+    perspective: str = "others",
+):
+    """`count` train-split episodes spread over `cfg.history_tokens`, with pool or made-up ("open") values, in the
+    synthetic task's `perspective` ("others" or "user")."""
     if count <= 0:
         return []
     try:
@@ -200,6 +208,7 @@ def synthetic_episodes(cfg: BootstrapConfig, count: int, seed: int, count_tokens
         split="train",
         facts=cfg.facts,
         values=values,
+        perspective=perspective,
         data=Path(cfg.data) if cfg.data else None,
     )
     return get_task("synthetic")(args, count_tokens)[:count]

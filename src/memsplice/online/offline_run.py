@@ -51,6 +51,8 @@ def offline_main(
         flag = "--" + f.name.replace("_", "-")
         if "list" in str(f.type):
             p.add_argument(flag, type=int, nargs="+", default=None, help=f"{name}.{f.name}")
+        elif str(f.type) in ("bool", "<class 'bool'>"):
+            p.add_argument(flag, action="store_true", default=None, help=f"{name}.{f.name}")
         else:
             p.add_argument(
                 flag, type=_flag_type(f.type), default=None, help=f"{name}.{f.name} (default: {default})"

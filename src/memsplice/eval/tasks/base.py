@@ -92,6 +92,9 @@ class TaskArgs:
     values: str = "pools"
     """Synthetic: "pools" (values from the fixed per-split lists of cities, jobs, ...) or "open" (made-up words and
     numbers drawn afresh for every fact, so that an answer can only come from the history)."""
+    perspective: str = "others"
+    """Synthetic: "others" (two friends chat about facts of other people) or "user" (a user chats with an
+    assistant, and half the facts are the user's own, told in the first person)."""
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     """Passkey: where the needle sits, as a fraction of the history."""
 
@@ -106,6 +109,8 @@ class TaskArgs:
             raise ValueError(f'TaskArgs.split must be "train" or "test" (got {self.split!r})')
         if self.values not in ("pools", "open"):
             raise ValueError(f'TaskArgs.values must be "pools" or "open" (got {self.values!r})')
+        if self.perspective not in ("others", "user"):
+            raise ValueError(f'TaskArgs.perspective must be "others" or "user" (got {self.perspective!r})')
         if self.facts < 1:
             raise ValueError(f"TaskArgs.facts must be >= 1 (got {self.facts})")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):

@@ -71,6 +71,8 @@ class PlannedTurn:
     text: str
     key: str
     """The task's name for it; the built turn's id is returned under this key."""
+    speaker: int | None = None
+    """Who says it (0 or 1: an index into the history's two speakers); None: whoever's turn it is."""
 
 
 def session_count(target_tokens: int) -> int:
@@ -100,7 +102,8 @@ def assemble_history(
 ) -> tuple[list[Turn], dict[str, str]]:
     """Filler turns up to `target_tokens`, with `planned` turns inserted at their fractions, split into sessions.
 
-    Returns the turns (ids "S<session>:<index>", speakers alternating) and {planned key: turn id}.
+    Returns the turns (ids "S<session>:<index>", speakers alternating except where a planned turn names its
+    speaker) and {planned key: turn id}.
     """
     sessions = session_count(target_tokens)
     dates = session_dates(sessions, rng)
@@ -111,12 +114,12 @@ def assemble_history(
     index_in_session = 0
     session = 1
 
-    def add(text: str, key: str | None = None) -> None:
+    def add(text: str, key: str | None = None, speaker: int | None = None) -> None:
         nonlocal used, index_in_session
         index_in_session += 1
         turn = Turn(
             id=f"S{session}:{index_in_session}",
-            speaker=speakers[len(turns) % 2],
+            speaker=speakers[len(turns) % 2 if speaker is None else speaker],
             text=text,
             session=session,
             date=dates[session - 1],
@@ -129,10 +132,10 @@ def assemble_history(
     while used < target_tokens or queue:
         while queue and queue[0].at * target_tokens <= used:
             item = queue.pop(0)
-            add(item.text, item.key)
+            add(item.text, item.key, item.speaker)
         if used >= target_tokens:
             for item in queue:
-                add(item.text, item.key)
+                add(item.text, item.key, item.speaker)
             break
         boundary = session * target_tokens / sessions
         if used >= boundary and session < sessions:

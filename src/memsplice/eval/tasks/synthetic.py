@@ -9,6 +9,13 @@ once. Every fact asked about is one of three kinds, which is the question's cate
 - "distractor": told once, with another turn that mentions the same person with another value of the same kind
   ("... spent a weekend in Oslo") that is not the answer.
 
+With `perspective="user"` the conversation is a user's chat with an assistant, as memsplice's own chats are: the
+speakers are "user" and "assistant", the user gives their full name in the first turn ("Hi! I'm Priya Raman."),
+and half the facts (rounded up) are the user's own, told by the user in the first person ("I moved to Lyon last
+year"); the questions about them name the user ("Where does Priya live?"), a name the fact's turn does not hold.
+The other facts are about other people, as in the default perspective ("others"), which is unchanged by this
+option.
+
 Guarantees: seeded and reproducible; the "train" and "test" splits draw names and values from disjoint pools (by a
 fixed hash), so they never share a fact, and their filler comes from disjoint dialogues; within an episode every
 person and every value is distinct, so each question has exactly one right answer. Evidence is the turn that
@@ -331,6 +338,68 @@ ATTRIBUTES = (
     ),
 )
 
+SELF_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # attribute -> (tell, update, distract) in the first person, {value} as in `Attribute`
+    "city": (
+        ("I live in {value} now.", "I moved to {value} last year and I love it there."),
+        ("I moved again, to {value} this time.", "I just relocated to {value} for good."),
+        ("I spent a weekend in {value} last month.", "I keep thinking about a trip to {value}."),
+    ),
+    "job": (
+        ("I work as a {value}.", "I have a job as a {value} these days."),
+        ("I changed careers and I am a {value} now.", "I quit and started working as a {value}."),
+        ("I once thought about becoming a {value}.", "My neighbour is a {value}."),
+    ),
+    "dog": (
+        ("I have a dog called {value}.", "My dog is named {value}."),
+        (
+            "I renamed my dog, it answers to {value} now.",
+            "I decided my dog should be called {value} instead.",
+        ),
+        ("I looked after a friend's dog called {value} once.", "I met a dog named {value} at the park."),
+    ),
+    "food": (
+        ("My favourite food is {value}.", "Nothing beats {value} for me."),
+        ("I have a new favourite food: {value}.", "These days {value} is my favourite food."),
+        ("I tried {value} once and did not like it.", "I cooked {value} for a party last week."),
+    ),
+    "birthday": (
+        ("My birthday is on {value}.", "I celebrate my birthday every {value}."),
+        (
+            "I had it wrong before, my birthday is actually on {value}.",
+            "Correction: my birthday is on {value}.",
+        ),
+        ("I have a dentist appointment on {value}.", "My sister has her birthday on {value}."),
+    ),
+    "locker": (
+        ("My locker number at the gym is {value}.", "I always use locker {value} at the gym."),
+        ("I got a new gym locker, number {value}.", "The gym moved me to locker number {value}."),
+        ("I take bus number {value} to the gym.", "My flat is number {value}."),
+    ),
+    "car": (
+        ("I drive a {value} car.", "My car is {value}."),
+        ("I had my car repainted {value}.", "I sold my old car and bought a {value} one."),
+        ("I rented a {value} car on holiday.", "My brother drives a {value} car."),
+    ),
+    "sport": (
+        ("I play {value} every weekend.", "I am really into {value}."),
+        ("I gave up my old sport and play {value} now.", "I switched to {value} this season."),
+        ("I watched a {value} match on TV.", "My cousin coaches {value}."),
+    ),
+    "instrument": (
+        ("I play the {value}.", "I have been learning the {value} for years."),
+        (
+            "I switched instruments and play the {value} now.",
+            "I sold my old instrument and took up the {value}.",
+        ),
+        ("I went to a {value} concert.", "My teacher plays the {value}."),
+    ),
+}
+"""First-person facts of the user (`perspective="user"`), one entry per attribute of `ATTRIBUTES`."""
+
+INTRODUCTIONS = ("Hi! I'm {name}.", "Hello, my name is {name}.", "Hey there, {name} here.")
+"""The user's first turn (`perspective="user"`)."""
+
 FIRST_NAMES = (
     "Ana",
     "Tomas",
@@ -567,7 +636,8 @@ def _sentence(opener: str, text: str) -> str:
 def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: CountTokens) -> Episode:
     """One episode of `target_tokens` history (seeded by args.seed, the length and the index)."""
     open_values = args.values == "open"
-    tag = "|open" if open_values else ""  # pool episodes keep the seeds (and so the episodes) they always had
+    # pool episodes of the default perspective keep the seeds (and so the episodes) they always had
+    tag = ("|open" if open_values else "") + ("|user" if args.perspective == "user" else "")
     rng = random.Random(f"synthetic|{args.split}|{args.seed}|{target_tokens}|{index}{tag}")
     first = _pool("first", FIRST_NAMES, args.split)
     last = _pool("last", LAST_NAMES, args.split)
@@ -576,6 +646,15 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
     firsts = rng.sample(first, args.facts + 2)  # distinct first names: nobody is confused with anybody else
     speakers = (firsts.pop(), firsts.pop())
     people = [f"{f} {rng.choice(last)}" for f in firsts]
+    as_user = args.perspective == "user"
+    own = -(-args.facts // 2) if as_user else 0  # facts 0 .. own-1 are the user's own
+    planned: list[PlannedTurn] = []
+    if as_user:
+        user = f"{speakers[0]} {rng.choice(last)}"
+        people[:own] = [user] * own
+        planned.append(PlannedTurn(0.0, rng.choice(INTRODUCTIONS).format(name=user), "intro", speaker=0))
+        speakers = ("user", "assistant")
+    by = 0 if as_user else None  # in a user's chat the user tells every fact
     # Each attribute at most once per round through them, so a pool never runs dry.
     attributes = [
         a for _ in range(-(-args.facts // len(ATTRIBUTES))) for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES))
@@ -590,7 +669,6 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
         }
     kinds = (["single", "updated", "distractor"] * args.facts)[: args.facts]
     rng.shuffle(kinds)
-    planned: list[PlannedTurn] = []
     facts = []
     for i, (person, attribute, kind) in enumerate(zip(people, attributes, kinds, strict=False)):
         pool = pools[attribute.name]
@@ -599,32 +677,39 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
                 f"synthetic: too many facts per episode for the {attribute.name!r} pool; lower --facts"
             )
         value = pool.pop()
-        intro = f"my {rng.choice(RELATIONS)} {person}"
-        tell = rng.choice(attribute.tell).format(who=intro, value=value)
+        if i < own:  # the user's own fact, in the first person
+            tells, updates, distracts = SELF_TEMPLATES[attribute.name]
+            tell = rng.choice(tells).format(value=value)
+            asked = rng.choice((person, person.split()[0]))  # by full name or first name
+        else:
+            tells, updates, distracts = attribute.tell, attribute.update, attribute.distract
+            intro = f"my {rng.choice(RELATIONS)} {person}"
+            tell = rng.choice(tells).format(who=intro, value=value)
+            asked = person
         if kind == "updated":
             told_at = rng.uniform(0.0, 0.6)
             new_value = pool.pop()
-            planned.append(PlannedTurn(told_at, _sentence(rng.choice(OPENERS), tell), f"{i}:tell"))
-            update = rng.choice(attribute.update).format(who=person, value=new_value)
+            planned.append(PlannedTurn(told_at, _sentence(rng.choice(OPENERS), tell), f"{i}:tell", by))
+            update = rng.choice(updates).format(who=person, value=new_value)
             planned.append(
                 PlannedTurn(
-                    rng.uniform(told_at + 0.2, 1.0), _sentence(rng.choice(OPENERS), update), f"{i}:answer"
+                    rng.uniform(told_at + 0.2, 1.0), _sentence(rng.choice(OPENERS), update), f"{i}:answer", by
                 )
             )
-            facts.append((i, person, attribute, new_value, kind))
+            facts.append((i, asked, attribute, new_value, kind))
         else:
             planned.append(
-                PlannedTurn(rng.uniform(0.0, 1.0), _sentence(rng.choice(OPENERS), tell), f"{i}:answer")
+                PlannedTurn(rng.uniform(0.0, 1.0), _sentence(rng.choice(OPENERS), tell), f"{i}:answer", by)
             )
             if kind == "distractor":
                 other = pool.pop()
-                distract = rng.choice(attribute.distract).format(who=person, value=other)
+                distract = rng.choice(distracts).format(who=person, value=other)
                 planned.append(
                     PlannedTurn(
-                        rng.uniform(0.0, 1.0), _sentence(rng.choice(OPENERS), distract), f"{i}:distractor"
+                        rng.uniform(0.0, 1.0), _sentence(rng.choice(OPENERS), distract), f"{i}:distractor", by
                     )
                 )
-            facts.append((i, person, attribute, value, kind))
+            facts.append((i, asked, attribute, value, kind))
     filler = filler_turns(args.split, seed=rng.randrange(2**31), data=args.data)
     turns, placed = assemble_history(target_tokens, planned, speakers, filler, count_tokens, rng)
     questions = tuple(
@@ -638,7 +723,7 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
         )
         for i, person, attribute, value, kind in facts
     )
-    episode_id = f"synthetic-{args.split}{'-open' if open_values else ''}-{target_tokens}-{index}"
+    episode_id = f"synthetic-{args.split}{'-open' if open_values else ''}{'-user' if as_user else ''}-{target_tokens}-{index}"
     return Episode(episode_id, tuple(turns), questions, meta={"target_tokens": target_tokens})
 
 
