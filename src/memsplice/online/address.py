@@ -279,6 +279,8 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
         "history_tokens": list(cfg.history_tokens),
         "split": "train",
         "task": "synthetic",
+        "open_values": cfg.open_values,
+        "user_perspective": cfg.user_perspective,
         "heldout": {k: v for k, v in curve[-1].items() if k not in ("step", "seconds")},
     }
     memory.config.chunk_tokens = chunk_tokens
