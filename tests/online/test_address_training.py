@@ -100,6 +100,36 @@ def test_run_trains_only_the_head_and_saves_it(tmp_path):
     assert loaded.config.extra["address"]["chunk_tokens"] == CHUNK
 
 
+def test_user_perspective_mix_and_a_fresh_head(tmp_path):
+    """--user-perspective mixes user-perspective episodes in (recorded with the head); --new-head replaces a trained
+    head instead of training it further."""
+    memory = tiny_memory()
+    old = memory.add_address_head(128)
+    old.log_scale.data.fill_(1.234)
+    report = run_address(memory, small_config(episodes=4, user_perspective=0.5, new_head=True), tmp_path)
+    assert memory.address is not old and report["config"]["user_perspective"] == 0.5
+    assert memory.config.extra["address"]["user_perspective"] == 0.5
+    speakers = {
+        t.speaker
+        for e in synthetic_episodes(
+            small_config(), 1, 0, Reader(memory.reasoner).count_tokens, perspective="user"
+        )
+        for t in e.turns
+    }
+    assert speakers == {"user", "assistant"}
+
+
+def test_command_line_takes_the_share_and_the_switch():
+    from memsplice.online.address import __doc__ as doc
+    from memsplice.online.offline_run import config_from_args, config_parser
+
+    parser = config_parser("address", doc, AddressConfig, "checkpoint")
+    cfg = config_from_args(AddressConfig, parser.parse_args(["--output", "x", "--user-perspective", "0.3"]))
+    assert cfg.user_perspective == 0.3 and cfg.new_head is False
+    cfg = config_from_args(AddressConfig, parser.parse_args(["--output", "x", "--new-head"]))
+    assert cfg.new_head is True and cfg.user_perspective == 0.0
+
+
 def test_a_step_may_ask_for_more_episodes_than_there_are(tmp_path):
     memory = tiny_memory()
     report = run_address(memory, small_config(steps=2, episodes=2, episodes_per_step=5), tmp_path)
@@ -125,5 +155,7 @@ def test_config_refuses_nonsense():
         AddressConfig(steps=0)
     with pytest.raises(ValueError, match="open_values"):
         AddressConfig(open_values=2.0)
+    with pytest.raises(ValueError, match="user_perspective"):
+        AddressConfig(user_perspective=-0.1)
     with pytest.raises(ValueError, match="history_tokens"):
         AddressConfig(history_tokens=[100])

@@ -20,18 +20,9 @@ def _flag_type(annotation) -> type:
     return float if "float" in text else int if "int" in text else str
 
 
-def offline_main(
-    argv: list[str] | None,
-    *,
-    prog: str,
-    doc: str,
-    config_class,
-    run: Callable,
-    checkpoint_help: str,
-    hide: tuple[str, ...] = ("config",),
-) -> int:
-    """Parse `argv`, build `config_class` from its flags, load the reasoner and the memory, call
-    `run(memory, config, output)`, save the report with `--record`, print it without the keys in `hide`."""
+def config_parser(prog: str, doc: str, config_class, checkpoint_help: str) -> argparse.ArgumentParser:
+    """The command line of an offline run: reasoner, checkpoint, device, output and record flags, and one flag per
+    field of `config_class` (lists take several values, booleans are switches)."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("--reasoner", default=None)
     p.add_argument("--checkpoint", default=None, help=checkpoint_help)
@@ -57,10 +48,30 @@ def offline_main(
             p.add_argument(
                 flag, type=_flag_type(f.type), default=None, help=f"{name}.{f.name} (default: {default})"
             )
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return p
+
+
+def config_from_args(config_class, args: argparse.Namespace):
+    """`config_class` from parsed flags: the fields given, the defaults for the rest."""
     known = {f.name for f in fields(config_class)}
-    config = config_class(**{k: v for k, v in vars(args).items() if k in known and v is not None})
+    return config_class(**{k: v for k, v in vars(args).items() if k in known and v is not None})
+
+
+def offline_main(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    doc: str,
+    config_class,
+    run: Callable,
+    checkpoint_help: str,
+    hide: tuple[str, ...] = ("config",),
+) -> int:
+    """Parse `argv`, build `config_class` from its flags, load the reasoner and the memory, call
+    `run(memory, config, output)`, save the report with `--record`, print it without the keys in `hide`."""
+    args = config_parser(prog, doc, config_class, checkpoint_help).parse_args(argv)
+    config = config_from_args(config_class, args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..bench.record import provenance, save_result
     from ..checkpoints import load_memory
     from ..reasoner import load_reasoner
