@@ -344,7 +344,6 @@ class ChatSession:
             self._readback_decoders = readback_decoders(self.memory)
         recalled = self.conversation.recall(
             message,
-            self.conversation.config.select_chunks or 1,
             prompt_ids=self.reasoner.chat_ids(messages),
             decoders=self._readback_decoders if self.engine == "auto" else None,
         )

@@ -683,20 +683,25 @@ class ConversationMemory:
     def recall(
         self,
         question: str,
-        top_chunks: int = 1,
+        top_chunks: int | None = None,
         *,
         prompt_ids: Sequence[int] | torch.Tensor | None = None,
         decoders=None,
         select_by: str = "auto",
     ) -> str | None:
         """What a chat gives the reasoner from memory read back (`read_back`): the text of the `top_chunks` chunks
-        `question` picks, one chunk per line, None when nothing was read back. `select_by`: "address" (the address
-        head), "attention" (the attention of `prompt_ids`, the prompt the answer will be decoded after, which is
-        then required) or "auto" (the address head when the memory has one)."""
+        `question` picks (None: `ConversationConfig.select_chunks`, else 1), one chunk per line, None when nothing
+        was read back (or nothing is written yet). `select_by`: "address" (the address head), "attention" (the
+        attention of `prompt_ids`, the prompt the answer will be decoded after, which is then required) or "auto"
+        (the address head when the memory has one)."""
         if select_by not in ("auto", "address", "attention"):
             raise ValueError(
                 f'recall: select_by must be "auto", "address" or "attention" (got {select_by!r})'
             )
+        if not self.turns:
+            return None
+        if top_chunks is None:
+            top_chunks = self.config.select_chunks or 1
         if select_by == "address" or (select_by == "auto" and self.memory.address is not None):
             texts = self.read_back(question, top_chunks, decoders=decoders)
         elif prompt_ids is None:

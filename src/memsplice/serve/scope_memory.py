@@ -126,9 +126,7 @@ class ScopeMemory:
         conversation's `select_chunks`, default 1), one per line; None when nothing live is written."""
         if not self.conversation.turns:
             return None
-        text = self.conversation.recall(
-            question, self.conversation.config.select_chunks or 1, prompt_ids=prompt_ids, decoders=decoders
-        )
+        text = self.conversation.recall(question, prompt_ids=prompt_ids, decoders=decoders)
         self.reads += 1
         self.last_read = time.time()
         return text
