@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from formation_helpers import save_tiny_reasoner
 from memsplice.cli.main import main
+from memsplice.serve.server import free_port
 from memsplice.train import TrainConfig
 
 ROOT = Path(__file__).parents[2]
@@ -63,21 +65,54 @@ def test_bad_flags_give_one_line_errors(corpus, tmp_path, capsys):
 def test_torchrun_two_cpu_ranks(corpus, tmp_path):
     reasoner_dir = save_tiny_reasoner(tmp_path / "reasoner")
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    # Loopback only, on a port nobody holds: gloo otherwise binds the address the host name resolves to, which on
+    # some machines is not reachable, and a fixed port may belong to another run on the same host.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MEMSPLICE_DIST_TIMEOUT_S": "120",
+    }
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
         "2",
+        "--master-addr",
+        "127.0.0.1",
         "--master-port",
-        "29517",
+        str(free_port()),
         "-m",
         "memsplice.cli.main",
         *_args(corpus, reasoner_dir, out),
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = _run_group(cmd, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and summary["throughput"]["world_size"] == 2
     assert (out / "memory" / "memsplice_config.json").is_file()
+
+
+def _run_group(cmd, *, env, cwd, timeout):
+    """Run `cmd` in its own process group; past `timeout` kill the whole group (torchrun and its workers) and fail
+    with what it printed, so a hang shows where it stopped."""
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"torchrun still running after {timeout} s\nstdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-4000:]}"
+        )
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -3,6 +3,8 @@
 `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK). Without it the run is a single
 process with world size 1 and nothing is initialised. Under torchrun each rank takes GPU LOCAL_RANK when CUDA is
 asked for (or available), else the CPU with gloo. Only rank 0 prints, shows progress bars and writes files.
+Collectives give up after `MEMSPLICE_DIST_TIMEOUT_S` seconds (default 1800), so a rank that never arrives ends the
+run with an error instead of a hang.
 """
 
 from __future__ import annotations
@@ -50,9 +52,20 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=_timeout())
     logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
     return DistInfo(rank, world, local, dev, backend)
+
+
+def _timeout() -> datetime.timedelta:
+    raw = os.environ.get("MEMSPLICE_DIST_TIMEOUT_S", "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ValueError(f"MEMSPLICE_DIST_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def teardown(info: DistInfo) -> None:
