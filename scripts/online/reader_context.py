@@ -22,9 +22,23 @@ history in the user message; these move the window or the recalled text elsewher
 - `window_in_system`: the window in the system message, `header_chunk` as the history;
 - `window_earlier_turn`: the window as an earlier user turn (answered "Noted."), `header_chunk` as the history of
   the last one;
-- `recalled_in_system`: `header_chunk` in the system message as chat and the server give read-back text
-  (`memory.readback.with_recalled`), the window as the history;
+- `recalled_in_system`: `header_chunk` in the system message (`memory.readback.with_recalled` placement
+  "system"), the window as the history;
 - `recalled_in_system_alone`: the same without the window (no history).
+With `--chat` (needs `--perspective user` and `--window-tokens`), the prompt as `memsplice chat --window` builds
+it: chat's system prompt, the window's turns as user and assistant messages, the bare question as the last user
+message, the recalled text (`header_chunk`) under `RECALL_HEADER`:
+- `chat_window`: no recalled text (what the window alone answers);
+- `chat_recalled_in_system`: recalled text in the system message (`with_recalled` placement "system", what chat
+  and the server did first);
+- `chat_recalled_in_user`: recalled text in the last user message, in front of the question;
+- `chat_recalled_before_question`: recalled text as a system message of its own right before the question;
+- `chat_recalled_as_history`: recalled text in the last user message framed as the eval frames history, in front
+  of the question (`with_recalled` placement "message", what chat and the server do now);
+- `chat_recalled_in_system_alone`, `chat_recalled_in_user_alone`, `chat_recalled_as_history_alone`: those without
+  the window;
+- `chat_memory_system_*`: with the eval's system prompt less its "a few words" instruction (`MEMORY_SYSTEM`).
+`--only NAME ...` keeps just those histories and layouts.
 """
 
 import argparse
@@ -36,7 +50,7 @@ from memsplice.eval.metrics import score_answer
 from memsplice.eval.reader import PromptTemplate, Reader, render_history, render_session_header, render_turn
 from memsplice.eval.systems.context import recent_window
 from memsplice.eval.tasks import TaskArgs, get_task
-from memsplice.memory.readback import with_recalled
+from memsplice.memory.readback import RECALL_HEADER, with_recalled
 from memsplice.online.bootstrap import episode_examples
 from memsplice.reasoner import load_reasoner
 
@@ -52,12 +66,21 @@ def main() -> int:
     p.add_argument(
         "--layouts", action="store_true", help="also the other prompt layouts (needs --window-tokens)"
     )
+    p.add_argument("--perspective", choices=["others", "user"], default="others", help="the synthetic task's")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="also the chat layouts (needs --perspective user, --window-tokens)",
+    )
+    p.add_argument("--only", nargs="+", default=None, help="just these histories and layouts")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--record", default=None, help="save as benchmarks/results/NAME.json with provenance")
     args = p.parse_args()
     if args.layouts and not args.window_tokens:
         p.error("--layouts needs --window-tokens")
+    if args.chat and (args.perspective != "user" or not args.window_tokens):
+        p.error("--chat needs --perspective user and --window-tokens")
     reasoner = load_reasoner(None, device=args.device, dtype=args.dtype)
     started = provenance(reasoner.device)
     tok = reasoner.require_tokenizer()
@@ -67,21 +90,33 @@ def main() -> int:
         names += ["chunk_window", "header_chunk_window", "window_header_chunk"]
     if args.layouts:
         names += list(LAYOUTS)
+    if args.chat:
+        names += list(CHAT_LAYOUTS)
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            p.error(f"--only: not among the histories and layouts asked for: {', '.join(unknown)}")
+        names = [n for n in names if n in args.only]
     plain = PromptTemplate()
     rows = []
     for length in args.lengths:
         for seed in args.seeds:
             task = TaskArgs(
-                examples=args.examples, lengths=(length,), seed=seed, split=args.split, values="pools"
+                examples=args.examples,
+                lengths=(length,),
+                seed=seed,
+                split=args.split,
+                values="pools",
+                perspective=args.perspective,
             )
             episodes = get_task("synthetic")(task, reader.count_tokens)
             examples = episode_examples(episodes, reasoner, args.chunk_tokens)
             for episode, example in zip(episodes, examples, strict=True):
-                window = ""
+                window, window_messages = "", ()
                 if args.window_tokens:
-                    window = render_history(
-                        recent_window(episode.turns, args.window_tokens, reader.count_tokens)[1]
-                    )
+                    recent = recent_window(episode.turns, args.window_tokens, reader.count_tokens)[1]
+                    window = render_history(recent)
+                    window_messages = tuple({"role": t.speaker, "content": t.text} for t in recent)
                 questions = [q for q in episode.questions if q.answer]
                 for q, positives in zip(questions, example.positives, strict=True):
                     evidence = episode.turns_by_id(q.evidence)
@@ -101,6 +136,12 @@ def main() -> int:
                     for name in names:
                         if name in LAYOUTS:
                             reader.template, history = LAYOUTS[name](plain, window, f"{header}\n{chunk}")
+                        elif name in CHAT_LAYOUTS:
+                            where, with_window, system = CHAT_LAYOUTS[name]
+                            reader.template = ChatLayout(
+                                where=where, with_window=with_window, window=window_messages, system=system
+                            )
+                            history = f"{header}\n{chunk}"
                         else:
                             reader.template, history = plain, histories[name]
                         prediction = reader.read(q.question, history).text
@@ -114,6 +155,8 @@ def main() -> int:
         "chunk_tokens": args.chunk_tokens,
         "window_tokens": args.window_tokens,
         "layouts": bool(args.layouts),
+        "chat": bool(args.chat),
+        "perspective": args.perspective,
         "by_length": {str(n): summarize([r for r in rows if r["length"] == n], names) for n in args.lengths},
         "all": summarize(rows, names),
         "rows": rows,
@@ -127,7 +170,7 @@ def main() -> int:
 @dataclass(frozen=True)
 class Messages(PromptTemplate):
     """The eval's template with a note added to its system message, messages put before its user turn, or recalled
-    text given as chat and the server give it (`with_recalled`)."""
+    text given in the system message (`with_recalled` placement "system")."""
 
     system_note: str = ""
     before: tuple = ()
@@ -137,7 +180,7 @@ class Messages(PromptTemplate):
         system, user = super().messages(question, history)
         if self.system_note:
             system = {**system, "content": f"{system['content']}\n\n{self.system_note}"}
-        return with_recalled([system, *self.before, user], self.recalled)
+        return with_recalled([system, *self.before, user], self.recalled, "system")
 
 
 LAYOUTS = {
@@ -162,6 +205,57 @@ LAYOUTS = {
     "recalled_in_system_alone": lambda t, w, r: (Messages(recalled=r), None),
 }
 """Prompt layout name -> (template, history) from (the eval's template, window text, recalled text)."""
+
+
+CHAT_SYSTEM = "You are a helpful assistant. Use what you remember about the user."
+"""`memsplice chat`'s default system prompt."""
+
+MEMORY_SYSTEM = "You are a helpful assistant with a long memory of past conversations."
+"""The eval's system prompt without its instruction to answer in a few words."""
+
+CHAT_LAYOUTS = {
+    "chat_window": ("none", True, CHAT_SYSTEM),
+    "chat_recalled_in_system": ("system", True, CHAT_SYSTEM),
+    "chat_recalled_in_user": ("user", True, CHAT_SYSTEM),
+    "chat_recalled_before_question": ("before_question", True, CHAT_SYSTEM),
+    "chat_recalled_in_system_alone": ("system", False, CHAT_SYSTEM),
+    "chat_recalled_in_user_alone": ("user", False, CHAT_SYSTEM),
+    "chat_recalled_as_history": ("history", True, CHAT_SYSTEM),
+    "chat_recalled_as_history_alone": ("history", False, CHAT_SYSTEM),
+    "chat_memory_system_as_history": ("history", True, MEMORY_SYSTEM),
+    "chat_memory_system_before_question": ("before_question", True, MEMORY_SYSTEM),
+    "chat_memory_system_in_system": ("system", True, MEMORY_SYSTEM),
+}
+"""Chat layout name -> (where the recalled text goes, whether the window's messages are in front, system prompt).
+"history" puts it in the last user message as the eval's template puts history (`with_recalled`'s placement
+"message", `RECALL_FRAME`), in front of the bare message; "system" is `with_recalled`'s placement "system"."""
+
+
+@dataclass(frozen=True)
+class ChatLayout(PromptTemplate):
+    """A live chat's prompt: chat's system prompt, the window's turns as messages, the bare question; the recalled
+    text (passed as `history`) placed by `layout`."""
+
+    where: str = "system"
+    with_window: bool = True
+    window: tuple = ()
+    system: str = CHAT_SYSTEM
+
+    def messages(self, question: str, history: str | None) -> list[dict[str, str]]:
+        where = self.where
+        before = [dict(m) for m in self.window] if self.with_window else []
+        system = {"role": "system", "content": self.system}
+        user = {"role": "user", "content": question}
+        note = f"{RECALL_HEADER}\n{history}"
+        if where == "system":
+            return with_recalled([system, *before, user], history, "system")
+        if where == "user":
+            return [system, *before, {"role": "user", "content": f"{note}\n\n{question}"}]
+        if where == "history":
+            return with_recalled([system, *before, user], history, "message")
+        if where == "before_question":
+            return [system, *before, {"role": "system", "content": note}, user]
+        return [system, *before, user]
 
 
 def summarize(rows: list[dict], names: list[str]) -> dict:

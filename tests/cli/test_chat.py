@@ -220,7 +220,7 @@ def test_chat_engine_flags(monkeypatch, capsys, tiny_model_dir, tmp_path):
 def test_read_back_answers_over_the_text_read_back_from_memory():
     from helpers import small_memory
     from memsplice.cli.chat import ChatSession
-    from memsplice.memory.readback import RECALL_HEADER
+    from memsplice.memory.readback import RECALL_FRAME, RECALL_HEADER
 
     reasoner = tiny_reasoner("llama")
     memory = small_memory(reasoner)
@@ -230,7 +230,15 @@ def test_read_back_answers_over_the_text_read_back_from_memory():
     for address in (False, True):  # the prompt's attention picks, then the address head
         if address:
             memory.add_address_head(8)
-        chat = ChatSession(reasoner, memory, "You are helpful.", read_back=True, engine="eager")
+        placement = "message" if address else "system"  # each placement once
+        chat = ChatSession(
+            reasoner,
+            memory,
+            "You are helpful.",
+            read_back=True,
+            read_back_placement=placement,
+            engine="eager",
+        )
         text, status = chat.answer("Ada lives in Lisbon.", 4, 0.0)
         assert status["recalled"] == "" and status["slots"] == 0  # nothing written yet
         for line in ("The fox jumps over the lazy dog.", "Ada works as a carpenter."):
@@ -251,8 +259,18 @@ def test_read_back_answers_over_the_text_read_back_from_memory():
             reasoner.chat_ids = real
         assert status["slots"] == 0 and status["read_back_ms"] > 0 and isinstance(text, str)
         assert status["recalled"] and (not address or status["recalled"] == want)
-        system = seen["messages"][0]["content"]
-        assert system == f"You are helpful.\n\n{RECALL_HEADER}\n{status['recalled']}"
+        system, last = seen["messages"][0]["content"], seen["messages"][-1]
+        if placement == "system":
+            assert system == f"You are helpful.\n\n{RECALL_HEADER}\n{status['recalled']}"
+            assert last == {"role": "user", "content": question}
+        else:
+            assert system == "You are helpful."
+            assert last == {
+                "role": "user",
+                "content": RECALL_FRAME.format(recalled=status["recalled"], message=question),
+            }
+    with pytest.raises(ValueError, match="read_back_placement"):
+        ChatSession(reasoner, memory, "You are helpful.", read_back=True, read_back_placement="prompt")
 
 
 def test_chat_read_back_refuses_a_memory_that_cannot_be_read_back(

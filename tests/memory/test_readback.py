@@ -93,3 +93,34 @@ def test_the_engine_reads_back_what_generate_does_one_row_at_a_time(memory):
     assert read_back_ids(memory, kv, [7, 4, 5], decoders=pool)[2] == []
     with pytest.raises(ValueError, match="at most 8"):
         read_back_ids(memory, kv, 9, decoders=pool)
+
+
+def test_recalled_text_goes_in_front_of_the_last_user_message_or_into_the_system_message():
+    from memsplice.memory.readback import RECALL_FRAME, RECALL_HEADER, with_recalled
+
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Where do I live?"},
+    ]
+    framed = with_recalled(chat, "user: I live in Porto.")
+    assert framed[:3] == chat[:3] and len(framed) == 4
+    assert framed[3] == {
+        "role": "user",
+        "content": RECALL_FRAME.format(recalled="user: I live in Porto.", message="Where do I live?"),
+    }
+    in_system = with_recalled(chat, "user: I live in Porto.", "system")
+    assert (
+        in_system[0]["content"] == f"Be brief.\n\n{RECALL_HEADER}\nuser: I live in Porto."
+        and in_system[1:] == chat[1:]
+    )
+    no_system = with_recalled(chat[1:], "x", "system")
+    assert no_system[0] == {"role": "system", "content": f"{RECALL_HEADER}\nx"} and no_system[1:] == chat[1:]
+    assert chat[3]["content"] == "Where do I live?"  # a copy: the request's messages are not changed
+    for placement in ("message", "system"):
+        assert with_recalled(chat, None, placement) == chat and with_recalled(chat, "", placement) == chat
+    with pytest.raises(ValueError, match="needs a user message"):
+        with_recalled(chat[:1], "x")
+    with pytest.raises(ValueError, match="placement"):
+        with_recalled(chat, "x", "prompt")

@@ -305,23 +305,38 @@ def test_chat_reads_only_the_chunks_the_address_head_picks(tmp_path):
 
 
 def test_chat_reads_memory_back_as_text_with_memory_read_back(tmp_path):
-    """memory_read_back: a chat gets the chunk memories its last user message picks read back as text in its system
-    message, and no memory K/V; a memory that cannot be read back is refused when the server starts."""
+    """memory_read_back: a chat gets the chunk memories its last user message picks read back as text, in front of
+    that message or in its system message (memory_read_back_placement), and no memory K/V; a memory that cannot be
+    read back is refused when the server starts."""
     from fastapi.testclient import TestClient
     from tests.serve.harness import Harness, small_memory
 
+    from memsplice.memory.readback import RECALL_FRAME, RECALL_HEADER
     from memsplice.serve import ServeConfig
 
     with pytest.raises(ValueError, match="reconstruction instruction"):
         Harness(tmp_path / "refused", memory=small_memory(), memory_read_back=True)
     with pytest.raises(ValueError, match="memory_read_back"):
         ServeConfig(memory_read_back="yes")
+    with pytest.raises(ValueError, match="memory_read_back_placement"):
+        ServeConfig(memory_read_back_placement="prompt")
     prompts = {}
     for address in (False, True):  # the prompt's attention picks, then the address head
         memory = small_memory(reconstruction_instruction="Repeat the text.")
         if address:
             memory.add_address_head(8)
-        h = Harness(tmp_path / str(address), memory=memory, memory_chunk_tokens=16, memory_read_back=True)
+        placement = "message" if address else "system"  # each placement once
+        h = Harness(
+            tmp_path / str(address),
+            memory=memory,
+            memory_chunk_tokens=16,
+            memory_read_back=True,
+            memory_read_back_placement=placement,
+        )
+        rendered, real = [], h.service.reasoner.chat_ids
+        h.service.reasoner.chat_ids = lambda messages, real=real, rendered=rendered: (
+            rendered.append(messages) or real(messages)
+        )
         with TestClient(h.app) as client:
             client.harness = h
             empty = chat(client, "How many books does Ada keep?").json()  # nothing written yet
@@ -335,5 +350,10 @@ def test_chat_reads_memory_back_as_text_with_memory_read_back(tmp_path):
             info = reply["memsplice"]
             assert info["slots"] == 0 and info["live"] and info["read_back_tokens"] > 0
             prompts[address] = (reply["usage"]["prompt_tokens"], empty["usage"]["prompt_tokens"])
+            first, last = rendered[-1][0]["content"], rendered[-1][-1]["content"]
+            if placement == "message":
+                assert last.startswith(RECALL_FRAME.split("{")[0]) and RECALL_HEADER not in first
+            else:
+                assert RECALL_HEADER in first and last == "How many books does Ada keep?"
     for with_memory, without in prompts.values():
         assert with_memory > without  # the read-back text is in the prompt

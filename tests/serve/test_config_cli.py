@@ -135,3 +135,5 @@ def test_read_back_flag_reaches_the_config():
     assert _config(parse(["serve"])).memory_read_back is False
     assert _config(parse(["serve", "--read-back"])).memory_read_back is True
     assert env_values({"MEMSPLICE_MEMORY_READ_BACK": "true"}) == {"memory_read_back": True}
+    assert _config(parse(["serve"])).memory_read_back_placement == "message"
+    assert _config(parse(["serve", "--read-back-placement", "system"])).memory_read_back_placement == "system"

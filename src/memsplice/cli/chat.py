@@ -9,7 +9,8 @@ and any safety fallback. Greedy answers (the default, --temperature 0) decode on
 
 With --read-back the memory is read another way: the --select-chunks chunk memories (default 1) each message picks
 (address head, else the prompt's attention) are read back as text by the reasoner, from memory alone
-(`ConversationMemory.read_back`), and that text goes into the system prompt instead of memory K/V in the cache. It is
+(`ConversationMemory.read_back`), and that text goes in front of the message (or, with --read-back-placement
+system, into the system prompt) instead of memory K/V in the cache. It is
 the read path that answers best in the evaluation (`latent-readback`); it needs a memory trained to be read back
 (the shipped checkpoint is), and is most faithful with refined writes (--refine-steps 5).
 
@@ -79,6 +80,13 @@ def add_parser(sub):
         help="read the --select-chunks (default 1) chunk memories each message picks back as text, from memory alone, "
         "and answer over that text instead of splicing memory into the cache (as the eval's latent-readback; best "
         "with --refine-steps 5)",
+    )
+    p.add_argument(
+        "--read-back-placement",
+        choices=["message", "system"],
+        default="message",
+        help="where --read-back text goes: 'message' (default), in front of your message; 'system', in the system "
+        "prompt (read far worse beside --window turns)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
@@ -205,10 +213,11 @@ class ChatSession:
         engine: str = "auto",
         compile_decode: bool = False,
         read_back: bool = False,
+        read_back_placement: str = "message",
     ):
         from memsplice.conversation import ConversationConfig, ConversationMemory
         from memsplice.engine import plain_greedy
-        from memsplice.memory.readback import require_read_back
+        from memsplice.memory.readback import RECALL_PLACEMENTS, require_read_back
 
         if engine not in ("auto", "eager"):
             raise ValueError(f"engine must be 'auto' or 'eager' (got {engine!r})")
@@ -219,7 +228,11 @@ class ChatSession:
         self._readback_decoders = None  # a DecoderPool for read-back, made on the first one
         if read_back:
             require_read_back(memory, "read_back")
-        self.read_back = read_back
+        if read_back_placement not in RECALL_PLACEMENTS:
+            raise ValueError(
+                f"read_back_placement must be one of {', '.join(RECALL_PLACEMENTS)} (got {read_back_placement!r})"
+            )
+        self.read_back, self.read_back_placement = read_back, read_back_placement
         state = state or {}
         self.turns: list[dict] = list(state.get("turns", []))
         if state.get("conversation"):
@@ -280,7 +293,7 @@ class ChatSession:
         if self.read_back:
             kv = None
             recalled, read_s = self._recall(message, messages)
-            messages = with_recalled(messages, recalled)
+            messages = with_recalled(messages, recalled, self.read_back_placement)
         else:
             kv = self.conversation.read(message)
         prompt = self.reasoner.chat_ids(messages)
@@ -425,6 +438,7 @@ def run(args) -> int:
         engine=args.engine,
         compile_decode=args.compile,
         read_back=args.read_back,
+        read_back_placement=args.read_back_placement,
     )
     interactive = sys.stdin.isatty()
     learning = f", learning online (state in {learn_dir})" if learner is not None else ""

@@ -92,8 +92,16 @@ def add_parser(sub):
         const=True,
         default=None,
         help="give each chat the chunk memories its last user message picks read back as text, from memory alone, "
-        "in its system message instead of memory K/V (as the eval's latent-readback; needs a memory trained to be "
-        "read back, such as the shipped one; ServeConfig memory_read_back)",
+        "instead of memory K/V (as the eval's latent-readback; needs a memory trained to be read back, such as the "
+        "shipped one; ServeConfig memory_read_back)",
+    )
+    p.add_argument(
+        "--read-back-placement",
+        dest="memory_read_back_placement",
+        choices=["message", "system"],
+        default=None,
+        help="where read-back text goes: 'message' (default), in the last user message in front of what the user "
+        "wrote; 'system', in the system message (ServeConfig memory_read_back_placement)",
     )
     p.add_argument(
         "--engine",

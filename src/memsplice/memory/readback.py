@@ -130,15 +130,37 @@ def read_back(memory_model, memory: MemoryKV, max_tokens: int | Sequence[int], *
 
 
 RECALL_HEADER = "What you remember from earlier in this conversation:"
-"""The line in front of read-back text in a chat's system message (`with_recalled`)."""
+"""The line in front of read-back text in a chat's system message (`with_recalled`, placement "system")."""
+
+RECALL_FRAME = "Here is the conversation so far:\n\n{recalled}\n\n{message}"
+"""A chat's last user message with read-back text in front of it (`with_recalled`, placement "message"): the eval
+reader's framing of history."""
+
+RECALL_PLACEMENTS = ("message", "system")
+"""Where `with_recalled` gives read-back text to the reasoner. "message": in the chat's last user message, in
+front of what the user wrote (`RECALL_FRAME`); "system": in its system message, after `RECALL_HEADER`. Reader-only,
+with a chat's own turns in front (`scripts/online/reader_context.py --chat`), the system message is read far worse
+(`online/reader-chat-layouts-cpu.json`)."""
 
 
-def with_recalled(messages: list[dict], recalled: str | None) -> list[dict]:
-    """Chat `messages` with read-back text given to the reasoner: appended to the first system message after
-    `RECALL_HEADER`, or as a system message of its own in front when there is none. A copy; `messages` is not
-    changed, and nothing is added when `recalled` is empty."""
+def with_recalled(messages: list[dict], recalled: str | None, placement: str = "message") -> list[dict]:
+    """Chat `messages` with read-back text given to the reasoner where `placement` says (`RECALL_PLACEMENTS`). In
+    the system message it is appended to the first one, or is a system message of its own in front when there is
+    none. A copy; `messages` is not changed, and nothing is added when `recalled` is empty."""
+    if placement not in RECALL_PLACEMENTS:
+        raise ValueError(
+            f"read-back placement must be one of {', '.join(RECALL_PLACEMENTS)} (got {placement!r})"
+        )
     if not recalled:
         return list(messages)
+    if placement == "message":
+        last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+        if last is None:
+            raise ValueError(
+                "read-back placement 'message' needs a user message to put the read-back text in"
+            )
+        framed = RECALL_FRAME.format(recalled=recalled, message=messages[last]["content"])
+        return [*messages[:last], {**messages[last], "content": framed}, *messages[last + 1 :]]
     note = f"{RECALL_HEADER}\n{recalled}"
     if messages and messages[0].get("role") == "system":
         return [{**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}, *messages[1:]]

@@ -452,7 +452,8 @@ class MemoryService:
             question = last_user_message(messages)
             recalled = sm.recall(question, ids, self._readback_pool()) if question else None
             if recalled:
-                with_memory = self.reasoner.chat_ids(with_recalled(messages, recalled))
+                placed = with_recalled(messages, recalled, self.config.memory_read_back_placement)
+                with_memory = self.reasoner.chat_ids(placed)
                 if len(with_memory) <= self.config.max_prompt_tokens:
                     ids = with_memory
                 else:  # the request fits, the read-back does not: answer without it rather than refuse
