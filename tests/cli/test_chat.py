@@ -239,6 +239,8 @@ def test_read_back_answers_over_the_text_read_back_from_memory():
             read_back_placement=placement,
             engine="eager",
         )
+        # picking by the address head, the chat keeps every chunk (no slot budget); by attention it keeps one
+        assert chat.conversation.config.slot_budget == (None if address else 256)
         text, status = chat.answer("Ada lives in Lisbon.", 4, 0.0)
         assert status["recalled"] == "" and status["slots"] == 0  # nothing written yet
         for line in ("The fox jumps over the lazy dog.", "Ada works as a carpenter."):

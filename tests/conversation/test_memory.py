@@ -89,6 +89,29 @@ def test_long_stream_keeps_budget_and_cap():
     assert quotas[0] <= quotas[-1] and min(quotas) < memory.config.num_slots
 
 
+def test_no_slot_budget_keeps_every_chunk_and_reads_nothing_without_a_question():
+    memory = tiny_memory()
+    budget = 3 * memory.config.num_slots
+    rng = random.Random(2)
+    turns = [("user", sentence(rng, rng.randint(5, 20))) for _ in range(60)]
+    bounded = ConversationMemory(memory, ConversationConfig(slot_budget=budget, keep_full_chunks=0))
+    unbounded = ConversationMemory(memory, ConversationConfig(slot_budget=None, max_live_tokens=10_000))
+    for role, text in turns:
+        bounded.add_turn(role, text)
+        stats = unbounded.add_turn(role, text)
+        assert stats.merges == 0
+    assert bounded.stats()["spans_archived"] > 0 and bounded.num_slots <= budget
+    assert unbounded.stats()["spans_archived"] == 0 and not unbounded.store.archived()
+    assert all(c.quota == memory.config.num_slots for c in unbounded._all_chunks())
+    assert unbounded.read(None) is None and unbounded.read("") is None  # nothing to pick by
+    assert unbounded.memory_kv().num_slots == unbounded.num_slots > budget  # asked for, the whole memory
+    again = ConversationMemory.from_dict(json.loads(json.dumps(unbounded.to_dict())), memory)
+    assert again.config.slot_budget is None and again.num_slots == unbounded.num_slots
+    for bad in (0, -1, "256"):
+        with pytest.raises(ValueError, match="slot_budget"):
+            ConversationConfig(slot_budget=bad)
+
+
 def test_long_turn_is_split_into_spans(memory):
     conv = ConversationMemory(memory, ConversationConfig(slot_budget=64))
     stats = conv.add_turn("user", " ".join(WORDS * 6))

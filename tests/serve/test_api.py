@@ -311,8 +311,10 @@ def test_chat_reads_memory_back_as_text_with_memory_read_back(tmp_path):
     from fastapi.testclient import TestClient
     from tests.serve.harness import Harness, small_memory
 
+    from memsplice.conversation import ConversationConfig
     from memsplice.memory.readback import RECALL_FRAME, RECALL_HEADER
     from memsplice.serve import ServeConfig
+    from memsplice.serve.scope_memory import ScopeMemory
 
     with pytest.raises(ValueError, match="reconstruction instruction"):
         Harness(tmp_path / "refused", memory=small_memory(), memory_read_back=True)
@@ -333,6 +335,11 @@ def test_chat_reads_memory_back_as_text_with_memory_read_back(tmp_path):
             memory_read_back=True,
             memory_read_back_placement=placement,
         )
+        # picking by the address head, scopes keep every chunk (no slot budget), restored ones too
+        assert h.service.conversation_config.slot_budget == (None if address else h.config.memory_slot_budget)
+        restored = ScopeMemory("carol", memory, ConversationConfig(slot_budget=512))
+        budget = h.service._with_slot_budget(restored).conversation.config.slot_budget
+        assert budget == h.service.conversation_config.slot_budget
         rendered, real = [], h.service.reasoner.chat_ids
         h.service.reasoner.chat_ids = lambda messages, real=real, rendered=rendered: (
             rendered.append(messages) or real(messages)

@@ -233,16 +233,23 @@ class ChatSession:
                 f"read_back_placement must be one of {', '.join(RECALL_PLACEMENTS)} (got {read_back_placement!r})"
             )
         self.read_back, self.read_back_placement = read_back, read_back_placement
+        # the read policy is this run's flags, whatever the saved memory was read with (replace() validates it); a
+        # chat that picks chunk memories by the address head keeps every chunk: it never reads the whole memory, and
+        # a slot budget for reading it would evict chunks the head could pick
+        by_address = memory.address is not None and (read_back or select_chunks is not None)
+        policy = {
+            "select_chunks": select_chunks,
+            "slot_budget": None if by_address else ConversationConfig.slot_budget,
+        }
         state = state or {}
         self.turns: list[dict] = list(state.get("turns", []))
         if state.get("conversation"):
             self.conversation = ConversationMemory.from_dict(state["conversation"], memory)
+            self.conversation.config = dataclasses.replace(self.conversation.config, **policy)
         else:  # a file written before memory state was kept, or a new chat: rebuild from the transcript
-            self.conversation = ConversationMemory(memory, ConversationConfig(scope="chat"))
+            self.conversation = ConversationMemory(memory, ConversationConfig(scope="chat", **policy))
             for t in self.turns:
                 self.conversation.add_turn(t["role"], t["text"])
-        # the read policy is this run's flag, whatever the saved memory was read with (replace() validates it)
-        self.conversation.config = dataclasses.replace(self.conversation.config, select_chunks=select_chunks)
 
     def forget(self) -> None:
         from memsplice.conversation import ConversationMemory

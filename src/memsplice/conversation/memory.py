@@ -19,7 +19,7 @@ Guarantees:
 - A write re-encodes only the open chunk and chunks that lost spans to eviction (never the whole history), except
   when the memory's weights changed since the chunks were encoded (online learning): then every chunk is
   re-encoded once, with the new weights, and `WriteStats.refreshed` says so.
-- After every write: live tokens <= `max_live_tokens`, slots in use <= `slot_budget`, every live span sits in
+- After every write: live tokens <= `max_live_tokens`, slots in use <= `slot_budget` (when set), every live span sits in
   exactly one chunk, and evicted spans are archived (with a log record), never deleted.
 - `to_dict()` is plain JSON; `from_dict(d, memory)` rebuilds the same memory: from the stored latents when the
   memory weights are the ones that wrote them (no encoder call), else by re-encoding the live spans.
@@ -56,8 +56,12 @@ class ConversationConfig:
     chunk_tokens: int | None = None
     """Tokens per chunk, i.e. per encoder call (default: the memory's `chunk_tokens`, the size it was trained to be
     read at, else its `max_memory_tokens`, which is also the maximum)."""
-    slot_budget: int = 256
-    """Most memory slots in use (the KV the reasoner reads); older chunks are compressed to stay within it."""
+    slot_budget: int | None = 256
+    """Most memory slots in use (the KV the reasoner reads); older chunks are compressed to stay within it. None: no
+    budget, nothing is compressed or evicted for slots (only `max_live_tokens` bounds the memory). For a conversation
+    read by the address head (`select_chunks`, `read_back`, `recall`), which never composes the whole memory: a
+    budget sized for composing it evicts chunks the head could pick (at 16k tokens of history, 256 slots keep
+    the last quarter). `read()` without a question then reads nothing, and `memory_kv()` composes every chunk."""
     max_live_tokens: int = 65536
     """Most transcript tokens memory is built from; least-recently-used spans beyond it go to the archive."""
     min_slots_per_chunk: int = 1
@@ -109,8 +113,9 @@ class ConversationConfig:
 
         if self.chunk_tokens is not None:
             positive_int("chunk_tokens")
+        if self.slot_budget is not None:
+            positive_int("slot_budget")
         for name in (
-            "slot_budget",
             "max_live_tokens",
             "min_slots_per_chunk",
             "encode_batch",
@@ -226,7 +231,7 @@ class ConversationMemory:
                 f"one call (max_memory_tokens={mcfg.max_memory_tokens})"
             )
         need_slots = (cfg.keep_full_chunks + 2) * mcfg.num_slots
-        if cfg.slot_budget < need_slots:
+        if cfg.slot_budget is not None and cfg.slot_budget < need_slots:
             raise ValueError(
                 f"ConversationConfig.slot_budget: must hold the open chunk, the {cfg.keep_full_chunks} "
                 f"newest sealed chunks (keep_full_chunks) and one more, at {mcfg.num_slots} slots each: "
@@ -408,8 +413,10 @@ class ConversationMemory:
         del self.chunks[chunk.id]
 
     def _fit_budget(self) -> tuple[int, int]:
-        """Compress, then evict whole least-recently-used chunks, until the slots fit the budget."""
+        """Compress, then evict whole least-recently-used chunks, until the slots fit the budget (none: nothing)."""
         budget = self.config.slot_budget
+        if budget is None:
+            return 0, 0
         open_slots = self.open_chunk.quota if self.open_chunk is not None else 0
         merges = self.hierarchy.compress(self.chunks, budget, extra=open_slots)
         dropped = 0
@@ -605,9 +612,12 @@ class ConversationMemory:
 
     def read(self, question: str | None = None) -> MemoryKV | None:
         """The memory a reply to `question` reads, by `ConversationConfig.select_chunks`: the chunks the address
-        head picks for it, or (no question, no head, or select_chunks None) the whole memory."""
+        head picks for it, or (no question, no head, or select_chunks None) the whole memory; with no slot budget
+        and no question, nothing (None)."""
         if question and self.config.select_chunks and self.memory.address is not None:
             return self.address(question, self.config.select_chunks)
+        if self.config.slot_budget is None and not question:
+            return None
         return self.memory_kv()
 
     def address(self, question: str, top_chunks: int = 1) -> MemoryKV | None:

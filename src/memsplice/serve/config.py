@@ -64,7 +64,10 @@ class ServeConfig:
     """Transcript tokens per memory chunk, i.e. per encoder call (default: the memory's chunk_tokens, else its
     max_memory_tokens)."""
     memory_slot_budget: int = 256
-    """Most memory slots a scope's conversation uses; older chunks are compressed to stay within it."""
+    """Most memory slots a scope's conversation uses; older chunks are compressed to stay within it. Not applied when
+    chats pick chunk memories by the address head (`memory_select_chunks` or `memory_read_back`, with a memory that
+    has one): they never read the whole memory, and a budget for reading it would evict chunks the head could pick
+    (`ConversationConfig.slot_budget`)."""
     memory_select_chunks: int | None = None
     """With a memory that has an address head: a chat reads only this many chunk memories, those its last user
     message picks (`ConversationMemory.address`); null: every chunk."""
@@ -235,13 +238,15 @@ class ServeConfig:
         )
 
     # -- derived -------------------------------------------------------------------------------------------------
-    def conversation_config(self):
-        """The `ConversationConfig` every scope's memory is built with."""
+    def conversation_config(self, by_address: bool = False):
+        """The `ConversationConfig` every scope's memory is built with. `by_address`: chats pick chunk memories by
+        the memory's address head (`memory_select_chunks` or `memory_read_back`, with a memory that has one), so no
+        slot budget applies (`ConversationConfig.slot_budget` None)."""
         from ..conversation import ConversationConfig
 
         return ConversationConfig(
             chunk_tokens=self.memory_chunk_tokens,
-            slot_budget=self.memory_slot_budget,
+            slot_budget=None if by_address else self.memory_slot_budget,
             select_chunks=self.memory_select_chunks,
             max_live_tokens=self.memory_max_live_tokens,
             track_attention=self.memory_track_attention,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -200,7 +201,10 @@ class MemoryService:
         self._readback_decoders: DecoderPool | None = None
         """Read-back decoders (memory_read_back with engine "auto"); made on the first read-back, on the worker."""
         self.model_id = self.config.model_id or f"memsplice-{self.reasoner.name}"
-        self.conversation_config = self.config.conversation_config()
+        by_address = memory.address is not None and (
+            self.config.memory_read_back or self.config.memory_select_chunks is not None
+        )
+        self.conversation_config = self.config.conversation_config(by_address=by_address)
         self.metrics = ServerMetrics()
         self.worker = InferenceWorker()
         self.weights = weights_digest(memory)
@@ -279,6 +283,15 @@ class MemoryService:
                 self._events[scope] = events + self._events.get(scope, [])
 
     # -- scope memories in RAM -------------------------------------------------------------------------------
+    def _with_slot_budget(self, sm: ScopeMemory) -> ScopeMemory:
+        """`sm` with this server's slot budget: a scope written under another read policy (restored, imported)
+        takes it. Lifting a budget loses nothing; imposing one compresses and evicts at the next write, as for any
+        scope over budget."""
+        budget = self.conversation_config.slot_budget
+        if sm.conversation.config.slot_budget != budget:
+            sm.conversation.config = dataclasses.replace(sm.conversation.config, slot_budget=budget)
+        return sm
+
     async def _scope_memory(self, scope: str) -> ScopeMemory:
         """The scope's memory (loaded from the store, or empty). Callers hold the scope's lock."""
         sm = self._scopes.get(scope)
@@ -297,7 +310,7 @@ class MemoryService:
                 raise APIError(
                     409, str(e), type="invalid_request_error", code="incompatible_scope_state"
                 ) from None
-        self._scopes[scope] = sm
+        self._scopes[scope] = self._with_slot_budget(sm)
         while len(self._scopes) > self.config.scope_cache_size:
             self._scopes.popitem(last=False)
         self.metrics.scopes_loaded.set(len(self._scopes))
@@ -716,7 +729,7 @@ class MemoryService:
                 raise
             self._drop(scope)
             if sm is not None:
-                self._scopes[scope] = sm
+                self._scopes[scope] = self._with_slot_budget(sm)
             if events := pending + self._take_events(scope):
                 await asyncio.to_thread(self.store.add_events, scope, events)
         if self.online is not None:

@@ -71,14 +71,10 @@ def new_conversation(runtime, *, keep_every_chunk: bool = False):
         if getattr(runtime.args, k) is not None
     }
     if keep_every_chunk:
-        overrides["slot_budget"] = UNBOUNDED_SLOTS
+        overrides["slot_budget"] = None
     return ConversationMemory(
         model, ConversationConfig(**overrides, readback_context_role=runtime.args.readback_context)
     )
-
-
-UNBOUNDED_SLOTS = 1 << 40
-"""The slot budget of a conversation whose whole memory is never composed: one that nothing has to fit."""
 
 
 class _LatentBase(System):
