@@ -20,6 +20,8 @@ now). With `--layouts` also other prompt layouts for the window beside `header_c
 history in the user message; these move the window or the recalled text elsewhere):
 - `question_twice`: as `window_header_chunk`, with the question also in front of the history;
 - `window_in_system`: the window in the system message, `header_chunk` as the history;
+- `window_as_messages`: the window's turns as chat messages before the user turn (`chat_messages`), `header_chunk`
+  as the history;
 - `window_earlier_turn`: the window as an earlier user turn (answered "Noted."), `header_chunk` as the history of
   the last one;
 - `recalled_in_system`: `header_chunk` in the system message (`memory.readback.with_recalled` placement
@@ -46,6 +48,7 @@ import json
 from dataclasses import dataclass
 
 from memsplice.bench.record import provenance, save_result
+from memsplice.cli.chat import DEFAULT_SYSTEM
 from memsplice.eval.metrics import score_answer
 from memsplice.eval.reader import PromptTemplate, Reader, render_history, render_session_header, render_turn
 from memsplice.eval.systems.context import recent_window
@@ -116,7 +119,7 @@ def main() -> int:
                 if args.window_tokens:
                     recent = recent_window(episode.turns, args.window_tokens, reader.count_tokens)[1]
                     window = render_history(recent)
-                    window_messages = tuple({"role": t.speaker, "content": t.text} for t in recent)
+                    window_messages = chat_messages(recent, episode.turns[0].speaker)
                 questions = [q for q in episode.questions if q.answer]
                 for q, positives in zip(questions, example.positives, strict=True):
                     evidence = episode.turns_by_id(q.evidence)
@@ -135,7 +138,9 @@ def main() -> int:
                     row = {"length": length, "seed": seed, "question": q.question, "answer": q.answer}
                     for name in names:
                         if name in LAYOUTS:
-                            reader.template, history = LAYOUTS[name](plain, window, f"{header}\n{chunk}")
+                            reader.template, history = LAYOUTS[name](
+                                plain, window, f"{header}\n{chunk}", window_messages
+                            )
                         elif name in CHAT_LAYOUTS:
                             where, with_window, system = CHAT_LAYOUTS[name]
                             reader.template = ChatLayout(
@@ -184,15 +189,16 @@ class Messages(PromptTemplate):
 
 
 LAYOUTS = {
-    "question_twice": lambda t, w, r: (
+    "question_twice": lambda t, w, r, m: (
         Messages(with_history=f"Question: {{question}}\n\n{t.with_history}"),
         f"{w}\n{r}",
     ),
-    "window_in_system": lambda t, w, r: (
+    "window_in_system": lambda t, w, r, m: (
         Messages(system_note=f"The most recent part of the conversation:\n{w}"),
         r,
     ),
-    "window_earlier_turn": lambda t, w, r: (
+    "window_as_messages": lambda t, w, r, m: (Messages(before=m), r),
+    "window_earlier_turn": lambda t, w, r, m: (
         Messages(
             before=(
                 {"role": "user", "content": f"Here is the most recent part of our conversation:\n\n{w}"},
@@ -201,13 +207,25 @@ LAYOUTS = {
         ),
         r,
     ),
-    "recalled_in_system": lambda t, w, r: (Messages(recalled=r), w),
-    "recalled_in_system_alone": lambda t, w, r: (Messages(recalled=r), None),
+    "recalled_in_system": lambda t, w, r, m: (Messages(recalled=r), w),
+    "recalled_in_system_alone": lambda t, w, r, m: (Messages(recalled=r), None),
 }
-"""Prompt layout name -> (template, history) from (the eval's template, window text, recalled text)."""
+"""Prompt layout name -> (template, history) from (the eval's template, window text, recalled text, window
+messages)."""
 
 
-CHAT_SYSTEM = "You are a helpful assistant. Use what you remember about the user."
+def chat_messages(turns, first_speaker: str) -> tuple:
+    """`turns` as chat messages: a user's chat as it is; two named speakers as user (the one who spoke first in the
+    conversation) and assistant, each turn's text after its speaker's name."""
+    if all(t.speaker in ("user", "assistant") for t in turns):
+        return tuple({"role": t.speaker, "content": t.text} for t in turns)
+    return tuple(
+        {"role": "user" if t.speaker == first_speaker else "assistant", "content": render_turn(t)}
+        for t in turns
+    )
+
+
+CHAT_SYSTEM = DEFAULT_SYSTEM
 """`memsplice chat`'s default system prompt."""
 
 MEMORY_SYSTEM = "You are a helpful assistant with a long memory of past conversations."

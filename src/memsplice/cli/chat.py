@@ -39,6 +39,10 @@ from .common import add_checkpoint_flag, add_reasoner_flags, load_reasoner_from
 FILE_VERSION = 1
 
 
+DEFAULT_SYSTEM = "You are a helpful assistant. Use what you remember about the user."
+"""The system prompt of a chat (`--system`)."""
+
+
 def add_parser(sub):
     p = sub.add_parser(
         "chat",
@@ -56,7 +60,7 @@ def add_parser(sub):
     )
     p.add_argument(
         "--system",
-        default="You are a helpful assistant. Use what you remember about the user.",
+        default=DEFAULT_SYSTEM,
         help="system prompt",
     )
     p.add_argument(
