@@ -219,7 +219,7 @@ class ChatSession:
         read_back: bool = False,
         read_back_placement: str = "message",
     ):
-        from memsplice.conversation import ConversationConfig, ConversationMemory
+        from memsplice.conversation import ConversationConfig, ConversationMemory, picks_by_address
         from memsplice.engine import plain_greedy
         from memsplice.memory.readback import RECALL_PLACEMENTS, require_read_back
 
@@ -238,9 +238,9 @@ class ChatSession:
             )
         self.read_back, self.read_back_placement = read_back, read_back_placement
         # the read policy is this run's flags, whatever the saved memory was read with (replace() validates it); a
-        # chat that picks chunk memories by the address head keeps every chunk: it never reads the whole memory, and
-        # a slot budget for reading it would evict chunks the head could pick
-        by_address = memory.address is not None and (read_back or select_chunks is not None)
+        # chat that picks chunk memories by the address head keeps every chunk: a slot budget would evict chunks
+        # the head could pick
+        by_address = picks_by_address(memory, read_back=read_back, select_chunks=select_chunks)
         policy = {
             "select_chunks": select_chunks,
             "slot_budget": None if by_address else ConversationConfig.slot_budget,

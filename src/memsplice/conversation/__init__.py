@@ -2,7 +2,7 @@
 
 from .chunks import Chunk
 from .hierarchy import Hierarchy, Node, compose
-from .memory import ConversationConfig, ConversationMemory, WriteStats, weights_signature
+from .memory import ConversationConfig, ConversationMemory, WriteStats, picks_by_address, weights_signature
 from .probe import MemoryAttention, memory_attention
 from .transcript import EvictionRecord, Span, TranscriptStore
 
@@ -19,5 +19,6 @@ __all__ = [
     "WriteStats",
     "compose",
     "memory_attention",
+    "picks_by_address",
     "weights_signature",
 ]

@@ -206,6 +206,13 @@ def _mass_per_chunk(
     return mass, slots
 
 
+def picks_by_address(memory, *, read_back: bool, select_chunks: int | None) -> bool:
+    """Whether a chat over `memory` picks chunk memories by its address head: it has one, and the chat reads memory
+    back (`recall`) or reads only `select_chunks` chunks (`read`). Such a chat never reads the whole memory, so its
+    conversation needs no slot budget (`ConversationConfig.slot_budget` None)."""
+    return memory.address is not None and (read_back or select_chunks is not None)
+
+
 def weights_signature(memory) -> str:
     """sha256 of the memory's weights (and config), as stored: identifies which weights wrote a set of latents."""
     h = hashlib.sha256()

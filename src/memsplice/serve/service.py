@@ -44,6 +44,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ..conversation import picks_by_address
 from ..engine import DecoderPool, GreedyDecoder, loaded_slots, plain_greedy
 from ..inject.memory_kv import MemoryKV
 from ..memory.model import MemoryModel
@@ -201,8 +202,8 @@ class MemoryService:
         self._readback_decoders: DecoderPool | None = None
         """Read-back decoders (memory_read_back with engine "auto"); made on the first read-back, on the worker."""
         self.model_id = self.config.model_id or f"memsplice-{self.reasoner.name}"
-        by_address = memory.address is not None and (
-            self.config.memory_read_back or self.config.memory_select_chunks is not None
+        by_address = picks_by_address(
+            memory, read_back=self.config.memory_read_back, select_chunks=self.config.memory_select_chunks
         )
         self.conversation_config = self.config.conversation_config(by_address=by_address)
         self.metrics = ServerMetrics()
