@@ -19,7 +19,7 @@ import argparse
 import json
 
 from memsplice.bench.record import provenance, save_result
-from memsplice.conversation import ConversationConfig
+from memsplice.conversation import ConversationConfig, ConversationMemory
 from memsplice.conversation.transcript import TranscriptStore
 from memsplice.eval.reader import Reader, memory_turn_sources, memory_turns
 from memsplice.eval.tasks import TaskArgs, get_task
@@ -109,8 +109,6 @@ def replay_budget(
 ) -> tuple[set, int, int]:
     """Write `episode` into a `ConversationMemory` with `slot_budget`, one turn at a time: the ids of the turns with a
     span archived (by the budget or the cap), the number of turns written, and their tokens."""
-    from memsplice.conversation import ConversationMemory
-
     config = ConversationConfig(
         chunk_tokens=chunk_tokens, slot_budget=slot_budget, max_live_tokens=max_live_tokens
     )
