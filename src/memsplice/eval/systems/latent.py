@@ -78,6 +78,8 @@ def new_conversation(runtime, *, keep_every_chunk: bool = False):
 
 
 class _LatentBase(System):
+    splices_memory = True
+
     def __init__(self, runtime):
         super().__init__(runtime)
         self.conversation = None
@@ -207,6 +209,8 @@ class _ReadsBack(_PicksChunks):
     comes out of the latents, as faithful as they are (verbatim when refined at write time, `--refine-steps`).
     Picking and decoding the chunks count as retrieval time; the KV at answer time is the prompt's. A memory that
     records no reconstruction instruction (an untrained one) reads nothing back, with a warning."""
+
+    splices_memory = False
 
     def _readback_decoders(self):
         """One engine pool per run for read-back (chunks up to the memory's input size), set up as the reader's."""

@@ -1,0 +1,321 @@
+"""Train a reading prefix: teach the frozen reasoner to answer from recalled text beside the recent turns.
+
+    python -m memsplice.reading.train --output runs/reading [--steps 600] [--record NAME]
+
+Data: the eval harness's synthetic task, **train split only** (as `memsplice.online.bootstrap`); another seed of it
+is held out for the curve. Every question becomes a prompt in the eval reader's template (`eval.reader`) in one of
+four layouts, the ones memsplice's text read paths and the oracle build:
+- `window_recalled`: the most recent `window_tokens` of the conversation, then the question's evidence chunk under
+  its session header (what `latent-readback+window` reads, the chunk's text standing in for its read-back);
+- `recalled`: the evidence chunk under its header alone (`latent-readback`);
+- `evidence`: the evidence turns alone (the `oracle`);
+- `window_evidence`: a window that ends a few turns after the evidence turn, so that the window holds the answer,
+  then another chunk of the conversation under its header (a question about something just said, with the address
+  head's pick beside it): the prefix must not learn to ignore the window.
+The target is the gold answer and the end-of-turn token, teacher-forced through [prefix][prompt]; only the prefix's
+K/V train. Held-out: the loss, and the answers the reasoner generates (the eval reader, greedy) with the prefix and
+without it, per layout. The prefix is saved atomically at the end with what it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("window_recalled", "recalled", "evidence", "window_evidence")
+
+
+@dataclass
+class ReadingConfig:
+    num_slots: int = 16
+    """Positions of the prefix (`ReadingPrefixConfig.num_slots`)."""
+    steps: int = 600
+    batch: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    episodes: int = 240
+    """Train-split episodes (each asks `facts` questions)."""
+    eval_episodes: int = 16
+    """Held-out train-split episodes (another seed)."""
+    eval_every: int = 200
+    history_tokens: list[int] = field(default_factory=lambda: [2048, 4096])
+    facts: int = 6
+    chunk_tokens: int = 32
+    """Tokens per chunk, as the conversation memory chunks history (the shipped checkpoint's 32)."""
+    window_tokens: list[int] = field(default_factory=lambda: [128, 256, 384])
+    """Window sizes drawn from for the window layouts (the eval reads 256)."""
+    eval_window_tokens: int = 256
+    layout_weights: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])
+    """Shares of `LAYOUTS` in training."""
+    open_values: float = 0.25
+    """Share of episodes with made-up values (`TaskArgs.values="open"`)."""
+    user_perspective: float = 0.25
+    """Share of the rest in the user's own perspective (`TaskArgs.perspective="user"`)."""
+    seed: int = 0
+    data: str | None = None
+    """Corpora directory for the synthetic task's filler (None: its default)."""
+
+    def __post_init__(self):
+        if (
+            len(self.layout_weights) != len(LAYOUTS)
+            or min(self.layout_weights) < 0
+            or sum(self.layout_weights) <= 0
+        ):
+            raise ValueError(
+                f"ReadingConfig.layout_weights: {len(LAYOUTS)} non-negative shares, not all zero"
+            )
+        for name in (
+            "steps",
+            "batch",
+            "episodes",
+            "eval_episodes",
+            "eval_every",
+            "chunk_tokens",
+            "num_slots",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ReadingConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.window_tokens or min(self.window_tokens) < 1:
+            raise ValueError("ReadingConfig.window_tokens: at least one size, each >= 1")
+
+
+@dataclass
+class ReadingExample:
+    question: str
+    answer: str
+    aliases: tuple
+    layout: str
+    history: str
+
+
+def question_examples(
+    episode, chunk_texts: list[str], positives: list[list[int]], cfg, window_tokens, count_tokens, rng
+):
+    """Every layout of every answerable question of `episode` (`chunk_texts`: its memory chunks as text;
+    `positives`: per question the chunks that hold its evidence)."""
+    from ..eval.reader import render_history, render_session_header
+    from ..eval.systems.context import recent_window
+
+    out = []
+    turns = list(episode.turns)
+    index = {t.id: i for i, t in enumerate(turns)}
+    questions = [q for q in episode.questions if q.answer]
+    for q, chunks in zip(questions, positives, strict=True):
+        evidence = episode.turns_by_id(q.evidence)
+        if not evidence or not chunks:
+            continue
+        last = evidence[-1]
+        header = f"system: {render_session_header(last)}"
+        recalled = f"{header}\n{chunk_texts[chunks[-1]]}"
+        window = render_history(recent_window(turns, window_tokens, count_tokens)[1])
+        end = min(len(turns), index[last.id] + 1 + rng.randint(0, 3))
+        near = render_history(recent_window(turns[:end], window_tokens, count_tokens)[1])
+        others = [i for i in range(len(chunk_texts)) if i not in set(chunks)]
+        other = chunk_texts[rng.choice(others)] if others else chunk_texts[chunks[-1]]
+        histories = {
+            "window_recalled": f"{window}\n{recalled}",
+            "recalled": recalled,
+            "evidence": render_history(evidence),
+            "window_evidence": f"{near}\n{header}\n{other}",
+        }
+        out.extend(ReadingExample(q.question, q.answer, q.aliases, name, histories[name]) for name in LAYOUTS)
+    return out
+
+
+def build_examples(
+    cfg: ReadingConfig, reasoner, count: int, seed: int, window_tokens: list[int]
+) -> list[ReadingExample]:
+    """`count` train-split episodes (pool values, made-up values and the user's perspective as `cfg` shares them),
+    every question in every layout, each episode with one window size drawn from `window_tokens`."""
+    from ..eval.reader import Reader
+    from ..online.bootstrap import episode_examples, synthetic_episodes
+
+    rng = random.Random(seed)
+    count_tokens = Reader(reasoner).count_tokens
+    n_open = round(count * cfg.open_values)
+    n_user = round((count - n_open) * cfg.user_perspective)
+    episodes = (
+        synthetic_episodes(cfg, count - n_open - n_user, seed, count_tokens)
+        + synthetic_episodes(cfg, n_user, seed, count_tokens, perspective="user")
+        + synthetic_episodes(cfg, n_open, seed, count_tokens, values="open")
+    )
+    tok = reasoner.require_tokenizer()
+    out = []
+    for episode, example in zip(
+        episodes, episode_examples(episodes, reasoner, cfg.chunk_tokens), strict=True
+    ):
+        texts = [tok.decode(c).strip() for c in example.chunks]
+        out += question_examples(
+            episode, texts, example.positives, cfg, rng.choice(window_tokens), count_tokens, rng
+        )
+    return out
+
+
+def encode(reasoner, template, example: ReadingExample) -> tuple[list[int], list[int]]:
+    """(prompt ids as the eval reader renders them, answer ids with the end-of-turn token)."""
+    tok = reasoner.require_tokenizer()
+    prompt = reasoner.chat_ids(template.messages(example.question, example.history))
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return prompt, tok(example.answer, add_special_tokens=False)["input_ids"] + eos
+
+
+def answer_loss(prefix, batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int, int]:
+    """(mean cross-entropy of the answer tokens, answer tokens, argmax hits) of the reasoner reading
+    [prefix][prompt] and teacher-forced on the answer, right-padded in one batch."""
+    from ..inject.splice import hidden_states_with_memory
+    from ..reasoner.head_loss import lm_head_cross_entropy
+
+    reasoner = prefix.reasoner
+    rows = [p + a for p, a in batch]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    ids, mask = ids.to(reasoner.device), mask.to(reasoner.device)
+    hidden = hidden_states_with_memory(reasoner, ids, mask, prefix.memory_kv(len(rows)))
+    picks, targets = [], []
+    for i, (p, a) in enumerate(batch):
+        picks += [(i, j) for j in range(len(p) - 1, len(p) + len(a) - 1)]
+        targets += a
+    rows_i = torch.tensor([i for i, _ in picks], device=reasoner.device)
+    cols = torch.tensor([j for _, j in picks], device=reasoner.device)
+    y = torch.tensor(targets, device=reasoner.device)
+    loss, hits = lm_head_cross_entropy(reasoner, hidden[rows_i, cols], y)
+    return loss / len(targets), len(targets), int(hits)
+
+
+@torch.no_grad()
+def held_out(prefix, examples: list[ReadingExample], reader) -> dict:
+    """Per layout: answers generated with the prefix and without it (share that contains the gold answer, as the
+    eval scores), and the teacher-forced loss with the prefix."""
+    from ..eval.metrics import score_answer
+
+    out = {}
+    for layout in LAYOUTS:
+        rows = [e for e in examples if e.layout == layout]
+        if not rows:
+            continue
+        scores = {}
+        for name, use in (("with_prefix", prefix), ("without", None)):
+            reader.prefix = use
+            hits = [
+                score_answer(reader.read(e.question, e.history).text, e.answer, aliases=e.aliases).contains
+                for e in rows
+            ]
+            scores[name] = round(sum(hits) / len(hits), 4)
+        encoded = [encode(prefix.reasoner, reader.template, e) for e in rows]
+        losses = [float(answer_loss(prefix, encoded[i : i + 16])[0]) for i in range(0, len(encoded), 16)]
+        out[layout] = {"questions": len(rows), **scores, "loss": round(sum(losses) / len(losses), 4)}
+    reader.prefix = prefix
+    return out
+
+
+def run_reading(reasoner, cfg: ReadingConfig, output: str | Path) -> dict:
+    from tqdm import tqdm
+
+    from ..eval.reader import Reader
+    from ..train.plots import MetricsLog
+    from .prefix import ReadingPrefix, ReadingPrefixConfig
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    t0 = time.perf_counter()
+    train = build_examples(cfg, reasoner, cfg.episodes, cfg.seed, cfg.window_tokens)
+    held = build_examples(cfg, reasoner, cfg.eval_episodes, cfg.seed + 10_000, [cfg.eval_window_tokens])
+    if not train or not held:
+        raise ValueError("reading: no usable questions; raise episodes or eval_episodes")
+    by_layout = {name: [e for e in train if e.layout == name] for name in LAYOUTS}
+    data_seconds = time.perf_counter() - t0
+    logger.info("%d training and %d held-out prompts built in %.1f s", len(train), len(held), data_seconds)
+    prefix = ReadingPrefix.from_text(reasoner, ReadingPrefixConfig(num_slots=cfg.num_slots))
+    reader = Reader(reasoner, prefix=prefix)
+    optimizer = torch.optim.AdamW(prefix.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps, eta_min=cfg.lr * 0.1)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(output / "metrics.jsonl")
+    curve = []
+    start = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        entry = {
+            "step": step,
+            **held_out(prefix, held, reader),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        curve.append(entry)
+        metrics.write({"eval": entry})
+        logger.info("reading eval %s", json.dumps(entry))
+
+    evaluate(0)
+    bar = tqdm(range(1, cfg.steps + 1), desc="reading prefix", unit="step")
+    for step in bar:
+        layouts = rng.choices(LAYOUTS, weights=cfg.layout_weights, k=cfg.batch)
+        batch = [encode(reasoner, reader.template, rng.choice(by_layout[name])) for name in layouts]
+        loss, tokens, hits = answer_loss(prefix, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        metrics.write(
+            {"step": step, "loss": round(float(loss.detach()), 4), "token_accuracy": round(hits / tokens, 4)}
+        )
+        bar.set_postfix(loss=round(float(loss.detach()), 3))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            evaluate(step)
+    prefix.config.trained = {
+        "steps": cfg.steps,
+        "task": "synthetic",
+        "split": "train",
+        "prompts": len(train),
+        "layouts": dict(zip(LAYOUTS, cfg.layout_weights, strict=True)),
+        "window_tokens": list(cfg.window_tokens),
+        "heldout": {k: v for k, v in curve[-1].items() if k not in ("step", "seconds")},
+    }
+    prefix.save_pretrained(output / "prefix")
+    report = {
+        "config": asdict(cfg),
+        "train_prompts": len(train),
+        "heldout_prompts": len(held),
+        "data_seconds": round(data_seconds, 1),
+        "curve": curve,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (output / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..bench.record import provenance, save_result
+    from ..online.offline_run import config_from_args, config_parser
+    from ..reasoner import load_reasoner
+
+    p = config_parser(
+        "python -m memsplice.reading.train", __doc__, ReadingConfig, "unused: a prefix needs no memory"
+    )
+    args = p.parse_args(argv)
+    if args.checkpoint:
+        p.error("--checkpoint: a reading prefix is trained for the reasoner alone, with no memory")
+    cfg = config_from_args(ReadingConfig, args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    reasoner = load_reasoner(args.reasoner, device=args.device, dtype=args.dtype)
+    started = provenance(reasoner.device)
+    report = run_reading(reasoner, cfg, args.output)
+    if args.record:
+        print(f"saved {save_result(args.record, {**report, **started}, device=reasoner.device)}")
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
