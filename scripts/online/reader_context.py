@@ -40,7 +40,8 @@ message, the recalled text (`header_chunk`) under `RECALL_HEADER`:
 - `chat_recalled_in_system_alone`, `chat_recalled_in_user_alone`, `chat_recalled_as_history_alone`: those without
   the window;
 - `chat_memory_system_*`: with the eval's system prompt less its "a few words" instruction (`MEMORY_SYSTEM`).
-`--only NAME ...` keeps just those histories and layouts.
+`--only NAME ...` keeps just those histories and layouts. `--reading-prefix DIR` puts a trained reading prefix
+(`memsplice.reading`) in front of every prompt.
 """
 
 import argparse
@@ -76,6 +77,12 @@ def main() -> int:
         help="also the chat layouts (needs --perspective user, --window-tokens)",
     )
     p.add_argument("--only", nargs="+", default=None, help="just these histories and layouts")
+    p.add_argument(
+        "--reading-prefix",
+        default=None,
+        metavar="DIR",
+        help="a trained reading prefix in front of every prompt (python -m memsplice.reading.train)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--record", default=None, help="save as benchmarks/results/NAME.json with provenance")
@@ -87,7 +94,12 @@ def main() -> int:
     reasoner = load_reasoner(None, device=args.device, dtype=args.dtype)
     started = provenance(reasoner.device)
     tok = reasoner.require_tokenizer()
-    reader = Reader(reasoner)
+    prefix = None
+    if args.reading_prefix:
+        from memsplice.reading import ReadingPrefix
+
+        prefix = ReadingPrefix.from_pretrained(args.reading_prefix, reasoner=reasoner)
+    reader = Reader(reasoner, prefix=prefix)
     names = ["evidence", "chunk", "header_chunk", "header_turn"]
     if args.window_tokens:
         names += ["chunk_window", "header_chunk_window", "window_header_chunk"]
@@ -162,6 +174,7 @@ def main() -> int:
         "layouts": bool(args.layouts),
         "chat": bool(args.chat),
         "perspective": args.perspective,
+        "reading_prefix": args.reading_prefix,
         "by_length": {str(n): summarize([r for r in rows if r["length"] == n], names) for n in args.lengths},
         "all": summarize(rows, names),
         "rows": rows,
