@@ -81,7 +81,7 @@ def main() -> int:
         "--reading-prefix",
         default=None,
         metavar="DIR",
-        help="a trained reading prefix in front of every prompt (python -m memsplice.reading.train)",
+        help="a trained reading prefix in front of every prompt (a directory, or shipped)",
     )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
@@ -96,9 +96,9 @@ def main() -> int:
     tok = reasoner.require_tokenizer()
     prefix = None
     if args.reading_prefix:
-        from memsplice.reading import ReadingPrefix
+        from memsplice.checkpoints import load_reading_prefix
 
-        prefix = ReadingPrefix.from_pretrained(args.reading_prefix, reasoner=reasoner)
+        prefix = load_reading_prefix(reasoner, args.reading_prefix)
     reader = Reader(reasoner, prefix=prefix)
     names = ["evidence", "chunk", "header_chunk", "header_turn"]
     if args.window_tokens:

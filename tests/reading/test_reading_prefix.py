@@ -128,9 +128,7 @@ def test_training_examples_cover_every_layout_and_hold_the_answer():
     for e in examples:
         assert e.history and e.answer
         prompt, answer = encode(reasoner, Reader(reasoner).template, e)
-        assert answer[-1] == reasoner.tokenizer.eos_token_id and e.question in reasoner.tokenizer.decode(
-            prompt
-        )
+        assert answer[-1] == reasoner.end_of_turn_id and e.question in reasoner.tokenizer.decode(prompt)
     # the evidence layout is the oracle's: the answer is in the text
     assert all(e.answer.lower() in e.history.lower() for e in examples if e.layout == "evidence")
 
@@ -158,3 +156,25 @@ def test_run_reading_trains_and_saves(tmp_path):
     assert saved.config.trained["split"] == "train" and saved.config.trained["steps"] == 3
     assert not torch.allclose(saved.keys, before.keys.to(torch.bfloat16).float())
     assert (tmp_path / "metrics.jsonl").is_file() and json.loads((tmp_path / "report.json").read_text())
+
+
+def test_the_shipped_prefix_loads_for_its_reasoner_only():
+    from memsplice.checkpoints import load_reading_prefix, reading_prefix_for
+
+    reasoner = tiny_reasoner()
+    assert reading_prefix_for(reasoner) is None
+    with pytest.raises(ReadingPrefixError, match="no reading prefix ships"):
+        load_reading_prefix(reasoner, "shipped")
+
+
+@pytest.mark.real_model
+def test_shipped_prefix_answers_in_a_few_words_and_stops(real_reasoner):
+    """The shipped prefix in front of the eval reader's prompt: the answer alone, then the turn ends."""
+    from memsplice.checkpoints import load_reading_prefix
+
+    prefix = load_reading_prefix(real_reasoner, "shipped")
+    assert prefix.num_slots == 16 and prefix.config.trained["split"] == "train"
+    reader = Reader(real_reasoner, prefix=prefix)
+    history = "system: [Session 3, 2:10 pm on 4 May, 2023]\nLina Costa: My dog Olive loves the beach."
+    answer = reader.read("What is the name of Lina Costa's dog?", history)
+    assert answer.text == "Olive" and answer.costs.memory_slots == 16

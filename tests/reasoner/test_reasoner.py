@@ -111,3 +111,22 @@ def test_real_smollm2_splice_exactness(real_reasoner):
     # ~5e-5 on logits of magnitude ~15 (4.96e-5 on an AVX-512 Xeon, 0.0 on another CPU); a wrong position, mask or
     # gate gives errors of order 1.
     assert (spliced - in_context).abs().max() < 1e-4
+
+
+def test_turn_markers_end_answers_and_targets_end_with_the_end_of_turn_token():
+    """Answers stop where the chat template closes or opens a turn, whatever the tokenizer calls its eos; training
+    targets end with the template's end of turn (a GGUF tokenizer's eos differs between transformers releases)."""
+    from memsplice.reasoner.reasoner import turn_marker_ids
+    from tiny import tiny_reasoner
+
+    reasoner = tiny_reasoner()
+    tok = reasoner.tokenizer
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert turn_marker_ids(tok) == {start, end}
+    assert {start, end} <= set(reasoner.eos_ids)
+    assert reasoner.end_of_turn_id == end
+    tok.eos_token = "<|im_start|>"  # as some releases load SmolLM2's GGUF
+    try:
+        assert reasoner.end_of_turn_id == end
+    finally:
+        tok.eos_token = "<|im_end|>"

@@ -5,6 +5,10 @@ reasoner (matched by weight fingerprint), else an untrained memory with the defa
 untrained memory runs and obeys every guarantee of the core, but remembers nothing useful.
 `default_checkpoint_dir()` is the folder of the memory trained for the default reasoner, SmolLM2-135M-Instruct;
 it raises FileNotFoundError, saying how to train one, while no trained memory ships there.
+
+Reading prefixes (`memsplice.reading`) ship beside them, in folders with a `reading_config.json`:
+`load_reading_prefix(reasoner, "shipped")` loads the one trained for the reasoner, `load_reading_prefix(reasoner,
+DIR)` any other.
 """
 
 from __future__ import annotations
@@ -60,3 +64,30 @@ def load_memory(reasoner, checkpoint: str | Path | None = None):
         "no trained memory checkpoint for %s; using an untrained memory (pass --checkpoint)", reasoner.name
     )
     return MemoryModel(MemoryConfig(), reasoner)
+
+
+SHIPPED = "shipped"
+"""What `--reading-prefix` takes for the prefix shipped for the reasoner."""
+
+
+def reading_prefix_for(reasoner) -> Path | None:
+    """The shipped reading prefix trained for `reasoner` (same fingerprint), or None."""
+    for config in sorted(CHECKPOINTS_DIR.glob("*/reading_config.json")):
+        if json.loads(config.read_text()).get("reasoner_fingerprint") == reasoner.fingerprint:
+            return config.parent
+    return None
+
+
+def load_reading_prefix(reasoner, where: str | Path):
+    """The reading prefix at `where`: a directory, or "shipped" for the one shipped for `reasoner`."""
+    from memsplice.reading import ReadingPrefix, ReadingPrefixError
+
+    if str(where) == SHIPPED:
+        found = reading_prefix_for(reasoner)
+        if found is None:
+            raise ReadingPrefixError(
+                f"no reading prefix ships for {reasoner.name}; train one with python -m memsplice.reading.train and "
+                "pass its output/prefix directory"
+            )
+        where = found
+    return ReadingPrefix.from_pretrained(where, reasoner=reasoner)

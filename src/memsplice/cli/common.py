@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_reasoner_flags(p: argparse.ArgumentParser) -> None:
@@ -52,10 +51,10 @@ def add_reading_prefix_flag(p: argparse.ArgumentParser) -> None:
     """A trained reading prefix in front of every prompt of the systems compared (`EvalConfig.reading_prefix`)."""
     p.add_argument(
         "--reading-prefix",
-        type=Path,
         default=None,
-        metavar="DIR",
-        help="a trained reading prefix (python -m memsplice.reading.train): its K/V in front of every prompt of "
+        metavar="DIR|shipped",
+        help="a trained reading prefix (python -m memsplice.reading.train; 'shipped': the one shipped for the "
+        "reasoner): its K/V in front of every prompt of "
         "every system, baselines included; only with systems that splice no memory (none, window, full, rag-*, "
         "oracle, latent-readback, latent-readback+window)",
     )

@@ -54,8 +54,8 @@ class EvalConfig:
     """Show a progress bar."""
     time_budget_s: float | None = None
     """Start no new episode after this many seconds (at least one always runs; the results say how many did)."""
-    reading_prefix: Path | None = None
-    """A reading prefix directory (`memsplice.reading`): its K/V go in front of every prompt of every system,
+    reading_prefix: Path | str | None = None
+    """A reading prefix directory (`memsplice.reading`), or "shipped" for the one shipped for the reasoner: its K/V go in front of every prompt of every system,
     baselines included. Only for systems that put history in the prompt as text: those that splice memory into the
     cache are refused with it."""
 
@@ -80,6 +80,8 @@ class EvalConfig:
         d = asdict(self)
         for part in ("task_args", "system_args"):
             d[part] = {k: str(v) if isinstance(v, Path) else v for k, v in d[part].items()}
+        if d["reading_prefix"] is not None:
+            d["reading_prefix"] = str(d["reading_prefix"])
         return d
 
 
@@ -107,9 +109,9 @@ def run_eval(config: EvalConfig, reasoner=None, on_episode: Callable[[dict], Non
         reasoner = load_reasoner(config.reasoner, device=config.device, dtype=config.dtype)
     prefix = None
     if config.reading_prefix is not None:
-        from ..reading import ReadingPrefix
+        from ..checkpoints import load_reading_prefix
 
-        prefix = ReadingPrefix.from_pretrained(config.reading_prefix, reasoner=reasoner)
+        prefix = load_reading_prefix(reasoner, config.reading_prefix)
     reader = Reader(reasoner, settings=config.generation, cuda_graphs=config.cuda_graphs, prefix=prefix)
     t0 = time.perf_counter()
     episodes = get_task(config.task)(config.task_args, reader.count_tokens)

@@ -153,9 +153,8 @@ class Reader:
         self.settings = settings or GenerationSettings()
         self.cuda_graphs = cuda_graphs
         tok = reasoner.require_tokenizer()
-        self.stop_ids = tuple(
-            sorted({i for i in (tok.eos_token_id, getattr(tok, "pad_token_id", None)) if i is not None})
-        )
+        pad = getattr(tok, "pad_token_id", None)
+        self.stop_ids = tuple(sorted({*reasoner.eos_ids, *([pad] if pad is not None else [])}))
         s = reasoner.shapes
         self.kv_bytes_per_position = s.num_layers * 2 * s.kv_width * reasoner.dtype.itemsize
         self._decoders = DecoderPool(

@@ -29,17 +29,14 @@ from collections.abc import Sequence
 import torch
 
 from ..inject.memory_kv import MemoryKV
+from ..reasoner.reasoner import turn_marker_ids
 from .refine import reconstruction_instruction
 
 
 def stop_token_ids(tokenizer) -> set[int]:
-    """Tokens that end a read-back: end of sequence, and the chat template's end of turn when it has one."""
+    """Tokens that end a read-back: end of sequence, and the chat template's turn markers when it has them."""
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        i = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(i, int) and i != tokenizer.unk_token_id and i >= 0:
-            stops.add(i)
-    return stops
+    return stops | turn_marker_ids(tokenizer)
 
 
 @torch.no_grad()

@@ -221,7 +221,7 @@ def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExamp
 
     tok = reasoner.require_tokenizer()
     template = PromptTemplate()
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    end = [reasoner.end_of_turn_id]
     out = []
 
     def turn_ids(turns) -> list[list[int]]:
@@ -246,7 +246,7 @@ def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExamp
             EpisodeExample(
                 chunks=pack_turns(history, chunk_tokens),
                 prompts=[reasoner.chat_ids(template.messages(q.question, None)) for q in questions],
-                answers=[tok(q.answer, add_special_tokens=False)["input_ids"] + eos for q in questions],
+                answers=[tok(q.answer, add_special_tokens=False)["input_ids"] + end for q in questions],
                 evidence=evidence,
                 queries=[question_input(tok, q.question) for q in questions],
                 positives=[sorted({c for t in q.evidence for c in chunk_of.get(t, [])}) for q in questions],

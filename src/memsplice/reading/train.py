@@ -160,11 +160,10 @@ def build_examples(
 
 
 def encode(reasoner, template, example: ReadingExample) -> tuple[list[int], list[int]]:
-    """(prompt ids as the eval reader renders them, answer ids with the end-of-turn token)."""
+    """(prompt ids as the eval reader renders them, answer ids with the chat template's end-of-turn token)."""
     tok = reasoner.require_tokenizer()
     prompt = reasoner.chat_ids(template.messages(example.question, example.history))
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    return prompt, tok(example.answer, add_special_tokens=False)["input_ids"] + eos
+    return prompt, tok(example.answer, add_special_tokens=False)["input_ids"] + [reasoner.end_of_turn_id]
 
 
 def answer_loss(prefix, batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int, int]:

@@ -77,11 +77,29 @@ class Reasoner:
 
     @property
     def eos_ids(self) -> list[int]:
-        """Ids that end an answer, sorted: the tokenizer's eos and the generation config's (one id or a list)."""
-        ids = {self.require_tokenizer().eos_token_id}
+        """Ids that end an answer, sorted: the tokenizer's eos, the generation config's (one id or a list), and the
+        chat template's turn markers (`turn_marker_ids`): a reply that ends its turn or starts another is over."""
+        tok = self.require_tokenizer()
+        ids = {tok.eos_token_id, *turn_marker_ids(tok)}
         config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
         return sorted(i for i in ids if i is not None)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn in the chat template (e.g. <|im_end|>), else the tokenizer's eos:
+        what a training target ends with. Not the tokenizer's eos alone: a GGUF-loaded tokenizer's eos differs
+        between transformers releases (<|im_start|> on some, <|im_end|> on others, for SmolLM2)."""
+        tok = self.require_tokenizer()
+        for name in END_OF_TURN_TOKENS:
+            i = _token_id(tok, name)
+            if i is not None:
+                return i
+        if tok.eos_token_id is None:
+            raise ValueError(
+                f"reasoner {self.name!r}: its tokenizer has neither an end-of-turn token nor an eos"
+            )
+        return tok.eos_token_id
 
     def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the reasoner's chat template (plain text if it has none)."""
@@ -103,3 +121,22 @@ class Reasoner:
             f"Reasoner({self.name!r}, layers={s.num_layers}, d={s.hidden_size}, heads={s.num_heads}/"
             f"{s.num_kv_heads}kv, head_dim={s.head_dim}, dtype={self.dtype}, device={self.device})"
         )
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+"""Chat-template tokens that close a turn (ChatML, Llama 3, Phi)."""
+TURN_START_TOKENS = ("<|im_start|>", "<|start_header_id|>")
+"""Chat-template tokens that open a turn."""
+
+
+def _token_id(tokenizer, name: str) -> int | None:
+    i = tokenizer.convert_tokens_to_ids(name)
+    if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id:
+        return i
+    return None
+
+
+def turn_marker_ids(tokenizer) -> set[int]:
+    """Ids of the chat-template tokens that close or open a turn that `tokenizer` knows."""
+    ids = (_token_id(tokenizer, name) for name in (*END_OF_TURN_TOKENS, *TURN_START_TOKENS))
+    return {i for i in ids if i is not None}
