@@ -13,11 +13,15 @@ chunk of the conversation memory that holds it):
   `ConversationMemory.read_back` now gives, `ConversationConfig.readback_context_role`);
 - `header_turn`: that header, then the evidence turn alone (the chunk without the tail of an earlier turn it may
   start with).
+- `header_chunk_distractor`: `header_chunk` and, in conversation order, a hard distractor under its own session
+  header: the turn outside the evidence that shares the most capitalised words with the question (the same person,
+  most often), standing in for a second chunk read back (`--select-chunks 2`) that does not hold the answer.
 With `--window-tokens N` also, for `latent-readback+window`, the last N tokens of the conversation as the window
 renders them: after `chunk` (`chunk_window`, what `latent-readback+window` read before session headers were read
 back), after `header_chunk` (`header_chunk_window`), and before `header_chunk` (`window_header_chunk`, what it reads
-now). With `--layouts` also other prompt layouts for the window beside `header_chunk` (the eval's template puts any
-history in the user message; these move the window or the recalled text elsewhere):
+now), and before `header_chunk_distractor` (`window_header_chunk_distractor`). With `--layouts` also other prompt
+layouts for the window beside `header_chunk` (the eval's template puts any history in the user message; these move
+the window or the recalled text elsewhere):
 - `question_twice`: as `window_header_chunk`, with the question also in front of the history;
 - `window_in_system`: the window in the system message, `header_chunk` as the history;
 - `window_as_messages`: the window's turns as chat messages before the user turn (`chat_messages`), `header_chunk`
@@ -100,9 +104,14 @@ def main() -> int:
 
         prefix = load_reading_prefix(reasoner, args.reading_prefix)
     reader = Reader(reasoner, prefix=prefix)
-    names = ["evidence", "chunk", "header_chunk", "header_turn"]
+    names = ["evidence", "chunk", "header_chunk", "header_turn", "header_chunk_distractor"]
     if args.window_tokens:
-        names += ["chunk_window", "header_chunk_window", "window_header_chunk"]
+        names += [
+            "chunk_window",
+            "header_chunk_window",
+            "window_header_chunk",
+            "window_header_chunk_distractor",
+        ]
     if args.layouts:
         names += list(LAYOUTS)
     if args.chat:
@@ -138,6 +147,14 @@ def main() -> int:
                     turn = evidence[-1]
                     chunk = tok.decode(example.chunks[positives[-1]]).strip()
                     header = f"system: {render_session_header(turn)}"
+                    recalled = f"{header}\n{chunk}"
+                    other = distractor(episode.turns, q.question, set(q.evidence))
+                    if other is not None:
+                        extra = f"system: {render_session_header(other)}\n{render_turn(other)}"
+                        first = index_of(episode.turns, other) < index_of(episode.turns, turn)
+                        recalled_two = f"{extra}\n{recalled}" if first else f"{recalled}\n{extra}"
+                    else:
+                        recalled_two = recalled
                     histories = {
                         "evidence": render_history(evidence),
                         "chunk": chunk,
@@ -146,6 +163,8 @@ def main() -> int:
                         "chunk_window": f"{chunk}\n{window}",
                         "header_chunk_window": f"{header}\n{chunk}\n{window}",
                         "window_header_chunk": f"{window}\n{header}\n{chunk}",
+                        "header_chunk_distractor": recalled_two,
+                        "window_header_chunk_distractor": f"{window}\n{recalled_two}",
                     }
                     row = {"length": length, "seed": seed, "question": q.question, "answer": q.answer}
                     for name in names:
@@ -287,6 +306,30 @@ class ChatLayout(PromptTemplate):
         if where == "before_question":
             return [system, *before, {"role": "system", "content": note}, user]
         return [system, *before, user]
+
+
+def index_of(turns, turn) -> int:
+    return next(i for i, t in enumerate(turns) if t.id == turn.id)
+
+
+def distractor(turns, question: str, evidence: set):
+    """The turn outside `evidence` that shares the most capitalised words with `question` (the earliest of equals);
+    None when none shares any."""
+    words = {w.strip("?.,'s") for w in question.split() if w[:1].isupper()} - {
+        "What",
+        "When",
+        "Where",
+        "Who",
+        "How",
+    }
+    best, score = None, 0
+    for t in turns:
+        if t.id in evidence:
+            continue
+        n = sum(w in t.text for w in words)
+        if n > score:
+            best, score = t, n
+    return best
 
 
 def summarize(rows: list[dict], names: list[str]) -> dict:

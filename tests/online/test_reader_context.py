@@ -31,3 +31,17 @@ def test_chat_layouts_place_the_recalled_text_as_with_recalled_does():
     ]
     before = _layout("chat_recalled_before_question", window).messages(question["content"], recalled)
     assert before[-2]["role"] == "system" and recalled in before[-2]["content"] and before[-1] == question
+
+
+def test_distractor_is_the_non_evidence_turn_that_names_the_person_asked_about():
+    from memsplice.eval.tasks.base import Turn
+
+    turns = [
+        Turn("a", "Ada", "Lina Costa adopted a dog named Olive."),
+        Turn("b", "Ben", "The weather was fine today."),
+        Turn("c", "Ada", "Lina Costa moved to Porto last spring."),
+        Turn("d", "Ben", "Lina said hello."),
+    ]
+    question = "What is the name of Lina Costa's dog?"
+    assert reader_context.distractor(turns, question, {"a"}).id == "c"
+    assert reader_context.distractor(turns, "What is the weather like?", {"a"}) is None
