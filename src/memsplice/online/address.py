@@ -33,7 +33,7 @@ import torch
 
 from ..memory.address import address_loss, rank_chunks
 from ..memory.model import pad_rows
-from .bootstrap import EpisodeExample, episode_examples, synthetic_episodes
+from .bootstrap import EpisodeExample, episode_examples, mixed_episodes
 
 logger = logging.getLogger(__name__)
 
@@ -209,18 +209,8 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
     count = Reader(reasoner).count_tokens
     t0 = time.perf_counter()
 
-    def mix(total: int, seed: int) -> list:
-        """`total` train-split episodes: made-up values, the user's perspective and the default one, as shares."""
-        n_open = round(total * cfg.open_values)
-        n_user = round((total - n_open) * cfg.user_perspective)
-        return (
-            synthetic_episodes(cfg, total - n_open - n_user, seed, count)
-            + synthetic_episodes(cfg, n_user, seed, count, perspective="user")
-            + synthetic_episodes(cfg, n_open, seed, count, values="open")
-        )
-
-    episodes = mix(cfg.episodes, cfg.seed)
-    held_episodes = mix(cfg.eval_episodes, cfg.seed + 10_000)
+    episodes = mixed_episodes(cfg, cfg.episodes, cfg.seed, count)
+    held_episodes = mixed_episodes(cfg, cfg.eval_episodes, cfg.seed + 10_000, count)
     train = address_examples(memory, episode_examples(episodes, reasoner, chunk_tokens), cfg.encode_batch)
     held = address_examples(memory, episode_examples(held_episodes, reasoner, chunk_tokens), cfg.encode_batch)
     if not train or not held:

@@ -214,6 +214,18 @@ def synthetic_episodes(
     return get_task("synthetic")(args, count_tokens)[:count]
 
 
+def mixed_episodes(cfg, total: int, seed: int, count_tokens) -> list:
+    """`total` train-split episodes: `cfg.open_values` of them with made-up values, `cfg.user_perspective` of the
+    rest in the user's own perspective, the others the default task (`synthetic_episodes` for each)."""
+    n_open = round(total * cfg.open_values)
+    n_user = round((total - n_open) * cfg.user_perspective)
+    return (
+        synthetic_episodes(cfg, total - n_open - n_user, seed, count_tokens)
+        + synthetic_episodes(cfg, n_user, seed, count_tokens, perspective="user")
+        + synthetic_episodes(cfg, n_open, seed, count_tokens, values="open")
+    )
+
+
 def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExample]:
     """Tokenize episodes into what `answer_update` trains on: chunk inputs, question prompts, answers, and which
     chunks hold each question's evidence."""

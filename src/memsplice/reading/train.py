@@ -136,17 +136,11 @@ def build_examples(
     """`count` train-split episodes (pool values, made-up values and the user's perspective as `cfg` shares them),
     every question in every layout, each episode with one window size drawn from `window_tokens`."""
     from ..eval.reader import Reader
-    from ..online.bootstrap import episode_examples, synthetic_episodes
+    from ..online.bootstrap import episode_examples, mixed_episodes
 
     rng = random.Random(seed)
     count_tokens = Reader(reasoner).count_tokens
-    n_open = round(count * cfg.open_values)
-    n_user = round((count - n_open) * cfg.user_perspective)
-    episodes = (
-        synthetic_episodes(cfg, count - n_open - n_user, seed, count_tokens)
-        + synthetic_episodes(cfg, n_user, seed, count_tokens, perspective="user")
-        + synthetic_episodes(cfg, n_open, seed, count_tokens, values="open")
-    )
+    episodes = mixed_episodes(cfg, count, seed, count_tokens)
     tok = reasoner.require_tokenizer()
     out = []
     for episode, example in zip(
