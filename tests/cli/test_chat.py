@@ -280,3 +280,54 @@ def test_chat_read_back_refuses_a_memory_that_cannot_be_read_back(
 ):
     code, out = _chat(monkeypatch, capsys, tiny_model_dir, tmp_path / "c.json", ["hi"], "--read-back")
     assert code == 2 and "reconstruction instruction" in out.err
+
+
+def test_read_back_with_a_reading_prefix_decodes_with_the_prefix_in_front():
+    import torch
+
+    from helpers import small_memory
+    from memsplice.cli.chat import ChatSession
+    from memsplice.reading import ReadingPrefix, ReadingPrefixConfig
+
+    reasoner = tiny_reasoner("llama")
+    memory = small_memory(reasoner)
+    memory.config.reconstruction_instruction = "Repeat the text."
+    memory.add_address_head(8)
+    prefix = ReadingPrefix.from_text(reasoner, ReadingPrefixConfig(num_slots=5))
+    with pytest.raises(ValueError, match="use it with read_back"):
+        ChatSession(reasoner, memory, "You are helpful.", reading_prefix=prefix)
+    for engine in ("eager", "auto"):
+        chat = ChatSession(
+            reasoner, memory, "You are helpful.", read_back=True, engine=engine, reading_prefix=prefix
+        )
+        chat.answer("Ada lives in Lisbon.", 4, 0.0)
+        seen, real = {}, reasoner.chat_ids
+
+        def spy(messages, seen=seen, real=real):
+            seen["ids"] = real(messages)
+            return seen["ids"]
+
+        reasoner.chat_ids = spy
+        try:
+            text, status = chat.answer("Where does Ada live?", 4, 0.0)
+        finally:
+            reasoner.chat_ids = real
+        assert status["slots"] == 0 and status["reading_prefix_slots"] == 5
+        ids = torch.tensor([seen["ids"]])
+        with torch.no_grad():
+            out = memory.generate(
+                ids,
+                memory=prefix.memory_kv(),
+                max_new_tokens=4,
+                do_sample=False,
+                eos_token_id=reasoner.eos_ids,
+            )
+        want = reasoner.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        assert text == want, engine
+
+
+def test_chat_reading_prefix_flag_needs_read_back(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    code, out = _chat(
+        monkeypatch, capsys, tiny_model_dir, tmp_path / "p.json", ["hi"], "--reading-prefix", "shipped"
+    )
+    assert code == 2 and "--reading-prefix goes with --read-back" in out.err

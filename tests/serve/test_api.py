@@ -364,3 +364,53 @@ def test_chat_reads_memory_back_as_text_with_memory_read_back(tmp_path):
                 assert RECALL_HEADER in first and last == "How many books does Ada keep?"
     for with_memory, without in prompts.values():
         assert with_memory > without  # the read-back text is in the prompt
+
+
+def test_read_back_with_a_reading_prefix_decodes_with_the_prefix_in_front(tmp_path):
+    """memory_reading_prefix: a chat whose prompt carries read-back text decodes with the prefix's K/V in front, as
+    generate() does with it; a chat with nothing read back decodes without it; the setting needs memory_read_back."""
+    import torch
+    from fastapi.testclient import TestClient
+    from tests.serve.harness import Harness, small_memory
+
+    from memsplice.reading import ReadingPrefix, ReadingPrefixConfig
+    from memsplice.serve import ServeConfig
+
+    with pytest.raises(ValueError, match="memory_reading_prefix"):
+        ServeConfig(memory_reading_prefix="shipped")
+    memory = small_memory(reconstruction_instruction="Repeat the text.")
+    memory.add_address_head(8)
+    prefix = ReadingPrefix.from_text(memory.reasoner, ReadingPrefixConfig(num_slots=5))
+    prefix.save_pretrained(tmp_path / "prefix", dtype=None)
+    h = Harness(
+        tmp_path / "server",
+        memory=memory,
+        memory_chunk_tokens=16,
+        memory_read_back=True,
+        memory_reading_prefix=str(tmp_path / "prefix"),
+    )
+    rendered, real = [], h.service.reasoner.chat_ids
+    h.service.reasoner.chat_ids = lambda messages, real=real, rendered=rendered: (
+        rendered.append(real(messages)) or rendered[-1]
+    )
+    with TestClient(h.app) as client:
+        client.harness = h
+        empty = chat(client, "How many books does Ada keep?").json()
+        assert empty["memsplice"]["reading_prefix_slots"] == 0
+        turns = [{"role": "user", "content": f"Fact number {i}: Ada keeps {i} red books."} for i in range(6)]
+        assert client.post(
+            "/v1/memory/scopes/alice/turns", headers=h.headers(), json={"turns": turns}
+        ).is_success
+        reply = chat(client, "How many books does Ada keep?").json()
+    assert reply["memsplice"]["reading_prefix_slots"] == 5 and reply["memsplice"]["slots"] == 0
+    ids = torch.tensor([rendered[-1]])
+    with torch.no_grad():
+        out = memory.generate(
+            ids,
+            memory=prefix.memory_kv(),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=memory.reasoner.eos_ids,
+        )
+    want = memory.reasoner.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert reply["choices"][0]["message"]["content"].strip() == want.strip()

@@ -12,7 +12,9 @@ With --read-back the memory is read another way: the --select-chunks chunk memor
 (`ConversationMemory.read_back`), and that text goes in front of the message (or, with --read-back-placement
 system, into the system prompt) instead of memory K/V in the cache. It is
 the read path that answers best in the evaluation (`latent-readback`); it needs a memory trained to be read back
-(the shipped checkpoint is), and is most faithful with refined writes (--refine-steps 5).
+(the shipped checkpoint is), and is most faithful with refined writes (--refine-steps 5). --reading-prefix puts a
+trained reading prefix (`memsplice.reading`, e.g. `shipped`) in front of each prompt that carries read-back text: K/V slots trained
+to make the reasoner answer from the read-back text. It was trained on question answering: replies get short.
 
 With --learn the memory keeps learning from the conversation (`memsplice.online`, Algorithm 1): every exchange
 goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC
@@ -91,6 +93,13 @@ def add_parser(sub):
         default="message",
         help="where --read-back text goes: 'message' (default), in front of your message; 'system', in the system "
         "prompt (read far worse beside --window turns)",
+    )
+    p.add_argument(
+        "--reading-prefix",
+        default=None,
+        metavar="DIR|shipped",
+        help="with --read-back: a trained reading prefix in front of each prompt (python -m memsplice.reading.train; "
+        "'shipped': the one shipped for the reasoner); trained on question answering, so replies get short",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
@@ -218,6 +227,7 @@ class ChatSession:
         compile_decode: bool = False,
         read_back: bool = False,
         read_back_placement: str = "message",
+        reading_prefix=None,
     ):
         from memsplice.conversation import ConversationConfig, ConversationMemory, picks_by_address
         from memsplice.engine import plain_greedy
@@ -237,6 +247,12 @@ class ChatSession:
                 f"read_back_placement must be one of {', '.join(RECALL_PLACEMENTS)} (got {read_back_placement!r})"
             )
         self.read_back, self.read_back_placement = read_back, read_back_placement
+        if reading_prefix is not None and not read_back:
+            raise ValueError(
+                "a reading prefix goes in front of prompts that splice no memory: use it with read_back"
+            )
+        self.reading_prefix = reading_prefix
+        """A `memsplice.reading.ReadingPrefix` in front of every read-back prompt (None: none)."""
         # the read policy is this run's flags, whatever the saved memory was read with (replace() validates it); a
         # chat that picks chunk memories by the address head keeps every chunk: a slot budget would evict chunks
         # the head could pick
@@ -301,19 +317,23 @@ class ChatSession:
             {"role": "user", "content": message},
         ]
         recalled, read_s = None, 0.0
+        front = None  # what goes in front of the prompt: the memory's K/V, or the reading prefix's
         if self.read_back:
             kv = None
             recalled, read_s = self._recall(message, messages)
             messages = with_recalled(messages, recalled, self.read_back_placement)
+            if self.reading_prefix is not None and recalled:
+                with torch.no_grad():
+                    front = self.reading_prefix.memory_kv()
         else:
-            kv = self.conversation.read(message)
+            kv = front = self.conversation.read(message)
         prompt = self.reasoner.chat_ids(messages)
         t0 = time.perf_counter()
-        positions = loaded_slots(kv) + len(prompt) + max_new_tokens
+        positions = loaded_slots(front) + len(prompt) + max_new_tokens
         decoder = self._decoder(positions, max_new_tokens) if temperature <= 0 else None
         if decoder is not None:
             new = decoder.generate(
-                prompt, kv, max_new_tokens=max_new_tokens, stop_ids=self.reasoner.eos_ids
+                prompt, front, max_new_tokens=max_new_tokens, stop_ids=self.reasoner.eos_ids
             ).generated
         else:
             ids = torch.tensor([prompt], device=self.reasoner.device)
@@ -322,7 +342,7 @@ class ChatSession:
             )
             if temperature > 0:
                 gen["temperature"] = temperature
-            new = self.memory.generate(ids, memory=kv, **gen)[0, len(prompt) :]
+            new = self.memory.generate(ids, memory=front, **gen)[0, len(prompt) :]
         answer_s = time.perf_counter() - t0
         text = self.reasoner.tokenizer.decode(new, skip_special_tokens=True).strip()
         events_before = self.memory.fallback_log.total
@@ -345,6 +365,8 @@ class ChatSession:
         if self.read_back:
             status["read_back_ms"] = round(read_s * 1e3, 1)
             status["recalled"] = recalled or ""
+        if self.reading_prefix is not None:
+            status["reading_prefix_slots"] = 0 if front is None else front.num_slots
         if kv is not None and kv.any_live:
             g = kv.gate_bias[0].amax(dim=0).exp()  # (S,) per slot, from the layers that hold it
             g = g[g > 0]
@@ -379,6 +401,8 @@ def _format_status(s: dict) -> str:
     gate_txt = f"gate {gate['mean']:.2f} (min {gate['min']:.2f}, max {gate['max']:.2f})" if gate else "gate -"
     fb = f"fallback: {', '.join(s['fallbacks'])}" if s["fallbacks"] else "no fallback"
     read = f"read back {s['read_back_ms']:.0f} ms | " if "read_back_ms" in s else ""
+    if "reading_prefix_slots" in s:
+        read += f"reading prefix {s['reading_prefix_slots']} slots | "
     return (
         f"  [memory {s['slots']} slots | {gate_txt} | prompt {s['prompt_tokens']} tokens | {read}"
         f"write {s['write_ms']:.0f} ms | answer {s['answer_ms']:.0f} ms | {fb}]"
@@ -439,6 +463,15 @@ def run(args) -> int:
     else:
         memory = load_memory(reasoner, args.checkpoint)
     memory.set_refine_steps(args.refine_steps)
+    prefix = None
+    if args.reading_prefix is not None:
+        from memsplice.checkpoints import load_reading_prefix
+
+        if not args.read_back:
+            raise ValueError(
+                "--reading-prefix goes with --read-back (it cannot sit beside memory K/V in the cache)"
+            )
+        prefix = load_reading_prefix(reasoner, args.reading_prefix)
     session = ChatSession(
         reasoner,
         memory,
@@ -450,6 +483,7 @@ def run(args) -> int:
         compile_decode=args.compile,
         read_back=args.read_back,
         read_back_placement=args.read_back_placement,
+        reading_prefix=prefix,
     )
     interactive = sys.stdin.isatty()
     learning = f", learning online (state in {learn_dir})" if learner is not None else ""

@@ -104,6 +104,15 @@ def add_parser(sub):
         "wrote; 'system', in the system message (ServeConfig memory_read_back_placement)",
     )
     p.add_argument(
+        "--reading-prefix",
+        dest="memory_reading_prefix",
+        default=None,
+        metavar="DIR|shipped",
+        help="with --read-back: a trained reading prefix in front of every prompt that carries read-back text "
+        "(python -m memsplice.reading.train; 'shipped': the one shipped for the reasoner; ServeConfig "
+        "memory_reading_prefix); trained on question answering, so replies get short",
+    )
+    p.add_argument(
         "--engine",
         choices=["auto", "eager"],
         default=None,

@@ -81,6 +81,10 @@ class ServeConfig:
     """Where read-back text goes (`memsplice.memory.readback.RECALL_PLACEMENTS`): "message", in the request's last
     user message in front of what the user wrote; "system", in its system message. Beside a chat's own turns the
     reasoner reads the system message far worse (`online/reader-chat-layouts-cpu.json`)."""
+    memory_reading_prefix: str | None = None
+    """With `memory_read_back`: a trained reading prefix (`memsplice.reading`; a directory, or "shipped" for the one
+    shipped for the reasoner) in front of every prompt that carries read-back text: K/V slots trained to make the
+    reasoner answer from it. Trained on question answering, so replies get short; null: none."""
     memory_refine_steps: int | None = None
     """Write-time refinement steps of every memory write (`memsplice.memory.refine`; each is one forward and backward
     pass of the reasoner, paid in the request that writes); null: the checkpoint's `refine_steps` (0 unless set)."""
@@ -189,6 +193,16 @@ class ServeConfig:
             "must be a positive integer or null",
         )
         need(isinstance(self.memory_read_back, bool), "memory_read_back", "must be true or false")
+        need(
+            self.memory_reading_prefix is None
+            or (
+                isinstance(self.memory_reading_prefix, str)
+                and self.memory_reading_prefix
+                and self.memory_read_back
+            ),
+            "memory_reading_prefix",
+            'must be a directory or "shipped", and goes with memory_read_back true',
+        )
         need(
             self.memory_read_back_placement in RECALL_PLACEMENTS,
             "memory_read_back_placement",

@@ -199,6 +199,15 @@ class MemoryService:
         self.config = config or ServeConfig()
         if self.config.memory_read_back:
             require_read_back(memory, "memory_read_back")
+        self._prefix_kv: MemoryKV | None = None
+        """The reading prefix's K/V (`memory_reading_prefix`), in front of prompts that carry read-back text."""
+        if self.config.memory_reading_prefix:
+            from ..checkpoints import load_reading_prefix
+
+            with torch.no_grad():
+                self._prefix_kv = load_reading_prefix(
+                    self.reasoner, self.config.memory_reading_prefix
+                ).memory_kv()
         self._readback_decoders: DecoderPool | None = None
         """Read-back decoders (memory_read_back with engine "auto"); made on the first read-back, on the worker."""
         self.model_id = self.config.model_id or f"memsplice-{self.reasoner.name}"
@@ -480,6 +489,7 @@ class MemoryService:
                     recalled = None
         elif sm is not None:
             kv = sm.memory_kv(last_user_message(messages))
+        front = self._prefix_kv if recalled and self._prefix_kv is not None else kv  # in front of the prompt
         if sm is not None:
             stats = sm.stats()
             info = {
@@ -492,16 +502,17 @@ class MemoryService:
             }
             if self.config.memory_read_back:
                 info["read_back_tokens"] = len(self.reasoner.tokenizer(recalled or "")["input_ids"])
+                info["reading_prefix_slots"] = front.num_slots if front is not kv else 0
             if self.config.expose_memory_digest:
                 info["kv_sha256"] = kv_digest(kv)
             if info["live"]:
                 self.metrics.memory_reads.inc()
         stream = TextStream(self.reasoner.tokenizer, params.stop, sink)
-        decoder = self._greedy_decoder(len(ids), kv, params)
+        decoder = self._greedy_decoder(len(ids), front, params)
         if decoder is not None:
-            new = self._decode_greedy(decoder, ids, kv, params, stream, cancel)
+            new = self._decode_greedy(decoder, ids, front, params, stream, cancel)
         else:
-            new = self._decode_eager(ids, kv, params, stream, cancel)
+            new = self._decode_eager(ids, front, params, stream, cancel)
         out = torch.tensor([ids + new], device=self.reasoner.device)
         if sm is not None and kv is not None and new and sm.conversation.config.track_attention:
             # Which spans the answer's attention used: the LRU clock of eviction (one extra forward pass).
