@@ -14,8 +14,9 @@ chunk of the conversation memory that holds it):
 - `header_turn`: that header, then the evidence turn alone (the chunk without the tail of an earlier turn it may
   start with).
 - `header_chunk_distractor`: `header_chunk` and, in conversation order, a hard distractor under its own session
-  header: the turn outside the evidence that shares the most capitalised words with the question (the same person,
-  most often), standing in for a second chunk read back (`--select-chunks 2`) that does not hold the answer.
+  header (`memsplice.reading.train.hard_distractor`: the turn outside the evidence that shares the most capitalised
+  words with the question, the same person most often), standing in for a second chunk read back
+  (`--select-chunks 2`) that does not hold the answer.
 With `--window-tokens N` also, for `latent-readback+window`, the last N tokens of the conversation as the window
 renders them: after `chunk` (`chunk_window`, what `latent-readback+window` read before session headers were read
 back), after `header_chunk` (`header_chunk_window`), and before `header_chunk` (`window_header_chunk`, what it reads
@@ -60,6 +61,7 @@ from memsplice.eval.systems.context import recent_window
 from memsplice.eval.tasks import TaskArgs, get_task
 from memsplice.memory.readback import RECALL_HEADER, with_recalled
 from memsplice.online.bootstrap import episode_examples
+from memsplice.reading.train import hard_distractor
 from memsplice.reasoner import load_reasoner
 
 
@@ -148,7 +150,7 @@ def main() -> int:
                     chunk = tok.decode(example.chunks[positives[-1]]).strip()
                     header = f"system: {render_session_header(turn)}"
                     recalled = f"{header}\n{chunk}"
-                    other = distractor(episode.turns, q.question, set(q.evidence))
+                    other = hard_distractor(episode.turns, q.question, set(q.evidence))
                     if other is not None:
                         extra = f"system: {render_session_header(other)}\n{render_turn(other)}"
                         first = index_of(episode.turns, other) < index_of(episode.turns, turn)
@@ -310,26 +312,6 @@ class ChatLayout(PromptTemplate):
 
 def index_of(turns, turn) -> int:
     return next(i for i, t in enumerate(turns) if t.id == turn.id)
-
-
-def distractor(turns, question: str, evidence: set):
-    """The turn outside `evidence` that shares the most capitalised words with `question` (the earliest of equals);
-    None when none shares any."""
-    words = {w.strip("?.,'s") for w in question.split() if w[:1].isupper()} - {
-        "What",
-        "When",
-        "Where",
-        "Who",
-        "How",
-    }
-    best, score = None, 0
-    for t in turns:
-        if t.id in evidence:
-            continue
-        n = sum(w in t.text for w in words)
-        if n > score:
-            best, score = t, n
-    return best
 
 
 def summarize(rows: list[dict], names: list[str]) -> dict:

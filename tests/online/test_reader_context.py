@@ -35,6 +35,7 @@ def test_chat_layouts_place_the_recalled_text_as_with_recalled_does():
 
 def test_distractor_is_the_non_evidence_turn_that_names_the_person_asked_about():
     from memsplice.eval.tasks.base import Turn
+    from memsplice.reading.train import hard_distractor
 
     turns = [
         Turn("a", "Ada", "Lina Costa adopted a dog named Olive."),
@@ -43,5 +44,5 @@ def test_distractor_is_the_non_evidence_turn_that_names_the_person_asked_about()
         Turn("d", "Ben", "Lina said hello."),
     ]
     question = "What is the name of Lina Costa's dog?"
-    assert reader_context.distractor(turns, question, {"a"}).id == "c"
-    assert reader_context.distractor(turns, "What is the weather like?", {"a"}) is None
+    assert hard_distractor(turns, question, {"a"}).id == "c"
+    assert hard_distractor(turns, "What is the weather like?", {"a"}) is None

@@ -178,3 +178,24 @@ def test_shipped_prefix_answers_in_a_few_words_and_stops(real_reasoner):
     history = "system: [Session 3, 2:10 pm on 4 May, 2023]\nLina Costa: My dog Olive loves the beach."
     answer = reader.read("What is the name of Lina Costa's dog?", history)
     assert answer.text == "Olive" and answer.costs.memory_slots == 16
+
+
+def test_two_recalled_layout_adds_the_distractor_in_conversation_order_and_is_held_out_by_default():
+    from memsplice.online.bootstrap import mixed_episodes
+    from memsplice.reading.train import hard_distractor
+
+    reasoner = tiny_reasoner()
+    cfg = ReadingConfig(episodes=2, history_tokens=[512], facts=4, window_tokens=[64], chunk_tokens=40)
+    assert dict(zip(LAYOUTS, cfg.layout_weights, strict=True))["window_two_recalled"] == 0
+    examples = build_examples(cfg, reasoner, 2, 0, [64])
+    recalled = {e.question: e.history for e in examples if e.layout == "recalled"}
+    two = [e for e in examples if e.layout == "window_two_recalled"]
+    assert two and all(recalled[e.question] in e.history for e in two)
+    # where a question has a distractor turn, it is in the history under a header of its own
+    episode = mixed_episodes(cfg, 2, 0, Reader(reasoner).count_tokens)[0]
+    turns = list(episode.turns)
+    q = next(q for q in episode.questions if q.answer and hard_distractor(turns, q.question, set(q.evidence)))
+    other = hard_distractor(turns, q.question, set(q.evidence))
+    assert other.id not in q.evidence
+    with_two = next(e for e in two if e.question == q.question)
+    assert other.text in with_two.history and with_two.history.count("system: [Session") >= 2

@@ -11,7 +11,10 @@ four layouts, the ones memsplice's text read paths and the oracle build:
 - `evidence`: the evidence turns alone (the `oracle`);
 - `window_evidence`: a window that ends a few turns after the evidence turn, so that the window holds the answer,
   then another chunk of the conversation under its header (a question about something just said, with the address
-  head's pick beside it): the prefix must not learn to ignore the window.
+  head's pick beside it): the prefix must not learn to ignore the window;
+- `window_two_recalled`: the window, then the evidence chunk and a hard distractor (`hard_distractor`: the turn that
+  shares the most names with the question, under its own header) in conversation order, as two chunks read back
+  (`--select-chunks 2`) would give them. Weight 0 by default: held out, measured.
 The target is the gold answer and the end-of-turn token, teacher-forced through [prefix][prompt]; only the prefix's
 K/V train. Held-out: the loss, and the answers the reasoner generates (the eval reader, greedy) with the prefix and
 without it, per layout. The prefix is saved atomically at the end with what it was trained on.
@@ -30,7 +33,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("window_recalled", "recalled", "evidence", "window_evidence")
+LAYOUTS = ("window_recalled", "recalled", "evidence", "window_evidence", "window_two_recalled")
 
 
 @dataclass
@@ -53,8 +56,9 @@ class ReadingConfig:
     window_tokens: list[int] = field(default_factory=lambda: [128, 256, 384])
     """Window sizes drawn from for the window layouts (the eval reads 256)."""
     eval_window_tokens: int = 256
-    layout_weights: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])
-    """Shares of `LAYOUTS` in training."""
+    layout_weights: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2, 0.0])
+    """Shares of `LAYOUTS` in training (the last, two chunks recalled, is held out by default: it is measured, not
+    trained on, as the shipped prefix was trained)."""
     open_values: float = 0.25
     """Share of episodes with made-up values (`TaskArgs.values="open"`)."""
     user_perspective: float = 0.25
@@ -101,7 +105,7 @@ def question_examples(
 ):
     """Every layout of every answerable question of `episode` (`chunk_texts`: its memory chunks as text;
     `positives`: per question the chunks that hold its evidence)."""
-    from ..eval.reader import render_history, render_session_header
+    from ..eval.reader import render_history, render_session_header, render_turn
     from ..eval.systems.context import recent_window
 
     out = []
@@ -118,6 +122,11 @@ def question_examples(
         window = render_history(recent_window(turns, window_tokens, count_tokens)[1])
         end = min(len(turns), index[last.id] + 1 + rng.randint(0, 3))
         near = render_history(recent_window(turns[:end], window_tokens, count_tokens)[1])
+        other_turn = hard_distractor(turns, q.question, set(q.evidence))
+        two = recalled
+        if other_turn is not None:
+            extra = f"system: {render_session_header(other_turn)}\n{render_turn(other_turn)}"
+            two = f"{extra}\n{recalled}" if index[other_turn.id] < index[last.id] else f"{recalled}\n{extra}"
         others = [i for i in range(len(chunk_texts)) if i not in set(chunks)]
         other = chunk_texts[rng.choice(others)] if others else chunk_texts[chunks[-1]]
         histories = {
@@ -125,9 +134,28 @@ def question_examples(
             "recalled": recalled,
             "evidence": render_history(evidence),
             "window_evidence": f"{near}\n{header}\n{other}",
+            "window_two_recalled": f"{window}\n{two}",
         }
         out.extend(ReadingExample(q.question, q.answer, q.aliases, name, histories[name]) for name in LAYOUTS)
     return out
+
+
+QUESTION_WORDS = {"What", "When", "Where", "Who", "How"}
+
+
+def hard_distractor(turns, question: str, evidence: set):
+    """The turn outside `evidence` (turn ids) that shares the most capitalised words with `question` (the same
+    person, most often; the earliest of equals), or None when none shares any: a stand-in for the address head's
+    second pick."""
+    words = {w.strip("?.,'s") for w in question.split() if w[:1].isupper()} - QUESTION_WORDS
+    best, score = None, 0
+    for t in turns:
+        if t.id in evidence:
+            continue
+        n = sum(w in t.text for w in words)
+        if n > score:
+            best, score = t, n
+    return best
 
 
 def build_examples(
