@@ -101,7 +101,7 @@ class ReadingExample:
 
 
 def question_examples(
-    episode, chunk_texts: list[str], positives: list[list[int]], cfg, window_tokens, count_tokens, rng
+    episode, chunk_texts: list[str], positives: list[list[int]], window_tokens, count_tokens, rng
 ):
     """Every layout of every answerable question of `episode` (`chunk_texts`: its memory chunks as text;
     `positives`: per question the chunks that hold its evidence)."""
@@ -176,7 +176,7 @@ def build_examples(
     ):
         texts = [tok.decode(c).strip() for c in example.chunks]
         out += question_examples(
-            episode, texts, example.positives, cfg, rng.choice(window_tokens), count_tokens, rng
+            episode, texts, example.positives, rng.choice(window_tokens), count_tokens, rng
         )
     return out
 
@@ -192,17 +192,12 @@ def answer_loss(prefix, batch: list[tuple[list[int], list[int]]]) -> tuple[torch
     """(mean cross-entropy of the answer tokens, answer tokens, argmax hits) of the reasoner reading
     [prefix][prompt] and teacher-forced on the answer, right-padded in one batch."""
     from ..inject.splice import hidden_states_with_memory
+    from ..memory.model import pad_rows
     from ..reasoner.head_loss import lm_head_cross_entropy
 
     reasoner = prefix.reasoner
     rows = [p + a for p, a in batch]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    ids, mask = ids.to(reasoner.device), mask.to(reasoner.device)
+    ids, mask = pad_rows(rows, pad_id=0, device=reasoner.device)
     hidden = hidden_states_with_memory(reasoner, ids, mask, prefix.memory_kv(len(rows)))
     picks, targets = [], []
     for i, (p, a) in enumerate(batch):
