@@ -180,17 +180,18 @@ def test_shipped_prefix_answers_in_a_few_words_and_stops(real_reasoner):
     assert answer.text == "Olive" and answer.costs.memory_slots == 16
 
 
-def test_two_recalled_layout_adds_the_distractor_in_conversation_order_and_is_held_out_by_default():
+def test_two_recalled_layouts_add_the_distractor_in_conversation_order():
     from memsplice.online.bootstrap import mixed_episodes
     from memsplice.reading.train import hard_distractor
 
     reasoner = tiny_reasoner()
     cfg = ReadingConfig(episodes=2, history_tokens=[512], facts=4, window_tokens=[64], chunk_tokens=40)
-    assert dict(zip(LAYOUTS, cfg.layout_weights, strict=True))["window_two_recalled"] == 0
     examples = build_examples(cfg, reasoner, 2, 0, [64])
     recalled = {e.question: e.history for e in examples if e.layout == "recalled"}
     two = [e for e in examples if e.layout == "window_two_recalled"]
     assert two and all(recalled[e.question] in e.history for e in two)
+    alone = {e.question: e.history for e in examples if e.layout == "two_recalled"}
+    assert all(e.history.endswith(alone[e.question]) and len(e.history) > len(alone[e.question]) for e in two)
     # where a question has a distractor turn, it is in the history under a header of its own
     episode = mixed_episodes(cfg, 2, 0, Reader(reasoner).count_tokens)[0]
     turns = list(episode.turns)
@@ -199,3 +200,55 @@ def test_two_recalled_layout_adds_the_distractor_in_conversation_order_and_is_he
     assert other.id not in q.evidence
     with_two = next(e for e in two if e.question == q.question)
     assert other.text in with_two.history and with_two.history.count("system: [Session") >= 2
+
+
+def test_ordinary_rows_are_chat_prompts_with_the_reasoners_own_reply():
+    from memsplice.engine import DecoderPool
+    from memsplice.eval.tasks.filler import filler_dialogues
+    from memsplice.memory.readback import RECALL_FRAME
+    from memsplice.reading.train import ordinary_examples
+
+    reasoner = tiny_reasoner()
+    dialogues = filler_dialogues("train")[:6]
+    pool = DecoderPool(reasoner, max_new_tokens=8)
+    rows = ordinary_examples(reasoner, dialogues, 9, 0, pool)
+    assert len(rows) == 9  # fewer dialogues than prompts: reused
+    for row in rows:
+        text = reasoner.tokenizer.decode(row.prompt)
+        assert RECALL_FRAME.split("\n")[0] in text and row.reply
+        # the target is what the reasoner itself says with no prefix
+        again = pool.decoder_for(len(row.prompt) + 8).generate(
+            row.prompt, None, stop_ids=tuple(reasoner.eos_ids)
+        )
+        ended = again.tokens + ([reasoner.end_of_turn_id] if again.stop_id is not None else [])
+        assert row.reply == ended
+    with pytest.raises(ValueError, match="two dialogues"):
+        ordinary_examples(reasoner, dialogues[:1], 2, 0, pool)
+
+
+def test_run_reading_reports_ordinary_replies(tmp_path):
+    reasoner = tiny_reasoner()
+    cfg = ReadingConfig(
+        steps=2,
+        batch=4,
+        episodes=1,
+        eval_episodes=1,
+        eval_every=2,
+        history_tokens=[512],
+        facts=2,
+        window_tokens=[64],
+        eval_window_tokens=64,
+        chunk_tokens=40,
+        num_slots=4,
+        ordinary_share=0.5,
+        ordinary_prompts=4,
+        ordinary_eval_prompts=2,
+        ordinary_tokens=6,
+    )
+    report = run_reading(reasoner, cfg, tmp_path)
+    ordinary = report["curve"][-1]["ordinary"]
+    assert ordinary["prompts"] == 2 and 0 <= ordinary["token_agreement"] <= 1
+    assert 0 < ordinary["mean_tokens_own"] <= 6 and ordinary["mean_tokens_with_prefix"] <= 6
+    assert report["ordinary_prompts"] == 4
+    with pytest.raises(ValueError, match="ordinary_share"):
+        ReadingConfig(ordinary_share=1.0)

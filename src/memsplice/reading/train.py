@@ -4,7 +4,7 @@
 
 Data: the eval harness's synthetic task, **train split only** (as `memsplice.online.bootstrap`); another seed of it
 is held out for the curve. Every question becomes a prompt in the eval reader's template (`eval.reader`) in one of
-four layouts, the ones memsplice's text read paths and the oracle build:
+one of these layouts, the ones memsplice's text read paths and the oracle build:
 - `window_recalled`: the most recent `window_tokens` of the conversation, then the question's evidence chunk under
   its session header (what `latent-readback+window` reads, the chunk's text standing in for its read-back);
 - `recalled`: the evidence chunk under its header alone (`latent-readback`);
@@ -14,10 +14,22 @@ four layouts, the ones memsplice's text read paths and the oracle build:
   head's pick beside it): the prefix must not learn to ignore the window;
 - `window_two_recalled`: the window, then the evidence chunk and a hard distractor (`hard_distractor`: the turn that
   shares the most names with the question, under its own header) in conversation order, as two chunks read back
-  (`--select-chunks 2`) would give them. Weight 0 by default: held out, measured.
+  (`--select-chunks 2`) would give them;
+- `two_recalled`: the same two without the window (`latent-readback --select-chunks 2`).
 The target is the gold answer and the end-of-turn token, teacher-forced through [prefix][prompt]; only the prefix's
-K/V train. Held-out: the loss, and the answers the reasoner generates (the eval reader, greedy) with the prefix and
-without it, per layout. The prefix is saved atomically at the end with what it was trained on.
+K/V train.
+
+Ordinary replies (`ordinary_share` of the rows): a prefix trained on short answers alone shortens every reply it is
+put in front of. Chat and the server put it in front of any message that has read-back text, question or not, so a
+share of each batch is chat's own prompt (its system prompt, a few turns of a train-split dialogue of the corpora,
+then a message of it with an unrelated exchange read back in front, as `with_recalled` frames it) and the target is
+the reply the reasoner gives *without* the prefix (greedy, at most `ordinary_tokens` tokens, made once before
+training): the prefix is taught to leave such replies as they were (sequence-level self-distillation).
+
+Held-out: the loss, and the answers the reasoner generates (the eval reader, greedy) with the prefix and without it,
+per layout; for ordinary replies, the mean length of the replies generated with the prefix against the reasoner's
+own, and the share of its own tokens the prefix keeps (teacher-forced argmax). The prefix is saved atomically at the
+end with what it was trained on.
 """
 
 from __future__ import annotations
@@ -33,7 +45,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("window_recalled", "recalled", "evidence", "window_evidence", "window_two_recalled")
+LAYOUTS = (
+    "window_recalled",
+    "recalled",
+    "evidence",
+    "window_evidence",
+    "window_two_recalled",
+    "two_recalled",
+)
 
 
 @dataclass
@@ -56,9 +75,17 @@ class ReadingConfig:
     window_tokens: list[int] = field(default_factory=lambda: [128, 256, 384])
     """Window sizes drawn from for the window layouts (the eval reads 256)."""
     eval_window_tokens: int = 256
-    layout_weights: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2, 0.0])
-    """Shares of `LAYOUTS` in training (the last, two chunks recalled, is held out by default: it is measured, not
-    trained on, as the shipped prefix was trained)."""
+    layout_weights: list[float] = field(default_factory=lambda: [0.3, 0.15, 0.15, 0.15, 0.15, 0.1])
+    """Shares of `LAYOUTS` in training; a layout of share 0 is still measured on the held-out episodes."""
+    ordinary_share: float = 0.1
+    """Share of each batch's rows that are ordinary chat replies (see the module's docstring); 0 trains on answers
+    alone."""
+    ordinary_prompts: int = 192
+    """Ordinary chat prompts to train on (from the train split of the dialogue corpora)."""
+    ordinary_eval_prompts: int = 24
+    """More of them (other dialogues) for the held-out curve."""
+    ordinary_tokens: int = 48
+    """Most tokens of the reasoner's own reply kept as an ordinary row's target."""
     open_values: float = 0.25
     """Share of episodes with made-up values (`TaskArgs.values="open"`)."""
     user_perspective: float = 0.25
@@ -85,6 +112,11 @@ class ReadingConfig:
             "chunk_tokens",
             "num_slots",
         ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ReadingConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0.0 <= self.ordinary_share < 1.0:
+            raise ValueError(f"ReadingConfig.ordinary_share must lie in [0, 1) (got {self.ordinary_share})")
+        for name in ("ordinary_prompts", "ordinary_eval_prompts", "ordinary_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ReadingConfig.{name} must be >= 1 (got {getattr(self, name)})")
         if not self.window_tokens or min(self.window_tokens) < 1:
@@ -135,6 +167,7 @@ def question_examples(
             "evidence": render_history(evidence),
             "window_evidence": f"{near}\n{header}\n{other}",
             "window_two_recalled": f"{window}\n{two}",
+            "two_recalled": two,
         }
         out.extend(ReadingExample(q.question, q.answer, q.aliases, name, histories[name]) for name in LAYOUTS)
     return out
@@ -156,6 +189,82 @@ def hard_distractor(turns, question: str, evidence: set):
         if n > score:
             best, score = t, n
     return best
+
+
+@dataclass
+class OrdinaryExample:
+    """Chat's prompt for a message that asks nothing of memory, with unrelated read-back text in front of it, and the
+    reply the reasoner gives it without a prefix."""
+
+    prompt: list[int]
+    reply: list[int]
+    """The reply's tokens, then the end-of-turn token when it ended within `ordinary_tokens`."""
+
+
+def ordinary_examples(reasoner, dialogues, count: int, seed: int, pool) -> list[OrdinaryExample]:
+    """`count` chat prompts made from `dialogues` (each its turns' texts; reused in turn when there are fewer): the
+    chat system prompt, the dialogue's first 0, 2 or 4 turns as messages, then its next turn as the user's message
+    with the opening exchange of another dialogue read back in front (`with_recalled`, placement "message"), each with
+    the reasoner's own greedy reply from `pool` (an `engine.DecoderPool`; its `max_new_tokens` caps the reply)."""
+    from ..cli.chat import DEFAULT_SYSTEM
+    from ..memory.readback import with_recalled
+
+    usable = [d for d in dialogues if len(d) >= 2]
+    if len(usable) < 2:
+        raise ValueError("reading: ordinary replies need at least two dialogues of two turns or more")
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        turns = usable[n % len(usable)]
+        other = rng.choice([d for d in usable if d is not turns])
+        k = rng.choice([i for i in (0, 2, 4) if i < len(turns)])
+        earlier = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": text}
+            for i, text in enumerate(turns[:k])
+        ]
+        recalled = f"user: {other[0]}\nassistant: {other[1]}"
+        messages = with_recalled(
+            [{"role": "system", "content": DEFAULT_SYSTEM}, *earlier, {"role": "user", "content": turns[k]}],
+            recalled,
+            "message",
+        )
+        prompt = reasoner.chat_ids(messages)
+        decoder = pool.decoder_for(len(prompt) + pool.max_new_tokens)
+        if decoder is None:
+            continue
+        with torch.no_grad():
+            result = decoder.generate(prompt, None, stop_ids=tuple(reasoner.eos_ids))
+        reply = result.tokens + ([reasoner.end_of_turn_id] if result.stop_id is not None else [])
+        if reply:
+            out.append(OrdinaryExample(prompt, reply))
+    return out
+
+
+@torch.no_grad()
+def ordinary_held_out(prefix, examples: list[OrdinaryExample], pool) -> dict:
+    """Replies generated with the prefix in front against the reasoner's own (mean tokens, end-of-turn excluded),
+    and the teacher-forced loss and argmax agreement of the prefix on the reasoner's own replies."""
+    front = prefix.memory_kv()
+    stops = tuple(prefix.reasoner.eos_ids)
+    lengths = []
+    for e in examples:
+        decoder = pool.decoder_for(front.num_slots + len(e.prompt) + pool.max_new_tokens)
+        if decoder is not None:
+            lengths.append(len(decoder.generate(e.prompt, front, stop_ids=stops).tokens))
+    end = prefix.reasoner.end_of_turn_id
+    own = [len(e.reply) - (e.reply[-1] == end) for e in examples]
+    losses, tokens, hits = 0.0, 0, 0
+    for i in range(0, len(examples), 16):
+        batch = [(e.prompt, e.reply) for e in examples[i : i + 16]]
+        loss, n, h = answer_loss(prefix, batch)
+        losses, tokens, hits = losses + float(loss) * n, tokens + n, hits + h
+    return {
+        "prompts": len(examples),
+        "mean_tokens_own": round(sum(own) / len(own), 1),
+        "mean_tokens_with_prefix": round(sum(lengths) / max(len(lengths), 1), 1),
+        "loss": round(losses / tokens, 4),
+        "token_agreement": round(hits / tokens, 4),
+    }
 
 
 def build_examples(
@@ -251,6 +360,21 @@ def run_reading(reasoner, cfg: ReadingConfig, output: str | Path) -> dict:
     if not train or not held:
         raise ValueError("reading: no usable questions; raise episodes or eval_episodes")
     by_layout = {name: [e for e in train if e.layout == name] for name in LAYOUTS}
+    ordinary, held_ordinary, pool = [], [], None
+    if cfg.ordinary_share > 0:
+        from ..engine import DecoderPool
+        from ..eval.tasks.filler import filler_dialogues
+
+        dialogues = filler_dialogues("train", cfg.data)
+        random.Random(cfg.seed).shuffle(dialogues)
+        cut = min(max(2, 2 * cfg.ordinary_eval_prompts), len(dialogues) // 2)
+        pool = DecoderPool(reasoner, max_new_tokens=cfg.ordinary_tokens)
+        held_ordinary = ordinary_examples(
+            reasoner, dialogues[:cut], cfg.ordinary_eval_prompts, cfg.seed + 1, pool
+        )
+        ordinary = ordinary_examples(reasoner, dialogues[cut:], cfg.ordinary_prompts, cfg.seed, pool)
+        if not ordinary or not held_ordinary:
+            raise ValueError("reading: no ordinary replies could be made; set ordinary_share to 0")
     data_seconds = time.perf_counter() - t0
     logger.info("%d training and %d held-out prompts built in %.1f s", len(train), len(held), data_seconds)
     prefix = ReadingPrefix.from_text(reasoner, ReadingPrefixConfig(num_slots=cfg.num_slots))
@@ -267,6 +391,7 @@ def run_reading(reasoner, cfg: ReadingConfig, output: str | Path) -> dict:
         entry = {
             "step": step,
             **held_out(prefix, held, reader),
+            **({"ordinary": ordinary_held_out(prefix, held_ordinary, pool)} if held_ordinary else {}),
             "seconds": round(time.perf_counter() - start, 1),
         }
         curve.append(entry)
@@ -276,8 +401,13 @@ def run_reading(reasoner, cfg: ReadingConfig, output: str | Path) -> dict:
     evaluate(0)
     bar = tqdm(range(1, cfg.steps + 1), desc="reading prefix", unit="step")
     for step in bar:
-        layouts = rng.choices(LAYOUTS, weights=cfg.layout_weights, k=cfg.batch)
-        batch = [encode(reasoner, reader.template, rng.choice(by_layout[name])) for name in layouts]
+        batch = []
+        for name in rng.choices(LAYOUTS, weights=cfg.layout_weights, k=cfg.batch):
+            if ordinary and rng.random() < cfg.ordinary_share:
+                row = rng.choice(ordinary)
+                batch.append((row.prompt, row.reply))
+            else:
+                batch.append(encode(reasoner, reader.template, rng.choice(by_layout[name])))
         loss, tokens, hits = answer_loss(prefix, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,6 +425,7 @@ def run_reading(reasoner, cfg: ReadingConfig, output: str | Path) -> dict:
         "split": "train",
         "prompts": len(train),
         "layouts": dict(zip(LAYOUTS, cfg.layout_weights, strict=True)),
+        "ordinary_share": cfg.ordinary_share,
         "window_tokens": list(cfg.window_tokens),
         "heldout": {k: v for k, v in curve[-1].items() if k not in ("step", "seconds")},
     }
@@ -303,6 +434,8 @@ def run_reading(reasoner, cfg: ReadingConfig, output: str | Path) -> dict:
         "config": asdict(cfg),
         "train_prompts": len(train),
         "heldout_prompts": len(held),
+        "ordinary_prompts": len(ordinary),
+        "heldout_ordinary_prompts": len(held_ordinary),
         "data_seconds": round(data_seconds, 1),
         "curve": curve,
         "seconds": round(time.perf_counter() - start, 1),

@@ -50,9 +50,15 @@ def _dialogues(split: str, data: str | None) -> tuple[tuple[str, ...], ...]:
     return texts
 
 
+def filler_dialogues(split: str, data: Path | None = None) -> list[tuple[str, ...]]:
+    """The dialogues (each its turns' texts) the filler of `split` ("train" or "test") comes from: the corpora's
+    train or held-out split, else the dialogues bundled with memsplice."""
+    return list(_dialogues(split, None if data is None else str(data)))
+
+
 def filler_turns(split: str, seed: int, data: Path | None = None) -> Iterator[str]:
     """An endless stream of filler utterances (texts only; the caller assigns speakers)."""
-    dialogues = list(_dialogues(split, None if data is None else str(data)))
+    dialogues = filler_dialogues(split, data)
     if not dialogues:
         raise FileNotFoundError(f"no filler dialogues for split {split!r}")
     rng = random.Random(seed)
