@@ -28,6 +28,18 @@ def seed_of(result: dict, path: str) -> str:
     return words[words.index("--seed") + 1]
 
 
+def cut_short(result: dict) -> bool:
+    """Whether a length of one run's result ran fewer episodes than planned: its "episodes_planned", or for runs
+    recorded before that was kept (whose "complete" did not see a time budget), its command's `--examples`."""
+    words = shlex.split(result.get("command", ""))
+    asked = int(words[words.index("--examples") + 1]) if "--examples" in words[:-1] else None
+    for length in result.get("lengths", {}).values():
+        planned = length.get("episodes_planned", asked)
+        if planned is not None and length.get("episodes", planned) < planned:
+            return True
+    return False
+
+
 def merge(paths: list[str]) -> dict:
     acc: dict[str, dict[str, dict[str, float]]] = defaultdict(
         lambda: defaultdict(dict)
@@ -40,7 +52,7 @@ def merge(paths: list[str]) -> dict:
         if "per_seed" in data:
             entries = [(seed, lengths) for seed, lengths in data["per_seed"].items()]
         else:
-            if not data.get("complete", False):
+            if not data.get("complete", False) or cut_short(data):
                 raise ValueError(f"{path}: the run did not complete (its time budget ran out)")
             entries = [(seed_of(data, path), data["recall"])]
             for length, systems in data.get("kv_fraction_answer", {}).items():

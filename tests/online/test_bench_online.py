@@ -269,3 +269,18 @@ def test_recall_reads_the_recency_margin_and_window_it_is_given(tmp_path, monkey
     )
     bench.run_recall(a, memory.reasoner)
     assert seen and all(s.recency_margin == 1.25 and s.window_tokens == 96 for s in seen)
+
+
+def test_recall_cut_by_its_time_budget_is_not_complete(tmp_path):
+    """--time-budget starts no new episode once spent: such a run says so (complete false, episodes ran of planned),
+    so that a merge of runs refuses it."""
+    pytest.importorskip("memsplice.eval.tasks")
+    memory = tiny_memory()
+    memory.save_pretrained(tmp_path / "m")
+    a = args(history_tokens=[512], examples=2, systems=["oracle"], checkpoint=str(tmp_path / "m"))
+    whole = bench.run_recall(a, memory.reasoner)
+    assert whole["complete"] and whole["lengths"]["512"]["episodes"] == 2
+    a.time_budget = 1e-9
+    cut = bench.run_recall(a, memory.reasoner)
+    assert not cut["complete"]
+    assert (cut["lengths"]["512"]["episodes"], cut["lengths"]["512"]["episodes_planned"]) == (1, 2)

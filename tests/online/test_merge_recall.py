@@ -1,5 +1,5 @@
 """scripts/online/merge_recall.py: per-(length, seed) recall runs merge into means over seeds, with the share of the
-oracle; a system given twice for one seed, an incomplete run, or seeds with different systems is refused."""
+oracle; a system given twice for one seed, an incomplete run (or one its time budget cut short), or seeds with different systems is refused."""
 
 import json
 
@@ -55,3 +55,29 @@ def test_refuses_what_it_cannot_merge_honestly(tmp_path):
     no_seed.write_text(json.dumps({"command": "memsplice bench online", "complete": True, "recall": {}}))
     with pytest.raises(ValueError, match="no --seed"):
         merge([str(no_seed)])
+
+
+def test_refuses_a_run_its_time_budget_cut_short_even_when_marked_complete(tmp_path):
+    """Runs recorded before "episodes_planned" was kept said complete when only lengths were counted: their
+    episodes are checked against the command's --examples."""
+    merge = _script().merge
+    for name, length, command in (
+        ("old", {"episodes": 3}, "--examples 4"),
+        ("new", {"episodes": 1, "episodes_planned": 2}, "--examples 2"),
+    ):
+        path = tmp_path / f"{name}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "command": f"memsplice bench online --part recall --seed 0 {command}",
+                    "complete": True,
+                    "recall": {"16384": {"oracle": 1.0}},
+                    "lengths": {"16384": length},
+                }
+            )
+        )
+        with pytest.raises(ValueError, match="did not complete"):
+            merge([str(path)])
+    whole = tmp_path / "whole.json"
+    whole.write_text(path.read_text().replace('"episodes": 1', '"episodes": 2'))
+    assert merge([str(whole)])["recall"]["16384"] == {"oracle": 1.0}

@@ -1030,6 +1030,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
         raise NotImplementedError(f"--part recall needs the eval harness (memsplice.eval): {e}") from None
     s = reasoner.shapes
     results = {}
+    cut = False  # a length whose time budget stopped it before every episode ran
     per_token_kv = 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(reasoner.dtype).bits // 8
     for length in args.history_tokens:
         budget = args.slot_budget or length // 16
@@ -1064,6 +1065,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
             ),
         )
         out = run_eval(config, reasoner=reasoner)
+        cut = cut or out["episodes"] < out["episodes_planned"]
         metric = out["main_metric"]
         by_system: dict[str, list[float]] = {}
         slots: dict[str, list[float]] = {}
@@ -1086,6 +1088,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
             "accuracy": {k: statistics.fmean(v) for k, v in by_system.items()},
             "metric": metric,
             "episodes": out["episodes"],
+            "episodes_planned": out["episodes_planned"],
             "questions": out["questions"],
             "slot_budget": budget,
             "kv_fraction": budget * per_token_kv / (length * per_token_kv),
@@ -1097,7 +1100,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
         logger.info("recall at %d tokens: %s", length, results[str(length)]["accuracy"])
         if on_length is not None and len(results) < len(args.history_tokens):
             on_length(_recall_result(results, args, complete=False))
-    return _recall_result(results, args, complete=True)
+    return _recall_result(results, args, complete=not cut)
 
 
 def _recall_result(results: dict, args, complete: bool) -> dict:
