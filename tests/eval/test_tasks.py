@@ -216,3 +216,23 @@ def test_task_args_validate():
         get_task("locomo")(TaskArgs(), approx_tokens)
     with pytest.raises(ValueError, match="unknown task"):
         get_task("nope")
+
+
+def test_open_names_are_made_up_and_never_listed():
+    """names="open": every person of an episode has a made-up first and last name, none of either split's lists;
+    each question still has its one evidence turn, and pool-name episodes are unchanged."""
+    from memsplice.eval.tasks.synthetic import FIRST_NAMES, LAST_NAMES
+
+    named = _synthetic(examples=3, lengths=(1024,), names="open", split="train")
+    assert named == _synthetic(examples=3, lengths=(1024,), names="open", split="train")
+    listed = set(FIRST_NAMES) | set(LAST_NAMES)
+    for episode in named:
+        assert "names" in episode.id
+        for q in episode.questions:
+            (evidence,) = episode.turns_by_id(q.evidence)
+            assert q.answer in evidence.text
+            asked = set(re.findall(r"\b[A-Z][a-z]+\b", q.question)) - {"What", "When", "Where", "Which"}
+            assert len(asked) == 2 and not asked & listed
+    with pytest.raises(ValueError, match="names"):
+        TaskArgs(names="made-up")
+    assert _synthetic(names="pools") == _synthetic()

@@ -119,6 +119,23 @@ def test_user_perspective_mix_and_a_fresh_head(tmp_path):
     assert speakers == {"user", "assistant"}
 
 
+def test_open_names_share_each_group_of_episodes():
+    """open_names gives that share of every group (default, user perspective, made-up values) made-up names, and
+    leaves the mix as it was at 0."""
+    from memsplice.online.bootstrap import mixed_episodes
+
+    count = Reader(tiny_memory().reasoner).count_tokens
+    plain = mixed_episodes(small_config(open_values=0.5, user_perspective=0.5), 8, 0, count)
+    named = mixed_episodes(small_config(open_values=0.5, user_perspective=0.5, open_names=0.5), 8, 0, count)
+    assert len(named) == len(plain) == 8
+    assert not any("names" in e.id for e in plain)
+    kinds = lambda episodes: sorted(("user" in e.id, "-open" in e.id, "names" in e.id) for e in episodes)  # noqa: E731
+    assert kinds(named) == sorted(
+        [(False, False, False), (False, False, True), (True, False, False), (True, False, True)] * 1
+        + [(False, True, False), (False, True, True)] * 2
+    )
+
+
 def test_command_line_takes_the_share_and_the_switch():
     from memsplice.online.address import __doc__ as doc
     from memsplice.online.offline_run import config_from_args, config_parser
@@ -157,5 +174,7 @@ def test_config_refuses_nonsense():
         AddressConfig(open_values=2.0)
     with pytest.raises(ValueError, match="user_perspective"):
         AddressConfig(user_perspective=-0.1)
+    with pytest.raises(ValueError, match="open_names"):
+        AddressConfig(open_names=1.5)
     with pytest.raises(ValueError, match="history_tokens"):
         AddressConfig(history_tokens=[100])

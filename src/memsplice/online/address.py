@@ -61,6 +61,10 @@ class AddressConfig:
     """Share of the pool-value episodes (train and held-out) that are a user's chat with an assistant, half of
     whose facts are the user's own, told in the first person (`TaskArgs.perspective="user"`): questions that name
     someone the fact's chunk does not."""
+    open_names: float = 0.0
+    """Share of every group of episodes (pool values, made-up values, the user's perspective) whose people have
+    made-up names (`TaskArgs.names="open"`): the test split's names are never in the train split's, so a head that
+    learned the train split's names scores test conversations less sharply."""
     new_head: bool = False
     """Start from a fresh head even when the checkpoint has one (else train the checkpoint's head further)."""
     episodes_per_step: int = 8
@@ -83,7 +87,7 @@ class AddressConfig:
             raise ValueError(
                 f"AddressConfig.history_tokens must be lengths >= 256 (got {self.history_tokens})"
             )
-        for name in ("open_values", "user_perspective"):
+        for name in ("open_values", "user_perspective", "open_names"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"AddressConfig.{name} must lie in [0, 1] (got {getattr(self, name)})")
         if self.lr <= 0:
@@ -271,6 +275,7 @@ def run_address(memory, cfg: AddressConfig, output: str | Path) -> dict:
         "task": "synthetic",
         "open_values": cfg.open_values,
         "user_perspective": cfg.user_perspective,
+        "open_names": cfg.open_names,
         "heldout": {k: v for k, v in curve[-1].items() if k not in ("step", "seconds")},
     }
     memory.config.chunk_tokens = chunk_tokens

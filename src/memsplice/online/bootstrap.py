@@ -192,9 +192,10 @@ def synthetic_episodes(
     count_tokens,
     values: str = "pools",
     perspective: str = "others",
+    names: str = "pools",
 ):
-    """`count` train-split episodes spread over `cfg.history_tokens`, with pool or made-up ("open") values, in the
-    synthetic task's `perspective` ("others" or "user")."""
+    """`count` train-split episodes spread over `cfg.history_tokens`, with pool or made-up ("open") values and
+    names, in the synthetic task's `perspective` ("others" or "user")."""
     if count <= 0:
         return []
     try:
@@ -208,6 +209,7 @@ def synthetic_episodes(
         split="train",
         facts=cfg.facts,
         values=values,
+        names=names,
         perspective=perspective,
         data=Path(cfg.data) if cfg.data else None,
     )
@@ -216,14 +218,21 @@ def synthetic_episodes(
 
 def mixed_episodes(cfg, total: int, seed: int, count_tokens) -> list:
     """`total` train-split episodes: `cfg.open_values` of them with made-up values, `cfg.user_perspective` of the
-    rest in the user's own perspective, the others the default task (`synthetic_episodes` for each)."""
+    rest in the user's own perspective, the others the default task (`synthetic_episodes` for each). Where `cfg` has
+    `open_names` (`AddressConfig`), that share of each group has made-up names."""
     n_open = round(total * cfg.open_values)
     n_user = round((total - n_open) * cfg.user_perspective)
-    return (
-        synthetic_episodes(cfg, total - n_open - n_user, seed, count_tokens)
-        + synthetic_episodes(cfg, n_user, seed, count_tokens, perspective="user")
-        + synthetic_episodes(cfg, n_open, seed, count_tokens, values="open")
-    )
+    named = getattr(cfg, "open_names", 0.0)
+    out = []
+    for count, kind in (
+        (total - n_open - n_user, {}),
+        (n_user, {"perspective": "user"}),
+        (n_open, {"values": "open"}),
+    ):
+        n_named = round(count * named)
+        out += synthetic_episodes(cfg, count - n_named, seed, count_tokens, **kind)
+        out += synthetic_episodes(cfg, n_named, seed, count_tokens, names="open", **kind)
+    return out
 
 
 def episode_examples(episodes, reasoner, chunk_tokens: int) -> list[EpisodeExample]:

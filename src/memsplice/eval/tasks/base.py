@@ -92,6 +92,9 @@ class TaskArgs:
     values: str = "pools"
     """Synthetic: "pools" (values from the fixed per-split lists of cities, jobs, ...) or "open" (made-up words and
     numbers drawn afresh for every fact, so that an answer can only come from the history)."""
+    names: str = "pools"
+    """Synthetic: "pools" (first and last names from the fixed per-split lists) or "open" (pronounceable names made
+    up for each episode, never one of the listed names: a model trained on them cannot lean on a name it has seen)."""
     perspective: str = "others"
     """Synthetic: "others" (two friends chat about facts of other people) or "user" (a user chats with an
     assistant, and half the facts are the user's own, told in the first person)."""
@@ -109,6 +112,8 @@ class TaskArgs:
             raise ValueError(f'TaskArgs.split must be "train" or "test" (got {self.split!r})')
         if self.values not in ("pools", "open"):
             raise ValueError(f'TaskArgs.values must be "pools" or "open" (got {self.values!r})')
+        if self.names not in ("pools", "open"):
+            raise ValueError(f'TaskArgs.names must be "pools" or "open" (got {self.names!r})')
         if self.perspective not in ("others", "user"):
             raise ValueError(f'TaskArgs.perspective must be "others" or "user" (got {self.perspective!r})')
         if self.facts < 1:

@@ -25,6 +25,9 @@ With `values="open"` every value is made up afresh for each fact (`open_value`: 
 places, jobs, names, foods, colours, sports and instruments; random dates and numbers), never one of the listed
 values of either split. A model cannot have learned such an answer anywhere: it has to carry it out of the history.
 Pool episodes are unchanged by this option (same seeds, same episodes).
+
+With `names="open"` the people's first and last names are made up for each episode (`open_name`), never one of the
+listed names of either split; episodes with listed names are unchanged by this option.
 """
 
 from __future__ import annotations
@@ -599,6 +602,23 @@ def open_value(attribute: Attribute, rng: random.Random) -> str:
             return value
 
 
+def open_name(rng: random.Random, listed: tuple[str, ...]) -> str:
+    """A capitalised made-up name of two syllables, never one of `listed`."""
+    while True:
+        name = _word(rng, 2, 2).capitalize()
+        if name not in listed:
+            return name
+
+
+def _open_names(rng: random.Random, listed: tuple[str, ...], size: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < size:
+        name = open_name(rng, listed)
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def _open_pool(attribute: Attribute, rng: random.Random, size: int) -> list[str]:
     pool: list[str] = []
     while len(pool) < size:
@@ -637,10 +657,16 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
     """One episode of `target_tokens` history (seeded by args.seed, the length and the index)."""
     open_values = args.values == "open"
     # pool episodes of the default perspective keep the seeds (and so the episodes) they always had
+    open_names = args.names == "open"
     tag = ("|open" if open_values else "") + ("|user" if args.perspective == "user" else "")
+    tag += "|names" if open_names else ""
     rng = random.Random(f"synthetic|{args.split}|{args.seed}|{target_tokens}|{index}{tag}")
-    first = _pool("first", FIRST_NAMES, args.split)
-    last = _pool("last", LAST_NAMES, args.split)
+    if open_names:
+        first = _open_names(rng, FIRST_NAMES + LAST_NAMES, args.facts + 2)
+        last = _open_names(rng, FIRST_NAMES + LAST_NAMES + tuple(first), 16)
+    else:
+        first = _pool("first", FIRST_NAMES, args.split)
+        last = _pool("last", LAST_NAMES, args.split)
     if args.facts + 2 > len(first):
         raise ValueError(f"synthetic: at most {len(first) - 2} facts per episode (got {args.facts})")
     firsts = rng.sample(first, args.facts + 2)  # distinct first names: nobody is confused with anybody else
@@ -723,7 +749,10 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
         )
         for i, person, attribute, value, kind in facts
     )
-    episode_id = f"synthetic-{args.split}{'-open' if open_values else ''}{'-user' if as_user else ''}-{target_tokens}-{index}"
+    episode_id = (
+        f"synthetic-{args.split}{'-open' if open_values else ''}{'-names' if open_names else ''}"
+        f"{'-user' if as_user else ''}-{target_tokens}-{index}"
+    )
     return Episode(episode_id, tuple(turns), questions, meta={"target_tokens": target_tokens})
 
 
