@@ -14,7 +14,8 @@ system, into the system prompt) instead of memory K/V in the cache. It is
 the read path that answers best in the evaluation (`latent-readback`); it needs a memory trained to be read back
 (the shipped checkpoint is), and is most faithful with refined writes (--refine-steps 5). --reading-prefix puts a
 trained reading prefix (`memsplice.reading`, e.g. `shipped`) in front of each prompt that carries read-back text: K/V slots trained
-to make the reasoner answer from the read-back text. It was trained on question answering: replies get short.
+to make the reasoner answer from the read-back text. The shipped one was trained on question answering and on
+ordinary replies; a few replies still get short.
 
 With --learn the memory keeps learning from the conversation (`memsplice.online`, Algorithm 1): every exchange
 goes to a buffer, every --learn-batch exchanges the memory is updated (next-token, span denoising, InfoNCE, EWC
@@ -99,7 +100,7 @@ def add_parser(sub):
         default=None,
         metavar="DIR|shipped",
         help="with --read-back: a trained reading prefix in front of each prompt (python -m memsplice.reading.train; "
-        "'shipped': the one shipped for the reasoner); trained on question answering, so replies get short",
+        "'shipped': the one shipped for the reasoner); a few replies get short",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")

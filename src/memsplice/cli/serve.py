@@ -110,7 +110,7 @@ def add_parser(sub):
         metavar="DIR|shipped",
         help="with --read-back: a trained reading prefix in front of every prompt that carries read-back text "
         "(python -m memsplice.reading.train; 'shipped': the one shipped for the reasoner; ServeConfig "
-        "memory_reading_prefix); trained on question answering, so replies get short",
+        "memory_reading_prefix); a few replies get short",
     )
     p.add_argument(
         "--engine",

@@ -84,7 +84,8 @@ class ServeConfig:
     memory_reading_prefix: str | None = None
     """With `memory_read_back`: a trained reading prefix (`memsplice.reading`; a directory, or "shipped" for the one
     shipped for the reasoner) in front of every prompt that carries read-back text: K/V slots trained to make the
-    reasoner answer from it. Trained on question answering, so replies get short; null: none."""
+    reasoner answer from it. The shipped one was trained on question answering and on ordinary replies: a few
+    replies still get short; null: none."""
     memory_refine_steps: int | None = None
     """Write-time refinement steps of every memory write (`memsplice.memory.refine`; each is one forward and backward
     pass of the reasoner, paid in the request that writes); null: the checkpoint's `refine_steps` (0 unless set)."""
