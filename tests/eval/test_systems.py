@@ -352,6 +352,34 @@ def test_recency_margin_overrides_the_checkpoints_for_the_run(eval_reasoner, tmp
         SystemArgs(recency_margin=-0.5)
 
 
+def test_extra_margin_reads_a_second_chunk_only_where_the_head_is_unsure(eval_reasoner, tmp_path):
+    """--extra-chunk-margin reaches the memory, and the conversation reads a chunk after the first only when the
+    head scores it within the margin of the best."""
+    from memsplice.eval.systems.latent import load_memory_model
+
+    ckpt = _readback_checkpoint(eval_reasoner, tmp_path / "memory")
+    assert load_memory_model(_runtime(eval_reasoner, checkpoint=ckpt)).config.address_extra_margin is None
+    model = load_memory_model(_runtime(eval_reasoner, checkpoint=ckpt, extra_margin=0.0))
+    assert model.config.address_extra_margin == 0.0
+    from memsplice.conversation import ConversationMemory
+
+    conv = ConversationMemory(model)  # 32-token chunks
+    for text in (
+        "My sister Ada moved to Lisbon last spring and loves the trams there.",
+        "Bring 42 apples, seven pears and a crate of oranges on Tuesday.",
+        "The violin concerto ended with a long cadenza that nobody expected.",
+        "Zebra crossings near the school were repainted yellow and white.",
+    ):
+        conv.add_turn("user", text)
+    slots = model.config.num_slots
+    # margin 0: a chunk after the first only on an exact tie
+    assert conv.address("Which fox jumps?", top_chunks=3).num_slots == slots
+    model.set_extra_margin(1e6)
+    assert conv.address("Which fox jumps?", top_chunks=3).num_slots == 3 * slots
+    with pytest.raises(ValueError, match="extra_margin"):
+        SystemArgs(extra_margin=-0.5)
+
+
 def test_readback_context_reaches_the_conversation_and_none_turns_it_off(eval_reasoner, tmp_path):
     from memsplice.cli.main import build_parser
 

@@ -100,6 +100,33 @@ def test_set_recency_margin_overrides_the_checkpoints_and_refuses_a_negative_one
     assert memory.config.address_recency_margin == 1.5
 
 
+def test_an_extra_margin_reads_a_second_chunk_only_where_the_head_is_unsure():
+    sure = torch.tensor([5.0, 1.0, 3.0])  # the second pick is 2.0 below the first
+    unsure = torch.tensor([4.6, 1.0, 5.0])  # 0.4 below
+    assert top_chunks(sure, 2) == [0, 2]  # no margin: always k
+    assert top_chunks(sure, 2, extra_margin=1.0) == [0]
+    assert top_chunks(unsure, 2, extra_margin=1.0) == [0, 2]
+    assert top_chunks(unsure, 1, extra_margin=1.0) == [2]  # never fewer than one, never more than k
+    # with the recency tie-break the first pick may be the later chunk; the margin is still from the best score
+    assert top_chunks(unsure, 2, recency_margin=0.5, extra_margin=0.3) == [2]
+    with pytest.raises(ValueError, match="extra_margin"):
+        top_chunks(sure, 2, extra_margin=-1.0)
+
+
+def test_the_extra_margin_is_part_of_the_config_and_can_be_set():
+    assert MemoryConfig().address_extra_margin is None
+    for bad in (-1.0, True):
+        with pytest.raises(ValueError, match="address_extra_margin"):
+            MemoryConfig(address_extra_margin=bad)
+    memory = small_memory(tiny_reasoner("llama"))
+    memory.set_extra_margin(None)
+    assert memory.config.address_extra_margin is None
+    memory.set_extra_margin(0.75)
+    assert memory.config.address_extra_margin == 0.75
+    with pytest.raises(ValueError, match="extra chunk margin"):
+        memory.set_extra_margin(-0.5)
+
+
 def test_the_head_is_saved_and_loaded_with_the_memory(tmp_path):
     reasoner = tiny_reasoner("llama")
     memory = small_memory(reasoner)

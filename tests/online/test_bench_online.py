@@ -244,7 +244,7 @@ def test_recall_reports_accuracy_and_measured_kv_fraction_per_system(tmp_path):
 
 
 def test_recall_reads_the_recency_margin_and_window_it_is_given(tmp_path, monkeypatch):
-    """--recency-margin and --window-tokens reach the recall systems (SystemArgs) unchanged."""
+    """--recency-margin, --extra-chunk-margin and --window-tokens reach the recall systems (SystemArgs) unchanged."""
     pytest.importorskip("memsplice.eval.tasks")
     import memsplice.eval as evaluation
 
@@ -265,10 +265,12 @@ def test_recall_reads_the_recency_margin_and_window_it_is_given(tmp_path, monkey
         systems=["latent-select"],
         checkpoint=str(tmp_path / "m"),
         recency_margin=1.25,
+        extra_chunk_margin=0.5,
         window_tokens=96,
     )
     bench.run_recall(a, memory.reasoner)
     assert seen and all(s.recency_margin == 1.25 and s.window_tokens == 96 for s in seen)
+    assert all(s.extra_margin == 0.5 for s in seen)
 
 
 def test_recall_cut_by_its_time_budget_is_not_complete(tmp_path):

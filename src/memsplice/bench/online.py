@@ -1056,6 +1056,7 @@ def run_recall(args, reasoner, on_length=None) -> dict:
                 chunk_tokens=args.chunk_tokens,
                 select_chunks=args.select_chunks,
                 recency_margin=args.recency_margin,
+                extra_margin=args.extra_chunk_margin,
                 readback_context=args.readback_context,
                 window_tokens=args.window_tokens,
                 refine_steps=args.refine_steps,
@@ -1171,6 +1172,7 @@ def run(args) -> int:
     memory.set_refine_steps(args.refine_steps)
     # what the recall systems read, so that the saved memory_config says it
     memory.set_recency_margin(args.recency_margin)
+    memory.set_extra_margin(args.extra_chunk_margin)
 
     def save(data: dict, name: str):
         data["checkpoint"] = args.checkpoint

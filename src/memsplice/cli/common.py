@@ -45,6 +45,14 @@ def add_chunk_reading_flags(p: argparse.ArgumentParser) -> None:
         help="latent-select, latent-readback with an address head: head scores within this margin of the best are "
         "a tie that goes to the later chunk (default: the checkpoint's address_recency_margin; 0: by score alone)",
     )
+    p.add_argument(
+        "--extra-chunk-margin",
+        type=float,
+        default=None,
+        help="with --select-chunks N > 1 and an address head: read a chunk after the first only when its score is "
+        "within this margin of the best, so that more than one is read only where the head is unsure (default: the "
+        "checkpoint's address_extra_margin, unset: always N)",
+    )
 
 
 def add_reading_prefix_flag(p: argparse.ArgumentParser) -> None:

@@ -272,6 +272,7 @@ def _run(args) -> dict:
             select_chunks=args.select_chunks,
             select_by=args.select_by,
             recency_margin=args.recency_margin,
+            extra_margin=args.extra_chunk_margin,
             readback_context=args.readback_context,
             refine_steps=args.refine_steps,
             write_turns=args.write_turns,

@@ -786,8 +786,9 @@ class ConversationMemory:
                 query = self.memory.encode(torch.tensor([ids]))
             keys = self._address_keys(head, live, query.device)
             scores = head.score(head.queries(query), keys)[0]
-            margin = self.memory.config.address_recency_margin
-            chosen = [live[i] for i in best(scores, top_chunks, margin)]
+            cfg = self.memory.config
+            picked = best(scores, top_chunks, cfg.address_recency_margin, cfg.address_extra_margin)
+            chosen = [live[i] for i in picked]
             for chunk in chosen:
                 for span_id in chunk.span_ids:
                     self.store.mark_used(span_id, 1.0 / len(chosen), used=True)

@@ -91,9 +91,18 @@ def rank_chunks(scores: torch.Tensor, recency_margin: float = 0.0, limit: int | 
     return ranked
 
 
-def top_chunks(scores: torch.Tensor, k: int, recency_margin: float = 0.0) -> list[int]:
+def top_chunks(
+    scores: torch.Tensor, k: int, recency_margin: float = 0.0, extra_margin: float | None = None
+) -> list[int]:
     """Indices of the `k` chunks `rank_chunks` ranks first for one question (scores (C,)), in their original (time)
-    order."""
+    order. With `extra_margin`, a chunk after the first is kept only if its score is within that margin of the best
+    score: the head reads more than one chunk only where it is unsure which one holds the answer."""
     if k < 1:
         raise ValueError(f"top_chunks: k must be >= 1 (got {k})")
-    return sorted(rank_chunks(scores, recency_margin, limit=k))
+    if extra_margin is not None and extra_margin < 0:
+        raise ValueError(f"top_chunks: extra_margin must be >= 0 (got {extra_margin})")
+    ranked = rank_chunks(scores, recency_margin, limit=k)
+    if extra_margin is not None and len(ranked) > 1:
+        floor = float(scores.max()) - extra_margin
+        ranked = ranked[:1] + [i for i in ranked[1:] if float(scores[i]) >= floor]
+    return sorted(ranked)

@@ -57,6 +57,10 @@ class MemoryConfig:
     """Address-head scores within this margin of the best count as a tie, broken in favour of the later chunk
     (`memory.address.rank_chunks`); in the head's score units, so chosen for a trained head (on train-split
     histories: `scripts/online/address_recall.py --split train --recency-margins ...`); 0: by score alone."""
+    address_extra_margin: float | None = None
+    """When a question may read several chunks (`select_chunks` > 1), read a chunk after the first only if its
+    address-head score is within this margin of the best: two chunks when the head is unsure, one when it is sure
+    (`memory.address.top_chunks`). In the head's score units; None: always read `select_chunks`."""
     max_latent_norm: float = 1000.0
     """Safety bound: a row with a slot whose L2 norm exceeds this (or any non-finite value) is not injected."""
     latent_norm_clip: float | None = None
@@ -136,6 +140,16 @@ class MemoryConfig:
             isinstance(self.address_recency_margin, int | float) and self.address_recency_margin >= 0,
             "address_recency_margin",
             "must be a non-negative number",
+        )
+        need(
+            self.address_extra_margin is None
+            or (
+                isinstance(self.address_extra_margin, int | float)
+                and not isinstance(self.address_extra_margin, bool)
+                and self.address_extra_margin >= 0
+            ),
+            "address_extra_margin",
+            "must be None or a non-negative number",
         )
         need(self.max_latent_norm > 0, "max_latent_norm", "must be positive")
         need(

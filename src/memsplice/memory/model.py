@@ -276,6 +276,16 @@ class MemoryModel(nn.Module):
             raise ValueError(f"recency margin must be a number >= 0 (got {margin!r})")
         self.config.address_recency_margin = float(margin)
 
+    def set_extra_margin(self, margin: float | None) -> None:
+        """Read a chunk after the first only when its address-head score is within `margin` of the best
+        (`config.address_extra_margin`). What `--extra-chunk-margin` of eval and bench sets; None keeps the
+        checkpoint's; refuses a negative margin."""
+        if margin is None:
+            return
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 0:
+            raise ValueError(f"extra chunk margin must be a number >= 0 (got {margin!r})")
+        self.config.address_extra_margin = float(margin)
+
     @contextlib.contextmanager
     def evaluating(self):
         """Eval mode (dropout off) for the block, then back to the mode the memory was in: for writes whose result

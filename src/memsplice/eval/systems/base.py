@@ -47,6 +47,10 @@ class SystemArgs:
     recency_margin: float | None = None
     """latent-select, latent-readback (address head): address-head scores within this margin of the best count as a
     tie that goes to the later chunk (None: the checkpoint's `address_recency_margin`; 0: by score alone)."""
+    extra_margin: float | None = None
+    """latent-select, latent-readback (address head), with select_chunks > 1: read a chunk after the first only when
+    its score is within this margin of the best (None: the checkpoint's `address_extra_margin`, which reads every
+    one when unset)."""
     readback_context: str | None = "system"
     """latent-readback: the role of the turns read back in front of a picked chunk as its context (the session
     headers the latent systems write as "system" turns; `ConversationConfig.readback_context_role`); None: each
@@ -75,6 +79,8 @@ class SystemArgs:
             raise ValueError(f"SystemArgs.slot_budget must be >= 1 (got {self.slot_budget})")
         if self.recency_margin is not None and self.recency_margin < 0:
             raise ValueError(f"SystemArgs.recency_margin must be >= 0 (got {self.recency_margin})")
+        if self.extra_margin is not None and self.extra_margin < 0:
+            raise ValueError(f"SystemArgs.extra_margin must be >= 0 (got {self.extra_margin})")
         if self.select_chunks < 1:
             raise ValueError(f"SystemArgs.select_chunks must be >= 1 (got {self.select_chunks})")
         if self.select_by not in ("auto", "address", "attention"):

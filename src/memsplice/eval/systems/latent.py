@@ -54,6 +54,7 @@ def load_memory_model(runtime):
         model = load_memory(runtime.reasoner, checkpoint).eval()
         model.set_refine_steps(runtime.args.refine_steps)
         model.set_recency_margin(runtime.args.recency_margin)
+        model.set_extra_margin(runtime.args.extra_margin)
         return model
 
     return runtime.shared("memory_model", build)
