@@ -3,7 +3,7 @@ conversation, the share of questions whose evidence chunk is among the k chunks 
 
     python scripts/online/address_recall.py CHECKPOINT [--chunk-tokens N] [--lengths 1024 2048 4096]
         [--examples 4] [--seed 0] [--values pools open] [--split test] [--perspective others|user]
-        [--recency-margins 0 0.5 1] [--record NAME]
+        [--recency-margins 0 0.5 1] [--cache DIR] [--record NAME]
 
 Chunks are ranked as `ConversationMemory.address` ranks them: by score, near-ties (within the checkpoint's
 `address_recency_margin`) to the later chunk. `--recency-margins` reports each margin given instead (under
@@ -14,16 +14,25 @@ By default the conversations are the 12 (4 per length, 1k/2k/4k tokens, 72 quest
 synthetic --examples 4 --lengths 1k,2k,4k` asks, with pool values and with made-up values; with `--lengths 16384
 32768 65536` (and `--seed 0` / `1`) those of `memsplice bench online --part recall` at long histories. Each length
 is reported on its own under "lengths", all of them together at the top.
+
+Encoding a 64k-token conversation is most of the time (minutes on a CPU), and the latents depend only on the
+encoder and the chunk size, not on the head: with `--cache DIR` each conversation's latents are kept there (bf16,
+one file per split, values, perspective, chunk size, length and seed, under a digest of the encoder's weights) and
+read back on the next run, so that heads trained on the same encoder are compared in seconds.
 """
 
 import argparse
+import hashlib
 import json
+from pathlib import Path
+
+import torch
 
 from memsplice.bench.record import provenance, save_result
 from memsplice.checkpoints import load_memory
 from memsplice.eval.reader import Reader
 from memsplice.eval.tasks import TaskArgs, get_task
-from memsplice.online.address import address_examples, recall_at
+from memsplice.online.address import AddressExample, address_examples, recall_at
 from memsplice.online.bootstrap import episode_examples
 from memsplice.reasoner import load_reasoner
 
@@ -51,6 +60,9 @@ def main() -> int:
         default=None,
         help="address-head score margins for the recency tie-break (default: the checkpoint's)",
     )
+    p.add_argument(
+        "--cache", default=None, help="keep and reuse each conversation's latents in this directory"
+    )
     p.add_argument("--record", default=None, help="save as benchmarks/results/NAME.json with provenance")
     args = p.parse_args()
     reasoner = load_reasoner(None, device=args.device)
@@ -73,8 +85,13 @@ def main() -> int:
                 values=values,
                 perspective=args.perspective,
             )
-            episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
-            by_length[length] = address_examples(memory, episode_examples(episodes, reasoner, chunk))
+            key = f"{args.split}-{values}-{args.perspective}-c{chunk}-{length}-s{args.seed}"
+
+            def encode(task=task):
+                episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
+                return address_examples(memory, episode_examples(episodes, reasoner, chunk))
+
+            by_length[length] = cached(args.cache, memory, key, encode)
         every = [e for examples in by_length.values() for e in examples]
         by_margin = {}
         for margin in margins:
@@ -91,6 +108,44 @@ def main() -> int:
         print(f"saved {save_result(args.record, {**out, **started}, device=reasoner.device)}")
     print(json.dumps(out, indent=2))
     return 0
+
+
+def encoder_digest(memory) -> str:
+    """A short digest of every memory weight but the address head's: what the latents depend on."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(memory.state_dict().items()):
+        if not name.startswith("address."):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached(directory, memory, key: str, encode) -> list[AddressExample]:
+    """`encode()`'s examples, read from `directory` when an earlier run of the same encoder saved them there."""
+    if directory is None:
+        return encode()
+    path = Path(directory) / encoder_digest(memory) / f"{key}.pt"
+    if path.is_file():
+        rows = torch.load(path)
+        return [AddressExample(r["chunks"].float(), r["queries"].float(), r["positives"]) for r in rows]
+    examples = encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "chunks": e.chunk_latents.bfloat16(),
+            "queries": e.query_latents.bfloat16(),
+            "positives": e.positives,
+        }
+        for e in examples
+    ]
+    atomic_save(rows, path)
+    return examples
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
