@@ -70,6 +70,7 @@ def main() -> int:
     memory = load_memory(reasoner, args.checkpoint)
     chunk = args.chunk_tokens or memory.config.chunk_tokens or memory.config.max_memory_tokens
     margins = args.recency_margins or [memory.config.address_recency_margin]
+    cache = None if args.cache is None else Path(args.cache) / encoder_digest(memory)  # hashed once
     out = {"checkpoint": args.checkpoint, "chunk_tokens": chunk, "split": args.split, "seed": args.seed}
     out["perspective"] = args.perspective
     out["recency_margins"] = margins
@@ -91,7 +92,7 @@ def main() -> int:
                 episodes = get_task("synthetic")(task, Reader(reasoner).count_tokens)
                 return address_examples(memory, episode_examples(episodes, reasoner, chunk))
 
-            by_length[length] = cached(args.cache, memory, key, encode)
+            by_length[length] = cached(cache, key, encode)
         every = [e for examples in by_length.values() for e in examples]
         by_margin = {}
         for margin in margins:
@@ -120,11 +121,12 @@ def encoder_digest(memory) -> str:
     return h.hexdigest()[:16]
 
 
-def cached(directory, memory, key: str, encode) -> list[AddressExample]:
-    """`encode()`'s examples, read from `directory` when an earlier run of the same encoder saved them there."""
+def cached(directory: Path | None, key: str, encode) -> list[AddressExample]:
+    """`encode()`'s examples, read from `directory` (one encoder's: `--cache` / `encoder_digest`) when an earlier run
+    saved them there."""
     if directory is None:
         return encode()
-    path = Path(directory) / encoder_digest(memory) / f"{key}.pt"
+    path = directory / f"{key}.pt"
     if path.is_file():
         rows = torch.load(path)
         return [AddressExample(r["chunks"].float(), r["queries"].float(), r["positives"]) for r in rows]

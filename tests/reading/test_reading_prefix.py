@@ -16,6 +16,21 @@ from tiny import tiny_reasoner
 TEXT = "The quick brown fox jumps over the lazy dog."
 
 
+def small_config(**overrides) -> ReadingConfig:
+    """A training run small enough for a tiny reasoner on the CPU."""
+    settings = dict(
+        eval_episodes=1,
+        eval_every=2,
+        history_tokens=[512],
+        facts=2,
+        window_tokens=[64],
+        eval_window_tokens=64,
+        chunk_tokens=40,
+        num_slots=4,
+    )
+    return ReadingConfig(**{**settings, **overrides})
+
+
 def test_prefix_from_text_reads_as_that_text(reasoner):
     tok = reasoner.tokenizer
     text = tok(TEXT, add_special_tokens=False)["input_ids"]
@@ -135,19 +150,7 @@ def test_training_examples_cover_every_layout_and_hold_the_answer():
 
 def test_run_reading_trains_and_saves(tmp_path):
     reasoner = tiny_reasoner()
-    cfg = ReadingConfig(
-        steps=3,
-        batch=2,
-        episodes=2,
-        eval_episodes=1,
-        eval_every=2,
-        history_tokens=[512],
-        facts=2,
-        window_tokens=[64],
-        eval_window_tokens=64,
-        chunk_tokens=40,
-        num_slots=4,
-    )
+    cfg = small_config(steps=3, batch=2, episodes=2)
     before = ReadingPrefix.from_text(reasoner, ReadingPrefixConfig(num_slots=4))
     report = run_reading(reasoner, cfg, tmp_path)
     assert [c["step"] for c in report["curve"]] == [0, 2, 3]
@@ -228,18 +231,10 @@ def test_ordinary_rows_are_chat_prompts_with_the_reasoners_own_reply():
 
 def test_run_reading_reports_ordinary_replies(tmp_path):
     reasoner = tiny_reasoner()
-    cfg = ReadingConfig(
+    cfg = small_config(
         steps=2,
         batch=4,
         episodes=1,
-        eval_episodes=1,
-        eval_every=2,
-        history_tokens=[512],
-        facts=2,
-        window_tokens=[64],
-        eval_window_tokens=64,
-        chunk_tokens=40,
-        num_slots=4,
         ordinary_share=0.5,
         ordinary_prompts=4,
         ordinary_eval_prompts=2,

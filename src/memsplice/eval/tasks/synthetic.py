@@ -610,22 +610,14 @@ def open_name(rng: random.Random, listed: tuple[str, ...]) -> str:
             return name
 
 
-def _open_names(rng: random.Random, listed: tuple[str, ...], size: int) -> list[str]:
-    names: list[str] = []
-    while len(names) < size:
-        name = open_name(rng, listed)
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def _open_pool(attribute: Attribute, rng: random.Random, size: int) -> list[str]:
-    pool: list[str] = []
-    while len(pool) < size:
-        value = open_value(attribute, rng)
-        if value not in pool:
-            pool.append(value)
-    return pool
+def _distinct(draw, size: int) -> list[str]:
+    """`size` different values of `draw()`, in the order first drawn."""
+    values: list[str] = []
+    while len(values) < size:
+        value = draw()
+        if value not in values:
+            values.append(value)
+    return values
 
 
 def _in_split(kind: str, value: str, split: str) -> bool:
@@ -662,8 +654,8 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
     tag += "|names" if open_names else ""
     rng = random.Random(f"synthetic|{args.split}|{args.seed}|{target_tokens}|{index}{tag}")
     if open_names:
-        first = _open_names(rng, FIRST_NAMES + LAST_NAMES, args.facts + 2)
-        last = _open_names(rng, FIRST_NAMES + LAST_NAMES + tuple(first), 16)
+        first = _distinct(lambda: open_name(rng, FIRST_NAMES + LAST_NAMES), args.facts + 2)
+        last = _distinct(lambda: open_name(rng, FIRST_NAMES + LAST_NAMES + tuple(first)), 16)
     else:
         first = _pool("first", FIRST_NAMES, args.split)
         last = _pool("last", LAST_NAMES, args.split)
@@ -687,7 +679,7 @@ def build_episode(args: TaskArgs, target_tokens: int, index: int, count_tokens: 
     ]
     attributes = attributes[: args.facts]
     if open_values:  # up to three values per fact (told, updated or distractor), each fact its own attribute
-        pools = {a.name: _open_pool(a, rng, 3 * args.facts) for a in ATTRIBUTES}
+        pools = {a.name: _distinct(lambda a=a: open_value(a, rng), 3 * args.facts) for a in ATTRIBUTES}
     else:
         pools = {
             a.name: rng.sample(_pool(a.name, a.values, args.split), len(_pool(a.name, a.values, args.split)))
