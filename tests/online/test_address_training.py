@@ -13,6 +13,7 @@ from memsplice.memory import MemoryModel  # noqa: E402
 from memsplice.online.address import (  # noqa: E402
     AddressConfig,
     address_examples,
+    choose_recency_margin,
     recall_at,
     run_address,
 )
@@ -178,3 +179,24 @@ def test_config_refuses_nonsense():
         AddressConfig(open_names=1.5)
     with pytest.raises(ValueError, match="history_tokens"):
         AddressConfig(history_tokens=[100])
+
+
+def _margins(**recall1):
+    """An address_recall.py result with 24 pool-value questions: recall@1 per margin ("0.25" written m0_25)."""
+    by_margin = {k[1:].replace("_", "."): {"questions": 24, "recall@1": v / 24} for k, v in recall1.items()}
+    return {"split": "train", "pools": {"by_margin": by_margin}}
+
+
+def test_recency_margin_is_the_smallest_with_the_most_first_picks_right():
+    results = [_margins(m0=22, m0_25=24, m0_5=24, m1=23), _margins(m0=24, m0_25=23, m0_5=24, m1=24)]
+    margin, correct = choose_recency_margin(results)
+    assert correct == {0.0: 46, 0.25: 47, 0.5: 48, 1.0: 47}
+    assert margin == 0.5
+    assert choose_recency_margin([_margins(m0=24, m1=24)])[0] == 0.0
+
+
+def test_recency_margin_refuses_results_it_cannot_compare():
+    with pytest.raises(ValueError, match="by_margin"):
+        choose_recency_margin([{"split": "train", "pools": {"questions": 24, "recall@1": 1.0}}])
+    with pytest.raises(ValueError, match="different margins"):
+        choose_recency_margin([_margins(m0=24, m1=24), _margins(m0=24, m0_5=24)])

@@ -181,6 +181,28 @@ def recall_at(
     }
 
 
+def choose_recency_margin(results: list[dict], values: str = "pools") -> tuple[float, dict[float, int]]:
+    """The smallest recency margin with the most questions whose evidence chunk is ranked first, summed over
+    `scripts/online/address_recall.py --recency-margins` results (each a dict with `values` -> "by_margin"), and the
+    count per margin. Choose on the split the head was trained on, then measure the margin once on the test split."""
+    correct: dict[float, int] = {}
+    for result in results:
+        by_margin = result.get(values, {}).get("by_margin")
+        if not by_margin:
+            raise ValueError(
+                f"choose_recency_margin: a result has no {values!r} -> 'by_margin' (ran with one margin?)"
+            )
+        for margin, found in by_margin.items():
+            correct[float(margin)] = correct.get(float(margin), 0) + round(
+                found["recall@1"] * found["questions"]
+            )
+    counts = [set(float(m) for m in r[values]["by_margin"]) for r in results]
+    if any(c != counts[0] for c in counts):
+        raise ValueError("choose_recency_margin: the results were run with different margins")
+    best = max(correct.values())
+    return min(m for m, n in correct.items() if n == best), dict(sorted(correct.items()))
+
+
 def _none_picked(total: int, good: int, k: int) -> float:
     """Probability that k of `total` chunks picked at random include none of the `good` ones."""
     p = 1.0

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# A fresh address head trained with half of each group of episodes' names made up, then measured where
+# latent-readback is scored, in one visit:
+#   train    python -m memsplice.online.address --new-head --open-names 0.5 (only the head trains; encoder,
+#            projections and gate stay the start checkpoint's)
+#   margin   its recency margin chosen on train-split conversations of 16k/32k/64k tokens, seeds 0 and 1
+#            (scripts/online/address_recall.py --split train --recency-margins ..., scripts/online/choose_margin.py),
+#            written into the new checkpoint's config
+#   measure  at once: recall@k on the test split (seeds 0-3, 16k-64k; address_recall.py) and latent-readback's
+#            answers there with the shipped reading prefix (scripts/gpu/reading.sh with PREFIX), one process per
+#            (length, seed)
+#
+#   OUT=/tmp/out bash scripts/gpu/address-names.sh START_CHECKPOINT_DIR
+#
+# STAGES (default "train margin measure"), RUNS (default /root/address-names), LENGTHS (history tokens of the
+# margin and recall conversations) and HISTORY (of the read-back ones; both default "16384 32768 65536"), BUDGET
+# (each read-back process's --time-budget, default 540), STEPS/EPISODES (2000/400), TRAIN_ARGS (more flags for the
+# head's training).
+# Writes under $RUNS: checkpoint/, address-train.log, report.json, margin-train-s{0,1}.json, margin.json,
+# recall-test-s{0..3}.json, readback/ (reading.sh's results and logs); $OUT/address-names.tgz holds all of it but
+# the latent cache.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CKPT="${1:?usage: address-names.sh START_CHECKPOINT_DIR}"
+OUT="${OUT:?set OUT to the output directory}"
+RUNS="${RUNS:-/root/address-names}"
+STAGES="${STAGES:-train margin measure}"
+LENGTHS="${LENGTHS:-16384 32768 65536}"
+HISTORY="${HISTORY:-16384 32768 65536}"
+BUDGET="${BUDGET:-540}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export MEMSPLICE_DATA="${MEMSPLICE_DATA:-/root/stage/data}"
+export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
+PY="${PYTHON:-python3}"
+PREFIX="${PREFIX:-$PWD/src/memsplice/checkpoints/smollm2-135m-instruct-reading}"
+MARGINS="0 0.25 0.5 0.75 1 1.5 2"
+mkdir -p "$RUNS" "$OUT"
+pack() { tar czf "$OUT/address-names.tgz" -C "$RUNS" --exclude=cache .; }
+trap pack EXIT
+if [[ " $STAGES " == *" train "* ]]; then
+  # shellcheck disable=SC2086
+  $PY -m memsplice.online.address --checkpoint "$CKPT" --output "$RUNS" --chunk-tokens 32 --new-head \
+    --open-names 0.5 --steps "${STEPS:-2000}" --episodes "${EPISODES:-400}" ${TRAIN_ARGS:-} > "$RUNS/address-train.log" 2>&1 \
+    || { echo "address training failed"; tail -n 20 "$RUNS/address-train.log"; exit 1; }
+  echo "trained: $(grep -o '"recall@1": [0-9.]*' "$RUNS/report.json" | tail -1)"
+fi
+if [[ " $STAGES " == *" margin "* ]]; then
+  for s in 0 1; do
+    # shellcheck disable=SC2086
+    $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split train --lengths $LENGTHS --seed "$s" \
+      --values pools --recency-margins $MARGINS --cache "$RUNS/cache" > "$RUNS/margin-train-s$s.json" \
+      2> "$RUNS/margin-train-s$s.log" &
+  done
+  wait
+  $PY scripts/online/choose_margin.py "$RUNS/checkpoint" "$RUNS"/margin-train-s{0,1}.json \
+    --record "benchmarks/results/online/address-recency-train-names-seed{0,1}.json" > "$RUNS/margin.json" \
+    || { echo "choosing the margin failed"; exit 1; }
+  echo "margin: $(grep '"value"' "$RUNS/margin.json")"
+fi
+if [[ " $STAGES " == *" measure "* ]]; then
+  for pair in "0 1" "2 3"; do
+    (for s in $pair; do
+      # shellcheck disable=SC2086
+      $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split test --lengths $LENGTHS --seed "$s" \
+        --values pools --cache "$RUNS/cache" > "$RUNS/recall-test-s$s.json" 2> "$RUNS/recall-test-s$s.log"
+    done) &
+  done
+  OUT="$RUNS/readback" PREFIX="$PREFIX" HISTORY="$HISTORY" WAVES="0 1 2 3" SYSTEM_GROUPS=latent-readback \
+    BUDGET="$BUDGET" bash scripts/gpu/reading.sh "$RUNS/checkpoint" || echo "read-back failed"
+  wait
+fi
