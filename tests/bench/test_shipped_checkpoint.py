@@ -96,8 +96,9 @@ def test_refinement_makes_the_shipped_memory_read_a_new_passage_back_verbatim(re
 
 
 MIN_ADDRESS_RECALL_AT_1 = 0.75
-"""The shipped address head put the evidence chunk first for 97.9% of 144 held-out train-split questions
-(benchmarks/results/online-address-shipped-c32-cpu.json) and for 11 of these 12 test-split questions on the CPU."""
+"""The shipped address head (trained with made-up names) put the evidence chunk first for all 144 held-out
+train-split questions (benchmarks/results/online/address-names-gpu/address-train-report.json) and for all 12 of
+these test-split questions on the CPU (the head before it: 11)."""
 
 
 @pytest.mark.real_model
