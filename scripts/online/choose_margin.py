@@ -16,7 +16,7 @@ from pathlib import Path
 from memsplice.online.address import choose_recency_margin
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument(
@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("--values", default="pools", choices=["pools", "open"])
     p.add_argument("--record", default=None, help="where the results are kept (written into the config)")
     p.add_argument("--dry-run", action="store_true", help="print the choice, leave the config as it is")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     results = [json.loads(Path(f).read_text()) for f in args.results]
     splits = {r.get("split") for r in results}
     if splits != {"train"}:
