@@ -52,8 +52,7 @@ if [[ " $STAGES " == *" margin "* ]]; then
       2> "$RUNS/margin-train-s$s.log" &
   done
   wait
-  $PY scripts/online/choose_margin.py "$RUNS/checkpoint" "$RUNS"/margin-train-s{0,1}.json \
-    --record "benchmarks/results/online/address-recency-train-names-seed{0,1}.json" > "$RUNS/margin.json" \
+  $PY scripts/online/choose_margin.py "$RUNS/checkpoint" "$RUNS"/margin-train-s{0,1}.json > "$RUNS/margin.json" \
     || { echo "choosing the margin failed"; exit 1; }
   echo "margin: $(grep '"value"' "$RUNS/margin.json")"
 fi

@@ -10,9 +10,9 @@ files) under `extra.address.recency_margin`; the weights are not touched. Prints
 
 import argparse
 import json
-import os
 from pathlib import Path
 
+from memsplice.memory.config import MemoryConfig
 from memsplice.online.address import choose_recency_margin
 
 
@@ -45,13 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(choice, indent=2))
     if not args.dry_run:
-        path = Path(args.checkpoint) / "memsplice_config.json"
-        config = json.loads(path.read_text())
-        config["address_recency_margin"] = margin
-        config.setdefault("extra", {}).setdefault("address", {})["recency_margin"] = choice
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        config = MemoryConfig.load(args.checkpoint)
+        config.address_recency_margin = margin
+        config.extra.setdefault("address", {})["recency_margin"] = choice
+        config.save(args.checkpoint)
     return 0
 
 

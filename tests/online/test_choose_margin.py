@@ -6,6 +6,7 @@ import json
 import pytest
 
 from helpers import load_script
+from memsplice.memory.config import MemoryConfig
 
 
 def _result(tmp_path, name, split, **recall1):
@@ -26,7 +27,7 @@ def _result(tmp_path, name, split, **recall1):
 def _checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "memsplice_config.json").write_text(json.dumps({"address_recency_margin": 0.75, "extra": {}}))
+    MemoryConfig(address_recency_margin=0.75).save(ckpt)
     (ckpt / "model.safetensors").write_bytes(b"weights")
     return ckpt
 

@@ -7,6 +7,7 @@ how they are read. Every field is validated in `__post_init__`, and an error nam
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -187,8 +188,11 @@ class MemoryConfig:
         return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
+        """Write `CONFIG_NAME` in `directory` atomically: a reader sees the old file or the new one, never half."""
         path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        os.replace(tmp, path)
         return path
 
     @classmethod
