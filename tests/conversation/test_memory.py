@@ -370,6 +370,45 @@ def test_changed_weights_trigger_one_refresh_and_restore_reencodes():
     torch.testing.assert_close(restored.memory_kv().values[0], fresh.memory_kv().values[0])
 
 
+def test_a_changed_address_head_reencodes_nothing_and_keeps_saved_latents(monkeypatch):
+    """The head only reads latents: training it or swapping in another re-encodes no chunk and leaves a saved
+    conversation's latents valid, while its keys are the new head's."""
+    import memsplice.conversation.memory as conversation_module
+
+    memory = tiny_memory()
+    memory.add_address_head(8)
+    conv = ConversationMemory(memory, ConversationConfig(slot_budget=None))
+    rng = random.Random(6)
+    for _ in range(10):
+        conv.add_turn("user", sentence(rng, 12))
+    conv.address("Where does Ada live?")
+    state = conv.to_dict()
+    encoded = []
+    real = conversation_module.encode_chunks
+    monkeypatch.setattr(
+        conversation_module,
+        "encode_chunks",
+        lambda m, chunks, *a, **k: encoded.extend(chunks) or real(m, chunks, *a, **k),
+    )
+    with torch.no_grad():
+        memory.address.key_proj.weight.mul_(-1.0)  # trained in place
+    conv.address("Where does Ada live?")
+    memory.address = type(memory.address)(memory.reasoner.shapes.hidden_size, 8)  # swapped for another
+    conv.address("Where does Ada live?")
+    live = [c for c in conv._all_chunks() if c.live]
+    assert torch.equal(conv._keys_cache[2], memory.address.keys(torch.stack([c.latents for c in live])))
+    restored = ConversationMemory.from_dict(state, memory)
+    assert not any(c.dirty for c in restored._all_chunks() if c.span_ids)  # the saved latents were kept
+    restored.address("Where does Ada live?")
+    assert encoded == []  # no chunk was encoded again
+    with torch.no_grad():
+        memory.encoder.slots.add_(0.5)  # an encoder weight still invalidates both
+    assert conv.add_turn("user", "after the update").refreshed and encoded
+    before = len(encoded)
+    ConversationMemory.from_dict(state, memory).memory_kv()
+    assert len(encoded) > before  # the saved latents were the old encoder's: encoded again
+
+
 def test_attention_usage_keeps_used_spans_from_eviction():
     memory = tiny_memory()
     conv = ConversationMemory(

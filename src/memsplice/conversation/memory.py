@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..inject.memory_kv import MemoryKV
-from .chunks import Chunk, address_source, encode_chunks, reinject_chunk, weights_version
+from .chunks import Chunk, address_source, encode_chunks, head_version, reinject_chunk, weights_version
 from .hierarchy import Hierarchy, compose
 from .probe import MemoryAttention, memory_attention
 from .transcript import SLOT_BUDGET, TranscriptStore
@@ -214,9 +214,12 @@ def picks_by_address(memory, *, read_back: bool, select_chunks: int | None) -> b
 
 
 def weights_signature(memory) -> str:
-    """sha256 of the memory's weights (and config), as stored: identifies which weights wrote a set of latents."""
+    """sha256 of the memory's weights as stored, but the address head's: identifies which weights wrote a set of
+    latents (the head only reads them, so a saved conversation keeps its latents when only the head changed)."""
     h = hashlib.sha256()
     for name, tensor in sorted(memory.memory_state_dict().items()):
+        if name.startswith("address."):
+            continue
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
         h.update(
@@ -796,8 +799,9 @@ class ConversationMemory:
 
     def _address_keys(self, head, live: list[Chunk], device) -> torch.Tensor:
         """The address head's keys of `live` chunks' latents, (C, M, dim); computed again only when a chunk was
-        re-encoded, the chunks changed or a memory weight did (questions between two writes share them)."""
-        version = weights_version(self.memory)
+        re-encoded, the chunks changed, or a memory weight or the head did (questions between two writes share
+        them)."""
+        version = (weights_version(self.memory), head_version(self.memory))
         cached = self._keys_cache
         if (
             cached is not None
