@@ -150,6 +150,7 @@ def run(args) -> int:
     print(
         "\nThe latent rows use the memory checkpoint shipped for this reasoner; see README 'Results' for how far "
         "its recall is from the text baselines. Its address head (which picks the chunk latent-readback reads) was "
-        "trained on conversations whose facts name the person; these are told in the first person."
+        "trained on synthetic conversations, some with made-up names and some with a user's own first-person facts; "
+        "unrefined (--refine-steps 0, the default here) a chunk reads back lossily."
     )
     return 0
