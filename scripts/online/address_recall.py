@@ -22,7 +22,6 @@ read back on the next run, so that heads trained on the same encoder are compare
 """
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from memsplice.bench.record import provenance, save_result
 from memsplice.checkpoints import load_memory
+from memsplice.conversation.memory import weights_signature
 from memsplice.eval.reader import Reader
 from memsplice.eval.tasks import TaskArgs, get_task
 from memsplice.online.address import AddressExample, address_examples, recall_at
@@ -112,13 +112,9 @@ def main() -> int:
 
 
 def encoder_digest(memory) -> str:
-    """A short digest of every memory weight but the address head's: what the latents depend on."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(memory.state_dict().items()):
-        if not name.startswith("address."):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A short digest of every memory weight but the address head's: what the latents depend on
+    (`weights_signature`, which identifies a saved conversation's latents the same way)."""
+    return weights_signature(memory)[:16]
 
 
 def cached(directory: Path | None, key: str, encode) -> list[AddressExample]:

@@ -19,10 +19,9 @@ import argparse
 import json
 import time
 
-import torch
-
 from memsplice.bench.record import provenance, save_result
 from memsplice.checkpoints import load_memory
+from memsplice.conversation.memory import weights_signature
 from memsplice.eval.metrics import score_answer
 from memsplice.eval.reader import GenerationSettings, Reader
 from memsplice.eval.systems import Runtime, SystemArgs, build_system
@@ -114,14 +113,12 @@ def main() -> int:
                 "answer": q.answer,
                 "length": _length(episode),
             }
-            answered: dict[
-                tuple, dict
-            ] = {}  # one answer per distinct pick: the answer depends on nothing else
+            # One answer per distinct pick: the answer depends on nothing else.
+            answered: dict[tuple, dict] = {}
             for name, (head, margin) in zip(names, configs, strict=True):
-                _use(model, system, heads[head], margin)
+                _use(model, heads[head], margin)
                 picked = tuple(c.id for c in system.conversation._address_chunks(q.question, 1))
                 if picked not in answered:
-                    _use(model, system, heads[head], margin)
                     text = system.answer(q).text.strip()
                     score = score_answer(text, q.answer, aliases=q.aliases)
                     answered[picked] = {"prediction": text, "contains": bool(score.contains)}
@@ -133,7 +130,7 @@ def main() -> int:
             + f" of {len(rows)} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    _use(model, system, heads["A"], margins["A"][0])
+    _use(model, heads["A"], margins["A"][0])
     out = {
         "checkpoint_a": args.checkpoint_a,
         "checkpoint_b": args.checkpoint_b,
@@ -160,12 +157,11 @@ def main() -> int:
     return 0
 
 
-def _use(model, system, head, margin: float) -> None:
-    """Swap `head` in with `margin`, and drop the conversation's cached keys (another head's; the cache's own
-    weights check would drop them too)."""
+def _use(model, head, margin: float) -> None:
+    """Swap `head` in with `margin`. A conversation's cached address keys are keyed on the head's parameters
+    (`head_version`), so the other head's are not reused."""
     model.address = head
     model.set_recency_margin(margin)
-    system.conversation._keys_cache = None
 
 
 def _length(episode) -> int:
@@ -173,13 +169,11 @@ def _length(episode) -> int:
 
 
 def _check_same_encoder(a, b) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    names = {n for n in sa if not n.startswith("address.")}
-    if names != {n for n in sb if not n.startswith("address.")}:
-        raise SystemExit("heads_readback: the two checkpoints hold different memory weights")
-    for n in names:
-        if not torch.equal(sa[n].cpu(), sb[n].cpu()):
-            raise SystemExit(f"heads_readback: the two checkpoints differ in {n}: not the same encoder")
+    """Both memories write the same latents: every weight but the address head's is the same."""
+    if weights_signature(a) != weights_signature(b):
+        raise SystemExit(
+            "heads_readback: the two checkpoints differ beyond the address head: not the same encoder"
+        )
 
 
 if __name__ == "__main__":

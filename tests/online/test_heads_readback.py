@@ -12,13 +12,6 @@ from memsplice.conversation import ConversationConfig, ConversationMemory
 from memsplice.memory.address import top_chunks
 
 
-class _System:
-    """What `_use` touches of a `latent-readback` system: its conversation."""
-
-    def __init__(self, conversation):
-        self.conversation = conversation
-
-
 def _picks(conversation, head, question: str, margin: float) -> list[int]:
     """The chunk ids `head` ranks first for `question`, computed from scratch (no cache)."""
     live = [c for c in conversation._all_chunks() if c.live and c.latents is not None]
@@ -46,7 +39,6 @@ def test_swapped_heads_pick_their_own_chunks():
         conversation.add_turn(
             "user" if i % 2 == 0 else "assistant", f"turn {i}: the number {i * 37} and word {i}"
         )
-    system = _System(conversation)
     questions = [f"what about the number {i * 37}?" for i in range(6)]
     expected = {
         name: [_picks(conversation, head, q, 0.0) for q in questions]
@@ -54,7 +46,7 @@ def test_swapped_heads_pick_their_own_chunks():
     }
     assert expected["A"] != expected["B"], "the two random heads should disagree somewhere"
     for name, head in (("A", head_a), ("B", head_b), ("A", head_a)):
-        script._use(memory, system, head, 0.0)
+        script._use(memory, head, 0.0)
         got = [[c.id for c in conversation._address_chunks(q, 1)] for q in questions]
         assert got == expected[name]
 

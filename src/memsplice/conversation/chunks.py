@@ -71,20 +71,18 @@ def weights_version(memory) -> tuple:
     """The version of the weights a chunk's latents depend on: changes whenever such a memory parameter is updated in
     place (optimizer step) or replaced (embedding untied). The address head's are left out: it only reads latents,
     so training it or swapping in another leaves every written chunk as it is (see `head_version`)."""
-    head = _head_params(memory)
+    head = {id(p) for p in _head_params(memory)}
     return tuple((id(p), p._version) for p in memory.parameters() if id(p) not in head)
 
 
 def head_version(memory) -> tuple:
     """The version of the address head's parameters (() without a head): what the head's keys of a chunk depend on,
     besides the chunk's latents."""
-    return (
-        tuple((id(p), p._version) for p in memory.address.parameters()) if memory.address is not None else ()
-    )
+    return tuple((id(p), p._version) for p in _head_params(memory))
 
 
-def _head_params(memory) -> set[int]:
-    return {id(p) for p in memory.address.parameters()} if memory.address is not None else set()
+def _head_params(memory) -> list:
+    return list(memory.address.parameters()) if memory.address is not None else []
 
 
 def _placements(turn_ids: list[list[int]], chunk_tokens: int):
