@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from formation_helpers import save_tiny_reasoner
@@ -126,8 +127,6 @@ def _run_launcher(cmd, *, env, cwd, timeout, grace) -> _LauncherRun:
     a hang the live ones get SIGABRT first (faulthandler prints their stacks into the log), then SIGKILL, and the
     logs are returned. A launcher still up `grace` s after all its workers exited counts as a launcher-only hang.
     """
-    import psutil
-
     logs = Path(cwd) / "launcher-stdout.txt", Path(cwd) / "launcher-stderr.txt"
     with logs[0].open("w") as so, logs[1].open("w") as se:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=so, stderr=se, start_new_session=True)
@@ -175,8 +174,6 @@ def _run_launcher(cmd, *, env, cwd, timeout, grace) -> _LauncherRun:
 
 
 def _running(p) -> bool:
-    import psutil
-
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
