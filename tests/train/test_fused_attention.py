@@ -5,7 +5,11 @@ import torch
 
 from helpers import assert_grads_close, memory_grads, random_ids, small_memory
 from memsplice.inject import hidden_states_with_memory
-from memsplice.train.fused_attention import fused_memory_attention
+from memsplice.train.fused_attention import (
+    fused_memory_attention,
+    gated_causal_attention,
+    gated_causal_attention_scores,
+)
 
 
 def _run(reasoner, memory, ids, text, fused: bool, gate=None):
@@ -44,3 +48,25 @@ def test_fused_refuses_eager_reasoner():
     eager = tiny_reasoner("llama", attn="eager")
     with pytest.raises(ValueError, match="sdpa"), fused_memory_attention(eager):
         pass
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+def test_written_out_scores_match_the_sdpa_kernel_values_and_gradients(heads, kv_heads):
+    """Both training attention kernels compute the same gated causal attention, grouped heads included, with a
+    closed slot (log g at -inf) and a gate that differs per row and slot."""
+    b, m, t, d, scale = 2, 3, 5, 8, 8**-0.5
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, heads, t, d, generator=gen)
+    k, v = torch.randn(2, b, kv_heads, m + t, d, generator=gen)
+    gate = torch.randn(b, m, generator=gen)
+    gate[0, 1] = float("-inf")
+    results = []
+    for kernel in (gated_causal_attention, gated_causal_attention_scores):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+        out = kernel(*inputs, scale)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), [x.grad for x in inputs]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -255,6 +255,9 @@ class RunArgs:
     fast_reader: bool = True
     """Run the training reads through `FastReader` (the reasoner's decoder as plain tensor functions, fused q/k/v
     and gate/up projections) when the reasoner is Llama-family; other reasoners keep the transformers decoder."""
+    reader_attention: str = "sdpa"
+    """The fast reader's attention kernel: "sdpa" (one SDPA call, the gate folded into a padded key dimension) or
+    "scores" (the score matrix written out; see `memsplice.train.fused_attention.gated_causal_attention_scores`)."""
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
@@ -291,6 +294,13 @@ class RunArgs:
     def __post_init__(self):
         s = "run"
         _need(s, self, self.steps >= 1, "steps", "must be >= 1")
+        _need(
+            s,
+            self,
+            self.reader_attention in ("sdpa", "scores"),
+            "reader_attention",
+            'must be "sdpa" or "scores"',
+        )
         _need(
             s,
             self,

@@ -38,7 +38,7 @@ from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
 from ..reasoner.head_loss import chunk_cross_entropy
-from .fused_attention import gated_causal_attention
+from .fused_attention import ATTENTION_KERNELS
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -81,8 +81,10 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
+    attention: str,
 ) -> torch.Tensor:
-    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M)."""
+    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M);
+    `attention` names the kernel (`ATTENTION_KERNELS`)."""
     b, t, _ = x.shape
     h = _rms_norm(x, input_norm, eps)
     proj = F.linear(h, qkv, qkv_bias)
@@ -94,7 +96,7 @@ def _decoder_layer(
     k = k * cos + rotate_half(k) * sin
     k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
     v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    a = gated_causal_attention(q, k, v, gate_bias, scale)  # (B, Hq, T, D)
+    a = ATTENTION_KERNELS[attention](q, k, v, gate_bias, scale)  # (B, Hq, T, D)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -103,10 +105,15 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(self, reasoner, compile: bool = False):
+    def __init__(self, reasoner, compile: bool = False, attention: str = "sdpa"):
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"FastReader: attention must be one of {sorted(ATTENTION_KERNELS)}, not {attention!r}"
+            )
+        self.attention = attention
         self.reasoner = reasoner
         text = reasoner.model.config.get_text_config(decoder=True)
         s = reasoner.shapes
@@ -190,6 +197,7 @@ class FastReader:
                 self.head_dim,
                 self.eps,
                 self.scale,
+                self.attention,
             )
         return _rms_norm(x, self.final_norm, self.eps)
 

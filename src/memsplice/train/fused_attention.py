@@ -103,6 +103,45 @@ def gated_causal_attention(
     return out[..., :d]
 
 
+def gated_causal_attention_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gate_bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`gated_causal_attention` with the score matrix written out: the same inputs, the same result.
+
+    For short training rows (a few hundred tokens) on a GPU, the flash kernel that `gated_causal_attention` reaches
+    works at a padded head dim (D + `EXTRA_DIMS` runs as 96 for 64-wide heads), repeats grouped K/V per query
+    head, and copies its inputs and output gradient into its own layouts. Here the query heads of one K/V group are
+    stacked along the query rows, so the grouped keys and values are read as they are; scores are one batched
+    matmul, the gate is added to the memory columns and the causal mask applied before a float32 softmax (one fused
+    kernel when compiled), and the gate's gradient is the column sum autograd forms. The (B, H, T, M+T) scores are
+    kept for the backward pass, which is what limits it to short rows."""
+    b, hq, t, d = query.shape
+    hk, s = key.shape[1], key.shape[2]
+    m, rep = s - t, hq // hk
+    q = query.reshape(
+        b, hk, rep * t, d
+    )  # heads h*rep .. h*rep+rep-1 read K/V head h (repeat_interleave order)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(b, hk, rep, t, s).float() * scale
+    bias = torch.cat(
+        [gate_bias.clamp(min=GATE_FLOOR).float(), gate_bias.new_zeros(b, t, dtype=torch.float32)], 1
+    )
+    rows = torch.arange(t, device=query.device)[:, None]
+    cols = torch.arange(s, device=query.device)[None, :]
+    hidden = (cols >= m) & (cols - m > rows)  # text token i sees every memory slot and text tokens <= i
+    scores = (scores + bias[:, None, None, None, :]).masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, hk, rep * t, s)
+    return torch.matmul(probs, value).view(b, hq, t, d)
+
+
+ATTENTION_KERNELS = {"sdpa": gated_causal_attention, "scores": gated_causal_attention_scores}
+"""How a training read computes gated causal attention (`run.reader_attention`): one SDPA call with the gate folded
+into a padded key dimension, or the score matrix written out."""
+
+
 def register_fused_attention() -> str:
     global _registered
     if not _registered:

@@ -331,7 +331,7 @@ class FormationRecipe:
         if why:
             logger.info("training reads go through the transformers decoder: %s", why)
             return None
-        return FastReader(self.reasoner, compile=r.compile == "all")
+        return FastReader(self.reasoner, compile=r.compile == "all", attention=r.reader_attention)
 
     def _compile(self) -> None:
         mode = self.config.run.compile
