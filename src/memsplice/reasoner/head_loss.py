@@ -28,9 +28,11 @@ def chunk_cross_entropy(
     correct = (logits.argmax(-1) == y).sum()
     if not with_grad:
         return loss, correct, None
-    probs = torch.exp(logits - lse[:, None])
-    probs[torch.arange(len(y), device=y.device), y] -= 1.0
-    return loss, correct, (probs.to(weight.dtype) @ weight).to(h.dtype)
+    # softmax - onehot, with the onehot as a comparison rather than an indexed write: compiled, this is one
+    # element-wise kernel from the logits to the half-precision gradient, with no float32 (n, V) tensor in between
+    target = torch.arange(logits.shape[-1], device=y.device)[None, :] == y[:, None]
+    grad_logits = torch.exp(logits - lse[:, None]).sub_(target.to(logits.dtype))
+    return loss, correct, (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
 
 
 class _ChunkedLMHeadCE(torch.autograd.Function):
