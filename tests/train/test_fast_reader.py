@@ -9,7 +9,7 @@ from memsplice.train.fast_reader import FastReader, fast_reading, read_hidden_st
 from memsplice.train.objectives import reconstruction
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "scores"])
+@pytest.mark.parametrize("attention", ["sdpa", "split"])
 @pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
 def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator, attention):
     memory = small_memory(reasoner, operator)

@@ -8,7 +8,7 @@ from memsplice.inject import hidden_states_with_memory
 from memsplice.train.fused_attention import (
     fused_memory_attention,
     gated_causal_attention,
-    gated_causal_attention_scores,
+    split_gated_causal_attention,
 )
 
 
@@ -51,20 +51,27 @@ def test_fused_refuses_eager_reasoner():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
-def test_written_out_scores_match_the_sdpa_kernel_values_and_gradients(heads, kv_heads):
-    """Both training attention kernels compute the same gated causal attention, grouped heads included, with a
-    closed slot (log g at -inf) and a gate that differs per row and slot."""
+def test_split_attention_matches_the_sdpa_kernel_values_and_gradients(heads, kv_heads):
+    """Text and memory apart, merged by log-sum-exp, is the same gated causal attention as one SDPA call over
+    [memory][text]: grouped heads, a closed slot (log g at -inf) and a gate that differs per row and slot."""
     b, m, t, d, scale = 2, 3, 5, 8, 8**-0.5
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(b, heads, t, d, generator=gen)
     k, v = torch.randn(2, b, kv_heads, m + t, d, generator=gen)
     gate = torch.randn(b, m, generator=gen)
     gate[0, 1] = float("-inf")
+    weights = torch.linspace(-1, 1, b * heads * t * d).view(b, heads, t, d)
     results = []
-    for kernel in (gated_causal_attention, gated_causal_attention_scores):
+    for split in (False, True):
         inputs = [x.clone().requires_grad_() for x in (q, k, v, gate)]
-        out = kernel(*inputs, scale)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        qq, kk, vv, gg = inputs
+        if split:
+            out = split_gated_causal_attention(
+                qq, kk[:, :, m:], vv[:, :, m:], kk[:, :, :m], vv[:, :, :m], gg, scale
+            )
+        else:
+            out = gated_causal_attention(qq, kk, vv, gg, scale)
+        (out * weights).sum().backward()
         results.append((out.detach(), [x.grad for x in inputs]))
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -256,8 +256,9 @@ class RunArgs:
     """Run the training reads through `FastReader` (the reasoner's decoder as plain tensor functions, fused q/k/v
     and gate/up projections) when the reasoner is Llama-family; other reasoners keep the transformers decoder."""
     reader_attention: str = "sdpa"
-    """The fast reader's attention kernel: "sdpa" (one SDPA call, the gate folded into a padded key dimension) or
-    "scores" (the score matrix written out; see `memsplice.train.fused_attention.gated_causal_attention_scores`)."""
+    """The fast reader's attention: "sdpa" (one SDPA call over [memory][text], the gate folded into a padded key
+    dimension) or "split" (the text through the flash kernel at its own head dim, the memory columns apart, merged
+    by log-sum-exp; `memsplice.train.fused_attention.split_gated_causal_attention`)."""
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
@@ -297,9 +298,9 @@ class RunArgs:
         _need(
             s,
             self,
-            self.reader_attention in ("sdpa", "scores"),
+            self.reader_attention in ("sdpa", "split"),
             "reader_attention",
-            'must be "sdpa" or "scores"',
+            'must be "sdpa" or "split"',
         )
         _need(
             s,

@@ -38,7 +38,12 @@ from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
 from ..reasoner.head_loss import chunk_cross_entropy
-from .fused_attention import ATTENTION_KERNELS
+from .fused_attention import gated_causal_attention, split_gated_causal_attention
+
+ATTENTION_KERNELS = ("sdpa", "split")
+"""How a read computes gated causal attention (`run.reader_attention`): one SDPA call over [memory][text] with the
+gate folded into a padded key dimension (`gated_causal_attention`), or text and memory apart, merged by their
+log-sum-exps (`split_gated_causal_attention`)."""
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -84,7 +89,7 @@ def _decoder_layer(
     attention: str,
 ) -> torch.Tensor:
     """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M);
-    `attention` names the kernel (`ATTENTION_KERNELS`)."""
+    `attention` is one of `ATTENTION_KERNELS`."""
     b, t, _ = x.shape
     h = _rms_norm(x, input_norm, eps)
     proj = F.linear(h, qkv, qkv_bias)
@@ -94,9 +99,14 @@ def _decoder_layer(
     v = proj[..., q_width + kv_width :].view(b, t, kv_heads, head_dim).transpose(1, 2)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
-    v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    a = ATTENTION_KERNELS[attention](q, k, v, gate_bias, scale)  # (B, Hq, T, D)
+    if attention == "split":
+        a = split_gated_causal_attention(
+            q, k, v, memory_keys, memory_values, gate_bias, scale
+        )  # (B, Hq, T, D)
+    else:
+        k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
+        v = torch.cat([memory_values.to(v.dtype), v], dim=2)
+        a = gated_causal_attention(q, k, v, gate_bias, scale)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -111,7 +121,7 @@ class FastReader:
             raise ValueError(f"FastReader: {why}")
         if attention not in ATTENTION_KERNELS:
             raise ValueError(
-                f"FastReader: attention must be one of {sorted(ATTENTION_KERNELS)}, not {attention!r}"
+                f"FastReader: attention must be one of {', '.join(ATTENTION_KERNELS)}, not {attention!r}"
             )
         self.attention = attention
         self.reasoner = reasoner

@@ -103,43 +103,97 @@ def gated_causal_attention(
     return out[..., :d]
 
 
-def gated_causal_attention_scores(
+class _CausalFlash(torch.autograd.Function):
+    """Causal self-attention of (B, H, T, D) q/k/v through the flash kernel, returning its log-sum-exp (B, H, T) too,
+    with a gradient for both (K/V may have fewer heads than q: grouped-query attention).
+
+    The kernel's backward takes each row's D_i = dO_i . O_i from the output it is handed. A loss that also depends
+    on lse_i adds g_i * p_ij to every score's gradient, which is the same as lowering D_i by g_i = dL/d lse_i; so the
+    backward hands the kernel O_i - (g_i / |dO_i|^2) dO_i instead of O_i (rows with dO_i = 0 get no shift: for the
+    merged attention below g_i is then 0 too). dV does not read O, so nothing else changes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        t = q.shape[2]
+        if q.is_cuda:
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+                torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+            )
+            ctx.kernel_args = (cum_q, cum_k, max_q, max_k, seed, offset)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, True, scale=scale
+            )
+            ctx.kernel_args = None
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse[..., :t]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if grad_lse is not None:
+            go = grad_out.float()
+            norm2 = go.square().sum(-1, keepdim=True)
+            shift = torch.where(norm2 > 0, grad_lse.float()[..., None] / norm2.clamp(min=1e-30), 0.0)
+            out = (out.float() - shift * go).to(out.dtype)
+        if ctx.kernel_args is not None:
+            cum_q, cum_k, max_q, max_k, seed, offset = ctx.kernel_args
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad_out,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cum_q,
+                cum_k,
+                max_q,
+                max_k,
+                0.0,
+                True,
+                seed,
+                offset,
+                scale=ctx.scale,
+            )
+        else:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, True, scale=ctx.scale
+            )
+        return dq, dk, dv, None
+
+
+def split_gated_causal_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    text_keys: torch.Tensor,
+    text_values: torch.Tensor,
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
     gate_bias: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """`gated_causal_attention` with the score matrix written out: the same inputs, the same result.
+    """`gated_causal_attention` computed in two parts and merged: the same result, at the native head dim.
 
-    For short training rows (a few hundred tokens) on a GPU, the flash kernel that `gated_causal_attention` reaches
-    works at a padded head dim (D + `EXTRA_DIMS` runs as 96 for 64-wide heads), repeats grouped K/V per query
-    head, and copies its inputs and output gradient into its own layouts. Here the query heads of one K/V group are
-    stacked along the query rows, so the grouped keys and values are read as they are; scores are one batched
-    matmul, the gate is added to the memory columns and the causal mask applied before a float32 softmax (one fused
-    kernel when compiled), and the gate's gradient is the column sum autograd forms. The (B, H, T, M+T) scores are
-    kept for the backward pass, which is what limits it to short rows."""
+    query (B, Hq, T, D); text keys/values (B, H, T, D); memory keys/values (B, H, M, D); gate_bias (B, M) log g.
+    The text attends to itself causally in the flash kernel at head dim D with grouped K/V read in place (no padded
+    key dimension, no repeated K/V, no concatenated cache); the M memory columns, with log g added to their scores,
+    are a small score matrix of their own. The two softmaxes are merged by their log-sum-exps, and the text part's
+    log-sum-exp carries its gradient back through the kernel (`_CausalFlash`)."""
     b, hq, t, d = query.shape
-    hk, s = key.shape[1], key.shape[2]
-    m, rep = s - t, hq // hk
-    q = query.reshape(
-        b, hk, rep * t, d
-    )  # heads h*rep .. h*rep+rep-1 read K/V head h (repeat_interleave order)
-    scores = torch.matmul(q, key.transpose(-1, -2)).view(b, hk, rep, t, s).float() * scale
-    bias = torch.cat(
-        [gate_bias.clamp(min=GATE_FLOOR).float(), gate_bias.new_zeros(b, t, dtype=torch.float32)], 1
-    )
-    rows = torch.arange(t, device=query.device)[:, None]
-    cols = torch.arange(s, device=query.device)[None, :]
-    hidden = (cols >= m) & (cols - m > rows)  # text token i sees every memory slot and text tokens <= i
-    scores = (scores + bias[:, None, None, None, :]).masked_fill(hidden, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, hk, rep * t, s)
-    return torch.matmul(probs, value).view(b, hq, t, d)
-
-
-ATTENTION_KERNELS = {"sdpa": gated_causal_attention, "scores": gated_causal_attention_scores}
-"""How a training read computes gated causal attention (`run.reader_attention`): one SDPA call with the gate folded
-into a padded key dimension, or the score matrix written out."""
+    hk = memory_keys.shape[1]
+    rep = hq // hk
+    text_out, text_lse = _CausalFlash.apply(query, text_keys, text_values, scale)  # (B, Hq, T, D), (B, Hq, T)
+    grouped = query.reshape(b, hk, rep * t, d)  # heads h*rep .. h*rep+rep-1 read K/V head h
+    scores = torch.matmul(grouped, memory_keys.to(query.dtype).transpose(-1, -2)).float() * scale
+    scores = scores + gate_bias.clamp(min=GATE_FLOOR).float()[:, None, None, :]  # (B, H, rep*T, M)
+    memory_lse = torch.logsumexp(scores, dim=-1).view(b, hq, t)
+    memory_out = torch.matmul(torch.softmax(scores, dim=-1).to(query.dtype), memory_values.to(query.dtype))
+    lse = torch.logaddexp(text_lse, memory_lse)
+    out = (text_lse - lse).exp()[..., None] * text_out.float() + (memory_lse - lse).exp()[
+        ..., None
+    ] * memory_out.view(b, hq, t, d).float()
+    return out.to(query.dtype)
 
 
 def register_fused_attention() -> str:
