@@ -30,15 +30,17 @@ from memsplice.train.fused_attention import fused_memory_attention
 
 
 def _kind(name: str) -> str:
+    """A kernel's group. Attention first (flash kernels name cutlass types in their template arguments) and
+    inductor's own kernels before copies (their names list the ops they fused, "cat" among them)."""
     n = name.lower()
-    if any(k in n for k in ("gemm", "matmul", "cutlass", "sm90", "xmma", "nvjet", "ampere_bf16", "wgmma")):
-        return "matmul"
     if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
         return "attention"
+    if n.startswith("triton"):
+        return "fused (triton)"
+    if any(k in n for k in ("gemm", "matmul", "cutlass", "sm90", "xmma", "nvjet", "ampere_bf16", "wgmma")):
+        return "matmul"
     if any(k in n for k in ("copy", "memcpy", "memset", "cat", "fill")):
         return "copy/fill"
-    if "triton" in n:
-        return "fused (triton)"
     return "elementwise/reduce"
 
 

@@ -11,10 +11,14 @@ copy of it that all layers share (the weights are arguments, so one graph serves
 head's chunked cross-entropy (`memsplice.reasoner.head_loss.chunk_cross_entropy`) is compiled with it, so the
 (chunk, vocab) logits are read by one fused kernel instead of several float32 passes.
 
-Attention stays SDPA with the gate folded into one padded key dimension (`memsplice.train.fused_attention`). That
-runs flash attention's 96-wide kernels for 64-wide heads, about a quarter of a step on an H200. FlexAttention at the
-native head dim, with the gate as a score modification, was measured and is 3.6x slower per step (its gradient for
-the captured gate goes through atomics): `benchmarks/results/formation/profile-h200-*-flex.json`.
+Attention (`run.reader_attention`): "sdpa" is one SDPA call over [memory][text] with the gate folded into one padded
+key dimension (`memsplice.train.fused_attention.gated_causal_attention`), which runs flash attention's 96-wide
+kernels for 64-wide heads, with K/V repeated per query head and copied into the kernel's layout: about a quarter
+of a step on an H200. "split" (`split_gated_causal_attention`) sends the text through the flash kernel at its own
+head dim with grouped K/V read in place, takes the 16 memory columns apart as a small score matrix, and merges the
+two by log-sum-exp. Measured and dropped: FlexAttention with the gate as a score modification (3.6x slower per
+step, its gradient for the captured gate goes through atomics; `benchmarks/results/formation/profile-h200-*-flex.json`)
+and the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`).
 
 Supported: decoders of the Llama family (llama, mistral without a sliding window, qwen2) with SiLU gated MLPs and
 full rotary dimensions. `FastReader.refusal(reasoner)` says why another one is refused; the caller then keeps the

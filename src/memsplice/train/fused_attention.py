@@ -1,4 +1,4 @@
-"""Fused gated attention for training: memory, gate and causal mask in one SDPA kernel call.
+"""Fused gated attention for training: memory, gate and causal mask without a mask tensor.
 
 The core's gated attention (`memsplice.inject.attention`) adds `log g` to the memory columns of a materialised
 float mask (B, 1, T, M+T) in every layer. That is exact for any layout, but a float mask that carries a gradient
@@ -11,6 +11,10 @@ same attention with no mask tensor at all:
 - the gate becomes one extra key dimension: queries get a constant 1 there, memory keys get log(g) / scale and text
   keys 0, so every score gains exactly log(g) on memory columns (gradients reach the gate through the keys). Head
   dims are zero-padded by `EXTRA_DIMS` so they stay a multiple of 8.
+
+`split_gated_causal_attention` computes the same attention for the same layout without the padded dimension: the
+text's causal attention over itself in the flash kernel at the native head dim, the memory columns as a small
+score matrix with log(g) added, the two merged by their log-sum-exps (the fast reader's `reader_attention: split`).
 
 Guarantee: inside `fused_memory_attention(reasoner)`, a forward pass with `memory_gate_bias` computes what the core
 gated attention computes for that layout (tests/train/test_fused_attention.py checks logits and gradients against
