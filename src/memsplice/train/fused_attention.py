@@ -188,15 +188,17 @@ def split_gated_causal_attention(
     hk = memory_keys.shape[1]
     rep = hq // hk
     text_out, text_lse = _CausalFlash.apply(query, text_keys, text_values, scale)  # (B, Hq, T, D), (B, Hq, T)
-    grouped = query.reshape(b, hk, rep * t, d)  # heads h*rep .. h*rep+rep-1 read K/V head h
-    scores = torch.matmul(grouped, memory_keys.to(query.dtype).transpose(-1, -2)).float() * scale
+    # float32 throughout, as the flash kernel keeps its scores: a bf16 score of a sharp memory column is off by
+    # up to half a unit, which moves that column's softmax weight by tens of percent (and made training diverge)
+    grouped = query.float().reshape(b, hk, rep * t, d)  # heads h*rep .. h*rep+rep-1 read K/V head h
+    scores = torch.matmul(grouped, memory_keys.float().transpose(-1, -2)) * scale
     scores = scores + gate_bias.clamp(min=GATE_FLOOR).float()[:, None, None, :]  # (B, H, rep*T, M)
     memory_lse = torch.logsumexp(scores, dim=-1).view(b, hq, t)
-    memory_out = torch.matmul(torch.softmax(scores, dim=-1).to(query.dtype), memory_values.to(query.dtype))
+    memory_out = torch.matmul(torch.softmax(scores, dim=-1), memory_values.float())
     lse = torch.logaddexp(text_lse, memory_lse)
     out = (text_lse - lse).exp()[..., None] * text_out.float() + (memory_lse - lse).exp()[
         ..., None
-    ] * memory_out.view(b, hq, t, d).float()
+    ] * memory_out.view(b, hq, t, d)
     return out.to(query.dtype)
 
 
