@@ -114,7 +114,8 @@ class _CausalFlash(torch.autograd.Function):
     The kernel's backward takes each row's D_i = dO_i . O_i from the output it is handed. A loss that also depends
     on lse_i adds g_i * p_ij to every score's gradient, which is the same as lowering D_i by g_i = dL/d lse_i; so the
     backward hands the kernel O_i - (g_i / |dO_i|^2) dO_i instead of O_i (rows with dO_i = 0 get no shift: for the
-    merged attention below g_i is then 0 too). dV does not read O, so nothing else changes."""
+    merged attention below g_i is then 0 too), computed in units of the row's largest |dO_i| so that it neither
+    underflows nor overflows. dV does not read O, so nothing else changes."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
@@ -138,10 +139,14 @@ class _CausalFlash(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         if grad_lse is not None:
+            # in units of each row's largest |dO| (gradients of a token-averaged loss are tiny: |dO|^2 taken as it
+            # is underflows float32, and the shift then drops the log-sum-exp's gradient)
             go = grad_out.float()
-            norm2 = go.square().sum(-1, keepdim=True)
-            shift = torch.where(norm2 > 0, grad_lse.float()[..., None] / norm2.clamp(min=1e-30), 0.0)
-            out = (out.float() - shift * go).to(out.dtype)
+            top = go.abs().amax(-1, keepdim=True)
+            unit = go / torch.where(top > 0, top, 1.0)
+            norm2 = unit.square().sum(-1, keepdim=True)  # >= 1 where top > 0
+            shift = torch.where(top > 0, grad_lse.float()[..., None] / (top * norm2.clamp(min=1.0)), 0.0)
+            out = (out.float() - shift * unit).to(out.dtype)
         if ctx.kernel_args is not None:
             cum_q, cum_k, max_q, max_k, seed, offset = ctx.kernel_args
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
