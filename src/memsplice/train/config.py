@@ -234,6 +234,12 @@ class OptimArgs:
         )
 
 
+ATTENTION_KERNELS = ("sdpa", "split")
+"""How the fast reader computes gated causal attention (`run.reader_attention`): one SDPA call over [memory][text]
+with the gate folded into a padded key dimension (`fused_attention.gated_causal_attention`), or text and memory
+apart, merged by their log-sum-exps (`fused_attention.split_gated_causal_attention`)."""
+
+
 @dataclass
 class RunArgs:
     steps: int = 1000
@@ -298,9 +304,9 @@ class RunArgs:
         _need(
             s,
             self,
-            self.reader_attention in ("sdpa", "split"),
+            self.reader_attention in ATTENTION_KERNELS,
             "reader_attention",
-            'must be "sdpa" or "split"',
+            f"must be one of {', '.join(ATTENTION_KERNELS)}",
         )
         _need(
             s,

@@ -42,12 +42,8 @@ from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
 from ..reasoner.head_loss import chunk_cross_entropy
+from .config import ATTENTION_KERNELS
 from .fused_attention import gated_causal_attention, split_gated_causal_attention
-
-ATTENTION_KERNELS = ("sdpa", "split")
-"""How a read computes gated causal attention (`run.reader_attention`): one SDPA call over [memory][text] with the
-gate folded into a padded key dimension (`gated_causal_attention`), or text and memory apart, merged by their
-log-sum-exps (`split_gated_causal_attention`)."""
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
