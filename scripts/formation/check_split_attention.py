@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 
 from memsplice.bench.record import save_result
-from memsplice.train.fused_attention import gated_causal_attention, split_gated_causal_attention
+from memsplice.train.fused_attention import (
+    _CausalFlash,
+    _repeat_kv,
+    gated_causal_attention,
+    split_gated_causal_attention,
+)
 
 
 def _sdpa(q, k, v, gate, m, scale):
@@ -31,6 +36,26 @@ def _sdpa(q, k, v, gate, m, scale):
 
 def _split(q, k, v, gate, m, scale):
     return split_gated_causal_attention(q, k[:, :, m:], v[:, :, m:], k[:, :, :m], v[:, :, :m], gate, scale)
+
+
+def _flash(q, k, v, lse_weights, scale):
+    out, lse = _CausalFlash.apply(q, k, v, scale)
+    return out, lse
+
+
+def _flash_reference(q, k, v, lse_weights, scale):
+    t = q.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    scores = q @ _repeat_kv(k, rep).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(scores, -1) @ _repeat_kv(v, rep), torch.logsumexp(scores, -1)
+
+
+def _flash_grads(fn, inputs, dtype, weights, lse_weights, scale):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    out, lse = fn(*leaves, lse_weights, scale)
+    ((out.float() * weights).sum() + (lse.float() * lse_weights).sum()).backward()
+    return out.detach().float(), lse.detach().float(), [x.grad.float() for x in leaves]
 
 
 def _grads(fn, inputs, dtype, weights, m, scale):
@@ -49,7 +74,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--rows", type=int, nargs="+", default=[8, 128])
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--heads", type=int, default=9)
@@ -63,40 +88,92 @@ def main() -> int:
     p.add_argument("--record", default=None)
     args = p.parse_args()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    b, t, m, d = args.rows, args.length, args.slots, args.head_dim
+    t, m, d = args.length, args.slots, args.head_dim
     scale = d**-0.5
-    kernels = {"sdpa": _sdpa, "split": _split}
+    dynamic = {"sdpa-compiled-dynamic": torch.compile(_sdpa, dynamic=True)} if args.compile else {}
     if args.compile:
-        kernels |= {f"{k}-compiled": torch.compile(f) for k, f in list(kernels.items())}
+        dynamic |= {
+            "split-compiled-dynamic": torch.compile(_split, dynamic=True),
+            "flash-compiled-dynamic": torch.compile(_flash, dynamic=True),
+        }
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
-    for key_scale in args.memory_key_scale:
-        q = torch.randn(b, args.heads, t, d, device=dev, generator=gen)
-        k, v = torch.randn(2, b, args.kv_heads, m + t, d, device=dev, generator=gen)
-        k[:, :, :m] *= key_scale
-        gate = torch.randn(b, m, device=dev, generator=gen) * 2
-        base = torch.randn(b, args.heads, t, d, device=dev, generator=gen)
-        for loss_scale in args.loss_scale:
-            weights = base * loss_scale
-            ref_out, ref_grads = _grads(_sdpa, (q, k, v, gate), torch.float32, weights, m, scale)
-            for name, fn in kernels.items():
-                out, grads = _grads(fn, (q, k, v, gate), dtype, weights, m, scale)
-                row = {
-                    "kernel": name,
-                    "memory_key_scale": key_scale,
-                    "loss_scale": loss_scale,
-                    "output_max_abs_error": float((out - ref_out).abs().max()),
-                    **{
-                        f"grad_cosine_{n}": _cosine(g, r)
-                        for n, g, r in zip(("q", "k", "v", "gate"), grads, ref_grads, strict=True)
-                    },
-                }
-                rows.append(row)
-                print(
-                    f"{name:16s} key x{key_scale:<4g} loss x{loss_scale:<6g} out err {row['output_max_abs_error']:.4f} "
-                    + " ".join(f"{n} {row[f'grad_cosine_{n}']:.5f}" for n in ("q", "k", "v", "gate")),
-                    flush=True,
+
+    def report(row):
+        rows.append(row)
+        print(
+            " ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+            flush=True,
+        )
+
+    for b in args.rows:
+        kernels = {"sdpa": _sdpa, "split": _split}
+        flash_kernels = {"flash": _flash}
+        if args.compile:
+            torch._dynamo.reset()  # static shapes for this batch size, as a training run compiles them
+            kernels |= {f"{k}-compiled": torch.compile(f) for k, f in list(kernels.items())}
+            flash_kernels["flash-compiled"] = torch.compile(_flash)
+            kernels |= {k: f for k, f in dynamic.items() if not k.startswith("flash")}
+            flash_kernels |= {k: f for k, f in dynamic.items() if k.startswith("flash")}
+        for key_scale in args.memory_key_scale:
+            q = torch.randn(b, args.heads, t, d, device=dev, generator=gen)
+            k, v = torch.randn(2, b, args.kv_heads, m + t, d, device=dev, generator=gen)
+            k[:, :, :m] *= key_scale
+            gate = torch.randn(b, m, device=dev, generator=gen) * 2
+            base = torch.randn(b, args.heads, t, d, device=dev, generator=gen)
+            lse_base = torch.randn(b, args.heads, t, device=dev, generator=gen)
+            for loss_scale in args.loss_scale:
+                weights = base * loss_scale
+                ref_out, ref_grads = _grads(_sdpa, (q, k, v, gate), torch.float32, weights, m, scale)
+                for name, fn in kernels.items():
+                    try:
+                        out, grads = _grads(fn, (q, k, v, gate), dtype, weights, m, scale)
+                    except Exception as err:  # a kernel that fails to compile is reported, not fatal
+                        report(
+                            {"kernel": name, "rows": b, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+                        )
+                        continue
+                    report(
+                        {
+                            "kernel": name,
+                            "rows": b,
+                            "memory_key_scale": key_scale,
+                            "loss_scale": loss_scale,
+                            "output_max_abs_error": float((out - ref_out).abs().max()),
+                            **{
+                                f"grad_cosine_{n}": _cosine(g, r)
+                                for n, g, r in zip(("q", "k", "v", "gate"), grads, ref_grads, strict=True)
+                            },
+                        }
+                    )
+                # the flash part alone (text only), its log-sum-exp carrying a gradient of the output's size
+                text = (q, k[:, :, m:], v[:, :, m:])
+                lse_weights = lse_base * loss_scale
+                ref_out, ref_lse, ref_grads = _flash_grads(
+                    _flash_reference, text, torch.float32, weights, lse_weights, scale
                 )
+                for name, fn in flash_kernels.items():
+                    try:
+                        out, lse, grads = _flash_grads(fn, text, dtype, weights, lse_weights, scale)
+                    except Exception as err:
+                        report(
+                            {"kernel": name, "rows": b, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+                        )
+                        continue
+                    report(
+                        {
+                            "kernel": name,
+                            "rows": b,
+                            "memory_key_scale": key_scale,
+                            "loss_scale": loss_scale,
+                            "output_max_abs_error": float((out - ref_out).abs().max()),
+                            "lse_max_abs_error": float((lse - ref_lse).abs().max()),
+                            **{
+                                f"grad_cosine_{n}": _cosine(g, r)
+                                for n, g, r in zip(("q", "k", "v"), grads, ref_grads, strict=True)
+                            },
+                        }
+                    )
     if args.record:
         path = save_result(
             f"check-split-attention-{args.record}",
