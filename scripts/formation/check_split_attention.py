@@ -23,8 +23,8 @@ import torch
 
 from memsplice.bench.record import save_result
 from memsplice.train.fused_attention import (
+    _CausalFlash,
     _repeat_kv,
-    causal_flash,
     gated_causal_attention,
     split_gated_causal_attention,
 )
@@ -39,7 +39,7 @@ def _split(q, k, v, gate, m, scale):
 
 
 def _flash(q, k, v, lse_weights, scale):
-    out, lse = causal_flash(q, k, v, scale)
+    out, lse = _CausalFlash.apply(q, k, v, scale)
     return out, lse
 
 

@@ -188,11 +188,16 @@ class FastReader:
         cos, sin = self.reasoner.rotary_cos_sin(positions, like=x)  # (1, T, D)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
         for i, w in enumerate(self.layers):
+            keys, values, gate_bias = memory.keys[i], memory.values[i], memory.gate_bias[:, i]
+            if self.attention == "split" and self._layer is not _decoder_layer:
+                # EXPERIMENT: batch dim symbolic for split attention
+                for tensor in (x, keys, values, gate_bias):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
             x = self._layer(
                 x,
-                memory.keys[i],
-                memory.values[i],
-                memory.gate_bias[:, i],
+                keys,
+                values,
+                gate_bias,
                 cos,
                 sin,
                 w.input_norm,

@@ -107,104 +107,70 @@ def gated_causal_attention(
     return out[..., :d]
 
 
-def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """`x` laid out in memory as `ref` is (no copy when it already is)."""
-    return x if x.stride() == ref.stride() else torch.empty_like(ref).copy_(x)
-
-
-@torch.library.custom_op("memsplice::causal_flash", mutates_args=())
-def _causal_flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    t = q.shape[2]
-    if q.is_cuda:
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False, scale=scale
-        )
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return _like(out, q), lse[..., :t].contiguous()
-
-
-@_causal_flash.register_fake
-def _(q, k, v, scale):
-    b, h, t, _ = q.shape
-    return torch.empty_like(q), q.new_empty(b, h, t, dtype=torch.float32)
-
-
-@torch.library.custom_op("memsplice::causal_flash_backward", mutates_args=())
-def _causal_flash_backward(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out = grad_out.contiguous()
-    # in units of each row's largest |dO| (gradients of a token-averaged loss are tiny: |dO|^2 taken as it is
-    # underflows float32, and the shift then drops the log-sum-exp's gradient)
-    go = grad_out.float()
-    top = go.abs().amax(-1, keepdim=True)
-    unit = go / torch.where(top > 0, top, 1.0)
-    norm2 = unit.square().sum(-1, keepdim=True)  # >= 1 where top > 0
-    shift = torch.where(top > 0, grad_lse.float()[..., None] / (top * norm2.clamp(min=1.0)), 0.0)
-    shifted = (out.float() - shift * unit).to(out.dtype)
-    if q.is_cuda:
-        t = q.shape[2]
-        no_dropout = torch.empty((), dtype=torch.int64, device=q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, shifted, lse, None, None, t, t, 0.0, True, no_dropout, no_dropout, scale=scale
-        )
-    else:
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, shifted, lse, 0.0, True, scale=scale
-        )
-    return _like(dq, q), _like(dk, k), _like(dv, v)
-
-
-@_causal_flash_backward.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _causal_flash_setup(ctx, inputs, output):
-    q, k, v, scale = inputs
-    ctx.scale = scale
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _causal_flash_grad(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    dq, dk, dv = _causal_flash_backward(grad_out, grad_lse, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-_causal_flash.register_autograd(_causal_flash_grad, setup_context=_causal_flash_setup)
-
-
-def causal_flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal self-attention of (B, H, T, D) q/k/v through the flash kernel, returning its log-sum-exp (B, H, T)
-    too, with a gradient for both (K/V may have fewer heads than q: grouped-query attention).
+class _CausalFlash(torch.autograd.Function):
+    """Causal self-attention of (B, H, T, D) q/k/v through the flash kernel, returning its log-sum-exp (B, H, T) too,
+    with a gradient for both (K/V may have fewer heads than q: grouped-query attention).
 
     The kernel's backward takes each row's D_i = dO_i . O_i from the output it is handed. A loss that also depends
     on lse_i adds g_i * p_ij to every score's gradient, which is the same as lowering D_i by g_i = dL/d lse_i; so the
     backward hands the kernel O_i - (g_i / |dO_i|^2) dO_i instead of O_i (rows with dO_i = 0 get no shift: for the
     merged attention below g_i is then 0 too), computed in units of the row's largest |dO_i| so that it neither
-    underflows nor overflows. dV does not read O, so nothing else changes.
+    underflows nor overflows. dV does not read O, so nothing else changes."""
 
-    Forward and backward are custom operators (`memsplice::causal_flash`, `memsplice::causal_flash_backward`) whose
-    outputs are laid out exactly as their fake implementations say (each gradient as its input, the output as q):
-    compiled, inductor fuses nothing into the kernels and reads their results with the strides it was promised. As
-    an autograd.Function calling the aten kernels directly, the compiled fast reader got gradients 900x too large on
-    an H200 (the kernel alone, compiled, and the eager reader were right)."""
-    return _causal_flash(q, k, v, scale)
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        t = q.shape[2]
+        if q.is_cuda:
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+                torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+            )
+            ctx.kernel_args = (cum_q, cum_k, max_q, max_k, seed, offset)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, True, scale=scale
+            )
+            ctx.kernel_args = None
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse[..., :t]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if grad_lse is not None:
+            # in units of each row's largest |dO| (gradients of a token-averaged loss are tiny: |dO|^2 taken as it
+            # is underflows float32, and the shift then drops the log-sum-exp's gradient)
+            go = grad_out.float()
+            top = go.abs().amax(-1, keepdim=True)
+            unit = go / torch.where(top > 0, top, 1.0)
+            norm2 = unit.square().sum(-1, keepdim=True)  # >= 1 where top > 0
+            shift = torch.where(top > 0, grad_lse.float()[..., None] / (top * norm2.clamp(min=1.0)), 0.0)
+            out = (out.float() - shift * unit).to(out.dtype)
+        if ctx.kernel_args is not None:
+            cum_q, cum_k, max_q, max_k, seed, offset = ctx.kernel_args
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad_out,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cum_q,
+                cum_k,
+                max_q,
+                max_k,
+                0.0,
+                True,
+                seed,
+                offset,
+                scale=ctx.scale,
+            )
+        else:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, True, scale=ctx.scale
+            )
+        return dq, dk, dv, None
 
 
 def split_gated_causal_attention(
@@ -222,11 +188,11 @@ def split_gated_causal_attention(
     The text attends to itself causally in the flash kernel at head dim D with grouped K/V read in place (no padded
     key dimension, no repeated K/V, no concatenated cache); the M memory columns, with log g added to their scores,
     are a small score matrix of their own. The two softmaxes are merged by their log-sum-exps, and the text part's
-    log-sum-exp carries its gradient back through the kernel (`causal_flash`)."""
+    log-sum-exp carries its gradient back through the kernel (`_CausalFlash`)."""
     b, hq, t, d = query.shape
     hk = memory_keys.shape[1]
     rep = hq // hk
-    text_out, text_lse = causal_flash(query, text_keys, text_values, scale)  # (B, Hq, T, D), (B, Hq, T)
+    text_out, text_lse = _CausalFlash.apply(query, text_keys, text_values, scale)  # (B, Hq, T, D), (B, Hq, T)
     # float32 throughout, as the flash kernel keeps its scores: a bf16 score of a sharp memory column is off by
     # up to half a unit, which moves that column's softmax weight by tens of percent (and made training diverge)
     grouped = query.float().reshape(b, hk, rep * t, d)  # heads h*rep .. h*rep+rep-1 read K/V head h
