@@ -37,7 +37,7 @@ RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, p
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export MEMSPLICE_DATA=${MEMSPLICE_DATA:-/root/stage/data}
 export TOKENIZERS_PARALLELISM=true
-# results record the commit; a copy of the tree without .git takes it from here (pass MEMSPLICE_COMMIT=...)
+# results record the commit from here (a copy of the tree may carry a stale .git; pass MEMSPLICE_COMMIT=... to name it)
 export MEMSPLICE_COMMIT=${MEMSPLICE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 RUN=${RUN:-/root/formation}
 OUT=${OUT:?set OUT to the folder whose files come back}

@@ -20,6 +20,11 @@ RESULTS_DIR = Path(os.environ.get("MEMSPLICE_RESULTS", "benchmarks/results"))
 
 
 def git_commit() -> str:
+    """The commit results are recorded against: $MEMSPLICE_COMMIT when set (a copy of the tree on another machine
+    may carry a stale .git, so whoever sent the tree says which commit it is), else git's HEAD, "-dirty" when
+    tracked files differ from it."""
+    if os.environ.get("MEMSPLICE_COMMIT"):
+        return os.environ["MEMSPLICE_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
@@ -30,10 +35,10 @@ def git_commit() -> str:
             text=True,
             timeout=5,
         ).stdout.strip()
-        commit = out.stdout.strip() or os.environ.get("MEMSPLICE_COMMIT", "unknown")
+        commit = out.stdout.strip() or "unknown"
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("MEMSPLICE_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_description(device=None) -> str:
