@@ -9,14 +9,13 @@ from memsplice.train.fast_reader import FastReader, fast_reading, read_hidden_st
 from memsplice.train.objectives import reconstruction
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "split"])
 @pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
-def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator, attention):
+def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator):
     memory = small_memory(reasoner, operator)
     with torch.no_grad():
         memory.gate.weight.normal_(0, 0.05)  # a gate that differs per slot
     ids, text = random_ids(3, 10), random_ids(3, 7)
-    reader = FastReader(reasoner, attention=attention)
+    reader = FastReader(reasoner)
 
     memory.zero_grad()
     want = hidden_states_with_memory(reasoner, text, None, memory.write(ids).kv)
@@ -58,11 +57,6 @@ def test_reconstruction_loss_is_the_same_through_the_fast_reader(reasoner):
         got = reconstruction(memory, passage, instruction)
     torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
     assert int(got.correct) == int(want.correct)
-
-
-def test_fast_reader_refuses_an_unknown_attention_kernel(reasoner):
-    with pytest.raises(ValueError, match="attention must be one of"):
-        FastReader(reasoner, attention="flash")
 
 
 def test_fast_reader_refuses_what_it_cannot_run():

@@ -234,12 +234,6 @@ class OptimArgs:
         )
 
 
-ATTENTION_KERNELS = ("sdpa", "split")
-"""How the fast reader computes gated causal attention (`run.reader_attention`): one SDPA call over [memory][text]
-with the gate folded into a padded key dimension (`fused_attention.gated_causal_attention`), or text and memory
-apart, merged by their log-sum-exps (`fused_attention.split_gated_causal_attention`)."""
-
-
 @dataclass
 class RunArgs:
     steps: int = 1000
@@ -261,10 +255,6 @@ class RunArgs:
     fast_reader: bool = True
     """Run the training reads through `FastReader` (the reasoner's decoder as plain tensor functions, fused q/k/v
     and gate/up projections) when the reasoner is Llama-family; other reasoners keep the transformers decoder."""
-    reader_attention: str = "sdpa"
-    """The fast reader's attention: "sdpa" (one SDPA call over [memory][text], the gate folded into a padded key
-    dimension) or "split" (the text through the flash kernel at its own head dim, the memory columns apart, merged
-    by log-sum-exp; `memsplice.train.fused_attention.split_gated_causal_attention`)."""
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
@@ -301,13 +291,6 @@ class RunArgs:
     def __post_init__(self):
         s = "run"
         _need(s, self, self.steps >= 1, "steps", "must be >= 1")
-        _need(
-            s,
-            self,
-            self.reader_attention in ATTENTION_KERNELS,
-            "reader_attention",
-            f"must be one of {', '.join(ATTENTION_KERNELS)}",
-        )
         _need(
             s,
             self,

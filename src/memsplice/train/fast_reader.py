@@ -11,14 +11,15 @@ copy of it that all layers share (the weights are arguments, so one graph serves
 head's chunked cross-entropy (`memsplice.reasoner.head_loss.chunk_cross_entropy`) is compiled with it, so the
 (chunk, vocab) logits are read by one fused kernel instead of several float32 passes.
 
-Attention (`run.reader_attention`): "sdpa" is one SDPA call over [memory][text] with the gate folded into one padded
-key dimension (`memsplice.train.fused_attention.gated_causal_attention`), which runs flash attention's 96-wide
-kernels for 64-wide heads, with K/V repeated per query head and copied into the kernel's layout: about a quarter
-of a step on an H200. "split" (`split_gated_causal_attention`) sends the text through the flash kernel at its own
-head dim with grouped K/V read in place, takes the 16 memory columns apart as a small score matrix, and merges the
-two by log-sum-exp. Measured and dropped: FlexAttention with the gate as a score modification (3.6x slower per
-step, its gradient for the captured gate goes through atomics; `benchmarks/results/formation/profile-h200-*-flex.json`)
-and the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`).
+Attention is one SDPA call over [memory][text] with the gate folded into one padded key dimension
+(`memsplice.train.fused_attention.gated_causal_attention`), which runs flash attention's 96-wide kernels for
+64-wide heads, with K/V repeated per query head and copied into the kernel's layout: about a quarter of a step on an
+H200. Measured and dropped (README, "Memory formation"): FlexAttention with the gate as a score modification (3.6x
+slower per step, its gradient for the captured gate goes through atomics; `benchmarks/results/formation/
+profile-h200-*-flex.json`), the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`),
+and the text through the flash kernel at its own head dim with the memory columns merged by log-sum-exp ("split":
+5-7% faster compiled with static shapes, but then its gradients were wrong on an H200; right and no faster with the
+batch dim dynamic; `formation/profile-h200-256-split*.json`).
 
 Supported: decoders of the Llama family (llama, mistral without a sliding window, qwen2) with SiLU gated MLPs and
 full rotary dimensions. `FastReader.refusal(reasoner)` says why another one is refused; the caller then keeps the
@@ -42,8 +43,7 @@ from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
 from ..reasoner.head_loss import chunk_cross_entropy
-from .config import ATTENTION_KERNELS
-from .fused_attention import gated_causal_attention, split_gated_causal_attention
+from .fused_attention import gated_causal_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -86,10 +86,8 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
-    attention: str,
 ) -> torch.Tensor:
-    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M);
-    `attention` is one of `ATTENTION_KERNELS`."""
+    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M)."""
     b, t, _ = x.shape
     h = _rms_norm(x, input_norm, eps)
     proj = F.linear(h, qkv, qkv_bias)
@@ -99,14 +97,9 @@ def _decoder_layer(
     v = proj[..., q_width + kv_width :].view(b, t, kv_heads, head_dim).transpose(1, 2)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    if attention == "split":
-        a = split_gated_causal_attention(
-            q, k, v, memory_keys, memory_values, gate_bias, scale
-        )  # (B, Hq, T, D)
-    else:
-        k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
-        v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-        a = gated_causal_attention(q, k, v, gate_bias, scale)
+    k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
+    v = torch.cat([memory_values.to(v.dtype), v], dim=2)
+    a = gated_causal_attention(q, k, v, gate_bias, scale)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -115,15 +108,10 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(self, reasoner, compile: bool = False, attention: str = "sdpa"):
+    def __init__(self, reasoner, compile: bool = False):
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
-        if attention not in ATTENTION_KERNELS:
-            raise ValueError(
-                f"FastReader: attention must be one of {', '.join(ATTENTION_KERNELS)}, not {attention!r}"
-            )
-        self.attention = attention
         self.reasoner = reasoner
         text = reasoner.model.config.get_text_config(decoder=True)
         s = reasoner.shapes
@@ -188,16 +176,11 @@ class FastReader:
         cos, sin = self.reasoner.rotary_cos_sin(positions, like=x)  # (1, T, D)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
         for i, w in enumerate(self.layers):
-            keys, values, gate_bias = memory.keys[i], memory.values[i], memory.gate_bias[:, i]
-            if self.attention == "split" and self._layer is not _decoder_layer:
-                # EXPERIMENT: batch dim symbolic for split attention
-                for tensor in (x, keys, values, gate_bias):
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
             x = self._layer(
                 x,
-                keys,
-                values,
-                gate_bias,
+                memory.keys[i],
+                memory.values[i],
+                memory.gate_bias[:, i],
                 cos,
                 sin,
                 w.input_norm,
@@ -212,7 +195,6 @@ class FastReader:
                 self.head_dim,
                 self.eps,
                 self.scale,
-                self.attention,
             )
         return _rms_norm(x, self.final_norm, self.eps)
 

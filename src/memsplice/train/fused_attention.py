@@ -12,10 +12,6 @@ same attention with no mask tensor at all:
   keys 0, so every score gains exactly log(g) on memory columns (gradients reach the gate through the keys). Head
   dims are zero-padded by `EXTRA_DIMS` so they stay a multiple of 8.
 
-`split_gated_causal_attention` computes the same attention for the same layout without the padded dimension: the
-text's causal attention over itself in the flash kernel at the native head dim, the memory columns as a small
-score matrix with log(g) added, the two merged by their log-sum-exps (the fast reader's `reader_attention: split`).
-
 Guarantee: inside `fused_memory_attention(reasoner)`, a forward pass with `memory_gate_bias` computes what the core
 gated attention computes for that layout (tests/train/test_fused_attention.py checks logits and gradients against
 it); a forward pass without memory is the stock attention, unchanged. Callers must only use it for the layout above.
@@ -105,106 +101,6 @@ def gated_causal_attention(
         scale=scale,
     )  # (B, Hq, T, D+8)
     return out[..., :d]
-
-
-class _CausalFlash(torch.autograd.Function):
-    """Causal self-attention of (B, H, T, D) q/k/v through the flash kernel, returning its log-sum-exp (B, H, T) too,
-    with a gradient for both (K/V may have fewer heads than q: grouped-query attention).
-
-    The kernel's backward takes each row's D_i = dO_i . O_i from the output it is handed. A loss that also depends
-    on lse_i adds g_i * p_ij to every score's gradient, which is the same as lowering D_i by g_i = dL/d lse_i; so the
-    backward hands the kernel O_i - (g_i / |dO_i|^2) dO_i instead of O_i (rows with dO_i = 0 get no shift: for the
-    merged attention below g_i is then 0 too), computed in units of the row's largest |dO_i| so that it neither
-    underflows nor overflows. dV does not read O, so nothing else changes."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        t = q.shape[2]
-        if q.is_cuda:
-            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
-                torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-            )
-            ctx.kernel_args = (cum_q, cum_k, max_q, max_k, seed, offset)
-        else:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, True, scale=scale
-            )
-            ctx.kernel_args = None
-        ctx.scale = scale
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out, lse[..., :t]
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        if grad_lse is not None:
-            # in units of each row's largest |dO| (gradients of a token-averaged loss are tiny: |dO|^2 taken as it
-            # is underflows float32, and the shift then drops the log-sum-exp's gradient)
-            go = grad_out.float()
-            top = go.abs().amax(-1, keepdim=True)
-            unit = go / torch.where(top > 0, top, 1.0)
-            norm2 = unit.square().sum(-1, keepdim=True)  # >= 1 where top > 0
-            shift = torch.where(top > 0, grad_lse.float()[..., None] / (top * norm2.clamp(min=1.0)), 0.0)
-            out = (out.float() - shift * unit).to(out.dtype)
-        if ctx.kernel_args is not None:
-            cum_q, cum_k, max_q, max_k, seed, offset = ctx.kernel_args
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                grad_out,
-                q,
-                k,
-                v,
-                out,
-                lse,
-                cum_q,
-                cum_k,
-                max_q,
-                max_k,
-                0.0,
-                True,
-                seed,
-                offset,
-                scale=ctx.scale,
-            )
-        else:
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out, q, k, v, out, lse, 0.0, True, scale=ctx.scale
-            )
-        return dq, dk, dv, None
-
-
-def split_gated_causal_attention(
-    query: torch.Tensor,
-    text_keys: torch.Tensor,
-    text_values: torch.Tensor,
-    memory_keys: torch.Tensor,
-    memory_values: torch.Tensor,
-    gate_bias: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """`gated_causal_attention` computed in two parts and merged: the same result, at the native head dim.
-
-    query (B, Hq, T, D); text keys/values (B, H, T, D); memory keys/values (B, H, M, D); gate_bias (B, M) log g.
-    The text attends to itself causally in the flash kernel at head dim D with grouped K/V read in place (no padded
-    key dimension, no repeated K/V, no concatenated cache); the M memory columns, with log g added to their scores,
-    are a small score matrix of their own. The two softmaxes are merged by their log-sum-exps, and the text part's
-    log-sum-exp carries its gradient back through the kernel (`_CausalFlash`)."""
-    b, hq, t, d = query.shape
-    hk = memory_keys.shape[1]
-    rep = hq // hk
-    text_out, text_lse = _CausalFlash.apply(query, text_keys, text_values, scale)  # (B, Hq, T, D), (B, Hq, T)
-    # float32 throughout, as the flash kernel keeps its scores: a bf16 score of a sharp memory column is off by
-    # up to half a unit, which moves that column's softmax weight by tens of percent (and made training diverge)
-    grouped = query.float().reshape(b, hk, rep * t, d)  # heads h*rep .. h*rep+rep-1 read K/V head h
-    scores = torch.matmul(grouped, memory_keys.float().transpose(-1, -2)) * scale
-    scores = scores + gate_bias.clamp(min=GATE_FLOOR).float()[:, None, None, :]  # (B, H, rep*T, M)
-    memory_lse = torch.logsumexp(scores, dim=-1).view(b, hq, t)
-    memory_out = torch.matmul(torch.softmax(scores, dim=-1), memory_values.float())
-    lse = torch.logaddexp(text_lse, memory_lse)
-    out = (text_lse - lse).exp()[..., None] * text_out.float() + (memory_lse - lse).exp()[
-        ..., None
-    ] * memory_out.view(b, hq, t, d)
-    return out.to(query.dtype)
 
 
 def register_fused_attention() -> str:

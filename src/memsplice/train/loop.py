@@ -331,12 +331,7 @@ class FormationRecipe:
         if why:
             logger.info("training reads go through the transformers decoder: %s", why)
             return None
-        if r.reader_attention == "split" and self.device.type == "cuda":
-            logger.warning(
-                "run.reader_attention=split failed its gradient check on an H200 (README, 'Memory formation'): "
-                "check it first with scripts/formation/check_split_attention.py and profile_step.py --check"
-            )
-        return FastReader(self.reasoner, compile=r.compile == "all", attention=r.reader_attention)
+        return FastReader(self.reasoner, compile=r.compile == "all")
 
     def _compile(self) -> None:
         mode = self.config.run.compile
