@@ -37,8 +37,9 @@ RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, p
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export MEMSPLICE_DATA=${MEMSPLICE_DATA:-/root/stage/data}
 export TOKENIZERS_PARALLELISM=true
-# results record the commit from here (a copy of the tree may carry a stale .git; pass MEMSPLICE_COMMIT=... to name it)
-export MEMSPLICE_COMMIT=${MEMSPLICE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+# results record $MEMSPLICE_COMMIT when it is set (a copy of the tree may carry a stale .git: pass it to name the
+# commit), else git's HEAD with -dirty when tracked files differ (memsplice.bench.record.git_commit)
+COMMIT=${MEMSPLICE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 RUN=${RUN:-/root/formation}
 OUT=${OUT:?set OUT to the folder whose files come back}
 PY=${PY:-python3}
@@ -92,7 +93,7 @@ package() {  # copy what comes back into $OUT: the memory (sharded) and one arch
   ls -la "$OUT" "$OUT/memory" 2>/dev/null || true
 }
 
-echo "== formation $PHASE on $(hostname) at $(date -u +%FT%TZ), commit $MEMSPLICE_COMMIT"
+echo "== formation $PHASE on $(hostname) at $(date -u +%FT%TZ), commit $COMMIT"
 $PY - <<'PY'
 import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
                     torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")

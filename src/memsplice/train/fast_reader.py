@@ -99,7 +99,7 @@ def _decoder_layer(
     k = k * cos + rotate_half(k) * sin
     k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
     v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    a = gated_causal_attention(q, k, v, gate_bias, scale)
+    a = gated_causal_attention(q, k, v, gate_bias, scale)  # (B, Hq, T, D)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
