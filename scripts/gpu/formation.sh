@@ -17,6 +17,14 @@
 #                                       ABLATION_STEPS (default 800) steps; run it again until both finish (exact
 #                                       resume), then the fidelity bench of the pair (--record
 #                                       formation/prior-ablation-equal-steps, summary.json untouched)
+#   scripts/gpu/formation.sh growth     is the encoder of $INIT limited by its depth? Two arms side by side on one GPU,
+#                                       both started from $INIT on the same data, seed and schedule of GROWTH_STEPS
+#                                       (default 2400): `same` as it is, `grown` with GROW_BLOCKS (default 4)
+#                                       identity-initialised encoder blocks on top (scripts/formation/grow_encoder.py);
+#                                       the extend settings of the shipped checkpoint's last run (lr 3e-4, lengths
+#                                       64-512); run it again to continue (exact resume); every call ends with the
+#                                       fidelity bench of both arms' latest weights (--record formation/encoder-growth
+#                                       once both schedules are finished)
 #   scripts/gpu/formation.sh extend     more training for the weights in $INIT (default: the shipped checkpoint) on a
 #                                       new schedule of PLAN_MINUTES; COMPILE=auto first times compile=none and
 #                                       compile=all (SECONDS_EACH) and trains with the faster; continue with `resume`
@@ -30,7 +38,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ablation}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ablation|growth}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -174,6 +182,41 @@ case "$PHASE" in
     else
       echo "the schedules are not finished: run this phase again (it resumes exactly)"
     fi
+    package ""
+    ;;
+  growth)
+    STEPS=${GROWTH_STEPS:-2400}
+    [ "${SMALL:-0}" = 1 ] && STEPS=4
+    GROWN_INIT="$RUN/growth-init-grown"
+    if [ ! -f "$GROWN_INIT/memsplice_config.json" ]; then
+      $PY scripts/formation/grow_encoder.py --checkpoint "$INIT" --add-blocks "${GROW_BLOCKS:-4}" --output "$GROWN_INIT"
+    fi
+    GROWTH_SETS=(--set optim.lr=3e-4 --set optim.warmup_steps=50 --set data.curriculum_steps=0
+                 --set "data.lengths=[64,128,256,512]" --set "data.length_weights=[1.0,2.0,1.5,2.0]"
+                 --set run.eval_every=200)
+    pids=()
+    for arm in same grown; do
+      if [ "$arm" = same ]; then from=$INIT; else from=$GROWN_INIT; fi
+      # --resume continues exactly when this machine holds the arm's state, else starts from the weights in $from
+      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/growth-$arm" --quiet \
+        --resume --init-from "$from" --steps "$STEPS" --stop-at "$(deadline)" "${GROWTH_SETS[@]}" \
+        "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" > "$STAGE/train-summary-$arm.json" 2> "$STAGE/train-$arm.log" &
+      pids+=($!)
+    done
+    wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
+    done_both=1
+    for arm in same grown; do
+      cat "$STAGE/train-summary-$arm.json" || true
+      for f in metrics.jsonl curves.png; do cp "$RUN/growth-$arm/$f" "$STAGE/$arm-$f" 2>/dev/null || true; done
+      $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
+        "$STAGE/train-summary-$arm.json" 2>/dev/null || done_both=0
+    done
+    RECORD=()
+    if [ "$done_both" = 1 ]; then RECORD=(--record formation/encoder-growth)
+    else echo "the schedules are not finished: run this phase again (it resumes exactly)"; fi
+    $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/growth-same/memory" \
+      --checkpoint "$RUN/growth-grown/memory" --passages "$PASSAGES" "${RECORD[@]}" --json "${BENCH_SMALL[@]}" \
+      > "$STAGE/fidelity-growth.json" || echo "the fidelity bench failed"
     package ""
     ;;
   extend)

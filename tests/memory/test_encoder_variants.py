@@ -1,8 +1,9 @@
-"""The baseline encoders: causal pooling of the reasoner's own states, and an encoder initialised from its layers."""
+"""Baseline encoders (causal pooling of the reasoner's states, init from its layers) and encoder growth."""
 
 import pytest
 import torch
 
+from helpers import load_script, random_ids, small_memory
 from memsplice.memory import CausalPoolEncoder, MemoryConfig, MemoryModel
 from tiny import tiny_reasoner
 
@@ -111,3 +112,48 @@ def test_sink_init_starts_every_slot_as_the_reasoners_first_token():
         torch.testing.assert_close(mem.kv.keys[layer][:, :, :1], k.expand(2, -1, 1, -1), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="kv_init_scale"):
         MemoryConfig(kv_init="sink", kv_init_scale=0.0)
+
+
+def test_grown_encoder_writes_the_same_latents_and_loads_as_grown(tmp_path):
+    reasoner = tiny_reasoner("llama")
+    memory = small_memory(reasoner, encoder_mlp_ratio=1.5)
+    with torch.no_grad():  # a memory whose blocks are not at their initial values
+        for p in memory.encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ids = random_ids(2, 10)
+    before = memory.encode(ids).detach()
+    memory.grow_encoder(3)
+    assert memory.config.encoder_layers == 5 and len(memory.encoder.blocks) == 5
+    grown = memory.encoder.blocks[-1]
+    assert grown.down.in_features == memory.encoder.blocks[0].down.in_features
+    torch.testing.assert_close(memory.encode(ids), before, rtol=0, atol=0)
+    memory.save_pretrained(tmp_path / "grown")
+    loaded = MemoryModel.from_pretrained(tmp_path / "grown", reasoner=reasoner)
+    assert loaded.config.encoder_layers == 5
+    torch.testing.assert_close(loaded.encode(ids), before, rtol=0, atol=0)
+
+
+def test_grown_blocks_learn():
+    """Zero output projections still get a gradient, so the new blocks leave the identity once trained."""
+    memory = small_memory(tiny_reasoner("llama"))
+    memory.grow_encoder(1)
+    memory.encode(random_ids(2, 10)).pow(2).sum().backward()
+    block = memory.encoder.blocks[-1]
+    assert block.out.weight.grad.abs().sum() > 0 and block.down.weight.grad.abs().sum() > 0
+
+
+def test_only_a_transformer_encoder_grows():
+    memory = MemoryModel(
+        MemoryConfig(num_slots=2, max_memory_tokens=64, encoder_type="causal_pool"), tiny_reasoner("llama")
+    )
+    with pytest.raises(ValueError, match="transformer"):
+        memory.grow_encoder(1)
+    with pytest.raises(ValueError, match="at least one"):
+        small_memory(tiny_reasoner("llama")).encoder.add_blocks(0)
+
+
+def test_grow_encoder_script_checks_the_latents():
+    grow = load_script("formation/grow_encoder.py").grow
+    memory = small_memory(tiny_reasoner("llama"))
+    assert grow(memory, 2) == 0.0
+    assert memory.config.encoder_layers == 4

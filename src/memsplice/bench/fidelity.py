@@ -129,24 +129,26 @@ def run(args) -> int:
         raise ValueError("--refine-lr must be positive")
     reasoner = load_reasoner_from(args)
     tok = reasoner.require_tokenizer()
-    systems: list[tuple[str, str, object, int]] = []  # (system, label, memory, refinement steps)
+    # (system, label, memory, refinement steps, checkpoint directory)
+    systems: list[tuple[str, str, object, int, str | None]] = []
     for c in checkpoints:
         m = _load(c, reasoner)
         if args.refine_lr is not None:
             m.config.refine_lr = args.refine_lr
-        systems.append(("latent", f"latent:{m.config.operator}", m, 0))
+        systems.append(("latent", f"latent:{m.config.operator}", m, 0, str(c)))
         systems += [
-            ("latent_refined", f"latent:{m.config.operator}+refine{k}", m, k) for k in args.refine_steps
+            ("latent_refined", f"latent:{m.config.operator}+refine{k}", m, k, str(c))
+            for k in args.refine_steps
         ]
-    systems.append(("floor", "floor", None, 0))
+    systems.append(("floor", "floor", None, 0, None))
     if args.causal:
-        systems.append(("causal", "causal", _load(args.causal, reasoner), 0))
+        systems.append(("causal", "causal", _load(args.causal, reasoner), 0, args.causal))
     if args.prior:
-        systems.append(("prior_init", "prior_init", _load(args.prior, reasoner), 0))
+        systems.append(("prior_init", "prior_init", _load(args.prior, reasoner), 0, args.prior))
     first = systems[0][2]
     sources, instruction_text, instruction, heldout = heldout_setup(first, tok, args.data, args.sources)
     slots = first.config.num_slots
-    too_long = [n for n in args.lengths if n > min(m.config.max_memory_tokens for _, _, m, _ in systems if m)]
+    too_long = [n for n in args.lengths if n > min(s[2].config.max_memory_tokens for s in systems if s[2])]
     if too_long:
         raise ValueError(f"--lengths {too_long} exceed what the checkpoints read (max_memory_tokens)")
 
@@ -155,7 +157,7 @@ def run(args) -> int:
     with tqdm(total=total, desc="fidelity", unit="passage", disable=args.json) as bar:
         for n in args.lengths:
             passages = heldout_passages(heldout, n, args.passages)
-            for system, label, memory, refine in systems:
+            for system, label, memory, refine, directory in systems:
                 m = memory.config.num_slots if memory is not None else slots
                 synchronize(reasoner.device)
                 t0 = time.perf_counter()
@@ -177,6 +179,7 @@ def run(args) -> int:
                         "system": system,
                         "label": label,
                         **({"refine_steps": refine} if refine else {}),
+                        **({"checkpoint": directory} if directory else {}),
                         **f.to_dict(),
                         "seconds": time.perf_counter() - t0,
                     }
@@ -187,7 +190,7 @@ def run(args) -> int:
         "sources": list(sources),
         "passages_per_length": args.passages,
         "batch_rows": args.batch_rows,
-        "refine_lr": {label: m.config.refine_lr for _, label, m, steps in systems if steps},
+        "refine_lr": {label: m.config.refine_lr for _, label, m, steps, _ in systems if steps},
         "checkpoints": [str(c) for c in checkpoints],
         "causal": args.causal,
         "prior": args.prior,
@@ -201,7 +204,11 @@ def run(args) -> int:
     if args.record:
         from .record import save_result
 
-        print(f"saved {save_result(args.record, result, device=reasoner.device)}")
+        saved = save_result(args.record, result, device=reasoner.device)
+        if args.json:  # stdout stays one JSON object
+            result["saved"] = str(saved)
+        else:
+            print(f"saved {saved}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -45,6 +45,7 @@ import logging
 import math
 import random
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1179,7 +1180,7 @@ def run(args) -> int:
         data["memory_config"] = asdict(memory.config)
         if args.save:
             path = save_result(args.record or name, data, device=reasoner.device, directory=directory)
-            print(f"saved {path}")
+            print(f"saved {path}", file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON
 
     if args.part == "cost":
         data = run_cost(args, reasoner, memory)

@@ -334,5 +334,5 @@ def run(args) -> int:
             },
             device=args.device,
         )
-        print(f"saved {path}")
+        print(f"saved {path}", file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON
     return 1 if result["errors"] or result["lost_writes"] else 0

@@ -118,6 +118,26 @@ class MemoryEncoder(nn.Module):
         self.__dict__["_tied_embedding"] = reasoner_embedding
         self.token_embedding = None
 
+    # -- growth ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_blocks(self, count: int) -> None:
+        """Append `count` blocks that start as the identity (their attention output and MLP down projections are
+        zero), so the grown encoder computes exactly what it did; training then gives them a function. Used to ask
+        whether a trained encoder is limited by its depth (`scripts/formation/grow_encoder.py`)."""
+        if count < 1:
+            raise ValueError(f"add at least one block, not {count}")
+        first = self.blocks[0]
+        w, hidden = first.out.in_features, first.down.in_features
+        ref = first.out.weight
+        for _ in range(count):
+            block = EncoderBlock(
+                w, first.heads, (hidden + 0.5) / w, first.dropout
+            )  # int() gives `hidden` back
+            block.apply(self._init_linear)
+            block.out.weight.zero_()
+            block.down.weight.zero_()
+            self.blocks.append(block.to(device=ref.device, dtype=ref.dtype))
+
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) with T <= max_memory_tokens, attention_mask (B, T) -> latents (B, M, d) in float32."""

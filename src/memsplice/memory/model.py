@@ -96,6 +96,14 @@ class MemoryModel(nn.Module):
         self.fallback_log = fallback_log or FallbackLog()
         self.to(reasoner.device)
 
+    def grow_encoder(self, blocks: int) -> None:
+        """Append `blocks` identity-initialised encoder blocks (`MemoryEncoder.add_blocks`) and record the new depth
+        in the config, so that `save_pretrained` writes a checkpoint that loads as the grown model."""
+        if self.config.encoder_type != "transformer":
+            raise ValueError(f"only a transformer encoder can grow, not {self.config.encoder_type!r}")
+        self.encoder.add_blocks(blocks)
+        self.config.encoder_layers = len(self.encoder.blocks)
+
     # -- writing memory ----------------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> latents (B, M, d)."""

@@ -1,0 +1,69 @@
+"""Grow a trained memory's encoder by identity-initialised blocks, to ask whether its depth is what limits it.
+
+The new blocks go on top of the trained ones with their attention output and MLP down projections at zero, so the
+grown memory writes exactly the latents the original did (the script checks this on a few passages before saving).
+`memsplice train --init-from OUTPUT` then trains it like any exported memory; `scripts/gpu/formation.sh growth`
+trains it side by side with the ungrown memory on the same data, seed and schedule.
+
+    PYTHONPATH=src python scripts/formation/grow_encoder.py --add-blocks 4 --output runs/grown
+        [--checkpoint DIR (default: the shipped memory)] [--reasoner SRC] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from memsplice import MemoryModel, load_reasoner
+from memsplice.checkpoints import default_checkpoint_dir
+
+
+def grow(memory: MemoryModel, blocks: int, *, check_rows: int = 2, seed: int = 0) -> float:
+    """Grow `memory` in place; returns the largest latent difference on random input (0.0 when exact)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = min(64, memory.config.max_memory_tokens)
+    ids = torch.randint(0, memory.encoder.vocab_size, (check_rows, t), generator=gen)
+    with torch.no_grad():
+        before = memory.encode(ids)
+        memory.grow_encoder(blocks)
+        after = memory.encode(ids)
+    return float((after - before).abs().max())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--checkpoint", default=None, metavar="DIR", help="memory to grow (default: the shipped one)"
+    )
+    p.add_argument("--add-blocks", type=int, required=True, help="encoder blocks to append")
+    p.add_argument("--output", required=True, metavar="DIR", help="where the grown memory is written")
+    p.add_argument("--reasoner", default=None, metavar="SRC", help="the reasoner (default: the memory's own)")
+    p.add_argument("--device", default="cpu", help="where the growth runs (default: cpu)")
+    args = p.parse_args(argv)
+
+    path = args.checkpoint or default_checkpoint_dir()
+    reasoner = load_reasoner(args.reasoner, device=args.device, dtype="float32")
+    memory = MemoryModel.from_pretrained(path, reasoner=reasoner)
+    depth = memory.config.encoder_layers
+    diff = grow(memory, args.add_blocks)
+    if diff != 0.0:
+        raise SystemExit(f"the grown encoder changed the latents by up to {diff}; nothing written")
+    memory.save_pretrained(args.output)
+    n = sum(p.numel() for p in memory.parameters())
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(path),
+                "output": args.output,
+                "encoder_layers": [depth, memory.config.encoder_layers],
+                "parameters": n,
+                "latent_max_abs_diff": diff,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
