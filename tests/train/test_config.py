@@ -22,6 +22,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"optim": {"lr": -1}}, "optim.lr"),
         ({"data": {"lengths": []}}, "data.lengths"),
         ({"run": {"compile": "max"}}, "run.compile"),
+        ({"run": {"reader_shapes": "dynamic"}}, "run.reader_shapes"),
         ({"objectives": {"reconstruction": 0.0}}, "objectives.reconstruction"),
         ({"run": {"stpes": 3}}, "unknown fields in run"),
         ({"traning": {}}, "unknown config sections"),

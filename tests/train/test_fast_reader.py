@@ -7,6 +7,7 @@ from helpers import assert_grads_close, memory_grads, random_ids, small_memory
 from memsplice.inject import hidden_states_with_memory
 from memsplice.train.fast_reader import FastReader, fast_reading, read_hidden_states
 from memsplice.train.objectives import reconstruction
+from tiny import tiny_reasoner
 
 
 @pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
@@ -67,3 +68,12 @@ def test_fast_reader_refuses_what_it_cannot_run():
     assert "gelu" in FastReader.refusal(r)
     with pytest.raises(ValueError, match="FastReader"):
         FastReader(r)
+
+
+@pytest.mark.parametrize("static, dynamic", [(False, None), (True, False)])
+def test_compiled_reader_shapes_follow_the_option(monkeypatch, static, dynamic):
+    """run.reader_shapes="static" compiles one graph per shape; "auto" leaves dynamo's default."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("dynamic", "unset")) or fn)
+    FastReader(tiny_reasoner("llama"), compile=True, static_shapes=static)
+    assert seen == [dynamic, dynamic]  # the layer function and the head loss

@@ -258,6 +258,9 @@ class RunArgs:
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
+    reader_shapes: str = "auto"
+    """How the compiled fast reader treats a new passage shape: "auto" (dynamo's default: after its second shape it
+    recompiles with the changed dims dynamic, one graph for all) or "static" (one specialised graph per shape)."""
     max_minutes: float | None = None
     """Stop this invocation after this much training time and save (the run can be resumed); None: no limit."""
     plan_minutes: float | None = None
@@ -297,6 +300,9 @@ class RunArgs:
             self.compile in ("none", "encoder", "all"),
             "compile",
             'must be "none", "encoder" or "all"',
+        )
+        _need(
+            s, self, self.reader_shapes in ("auto", "static"), "reader_shapes", 'must be "auto" or "static"'
         )
         _need(
             s,

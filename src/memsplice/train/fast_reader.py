@@ -108,7 +108,9 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(self, reasoner, compile: bool = False):
+    def __init__(self, reasoner, compile: bool = False, static_shapes: bool = False):
+        """compile: torch.compile the layer function and the head loss; static_shapes: one graph per input shape
+        (else dynamo's default, which makes changed dims dynamic from the second shape on)."""
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
@@ -122,8 +124,11 @@ class FastReader:
         self.layers = [self._weights(layer) for layer in decoder.layers]
         self.final_norm = decoder.norm.weight
         self.embedding = decoder.embed_tokens
-        self._layer = torch.compile(_decoder_layer) if compile else _decoder_layer
-        self.chunk_cross_entropy = torch.compile(chunk_cross_entropy) if compile else chunk_cross_entropy
+        dynamic = False if static_shapes else None
+        self._layer = torch.compile(_decoder_layer, dynamic=dynamic) if compile else _decoder_layer
+        self.chunk_cross_entropy = (
+            torch.compile(chunk_cross_entropy, dynamic=dynamic) if compile else chunk_cross_entropy
+        )
 
     @staticmethod
     def refusal(reasoner) -> str | None:

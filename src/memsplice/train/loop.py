@@ -331,7 +331,9 @@ class FormationRecipe:
         if why:
             logger.info("training reads go through the transformers decoder: %s", why)
             return None
-        return FastReader(self.reasoner, compile=r.compile == "all")
+        return FastReader(
+            self.reasoner, compile=r.compile == "all", static_shapes=r.reader_shapes == "static"
+        )
 
     def _compile(self) -> None:
         mode = self.config.run.compile
@@ -339,9 +341,8 @@ class FormationRecipe:
             return
         # the encoder and the transformers decoder layers compile one static graph per (rows, length) shape:
         # training lengths and the evaluation lengths each add one, more than dynamo's default of 8 recompilations
-        # per function. The fast reader's layer function keeps dynamo's default: after its second shape it
-        # recompiles with the changed dims dynamic (on an H200 that cost split attention its 5-7% over SDPA;
-        # for SDPA itself static against dynamic was not measured)
+        # per function. The fast reader's layer function follows run.reader_shapes: dynamo's default ("auto": after
+        # its second shape it recompiles with the changed dims dynamic) or one static graph per shape ("static")
         import torch._dynamo
 
         for name in ("recompile_limit", "cache_size_limit"):
