@@ -19,6 +19,7 @@ Saves benchmarks/results/formation/error-profile-RECORD.json (command, commit, d
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import torch
@@ -39,7 +40,9 @@ def _rate(hits: torch.Tensor, where: torch.Tensor) -> dict:
     return {"tokens": n, "accuracy": round(float(hits[where].float().mean()), 4) if n else None}
 
 
-def profile(hits: torch.Tensor, floor_hits: torch.Tensor, passages: torch.Tensor, counts: torch.Tensor, slots: int):
+def profile(
+    hits: torch.Tensor, floor_hits: torch.Tensor, passages: torch.Tensor, counts: torch.Tensor, slots: int
+):
     """The breakdown of `hits` (N, T) for passages (N, T); `floor_hits` the no-memory hits, `counts` (V,) unigram
     counts of the training corpora."""
     n, t = passages.shape
@@ -57,7 +60,7 @@ def profile(hits: torch.Tensor, floor_hits: torch.Tensor, passages: torch.Tensor
     }
     freq = counts[passages]
     out["by_train_count"] = {
-        f"[{lo}, {hi})": _rate(hits, (freq >= lo) & (freq < hi)) for lo, hi in zip(FREQ_EDGES, FREQ_EDGES[1:])
+        f"[{lo}, {hi})": _rate(hits, (freq >= lo) & (freq < hi)) for lo, hi in itertools.pairwise(FREQ_EDGES)
     }
     return out
 
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="memory (default: the shipped one)")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512], help="passage lengths in tokens")
-    p.add_argument("--passages", type=int, default=128, help="held-out passages per length (bench fidelity's)")
+    p.add_argument(
+        "--passages", type=int, default=128, help="held-out passages per length (bench fidelity's)"
+    )
     p.add_argument("--batch-rows", type=int, default=16)
     p.add_argument("--data", default=None, metavar="DIR", help="corpus directory (default: $MEMSPLICE_DATA)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
@@ -79,9 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     tok = reasoner.require_tokenizer()
     sources, _, instruction, heldout = heldout_setup(memory, tok, args.data)
     train = corpus_tokens(tok, DataArgs(root=args.data, sources=sources), "train")
-    counts = torch.bincount(torch.as_tensor(train).long().flatten(), minlength=reasoner.shapes.vocab_size).cpu()
+    counts = torch.bincount(
+        torch.as_tensor(train).long().flatten(), minlength=reasoner.shapes.vocab_size
+    ).cpu()
     instruction = instruction.to(reasoner.device)
-    report = {"checkpoint": str(path), "sources": sources, "passages_per_length": args.passages, "lengths": {}}
+    report = {
+        "checkpoint": str(path),
+        "sources": sources,
+        "passages_per_length": args.passages,
+        "lengths": {},
+    }
     for n in args.lengths:
         passages = heldout_passages(heldout, n, args.passages)
         hits, floor = [], []
@@ -94,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         report["lengths"][str(n)] = result
         print(n, {k: result[k] for k in ("accuracy", "floor_accuracy", "by_floor")}, flush=True)
     if args.record:
-        print(f"saved {save_result(f'formation/error-profile-{args.record}', report, device=reasoner.device)}")
+        print(
+            f"saved {save_result(f'formation/error-profile-{args.record}', report, device=reasoner.device)}"
+        )
 
 
 if __name__ == "__main__":
