@@ -85,6 +85,17 @@ time_compile() {  # time_compile MODE SECONDS [train flags...]: a throughput run
     --set run.eval_every=0 --set "run.eval_lengths=[64]" --set run.eval_passages=8 "$@" "${SMALL_FLAGS[@]}"
 }
 
+finished_pair() {  # finished_pair PREFIX ARM...: show and keep the side-by-side arms' summaries and curves; true when all finished
+  local prefix=$1 arm all=0; shift
+  for arm in "$@"; do
+    cat "$STAGE/train-summary-$arm.json" || true
+    for f in metrics.jsonl curves.png; do cp "$RUN/$prefix-$arm/$f" "$STAGE/$arm-$f" 2>/dev/null || true; done
+    $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
+      "$STAGE/train-summary-$arm.json" 2>/dev/null || all=1
+  done
+  return $all
+}
+
 deadline() {  # unix time by which training must stop so that RESERVE_S remains
   echo $(( T0 + LIMIT_S - RESERVE_S ))
 }
@@ -168,14 +179,7 @@ case "$PHASE" in
       pids+=($!)
     done
     wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
-    done_both=1
-    for init in reasoner random; do
-      cat "$STAGE/train-summary-$init.json" || true
-      for f in metrics.jsonl curves.png; do cp "$RUN/ablation-$init/$f" "$STAGE/$init-$f" 2>/dev/null || true; done
-      $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
-        "$STAGE/train-summary-$init.json" 2>/dev/null || done_both=0
-    done
-    if [ "$done_both" = 1 ]; then
+    if finished_pair ablation reasoner random; then
       $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/ablation-random/memory" \
         --prior "$RUN/ablation-reasoner/memory" --passages "$PASSAGES" --record formation/prior-ablation-equal-steps \
         --json "${BENCH_SMALL[@]}" > "$STAGE/fidelity-ablation.json" || echo "the fidelity bench failed"
@@ -204,15 +208,8 @@ case "$PHASE" in
       pids+=($!)
     done
     wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
-    done_both=1
-    for arm in same grown; do
-      cat "$STAGE/train-summary-$arm.json" || true
-      for f in metrics.jsonl curves.png; do cp "$RUN/growth-$arm/$f" "$STAGE/$arm-$f" 2>/dev/null || true; done
-      $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
-        "$STAGE/train-summary-$arm.json" 2>/dev/null || done_both=0
-    done
     RECORD=()
-    if [ "$done_both" = 1 ]; then RECORD=(--record formation/encoder-growth)
+    if finished_pair growth same grown; then RECORD=(--record formation/encoder-growth)
     else echo "the schedules are not finished: run this phase again (it resumes exactly)"; fi
     $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/growth-same/memory" \
       --checkpoint "$RUN/growth-grown/memory" --passages "$PASSAGES" "${RECORD[@]}" --json "${BENCH_SMALL[@]}" \
