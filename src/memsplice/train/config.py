@@ -258,9 +258,11 @@ class RunArgs:
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
-    reader_shapes: str = "auto"
-    """How the compiled fast reader treats a new passage shape: "auto" (dynamo's default: after its second shape it
-    recompiles with the changed dims dynamic, one graph for all) or "static" (one specialised graph per shape)."""
+    reader_shapes: str = "static"
+    """How the compiled fast reader treats a new passage shape: "static" (one specialised graph per shape) or "auto"
+    (dynamo's default: after its second shape it recompiles with the changed dims dynamic, one graph for all). On the
+    64-512 mix on an H200, static trained 10.4% faster once compiled and compiled ~55 s longer
+    (benchmarks/results/formation/train-mix-h200-reader-shapes.json)."""
     max_minutes: float | None = None
     """Stop this invocation after this much training time and save (the run can be resumed); None: no limit."""
     plan_minutes: float | None = None
