@@ -48,13 +48,12 @@ class RMSNorm(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float):
         super().__init__()
         self.heads = heads
         self.attn_norm = RMSNorm(width)
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
-        hidden = int(mlp_ratio * width)
         self.mlp_norm = RMSNorm(width)
         self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)
@@ -88,7 +87,7 @@ class MemoryEncoder(nn.Module):
         self.position = nn.Parameter(torch.randn(config.max_memory_tokens, w) * 0.02)
         self.slots = nn.Parameter(torch.randn(config.num_slots, w) * 0.02)
         self.blocks = nn.ModuleList(
-            EncoderBlock(w, config.encoder_heads, config.encoder_mlp_ratio, config.dropout)
+            EncoderBlock(w, config.encoder_heads, int(config.encoder_mlp_ratio * w), config.dropout)
             for _ in range(config.encoder_layers)
         )
         self.final_norm = RMSNorm(w)
@@ -127,12 +126,9 @@ class MemoryEncoder(nn.Module):
         if count < 1:
             raise ValueError(f"add at least one block, not {count}")
         first = self.blocks[0]
-        w, hidden = first.out.in_features, first.down.in_features
         ref = first.out.weight
         for _ in range(count):
-            block = EncoderBlock(
-                w, first.heads, (hidden + 0.5) / w, first.dropout
-            )  # int() gives `hidden` back
+            block = EncoderBlock(first.out.in_features, first.heads, first.down.in_features, first.dropout)
             block.apply(self._init_linear)
             block.out.weight.zero_()
             block.down.weight.zero_()
