@@ -1,6 +1,7 @@
 """Where does the encoder's memory lose tokens? The reconstruction misses of a checkpoint, broken down.
 
-On the held-out passages `memsplice bench fidelity` scores (same instruction, same windows), the reasoner reads
+On the held-out passages `memsplice bench fidelity` scores (same instruction, same windows; `--split train` cuts
+the same number of windows from the training text instead), the reasoner reads
 [memory][instruction] P teacher-forced and each token of P is a hit or a miss (as in the bench). The misses are
 broken down by:
 - position in the passage, in bins of one slot's share (length / slots tokens): does the read-back degrade along
@@ -72,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--passages", type=int, default=128, help="held-out passages per length (bench fidelity's)"
     )
+    p.add_argument(
+        "--split",
+        choices=("heldout", "train"),
+        default="heldout",
+        help="cut the passages from the held-out text (the bench's) or from the training text: the gap between "
+        "the two says how much of what is lost is the encoder not generalising",
+    )
     p.add_argument("--batch-rows", type=int, default=16)
     p.add_argument("--data", default=None, metavar="DIR", help="corpus directory (default: $MEMSPLICE_DATA)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
@@ -91,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "checkpoint": str(path),
         "sources": sources,
+        "split": args.split,
         "passages_per_length": args.passages,
         "lengths": {},
     }
     for n in args.lengths:
-        passages = heldout_passages(heldout, n, args.passages)
+        passages = heldout_passages(train if args.split == "train" else heldout, n, args.passages)
         hits, floor = [], []
         with torch.no_grad():
             for s in range(0, passages.shape[0], args.batch_rows):

@@ -1,11 +1,17 @@
-"""Grow a trained memory's encoder by identity-initialised blocks, to ask whether its depth is what limits it.
+"""Grow a trained memory's encoder without changing what it writes, to ask what limits it.
 
-The new blocks go on top of the trained ones with their attention output and MLP down projections at zero, so the
-grown memory writes exactly the latents the original did (the script checks this on a few passages before saving).
+- `--add-blocks N`: N blocks on top of the trained ones with their attention output and MLP down projections at
+  zero (is it the encoder's depth?);
+- `--reasoner-states`: a second input channel, the frozen reasoner's hidden states of the passage mixed over its
+  layers, through a projection that starts at zero (is it what the encoder reads: token embeddings alone, with
+  no view of the representation the reasoner's queries come from?).
+
+Either way the grown memory writes exactly the latents the original did (the script checks this on a few passages
+before saving).
 `memsplice train --init-from OUTPUT` then trains it like any exported memory; `scripts/gpu/formation.sh growth`
 trains it side by side with the ungrown memory on the same data, seed and schedule.
 
-    PYTHONPATH=src python scripts/formation/grow_encoder.py --add-blocks 4 --output runs/grown
+    PYTHONPATH=src python scripts/formation/grow_encoder.py [--add-blocks 4] [--reasoner-states] --output runs/grown
         [--checkpoint DIR (default: the shipped memory)] [--reasoner SRC] [--device cpu]
 """
 
@@ -20,14 +26,20 @@ from memsplice import MemoryModel, load_reasoner
 from memsplice.checkpoints import default_checkpoint_dir
 
 
-def grow(memory: MemoryModel, blocks: int, *, check_rows: int = 2, seed: int = 0) -> float:
-    """Grow `memory` in place; returns the largest latent difference on random input (0.0 when exact)."""
+def grow(
+    memory: MemoryModel, blocks: int, *, states: bool = False, check_rows: int = 2, seed: int = 0
+) -> float:
+    """Grow `memory` in place by `blocks` blocks and, with `states`, the reasoner-state input; returns the largest
+    latent difference on random input (0.0 when exact)."""
     gen = torch.Generator().manual_seed(seed)
     t = min(64, memory.config.max_memory_tokens)
     ids = torch.randint(0, memory.encoder.vocab_size, (check_rows, t), generator=gen)
     with torch.no_grad():
         before = memory.encode(ids)
-        memory.grow_encoder(blocks)
+        if blocks:
+            memory.grow_encoder(blocks)
+        if states:
+            memory.read_reasoner_states()
         after = memory.encode(ids)
     return float((after - before).abs().max())
 
@@ -37,17 +49,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--checkpoint", default=None, metavar="DIR", help="memory to grow (default: the shipped one)"
     )
-    p.add_argument("--add-blocks", type=int, required=True, help="encoder blocks to append")
+    p.add_argument("--add-blocks", type=int, default=0, help="encoder blocks to append")
+    p.add_argument(
+        "--reasoner-states",
+        action="store_true",
+        help="add the reasoner-state input channel (MemoryConfig.encoder_reasoner_states)",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="where the grown memory is written")
     p.add_argument("--reasoner", default=None, metavar="SRC", help="the reasoner (default: the memory's own)")
     p.add_argument("--device", default="cpu", help="where the growth runs (default: cpu)")
     args = p.parse_args(argv)
+    if args.add_blocks < 0 or not (args.add_blocks or args.reasoner_states):
+        p.error("grow by --add-blocks N (N >= 1), --reasoner-states, or both")
 
     path = args.checkpoint or default_checkpoint_dir()
     reasoner = load_reasoner(args.reasoner, device=args.device, dtype="float32")
     memory = MemoryModel.from_pretrained(path, reasoner=reasoner)
     depth = memory.config.encoder_layers
-    diff = grow(memory, args.add_blocks)
+    diff = grow(memory, args.add_blocks, states=args.reasoner_states)
     if diff != 0.0:
         raise SystemExit(f"the grown encoder changed the latents by up to {diff}; nothing written")
     memory.save_pretrained(args.output)
@@ -58,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 "checkpoint": str(path),
                 "output": args.output,
                 "encoder_layers": [depth, memory.config.encoder_layers],
+                "encoder_reasoner_states": memory.config.encoder_reasoner_states,
                 "parameters": n,
                 "latent_max_abs_diff": diff,
             }

@@ -17,14 +17,23 @@
 #                                       ABLATION_STEPS (default 800) steps; run it again until both finish (exact
 #                                       resume), then the fidelity bench of the pair (--record
 #                                       formation/prior-ablation-equal-steps, summary.json untouched)
-#   scripts/gpu/formation.sh growth     is the encoder of $INIT limited by its depth? Two arms side by side on one GPU,
-#                                       both started from $INIT on the same data, seed and schedule of GROWTH_STEPS
-#                                       (default 2400): `same` as it is, `grown` with GROW_BLOCKS (default 4)
-#                                       identity-initialised encoder blocks on top (scripts/formation/grow_encoder.py);
-#                                       the extend settings of the shipped checkpoint's last run (lr 3e-4, lengths
-#                                       64-512); run it again to continue (exact resume); every call ends with the
-#                                       fidelity bench of both arms' latest weights (--record formation/encoder-growth
-#                                       once both schedules are finished)
+#   scripts/gpu/formation.sh scratch    does a zero-pretrained encoder learn faster when it also reads the reasoner's
+#                                       hidden states of the passage? configs/formation-smollm2.yaml trained twice
+#                                       from random init side by side on one GPU: `tokens` (as shipped) and `states`
+#                                       (memory.encoder_reasoner_states=true), the same data, seed and schedule of
+#                                       SCRATCH_STEPS (default 2388, the shipped checkpoint's first run); run it again
+#                                       to continue (exact resume), then the fidelity bench of the pair (--record
+#                                       formation/reasoner-states-scratch)
+#   scripts/gpu/formation.sh growth     what limits the encoder of $INIT? Arms side by side on one GPU, all started
+#                                       from $INIT on the same data, seed and schedule of GROWTH_STEPS (default 2400):
+#                                       `same` as it is, `grown` grown by GROW_FLAGS (default `--add-blocks
+#                                       $GROW_BLOCKS`, GROW_BLOCKS=4 identity-initialised blocks; `--reasoner-states`
+#                                       adds the reasoner-state input) by scripts/formation/grow_encoder.py; ARMS
+#                                       (default "same grown") picks the arms; the extend settings of the shipped
+#                                       checkpoint's last run (lr 3e-4, lengths 64-512); run it again to continue
+#                                       (exact resume); every call ends with the fidelity bench of the arms' latest
+#                                       weights (--record formation/$GROWTH_RECORD, default encoder-growth, once every
+#                                       schedule is finished)
 #   scripts/gpu/formation.sh extend     more training for the weights in $INIT (default: the shipped checkpoint) on a
 #                                       new schedule of PLAN_MINUTES; COMPILE=auto first times compile=none and
 #                                       compile=all (SECONDS_EACH) and trains with the faster; continue with `resume`
@@ -38,7 +47,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ablation|growth}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ablation|scratch|growth}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -188,18 +197,41 @@ case "$PHASE" in
     fi
     package ""
     ;;
+  scratch)
+    STEPS=${SCRATCH_STEPS:-2388}
+    [ "${SMALL:-0}" = 1 ] && STEPS=4
+    pids=()
+    for arm in tokens states; do
+      states=false; [ "$arm" = states ] && states=true
+      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/scratch-$arm" --quiet \
+        --resume --steps "$STEPS" --stop-at "$(deadline)" --set memory.encoder_reasoner_states=$states \
+        --set run.eval_every=200 "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" \
+        > "$STAGE/train-summary-$arm.json" 2> "$STAGE/train-$arm.log" &
+      pids+=($!)
+    done
+    wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
+    RECORD=()
+    if finished_pair scratch tokens states; then RECORD=(--record formation/reasoner-states-scratch)
+    else echo "the schedules are not finished: run this phase again (it resumes exactly)"; fi
+    $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/scratch-tokens/memory" \
+      --checkpoint "$RUN/scratch-states/memory" --passages "$PASSAGES" "${RECORD[@]}" --json "${BENCH_SMALL[@]}" \
+      > "$STAGE/fidelity-scratch.json" || echo "the fidelity bench failed"
+    package ""
+    ;;
   growth)
     STEPS=${GROWTH_STEPS:-2400}
     [ "${SMALL:-0}" = 1 ] && STEPS=4
     GROWN_INIT="$RUN/growth-init-grown"
-    if [ ! -f "$GROWN_INIT/memsplice_config.json" ]; then
-      $PY scripts/formation/grow_encoder.py --checkpoint "$INIT" --add-blocks "${GROW_BLOCKS:-4}" --output "$GROWN_INIT"
+    read -r -a ARM_LIST <<< "${ARMS:-same grown}"
+    if [[ " ${ARM_LIST[*]} " == *" grown "* ]] && [ ! -f "$GROWN_INIT/memsplice_config.json" ]; then
+      read -r -a GROW <<< "${GROW_FLAGS:---add-blocks ${GROW_BLOCKS:-4}}"
+      $PY scripts/formation/grow_encoder.py --checkpoint "$INIT" "${GROW[@]}" --output "$GROWN_INIT"
     fi
     GROWTH_SETS=(--set optim.lr=3e-4 --set optim.warmup_steps=50 --set data.curriculum_steps=0
                  --set "data.lengths=[64,128,256,512]" --set "data.length_weights=[1.0,2.0,1.5,2.0]"
                  --set run.eval_every=200)
     pids=()
-    for arm in same grown; do
+    for arm in "${ARM_LIST[@]}"; do
       if [ "$arm" = same ]; then from=$INIT; else from=$GROWN_INIT; fi
       # --resume continues exactly when this machine holds the arm's state, else starts from the weights in $from
       $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/growth-$arm" --quiet \
@@ -209,12 +241,14 @@ case "$PHASE" in
     done
     wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
     RECORD=()
-    if finished_pair growth same grown; then RECORD=(--record formation/encoder-growth)
+    if finished_pair growth "${ARM_LIST[@]}"; then RECORD=(--record "formation/${GROWTH_RECORD:-encoder-growth}")
     else echo "the schedules are not finished: run this phase again (it resumes exactly)"; fi
-    $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/growth-same/memory" \
-      --checkpoint "$RUN/growth-grown/memory" --passages "$PASSAGES" "${RECORD[@]}" --json "${BENCH_SMALL[@]}" \
-      > "$STAGE/fidelity-growth.json" || echo "the fidelity bench failed"
-    package ""
+    BENCH_ARMS=()
+    for arm in "${ARM_LIST[@]}"; do BENCH_ARMS+=(--checkpoint "$RUN/growth-$arm/memory"); done
+    $PY -m memsplice.cli.main bench fidelity "${BENCH_ARMS[@]}" --passages "$PASSAGES" "${RECORD[@]}" --json \
+      "${BENCH_SMALL[@]}" > "$STAGE/fidelity-growth.json" || echo "the fidelity bench failed"
+    # one arm: its weights come back too (two arms' would not fit in what returns)
+    if [ "${#ARM_LIST[@]}" = 1 ]; then package "$RUN/growth-${ARM_LIST[0]}"; else package ""; fi
     ;;
   extend)
     if [ "${COMPILE:-none}" = auto ]; then

@@ -157,3 +157,53 @@ def test_grow_encoder_script_checks_the_latents():
     memory = small_memory(tiny_reasoner("llama"))
     assert grow(memory, 2) == 0.0
     assert memory.config.encoder_layers == 4
+
+
+def test_reasoner_state_channel_starts_silent_learns_and_round_trips(tmp_path):
+    """The reasoner-state input starts at zero (same latents), gets a gradient, and loads back as extended."""
+    reasoner = tiny_reasoner("llama")
+    memory = small_memory(reasoner)
+    ids = random_ids(2, 10)
+    before = memory.encode(ids).detach()
+    memory.read_reasoner_states()
+    assert memory.config.encoder_reasoner_states
+    assert memory.encoder.state_mix.shape == (reasoner.shapes.num_layers + 1,)
+    torch.testing.assert_close(memory.encode(ids), before, rtol=0, atol=0)
+    memory.encode(ids).pow(2).sum().backward()
+    assert memory.encoder.state_proj.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad and p.grad is not None for p in reasoner.model.parameters())
+    with torch.no_grad():
+        memory.encoder.state_proj.weight.normal_()
+        memory.encoder.state_mix.normal_()
+    changed = memory.encode(ids).detach()
+    assert (changed - before).abs().max() > 0
+    memory.save_pretrained(tmp_path / "states")
+    loaded = MemoryModel.from_pretrained(tmp_path / "states", reasoner=reasoner)
+    assert loaded.config.encoder_reasoner_states
+    torch.testing.assert_close(loaded.encode(ids), changed, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already"):
+        memory.read_reasoner_states()
+
+
+def test_reasoner_states_follow_the_padding_and_are_checked():
+    """A right-padded row gets the same latents as the row alone; a missing or misshaped state input is refused."""
+    memory = small_memory(tiny_reasoner("llama"), encoder_reasoner_states=True)
+    with torch.no_grad():
+        memory.encoder.state_proj.weight.normal_()
+    ids = random_ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    both = memory.encode(ids, mask)
+    alone = memory.encode(ids[1:, :6])
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="hidden states"):
+        memory.encoder(ids)
+    with pytest.raises(ValueError, match="encoder_type"):
+        MemoryConfig(encoder_type="causal_pool", encoder_reasoner_states=True)
+
+
+def test_grow_encoder_script_adds_the_reasoner_states():
+    grow = load_script("formation/grow_encoder.py").grow
+    memory = small_memory(tiny_reasoner("llama"))
+    assert grow(memory, 0, states=True) == 0.0
+    assert memory.config.encoder_reasoner_states and memory.config.encoder_layers == 2

@@ -39,6 +39,11 @@ class MemoryConfig:
     encoder_init: str = "random"
     """"random": zero-pretrained. "reasoner": encoder blocks start as copies of the reasoner's first layers (needs
     encoder_width, encoder_heads and encoder_mlp_ratio equal to the reasoner's; an ablation of the language prior)."""
+    encoder_reasoner_states: bool = False
+    """transformer only: the encoder also reads the frozen reasoner's hidden states of its input (every layer,
+    RMS-normalised, mixed by learned softmax weights) through a projection added to its token inputs that starts at
+    zero. The encoder's weights stay zero-pretrained; what it reads is the reasoner's own view of the passage, the
+    representation its queries come from when it reads the memory back. Costs one reasoner forward per write."""
     operator: str = "prepend_kv"
     """Injection operator: "prepend_kv", "layer_concat" or "prepend_embed" (see memsplice.inject)."""
     target_layers: list[int] | None = None
@@ -132,6 +137,11 @@ class MemoryConfig:
             'must be "transformer" or "causal_pool"',
         )
         need(self.encoder_init in ("random", "reasoner"), "encoder_init", 'must be "random" or "reasoner"')
+        need(
+            not self.encoder_reasoner_states or self.encoder_type == "transformer",
+            "encoder_reasoner_states",
+            'needs encoder_type="transformer"',
+        )
         need(
             self.address_dim is None or (isinstance(self.address_dim, int) and self.address_dim > 0),
             "address_dim",

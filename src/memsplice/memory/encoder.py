@@ -9,6 +9,11 @@ Initialisation is random everywhere except the token embedding, which starts *ti
 matrix: while tied it is the reasoner's tensor itself (no copy, no gradient). `untie_embedding()` turns it into a
 trainable float32 copy; the training loop does that after `embed_warmup_updates` optimizer updates.
 
+With `MemoryConfig.encoder_reasoner_states` the encoder also reads the frozen reasoner's hidden states of its input
+(`reasoner_states`): every layer's states are RMS-normalised, mixed by learned softmax weights and projected into
+the token inputs by a matrix that starts at zero, so adding the channel to a trained encoder changes nothing until
+training gives it a use (`add_reasoner_states`). The states are computed without gradient: the reasoner stays frozen.
+
 Two variants serve as baselines, chosen by `MemoryConfig.encoder_type` / `encoder_init` through `build_encoder`:
 - `encoder_init="reasoner"` starts the blocks as copies of the reasoner's first layers (the language-prior
   ablation). The copy is as close as the architectures allow: the encoder is bidirectional and has learned absolute
@@ -35,6 +40,16 @@ def checked_memory_mask(
             "(max_memory_tokens): chunk or evict first"
         )
     return torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+
+@torch.no_grad()
+def reasoner_states(reasoner, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(L+1, B, T, d): the reasoner's hidden states of the input (its embeddings, then every layer's output), read
+    as ordinary text, in the reasoner's dtype."""
+    out = reasoner.decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
+    )
+    return torch.stack(out.hidden_states)
 
 
 class RMSNorm(nn.Module):
@@ -73,7 +88,7 @@ class EncoderBlock(nn.Module):
 
 
 class MemoryEncoder(nn.Module):
-    def __init__(self, config, reasoner_embedding: torch.Tensor):
+    def __init__(self, config, reasoner_embedding: torch.Tensor, reasoner_layers: int | None = None):
         super().__init__()
         vocab, d = reasoner_embedding.shape
         w = config.encoder_width
@@ -93,6 +108,27 @@ class MemoryEncoder(nn.Module):
         self.final_norm = RMSNorm(w)
         self.out_proj = nn.Linear(w, d, bias=False)
         self.apply(self._init_linear)
+        self.state_mix: nn.Parameter | None = None
+        self.state_proj: nn.Linear | None = None
+        if getattr(config, "encoder_reasoner_states", False):
+            if reasoner_layers is None:
+                raise ValueError("an encoder that reads the reasoner's states needs its number of layers")
+            self.add_reasoner_states(reasoner_layers)
+
+    @property
+    def reads_reasoner_states(self) -> bool:
+        return self.state_proj is not None
+
+    @torch.no_grad()
+    def add_reasoner_states(self, reasoner_layers: int) -> None:
+        """Give the encoder its reasoner-state input: mixing weights over the reasoner's L+1 hidden states (equal at
+        first) and a projection into the token inputs that starts at zero, so the latents are unchanged."""
+        if self.state_proj is not None:
+            raise ValueError("the encoder already reads the reasoner's states")
+        ref = self.in_proj.weight
+        self.state_mix = nn.Parameter(torch.zeros(reasoner_layers + 1, device=ref.device, dtype=ref.dtype))
+        self.state_proj = nn.Linear(self.in_proj.in_features, self.in_proj.out_features, bias=False)
+        self.state_proj.to(device=ref.device, dtype=ref.dtype).weight.zero_()
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
@@ -135,13 +171,36 @@ class MemoryEncoder(nn.Module):
             self.blocks.append(block.to(device=ref.device, dtype=ref.dtype))
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) with T <= max_memory_tokens, attention_mask (B, T) -> latents (B, M, d) in float32."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) with T <= max_memory_tokens, attention_mask (B, T) -> latents (B, M, d) in float32.
+        `states` (L+1, B, T, d): the reasoner's hidden states of the input (`reasoner_states`), needed exactly when
+        the encoder reads them."""
         b, t = input_ids.shape
         attention_mask = checked_memory_mask(input_ids, attention_mask, self.max_tokens)
         weight = self.embedding_weight()
         dtype = self.in_proj.weight.dtype
         tokens = self.in_proj(F.embedding(input_ids, weight).to(dtype)) + self.position[:t]  # (B, T, w)
+        if self.state_proj is not None:
+            if (
+                states is None
+                or states.shape[1:3] != input_ids.shape
+                or states.shape[0] != len(self.state_mix)
+            ):
+                raise ValueError(
+                    f"this encoder reads the reasoner's {len(self.state_mix)} hidden states of its input "
+                    f"(L+1, B, T, d); got {None if states is None else tuple(states.shape)}"
+                )
+            s = states.float()
+            s = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
+            mixed = torch.einsum("l,lbtd->btd", torch.softmax(self.state_mix.float(), 0), s)
+            tokens = tokens + self.state_proj(mixed.to(dtype))
+        elif states is not None:
+            raise ValueError("this encoder does not read the reasoner's states")
         slots = self.slots.expand(b, -1, -1)  # (B, M, w)
         x = torch.cat([tokens, slots], dim=1)  # (B, T+M, w)
         keep = torch.cat(
@@ -261,7 +320,7 @@ def build_encoder(config, reasoner) -> nn.Module:
     """The encoder `config` asks for, bound to `reasoner` (see the module docstring)."""
     if config.encoder_type == "causal_pool":
         return CausalPoolEncoder(config, reasoner)
-    encoder = MemoryEncoder(config, reasoner.embedding_weight)
+    encoder = MemoryEncoder(config, reasoner.embedding_weight, reasoner.shapes.num_layers)
     if config.encoder_init == "reasoner":
         encoder.init_from_reasoner(reasoner)
     return encoder

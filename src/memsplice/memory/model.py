@@ -33,7 +33,7 @@ from ..inject.registry import get_operator
 from ..inject.splice import forward_with_memory, generate_with_memory
 from .address import AddressHead
 from .config import CONFIG_NAME, MemoryConfig
-from .encoder import build_encoder
+from .encoder import build_encoder, checked_memory_mask, reasoner_states
 from .refine import refine_latents
 from .safety import NON_FINITE_KV, FallbackEvent, FallbackLog, check_latents
 
@@ -104,13 +104,26 @@ class MemoryModel(nn.Module):
         self.encoder.add_blocks(blocks)
         self.config.encoder_layers = len(self.encoder.blocks)
 
+    def read_reasoner_states(self) -> None:
+        """Give the encoder the reasoner's hidden states of its input as a second input channel that starts at zero
+        (`MemoryEncoder.add_reasoner_states`: the latents do not change until training uses it) and record it in
+        the config, so that `save_pretrained` writes a checkpoint that loads as the extended model."""
+        if self.config.encoder_type != "transformer":
+            raise ValueError(
+                f"only a transformer encoder reads the reasoner's states, not {self.config.encoder_type!r}"
+            )
+        self.encoder.add_reasoner_states(self.reasoner.shapes.num_layers)
+        self.config.encoder_reasoner_states = True
+
     # -- writing memory ----------------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> latents (B, M, d)."""
-        return self.encoder(
-            input_ids.to(self.reasoner.device),
-            None if attention_mask is None else attention_mask.to(self.reasoner.device),
-        )
+        ids = input_ids.to(self.reasoner.device)
+        mask = None if attention_mask is None else attention_mask.to(self.reasoner.device)
+        if not getattr(self.encoder, "reads_reasoner_states", False):
+            return self.encoder(ids, mask)
+        mask = checked_memory_mask(ids, mask, self.config.max_memory_tokens)
+        return self.encoder(ids, mask, reasoner_states(self.reasoner, ids, mask))
 
     def gate_values(self, latents: torch.Tensor) -> torch.Tensor:
         """g = sigmoid(W_g z): (B, M)."""
