@@ -37,3 +37,13 @@ def test_encoder_flops_are_three_forward_passes(reasoner):
 
 def test_no_peak_on_cpu():
     assert peak_flops("cpu") is None
+
+
+def test_the_reasoner_state_input_counts_its_projection_once_per_token(reasoner):
+    """state_proj runs over the passage's tokens (not its slots), like in_proj."""
+    plain = small_memory(reasoner)
+    states = small_memory(reasoner, encoder_reasoner_states=True)
+    proj = states.encoder.state_proj
+    rows, tokens = 2, 10
+    extra = encoder_flops(states, rows, tokens) - encoder_flops(plain, rows, tokens)
+    assert extra == 3.0 * rows * tokens * 2 * proj.in_features * proj.out_features

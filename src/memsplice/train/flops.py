@@ -4,7 +4,9 @@ What is counted (matrix multiplies and attention scores; norms, activations and 
 - frozen reasoner: the forward pass over the text, and the activation gradient (no weight gradient: the reasoner
   is frozen), i.e. 2x the forward FLOPs for its linear layers and 2x for attention (dQ, dK, dV, dP);
 - LM head at target positions only: forward, and its activation gradient;
-- memory encoder and injection projections: forward and backward (activation and weight gradients): 3x forward.
+- memory encoder and injection projections: forward and backward (activation and weight gradients): 3x forward;
+- the reasoner's own forward pass over the passage, without gradient, where the encoder reads it (the causal-pool
+  baseline, `MemoryConfig.encoder_reasoner_states`).
 A multiply-add counts as 2 FLOPs. Attention counts each query against the keys it can see (causal).
 """
 
@@ -84,8 +86,11 @@ def encoder_flops(memory_model, rows: int, tokens: int) -> float:
     s_len = tokens + cfg.num_slots
     forward = 0.0
     if cfg.encoder_type == "transformer":
-        in_out = 2 * memory_model.encoder.in_proj.in_features * memory_model.encoder.in_proj.out_features
-        out = 2 * memory_model.encoder.out_proj.in_features * memory_model.encoder.out_proj.out_features
+        enc = memory_model.encoder
+        in_out = 2 * enc.in_proj.in_features * enc.in_proj.out_features
+        if enc.state_proj is not None:  # per token, like in_proj
+            in_out += 2 * enc.state_proj.in_features * enc.state_proj.out_features
+        out = 2 * enc.out_proj.in_features * enc.out_proj.out_features
         blocks = params_linear - in_out - out
         forward += rows * (tokens * in_out + s_len * blocks + cfg.num_slots * out)
         forward += rows * 2 * 2 * cfg.encoder_width * s_len * s_len * cfg.encoder_layers  # full attention

@@ -379,12 +379,13 @@ class FormationRecipe:
         """FLOPs, passages and passage tokens of this rank's step (see memsplice.train.flops)."""
         m, i = self.memory.config.num_slots, self.instruction.numel()
         flops, passages, tokens = 0.0, 0, 0
-        causal = self.memory.config.encoder_type == "causal_pool"
+        cfg = self.memory.config
+        reads_reasoner = cfg.encoder_type == "causal_pool" or cfg.encoder_reasoner_states
 
         def encode(rows, n):
             nonlocal flops, passages, tokens
             flops += encoder_flops(self.memory, rows, n)
-            if causal:  # the reasoner's own forward pass, no gradient
+            if reads_reasoner:  # the reasoner's own forward pass over the passage, no gradient
                 flops += 0.5 * reasoner_read_flops(self.cost, rows, 0, n, 0)
             passages += rows
             tokens += rows * n
