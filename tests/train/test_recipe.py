@@ -8,6 +8,7 @@ import torch
 from formation_helpers import tiny_config
 from memsplice.memory import MemoryModel
 from memsplice.train import FormationRecipe, latest_checkpoint
+from memsplice.train.flops import reasoner_read_flops
 from memsplice.train.state import LATEST, checkpoint_root
 from tiny import tiny_reasoner
 
@@ -168,3 +169,26 @@ def test_plan_minutes_sizes_the_schedule(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "plan", run={"plan_minutes": 0.01, "steps": 1000, "eval_every": 0})
     recipe, summary = _run(cfg)
     assert summary["finished"] and 16 <= summary["planned_steps"] < 1000
+
+
+def test_reasoner_state_input_trains_with_the_reasoner_frozen(corpus, tmp_path):
+    """With memory.encoder_reasoner_states the encoder learns to use the reasoner's states (the projection leaves
+    zero), the reasoner's weights do not move, the step's FLOPs count the reasoner's forward over the passages, and
+    the export loads back with the channel."""
+    reasoner = tiny_reasoner("llama")
+    digest = reasoner.weights_digest()
+    out = tmp_path / "states"
+    recipe, summary = _run(
+        tiny_config(corpus, out, memory={"encoder_reasoner_states": True}), reasoner=reasoner
+    )
+    assert summary["finished"]
+    assert recipe.memory.encoder.state_proj.weight.abs().sum() > 0
+    assert reasoner.weights_digest() == digest
+    loaded = MemoryModel.from_pretrained(out / "memory", reasoner=reasoner)
+    assert loaded.config.encoder_reasoner_states and loaded.encoder.reads_reasoner_states
+    plain, _ = _run(tiny_config(corpus, tmp_path / "plain"), reasoner=reasoner)
+    batches = plain._batches(0)
+    extra = recipe._step_cost(batches).flops - plain._step_cost(batches).flops
+    rows, n = batches["reconstruction"].shape
+    forward = 0.5 * reasoner_read_flops(plain.cost, rows, 0, n, 0)  # at least the reconstruction passages
+    assert extra > forward > 0
