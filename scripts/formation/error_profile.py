@@ -31,7 +31,7 @@ from memsplice.bench.record import save_result
 from memsplice.checkpoints import default_checkpoint_dir
 from memsplice.train.config import DataArgs
 from memsplice.train.data import corpus_tokens, heldout_passages
-from memsplice.train.evaluate import passage_hits
+from memsplice.train.evaluate import reconstruction_hits
 
 FREQ_EDGES = (0, 10, 100, 1_000, 10_000, 100_000, math.inf)
 
@@ -105,13 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     for n in args.lengths:
         passages = heldout_passages(train if args.split == "train" else heldout, n, args.passages)
-        hits, floor = [], []
-        with torch.no_grad():
-            for s in range(0, passages.shape[0], args.batch_rows):
-                rows = passages[s : s + args.batch_rows].to(reasoner.device)
-                hits.append(passage_hits(reasoner, memory.write(rows).kv, rows, instruction).cpu())
-                floor.append(passage_hits(reasoner, None, rows, instruction).cpu())
-        result = profile(torch.cat(hits), torch.cat(floor), passages.cpu(), counts, memory.config.num_slots)
+        hits, floor = (
+            reconstruction_hits(reasoner, m, passages, instruction, args.batch_rows) for m in (memory, None)
+        )
+        result = profile(hits, floor, passages, counts, memory.config.num_slots)
         report["lengths"][str(n)] = result
         print(n, {k: result[k] for k in ("accuracy", "floor_accuracy", "by_floor")}, flush=True)
     if args.record:

@@ -57,6 +57,31 @@ def passage_hits(
 
 
 @torch.no_grad()
+def reconstruction_hits(
+    reasoner,
+    memory_model,
+    passages: torch.Tensor,
+    instruction: torch.Tensor,
+    batch_rows: int = 32,
+    progress=None,
+    refine_steps: int = 0,
+) -> torch.Tensor:
+    """(N, T) bool on the CPU: which tokens of `passages` (N, T) the reasoner predicts after [memory of the passage,
+    written by `memory_model` in batches of `batch_rows`, or no memory when None][instruction]; `refine_steps`
+    write-time refinement steps per memory (`memsplice.memory.refine`)."""
+    device = reasoner.device
+    instruction = instruction.to(device)
+    hits = []
+    for start in range(0, passages.shape[0], batch_rows):
+        p = passages[start : start + batch_rows].to(device)
+        memory = memory_model.write(p, refine_steps=refine_steps).kv if memory_model is not None else None
+        hits.append(passage_hits(reasoner, memory, p, instruction).cpu())
+        if progress is not None:
+            progress.update(p.shape[0])
+    return torch.cat(hits)
+
+
+@torch.no_grad()
 def reconstruction_fidelity(
     reasoner,
     memory_model,
@@ -66,19 +91,9 @@ def reconstruction_fidelity(
     progress=None,
     refine_steps: int = 0,
 ) -> Fidelity:
-    """Fidelity of `memory_model` (or of no memory, when None) on `passages` (N, T); `refine_steps` write-time
-    refinement steps per memory (`memsplice.memory.refine`)."""
-    device = reasoner.device
-    instruction = instruction.to(device)
-    hits_total, exact, n = 0, 0, passages.shape[0]
-    for start in range(0, n, batch_rows):
-        p = passages[start : start + batch_rows].to(device)
-        b = p.shape[0]
-        memory = memory_model.write(p, refine_steps=refine_steps).kv if memory_model is not None else None
-        hits = passage_hits(reasoner, memory, p, instruction)  # (B, T)
-        hits_total += int(hits.sum())
-        exact += int(hits.all(dim=1).sum())
-        if progress is not None:
-            progress.update(b)
-    tokens = passages.numel()
-    return Fidelity(hits_total / tokens, exact / n, n, tokens)
+    """Fidelity of `memory_model` (or of no memory, when None) on `passages` (N, T) (`reconstruction_hits`)."""
+    hits = reconstruction_hits(
+        reasoner, memory_model, passages, instruction, batch_rows, progress, refine_steps
+    )
+    n, tokens = hits.shape[0], hits.numel()
+    return Fidelity(int(hits.sum()) / tokens, int(hits.all(dim=1).sum()) / n, n, tokens)
