@@ -94,6 +94,21 @@ time_compile() {  # time_compile MODE SECONDS [train flags...]: a throughput run
     --set run.eval_every=0 --set "run.eval_lengths=[64]" --set run.eval_passages=8 "$@" "${SMALL_FLAGS[@]}"
 }
 
+ARM_PIDS=()
+start_arm() {  # start_arm PREFIX ARM CONFIG [train flags...]: one of several runs side by side, in the background
+  # --resume continues exactly when this machine holds the arm's state, else starts fresh (or from --init-from);
+  # the arms share run.steps, so they follow the same schedule whatever their speed
+  local prefix=$1 arm=$2 config=$3; shift 3
+  $PY -m memsplice.cli.main train --config "$config" --output "$RUN/$prefix-$arm" --quiet --resume \
+    --stop-at "$(deadline)" "$@" "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" \
+    > "$STAGE/train-summary-$arm.json" 2> "$STAGE/train-$arm.log" &
+  ARM_PIDS+=($!)
+}
+
+wait_arms() {  # a bare `wait` would also wait for the log's tee, which never ends
+  wait "${ARM_PIDS[@]}" || true
+}
+
 finished_pair() {  # finished_pair PREFIX ARM...: show and keep the side-by-side arms' summaries and curves; true when all finished
   local prefix=$1 arm all=0; shift
   for arm in "$@"; do
@@ -179,15 +194,11 @@ case "$PHASE" in
   ablation)
     STEPS=${ABLATION_STEPS:-800}
     [ "${SMALL:-0}" = 1 ] && STEPS=4
-    pids=()
     for init in reasoner random; do
-      # the same schedule (run.steps) for both, whatever their speed; --resume starts fresh when there is no state
-      $PY -m memsplice.cli.main train --config configs/formation-prior.yaml --output "$RUN/ablation-$init" --quiet \
-        --resume --steps "$STEPS" --stop-at "$(deadline)" --set memory.encoder_init="$init" --set run.eval_every=200 \
-        "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" > "$STAGE/train-summary-$init.json" 2> "$STAGE/train-$init.log" &
-      pids+=($!)
+      start_arm ablation "$init" configs/formation-prior.yaml --steps "$STEPS" --set memory.encoder_init="$init" \
+        --set run.eval_every=200
     done
-    wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
+    wait_arms
     if finished_pair ablation reasoner random; then
       $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/ablation-random/memory" \
         --prior "$RUN/ablation-reasoner/memory" --passages "$PASSAGES" --record formation/prior-ablation-equal-steps \
@@ -200,16 +211,12 @@ case "$PHASE" in
   scratch)
     STEPS=${SCRATCH_STEPS:-2388}
     [ "${SMALL:-0}" = 1 ] && STEPS=4
-    pids=()
     for arm in tokens states; do
       states=false; [ "$arm" = states ] && states=true
-      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/scratch-$arm" --quiet \
-        --resume --steps "$STEPS" --stop-at "$(deadline)" --set memory.encoder_reasoner_states=$states \
-        --set run.eval_every=200 "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" \
-        > "$STAGE/train-summary-$arm.json" 2> "$STAGE/train-$arm.log" &
-      pids+=($!)
+      start_arm scratch "$arm" configs/formation-smollm2.yaml --steps "$STEPS" \
+        --set memory.encoder_reasoner_states=$states --set run.eval_every=200
     done
-    wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
+    wait_arms
     RECORD=()
     if finished_pair scratch tokens states; then RECORD=(--record formation/reasoner-states-scratch)
     else echo "the schedules are not finished: run this phase again (it resumes exactly)"; fi
@@ -230,16 +237,11 @@ case "$PHASE" in
     GROWTH_SETS=(--set optim.lr=3e-4 --set optim.warmup_steps=50 --set data.curriculum_steps=0
                  --set "data.lengths=[64,128,256,512]" --set "data.length_weights=[1.0,2.0,1.5,2.0]"
                  --set run.eval_every=200)
-    pids=()
     for arm in "${ARM_LIST[@]}"; do
       if [ "$arm" = same ]; then from=$INIT; else from=$GROWN_INIT; fi
-      # --resume continues exactly when this machine holds the arm's state, else starts from the weights in $from
-      $PY -m memsplice.cli.main train --config configs/formation-smollm2.yaml --output "$RUN/growth-$arm" --quiet \
-        --resume --init-from "$from" --steps "$STEPS" --stop-at "$(deadline)" "${GROWTH_SETS[@]}" \
-        "${TRAIN_SETS[@]}" "${SMALL_FLAGS[@]}" > "$STAGE/train-summary-$arm.json" 2> "$STAGE/train-$arm.log" &
-      pids+=($!)
+      start_arm growth "$arm" configs/formation-smollm2.yaml --init-from "$from" --steps "$STEPS" "${GROWTH_SETS[@]}"
     done
-    wait "${pids[@]}" || true  # a bare `wait` would also wait for the log's tee, which never ends
+    wait_arms
     RECORD=()
     if finished_pair growth "${ARM_LIST[@]}"; then RECORD=(--record "formation/${GROWTH_RECORD:-encoder-growth}")
     else echo "the schedules are not finished: run this phase again (it resumes exactly)"; fi

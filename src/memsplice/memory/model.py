@@ -120,7 +120,7 @@ class MemoryModel(nn.Module):
         """Token ids (B, T) -> latents (B, M, d)."""
         ids = input_ids.to(self.reasoner.device)
         mask = None if attention_mask is None else attention_mask.to(self.reasoner.device)
-        if not getattr(self.encoder, "reads_reasoner_states", False):
+        if not self.config.encoder_reasoner_states:
             return self.encoder(ids, mask)
         mask = checked_memory_mask(ids, mask, self.config.max_memory_tokens)
         return self.encoder(ids, mask, reasoner_states(self.reasoner, ids, mask))
