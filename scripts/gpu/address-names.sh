@@ -15,10 +15,12 @@
 # STAGES (default "train margin measure"), RUNS (default /root/address-names), LENGTHS (history tokens of the
 # margin and recall conversations) and HISTORY (of the read-back ones; both default "16384 32768 65536"), BUDGET
 # (each read-back process's --time-budget, default 540), STEPS/EPISODES (2000/400), TRAIN_ARGS (more flags for the
-# head's training).
+# head's training), MARGIN_SEEDS (train-split seeds the margin is chosen on, default "0 1"), USER_SEEDS (seeds of
+# first-person conversations, 1k-4k tokens, added to the margin's choice and to the test recall; default none).
+# The shipped head's recipe: TRAIN_ARGS="--user-perspective 0.3" MARGIN_SEEDS="0 1 2 3" USER_SEEDS="0 1".
 # Writes under $RUNS: checkpoint/, address-train.log, report.json, margin-train-s{0,1}.json, margin.json,
 # recall-test-s{0..3}.json, readback/ (reading.sh's results and logs); $OUT/address-names.tgz holds all of it but
-# the latent cache.
+# the latent cache and the weights, which come back in $OUT/checkpoint.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:?usage: address-names.sh START_CHECKPOINT_DIR}"
@@ -34,8 +36,14 @@ export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"
 PY="${PYTHON:-python3}"
 PREFIX="${PREFIX:-$PWD/src/memsplice/checkpoints/smollm2-135m-instruct-reading}"
 MARGINS="0 0.25 0.5 0.75 1 1.5 2"
+MARGIN_SEEDS="${MARGIN_SEEDS:-0 1}"
+USER_SEEDS="${USER_SEEDS:-}"
 mkdir -p "$RUNS" "$OUT"
-pack() { tar czf "$OUT/address-names.tgz" -C "$RUNS" --exclude=cache .; }
+pack() {  # the weights come back as their own shards (each under the 16 MiB a returned file may have), the rest as one archive
+  tar czf "$OUT/address-names.tgz" -C "$RUNS" --exclude=cache --exclude='checkpoint/*.safetensors' .
+  [ -d "$RUNS/checkpoint" ] && { rm -rf "$OUT/checkpoint"; cp -r "$RUNS/checkpoint" "$OUT/checkpoint"; }
+  return 0
+}
 trap pack EXIT
 if [[ " $STAGES " == *" train "* ]]; then
   # shellcheck disable=SC2086
@@ -45,14 +53,20 @@ if [[ " $STAGES " == *" train "* ]]; then
   echo "trained: $(grep -o '"recall@1": [0-9.]*' "$RUNS/report.json" | tail -1)"
 fi
 if [[ " $STAGES " == *" margin "* ]]; then
-  for s in 0 1; do
+  for s in $MARGIN_SEEDS; do
     # shellcheck disable=SC2086
     $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split train --lengths $LENGTHS --seed "$s" \
       --values pools --recency-margins $MARGINS --cache "$RUNS/cache" > "$RUNS/margin-train-s$s.json" \
       2> "$RUNS/margin-train-s$s.log" &
   done
+  for s in $USER_SEEDS; do
+    # shellcheck disable=SC2086
+    $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split train --perspective user --seed "$s" \
+      --values pools --recency-margins $MARGINS --cache "$RUNS/cache" > "$RUNS/margin-train-user-s$s.json" \
+      2> "$RUNS/margin-train-user-s$s.log" &
+  done
   wait
-  $PY scripts/online/choose_margin.py "$RUNS/checkpoint" "$RUNS"/margin-train-s{0,1}.json > "$RUNS/margin.json" \
+  $PY scripts/online/choose_margin.py "$RUNS/checkpoint" "$RUNS"/margin-train-*.json > "$RUNS/margin.json" \
     || { echo "choosing the margin failed"; exit 1; }
   echo "margin: $(grep '"value"' "$RUNS/margin.json")"
 fi
@@ -63,6 +77,10 @@ if [[ " $STAGES " == *" measure "* ]]; then
       $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split test --lengths $LENGTHS --seed "$s" \
         --values pools --cache "$RUNS/cache" > "$RUNS/recall-test-s$s.json" 2> "$RUNS/recall-test-s$s.log"
     done) &
+  done
+  for s in $USER_SEEDS; do
+    $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split test --perspective user --seed "$s" \
+      --values pools --cache "$RUNS/cache" > "$RUNS/recall-test-user-s$s.json" 2> "$RUNS/recall-test-user-s$s.log" &
   done
   OUT="$RUNS/readback" PREFIX="$PREFIX" HISTORY="$HISTORY" WAVES="0 1 2 3" SYSTEM_GROUPS=latent-readback \
     BUDGET="$BUDGET" bash scripts/gpu/reading.sh "$RUNS/checkpoint" || echo "read-back failed"
