@@ -18,9 +18,10 @@
 # head's training), MARGIN_SEEDS (train-split seeds the margin is chosen on, default "0 1"), USER_SEEDS (seeds of
 # first-person conversations, 1k-4k tokens, added to the margin's choice and to the test recall; default none).
 # The shipped head's recipe: TRAIN_ARGS="--user-perspective 0.3" MARGIN_SEEDS="0 1 2 3" USER_SEEDS="0 1".
-# Writes under $RUNS: checkpoint/, address-train.log, report.json, margin-train-s{0,1}.json, margin.json,
-# recall-test-s{0..3}.json, readback/ (reading.sh's results and logs); $OUT/address-names.tgz holds all of it but
-# the latent cache and the weights, which come back in $OUT/checkpoint.
+# Writes under $RUNS: checkpoint/, address-train.log, report.json, margin-train-s{0,1}.json (and
+# margin-train-user-s*.json), margin.json, recall-test-s{0..3}.json (and recall-test-user-s*.json), readback/
+# (reading.sh's results and logs); $OUT/address-names.tgz holds all of it but the latent cache and the weights, which
+# come back in $OUT/checkpoint.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="${1:?usage: address-names.sh START_CHECKPOINT_DIR}"
@@ -52,19 +53,16 @@ if [[ " $STAGES " == *" train "* ]]; then
     || { echo "address training failed"; tail -n 20 "$RUNS/address-train.log"; exit 1; }
   echo "trained: $(grep -o '"recall@1": [0-9.]*' "$RUNS/report.json" | tail -1)"
 fi
+recall() {  # recall NAME SEED [address_recall.py flags...]: the head's recall@k, into $RUNS/NAME.json (log NAME.log)
+  local name=$1 seed=$2; shift 2
+  $PY scripts/online/address_recall.py "$RUNS/checkpoint" --seed "$seed" --values pools --cache "$RUNS/cache" "$@" \
+    > "$RUNS/$name.json" 2> "$RUNS/$name.log"
+}
 if [[ " $STAGES " == *" margin "* ]]; then
-  for s in $MARGIN_SEEDS; do
-    # shellcheck disable=SC2086
-    $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split train --lengths $LENGTHS --seed "$s" \
-      --values pools --recency-margins $MARGINS --cache "$RUNS/cache" > "$RUNS/margin-train-s$s.json" \
-      2> "$RUNS/margin-train-s$s.log" &
-  done
-  for s in $USER_SEEDS; do
-    # shellcheck disable=SC2086
-    $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split train --perspective user --seed "$s" \
-      --values pools --recency-margins $MARGINS --cache "$RUNS/cache" > "$RUNS/margin-train-user-s$s.json" \
-      2> "$RUNS/margin-train-user-s$s.log" &
-  done
+  # shellcheck disable=SC2086
+  for s in $MARGIN_SEEDS; do recall "margin-train-s$s" "$s" --split train --lengths $LENGTHS --recency-margins $MARGINS & done
+  # shellcheck disable=SC2086
+  for s in $USER_SEEDS; do recall "margin-train-user-s$s" "$s" --split train --perspective user --recency-margins $MARGINS & done
   wait
   $PY scripts/online/choose_margin.py "$RUNS/checkpoint" "$RUNS"/margin-train-*.json > "$RUNS/margin.json" \
     || { echo "choosing the margin failed"; exit 1; }
@@ -72,16 +70,10 @@ if [[ " $STAGES " == *" margin "* ]]; then
 fi
 if [[ " $STAGES " == *" measure "* ]]; then
   for pair in "0 1" "2 3"; do
-    (for s in $pair; do
-      # shellcheck disable=SC2086
-      $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split test --lengths $LENGTHS --seed "$s" \
-        --values pools --cache "$RUNS/cache" > "$RUNS/recall-test-s$s.json" 2> "$RUNS/recall-test-s$s.log"
-    done) &
+    # shellcheck disable=SC2086
+    (for s in $pair; do recall "recall-test-s$s" "$s" --split test --lengths $LENGTHS; done) &
   done
-  for s in $USER_SEEDS; do
-    $PY scripts/online/address_recall.py "$RUNS/checkpoint" --split test --perspective user --seed "$s" \
-      --values pools --cache "$RUNS/cache" > "$RUNS/recall-test-user-s$s.json" 2> "$RUNS/recall-test-user-s$s.log" &
-  done
+  for s in $USER_SEEDS; do recall "recall-test-user-s$s" "$s" --split test --perspective user & done
   OUT="$RUNS/readback" PREFIX="$PREFIX" HISTORY="$HISTORY" WAVES="0 1 2 3" SYSTEM_GROUPS=latent-readback \
     BUDGET="$BUDGET" bash scripts/gpu/reading.sh "$RUNS/checkpoint" || echo "read-back failed"
   wait
