@@ -11,6 +11,13 @@
 #                                       under benchmarks/results/ (summary.json "formation")
 #   scripts/gpu/formation.sh throughput tokens/s and MFU for compile=none/encoder/all (SECONDS_EACH, default 60;
 #                                       MODES picks some)
+#   scripts/gpu/formation.sh ceiling    what bounds the MFU: scripts/formation/gemm_ceiling.py times the reasoner's GEMMs
+#                                       at a step's shapes for the SmolLM2 135M, 360M and 1.7B shapes; then
+#                                       profile_step.py times compiled steps at 256-token passages: the shipped
+#                                       reasoner with grouped K/V heads read by SDPA and with K/V copied per query
+#                                       head, and random-weight reasoners of the 360M and 1.7B shapes (records
+#                                       formation/gemm-ceiling-$CEILING_RECORD, profile-ceiling-$CEILING_RECORD[-wide],
+#                                       default h200)
 #   scripts/gpu/formation.sh ablation   the language-prior ablation at equal compute: configs/formation-prior.yaml
 #                                       trained twice side by side on one GPU, encoder initialised from the reasoner's
 #                                       layers and at random, the same architecture, data, seed and schedule of
@@ -28,7 +35,8 @@
 #                                       from $INIT on the same data, seed and schedule of GROWTH_STEPS (default 2400):
 #                                       `same` as it is, `grown` grown by GROW_FLAGS (default `--add-blocks
 #                                       $GROW_BLOCKS`, GROW_BLOCKS=4 identity-initialised blocks; `--reasoner-states`
-#                                       adds the reasoner-state input) by scripts/formation/grow_encoder.py; ARMS
+#                                       adds the reasoner-state input, `--width W` a wider stream) by
+#                                       scripts/formation/grow_encoder.py; ARMS
 #                                       (default "same grown") picks the arms; the extend settings of the shipped
 #                                       checkpoint's last run (lr 3e-4, lengths 64-512); run it again to continue
 #                                       (exact resume); every call ends with the fidelity bench of the arms' latest
@@ -47,7 +55,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ablation|scratch|growth}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ceiling|ablation|scratch|growth}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -189,6 +197,24 @@ case "$PHASE" in
     for mode in ${MODES:-none encoder all}; do
       time_compile "$mode" "$SECS" | tee "$STAGE/throughput-$mode.json" || echo "compile=$mode failed"
     done
+    package ""
+    ;;
+  ceiling)
+    REC=${CEILING_RECORD:-h200}
+    PROFILE=(--length 256 --warmup 6 --steps 20 --profile-steps 3)
+    [ "${SMALL:-0}" = 1 ] && PROFILE=(--length 32 --tokens-per-step 128 --warmup 1 --steps 1 --profile-steps 0)
+    if [ "${SMALL:-0}" = 1 ]; then echo "(SMALL: no GEMM timing on the CPU)"
+    else $PY scripts/formation/gemm_ceiling.py --shapes smollm2-135m smollm2-360m smollm2-1.7b --record "$REC" || true; fi
+    $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "ceiling-$REC" \
+      --variant grouped-kv run.compile=all --variant repeated-kv run.compile=all run.grouped_attention=false || true
+    WIDE=()
+    PRESETS="smollm2-360m smollm2-1.7b"; [ "${SMALL:-0}" = 1 ] && PRESETS="smollm2-360m"
+    for preset in ${WIDE_PRESETS:-$PRESETS}; do
+      $PY scripts/formation/gemm_ceiling.py --write-reasoner "$preset" "$RUN/random-$preset" \
+        && WIDE+=(--variant "random-$preset" run.compile=all run.reasoner="$RUN/random-$preset")
+    done
+    [ "${#WIDE[@]}" -gt 0 ] && { $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "ceiling-$REC-wide" \
+      "${WIDE[@]}" || true; }
     package ""
     ;;
   ablation)

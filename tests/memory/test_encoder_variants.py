@@ -133,6 +133,38 @@ def test_grown_encoder_writes_the_same_latents_and_loads_as_grown(tmp_path):
     torch.testing.assert_close(loaded.encode(ids), before, rtol=0, atol=0)
 
 
+def test_widened_encoder_writes_the_same_latents_learns_and_loads_as_widened(tmp_path):
+    reasoner = tiny_reasoner("llama")
+    memory = small_memory(reasoner, encoder_mlp_ratio=1.5)
+    memory.read_reasoner_states()
+    with torch.no_grad():  # a memory whose weights are not at their initial values
+        for p in memory.encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        # a stream of order 1, as in a trained encoder: the norms' eps (added to a mean over more dimensions once
+        # widened) is then negligible, as it is for the shipped checkpoint
+        for p in (memory.encoder.in_proj.weight, memory.encoder.position, memory.encoder.slots):
+            p.mul_(30)
+    ids = random_ids(2, 10)
+    before = memory.encode(ids).detach()
+    w, heads = memory.config.encoder_width, memory.config.encoder_heads
+    head_w = w // heads
+    memory.widen_encoder(w + 2 * head_w)
+    assert (memory.config.encoder_width, memory.config.encoder_heads) == (w + 2 * head_w, heads + 2)
+    block = memory.encoder.blocks[0]
+    assert block.down.in_features == int(1.5 * (w + 2 * head_w))
+    torch.testing.assert_close(memory.encode(ids), before, rtol=1e-4, atol=1e-5)
+    memory.encode(ids).pow(2).sum().backward()
+    # what writes the new dimensions starts at zero but gets a gradient, so they leave zero once trained
+    assert memory.encoder.in_proj.weight.grad[w:].abs().sum() > 0
+    assert block.down.weight.grad[w:].abs().sum() > 0 and block.out.weight.grad[:, w:].abs().sum() > 0
+    memory.save_pretrained(tmp_path / "wide")
+    loaded = MemoryModel.from_pretrained(tmp_path / "wide", reasoner=reasoner)
+    assert loaded.config.encoder_width == w + 2 * head_w
+    torch.testing.assert_close(loaded.encode(ids), before, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="head width"):
+        memory.widen_encoder(w + 2 * head_w + 1)
+
+
 def test_grown_blocks_learn():
     """Zero output projections still get a gradient, so the new blocks leave the identity once trained."""
     memory = small_memory(tiny_reasoner("llama"))

@@ -170,6 +170,81 @@ class MemoryEncoder(nn.Module):
             block.down.weight.zero_()
             self.blocks.append(block.to(device=ref.device, dtype=ref.dtype))
 
+    @torch.no_grad()
+    def widen(self, width: int) -> None:
+        """Widen the residual stream to `width` so that the encoder computes what it did (up to rounding), to ask
+        whether a trained encoder is limited by its width (`scripts/formation/grow_encoder.py --width`).
+
+        Head width stays; the new heads and the new MLP units (the MLP keeps its ratio) are random. Everything that
+        writes the new stream dimensions starts at zero (input projections, positions, slots, attention output and
+        MLP down projection rows), and so does every path from a new head or MLP unit into the old dimensions, so the
+        new dimensions hold zeros until training moves them; what reads them is random, so they get a gradient.
+        RMSNorm gains are scaled by sqrt(old / new), so the zero-padded stream is normalised as before except for
+        the norms' eps, now added to a mean over more dimensions: on the shipped checkpoint the latents move by
+        1.7e-4 of their norm, below bf16 rounding."""
+        first = self.blocks[0]
+        w, head_w = first.out.in_features, first.out.in_features // first.heads
+        hidden = first.down.in_features
+        if width <= w or width % head_w:
+            raise ValueError(f"widen to a multiple of the head width {head_w} above {w}, not {width}")
+        new_hidden = int(hidden * width / w)
+        ref = first.out.weight
+        gain = (w / width) ** 0.5
+
+        def grown(old: nn.Linear, rows: int, cols: int, keep_rows, keep_cols, zero_rows=(), zero_cols=()):
+            lin = nn.Linear(cols, rows, bias=False)
+            self._init_linear(lin)
+            lin = lin.to(device=ref.device, dtype=ref.dtype)
+            for r0, (a, b) in enumerate(keep_rows):
+                lin.weight[a:b, keep_cols[0] : keep_cols[1]] = old.weight[
+                    r0 * (b - a) : (r0 + 1) * (b - a), :
+                ]
+            for a, b in zero_rows:
+                lin.weight[a:b] = 0
+            for a, b in zero_cols:
+                lin.weight[:, a:b] = 0
+            return lin
+
+        def norm(old: RMSNorm) -> RMSNorm:
+            n = RMSNorm(width, old.eps).to(device=ref.device, dtype=ref.dtype)
+            n.weight.fill_(gain)
+            n.weight[:w] = old.weight * gain
+            return n
+
+        for block in self.blocks:
+            block.qkv = grown(
+                block.qkv, 3 * width, width, [(i * width, i * width + w) for i in range(3)], (0, w)
+            )
+            block.out = grown(
+                block.out, width, width, [(0, w)], (0, w), zero_rows=[(w, width)], zero_cols=[(w, width)]
+            )
+            block.gate_up = grown(
+                block.gate_up, 2 * new_hidden, width, [(0, hidden), (new_hidden, new_hidden + hidden)], (0, w)
+            )
+            block.down = grown(
+                block.down,
+                width,
+                new_hidden,
+                [(0, w)],
+                (0, hidden),
+                zero_rows=[(w, width)],
+                zero_cols=[(hidden, new_hidden)],
+            )
+            block.attn_norm, block.mlp_norm = norm(block.attn_norm), norm(block.mlp_norm)
+            block.heads = width // head_w
+        d = self.in_proj.in_features
+        self.in_proj = grown(self.in_proj, width, d, [(0, w)], (0, d), zero_rows=[(w, width)])
+        if self.state_proj is not None:
+            self.state_proj = grown(self.state_proj, width, d, [(0, w)], (0, d), zero_rows=[(w, width)])
+        self.position = nn.Parameter(F.pad(self.position.data, (0, width - w)))
+        self.slots = nn.Parameter(F.pad(self.slots.data, (0, width - w)))
+        self.final_norm = norm(self.final_norm)
+        out = nn.Linear(width, self.out_proj.out_features, bias=False)
+        self._init_linear(out)
+        out = out.to(device=ref.device, dtype=ref.dtype)
+        out.weight[:, :w] = self.out_proj.weight
+        self.out_proj = out
+
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(
         self,

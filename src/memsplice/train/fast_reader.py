@@ -86,6 +86,7 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
+    grouped: bool,
 ) -> torch.Tensor:
     """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M)."""
     b, t, _ = x.shape
@@ -99,7 +100,7 @@ def _decoder_layer(
     k = k * cos + rotate_half(k) * sin
     k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
     v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    a = gated_causal_attention(q, k, v, gate_bias, scale)  # (B, Hq, T, D)
+    a = gated_causal_attention(q, k, v, gate_bias, scale, grouped=grouped)  # (B, Hq, T, D)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -108,9 +109,12 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(self, reasoner, compile: bool = False, static_shapes: bool = False):
+    def __init__(
+        self, reasoner, compile: bool = False, static_shapes: bool = False, grouped_attention: bool = True
+    ):
         """compile: torch.compile the layer function and the head loss; static_shapes: one graph per input shape
-        (else dynamo's default, which makes changed dims dynamic from the second shape on)."""
+        (else dynamo's default, which makes changed dims dynamic from the second shape on); grouped_attention: let
+        SDPA read grouped K/V heads as they are (see `gated_causal_attention`)."""
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
@@ -119,6 +123,7 @@ class FastReader:
         s = reasoner.shapes
         self.heads, self.kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
         self.eps = float(text.rms_norm_eps)
+        self.grouped = grouped_attention
         decoder = reasoner.decoder
         self.scale = float(decoder.layers[0].self_attn.scaling)
         self.layers = [self._weights(layer) for layer in decoder.layers]
@@ -200,6 +205,7 @@ class FastReader:
                 self.head_dim,
                 self.eps,
                 self.scale,
+                self.grouped,
             )
         return _rms_norm(x, self.final_norm, self.eps)
 
