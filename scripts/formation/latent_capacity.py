@@ -10,6 +10,10 @@ teacher-forced token accuracy and exact match of the reasoner reading [memory][i
                 the checkpoint's frozen gate and operator (`MemoryModel.inject`); the encoder is bypassed. What the
                 latent space plus operator can hold: a ceiling for any encoder of this checkpoint. (Memory writes
                 do this for real with `memsplice.memory.refine`, whose step size is absolute, not relative);
+- encoder_span: like free_latents, but the latents stay in the span of the encoder's output projection (its
+                `encoder_width` columns, fewer than the reasoner's width): the free parameters are the encoder's
+                final stream vectors of the slots, so this is what any encoder of this width could write. Its gap
+                to free_latents is what the encoder's width costs the latents;
 - free_kv:      every layer's memory keys and values are free parameters, started at the operator's output for
                 the encoder's latents, with the gate the checkpoint computes from those latents. No bottleneck
                 beyond M slots per layer.
@@ -22,7 +26,8 @@ accuracy after 25 steps at lr 3e-3 / 1e-2 / 3e-2 / 1e-1, and 100% after 100 step
 loss on the way; free K/V reached 100% after 25 steps at 3e-2 and oscillated at 1e-1.
 
     PYTHONPATH=src python scripts/formation/latent_capacity.py [--lengths 128 512] [--passages 8]
-        [--steps-list 0 25 50 100 200 400] [--lr 0.1] [--kv-lr 0.03] [--device cuda] [--record NAME]
+        [--steps-list 0 25 50 100 200 400] [--lr 0.1] [--kv-lr 0.03] [--modes free_latents encoder_span free_kv]
+        [--device cuda] [--record NAME]
 
 Passages: bench fidelity cuts --pool (its --passages, default 128) passages per length from the held-out stream;
 this script takes --passages of them spread evenly over those (indices i * pool // passages), so a subset covers
@@ -49,7 +54,7 @@ from memsplice.train.evaluate import passage_hits, reconstruction_fidelity
 from memsplice.train.objectives import read_back
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "formation"
-MODES = ("free_latents", "free_kv")
+MODES = ("free_latents", "encoder_span", "free_kv")
 
 
 def _rms(x: torch.Tensor, dims) -> torch.Tensor:
@@ -66,6 +71,13 @@ def free_memory(memory_model: MemoryModel, passages: torch.Tensor, mode: str):
         scale = _rms(z0, -1)  # (B, M, 1)
         u = (z0 / scale).requires_grad_(True)
         return [u], lambda: memory_model.inject(u * scale)
+    if mode == "encoder_span":
+        out_proj = memory_model.encoder.out_proj.weight.float()  # (d, w): z = h @ out_proj.T
+        z0 = start.latents.float()
+        h0 = z0 @ torch.linalg.pinv(out_proj).T  # exact: z0 lies in the span
+        scale = _rms(h0, -1)
+        u = (h0 / scale).requires_grad_(True)
+        return [u], lambda: memory_model.inject((u * scale) @ out_proj.T)
     if mode == "free_kv":
         kv, dtype = start.kv, start.kv.keys[0].dtype
         tensors = [t.float() for t in (*kv.keys, *kv.values)]  # (B, H, M, D) each
@@ -201,7 +213,7 @@ def main() -> None:
                         instruction,
                         mode,
                         steps_list,
-                        args.lr if mode == "free_latents" else args.kv_lr,
+                        args.kv_lr if mode == "free_kv" else args.lr,
                     )
                 )
             events = memory.fallback_log.total - before  # rows injected as no memory (latent norm bound)
@@ -243,7 +255,7 @@ def main() -> None:
             "passages_per_length": dict(zip(map(str, args.lengths), counts, strict=True)),
             "pool": args.pool,
             "batch_rows": args.batch_rows,
-            "lr": {"free_latents": args.lr, "free_kv": args.kv_lr},
+            "lr": {"free_latents": args.lr, "encoder_span": args.lr, "free_kv": args.kv_lr},
             "steps_list": steps_list,
             "rows": rows,
         },
