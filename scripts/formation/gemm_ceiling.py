@@ -207,7 +207,7 @@ def main() -> int:
         path = save_result(
             f"gemm-ceiling-{args.record}",
             result,
-            device=f"cuda:0 ({result['device_name']})",
+            device=device,
             directory=Path(os.environ.get("MEMSPLICE_RESULTS", "benchmarks/results")) / "formation",
         )
         print(f"saved {path}")

@@ -14,8 +14,7 @@
 #   scripts/gpu/formation.sh ceiling    what bounds the MFU: scripts/formation/gemm_ceiling.py times the reasoner's GEMMs
 #                                       at a step's shapes for the SmolLM2 135M, 360M and 1.7B shapes; then
 #                                       profile_step.py times compiled steps at 256-token passages: the shipped
-#                                       reasoner with grouped K/V heads read by SDPA and with K/V copied per query
-#                                       head, and random-weight reasoners of the 360M and 1.7B shapes (records
+#                                       reasoner, and random-weight reasoners of the 360M and 1.7B shapes (records
 #                                       formation/gemm-ceiling-$CEILING_RECORD, profile-ceiling-$CEILING_RECORD[-wide],
 #                                       default h200)
 #   scripts/gpu/formation.sh ablation   the language-prior ablation at equal compute: configs/formation-prior.yaml
@@ -206,7 +205,7 @@ case "$PHASE" in
     if [ "${SMALL:-0}" = 1 ]; then echo "(SMALL: no GEMM timing on the CPU)"
     else $PY scripts/formation/gemm_ceiling.py --shapes smollm2-135m smollm2-360m smollm2-1.7b --record "$REC" || true; fi
     $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "ceiling-$REC" \
-      --variant grouped-kv run.compile=all --variant repeated-kv run.compile=all run.grouped_attention=false || true
+      --variant smollm2-135m run.compile=all || true
     WIDE=()
     PRESETS="smollm2-360m smollm2-1.7b"; [ "${SMALL:-0}" = 1 ] && PRESETS="smollm2-360m"
     for preset in ${WIDE_PRESETS:-$PRESETS}; do

@@ -10,14 +10,13 @@ from memsplice.train.objectives import reconstruction
 from tiny import tiny_reasoner
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-kv", "repeated-kv"])
 @pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
-def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator, grouped):
+def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator):
     memory = small_memory(reasoner, operator)
     with torch.no_grad():
         memory.gate.weight.normal_(0, 0.05)  # a gate that differs per slot
     ids, text = random_ids(3, 10), random_ids(3, 7)
-    reader = FastReader(reasoner, grouped_attention=grouped)
+    reader = FastReader(reasoner)
 
     memory.zero_grad()
     want = hidden_states_with_memory(reasoner, text, None, memory.write(ids).kv)

@@ -255,9 +255,6 @@ class RunArgs:
     fast_reader: bool = True
     """Run the training reads through `FastReader` (the reasoner's decoder as plain tensor functions, fused q/k/v
     and gate/up projections) when the reasoner is Llama-family; other reasoners keep the transformers decoder."""
-    grouped_attention: bool = True
-    """In the fast reader, let SDPA read the reasoner's grouped K/V heads as they are (enable_gqa) instead of copying
-    them once per query head; the same result (the choice exists to time both, `scripts/formation/profile_step.py`)."""
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""

@@ -17,6 +17,8 @@ Attention is one SDPA call over [memory][text] with the gate folded into one pad
 H200. Measured and dropped (README, "Memory formation"): FlexAttention with the gate as a score modification (3.6x
 slower per step, its gradient for the captured gate goes through atomics; `benchmarks/results/formation/
 profile-h200-*-flex.json`), the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`),
+grouped K/V heads handed to SDPA as they are (`enable_gqa`: the GPU was busy as long a step, 107.6 against 105.7
+ms with the copies, and the copy kernels took as long; `formation/profile-ceiling-h200.json`),
 and the text through the flash kernel at its own head dim with the memory columns merged by log-sum-exp ("split":
 5-7% faster compiled with static shapes, but then its gradients were wrong on an H200; right and no faster with the
 batch dim dynamic; `formation/profile-h200-256-split*.json`).
@@ -86,7 +88,6 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
-    grouped: bool,
 ) -> torch.Tensor:
     """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M)."""
     b, t, _ = x.shape
@@ -100,7 +101,7 @@ def _decoder_layer(
     k = k * cos + rotate_half(k) * sin
     k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
     v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    a = gated_causal_attention(q, k, v, gate_bias, scale, grouped=grouped)  # (B, Hq, T, D)
+    a = gated_causal_attention(q, k, v, gate_bias, scale)  # (B, Hq, T, D)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -109,12 +110,9 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(
-        self, reasoner, compile: bool = False, static_shapes: bool = False, grouped_attention: bool = True
-    ):
+    def __init__(self, reasoner, compile: bool = False, static_shapes: bool = False):
         """compile: torch.compile the layer function and the head loss; static_shapes: one graph per input shape
-        (else dynamo's default, which makes changed dims dynamic from the second shape on); grouped_attention: let
-        SDPA read grouped K/V heads as they are (see `gated_causal_attention`)."""
+        (else dynamo's default, which makes changed dims dynamic from the second shape on)."""
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
@@ -123,7 +121,6 @@ class FastReader:
         s = reasoner.shapes
         self.heads, self.kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
         self.eps = float(text.rms_norm_eps)
-        self.grouped = grouped_attention
         decoder = reasoner.decoder
         self.scale = float(decoder.layers[0].self_attn.scaling)
         self.layers = [self._weights(layer) for layer in decoder.layers]
@@ -205,7 +202,6 @@ class FastReader:
                 self.head_dim,
                 self.eps,
                 self.scale,
-                self.grouped,
             )
         return _rms_norm(x, self.final_norm, self.eps)
 

@@ -10,9 +10,7 @@ same attention with no mask tensor at all:
   runs in the flash or memory-efficient kernel;
 - the gate becomes one extra key dimension: queries get a constant 1 there, memory keys get log(g) / scale and text
   keys 0, so every score gains exactly log(g) on memory columns (gradients reach the gate through the keys). Head
-  dims are zero-padded by `EXTRA_DIMS` so they stay a multiple of 8;
-- with `grouped=True` (the default) grouped K/V heads (GQA) go to SDPA as they are (`enable_gqa`), so the kernel
-  reads each K/V head for its query heads; `grouped=False` copies K/V once per query head first.
+  dims are zero-padded by `EXTRA_DIMS` so they stay a multiple of 8.
 
 Guarantee: inside `fused_memory_attention(reasoner)`, a forward pass with `memory_gate_bias` computes what the core
 gated attention computes for that layout (tests/train/test_fused_attention.py checks logits and gradients against
@@ -78,13 +76,11 @@ def gated_causal_attention(
     gate_bias: torch.Tensor,
     scale: float,
     dropout: float = 0.0,
-    grouped: bool = True,
 ) -> torch.Tensor:
     """query (B, Hq, T, D); key, value (B, H, M+T, D) with memory first; gate_bias (B, M) log g per slot.
 
     Returns (B, Hq, T, D): text token i attends to every memory slot (its score raised by log g) and to text tokens
-    <= i, in one SDPA call with no mask tensor (see the module docstring). grouped: pass grouped K/V heads to SDPA
-    as they are (enable_gqa) instead of copying them per query head; the result is the same."""
+    <= i, in one SDPA call with no mask tensor (see the module docstring)."""
     b, hq, t, d = query.shape
     hk, s = key.shape[1], key.shape[2]
     bias = gate_bias.clamp(min=GATE_FLOOR).to(query.dtype) / scale  # (B, M)
@@ -95,7 +91,7 @@ def gated_causal_attention(
         dim=-1,
     )  # (B, H, M+T, D+8)
     v = F.pad(value, (0, EXTRA_DIMS))
-    rep = 1 if grouped else hq // hk
+    rep = hq // hk
     out = F.scaled_dot_product_attention(
         q,
         _repeat_kv(k, rep),
@@ -103,7 +99,6 @@ def gated_causal_attention(
         attn_mask=causal_lower_right(t, s),
         dropout_p=dropout,
         scale=scale,
-        enable_gqa=grouped and hq != hk,
     )  # (B, Hq, T, D+8)
     return out[..., :d]
 

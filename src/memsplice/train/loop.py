@@ -332,10 +332,7 @@ class FormationRecipe:
             logger.info("training reads go through the transformers decoder: %s", why)
             return None
         return FastReader(
-            self.reasoner,
-            compile=r.compile == "all",
-            static_shapes=r.reader_shapes == "static",
-            grouped_attention=r.grouped_attention,
+            self.reasoner, compile=r.compile == "all", static_shapes=r.reader_shapes == "static"
         )
 
     def _compile(self) -> None:
