@@ -11,7 +11,7 @@
 
 The grown memory writes the latents the original did (the script checks this on a few passages before saving):
 exactly for blocks and the state channel, to within the norms' eps for width (refused above 1e-3 of the latents'
-norm; the shipped checkpoint moves by 1.7e-4).
+norm; the shipped checkpoint moves by 1.7e-4 to width 512 and 4.7e-4 to 576).
 `memsplice train --init-from OUTPUT` then trains it like any exported memory; `scripts/gpu/formation.sh growth`
 trains it side by side with the ungrown memory on the same data, seed and schedule.
 
