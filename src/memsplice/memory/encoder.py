@@ -171,11 +171,12 @@ class MemoryEncoder(nn.Module):
             self.blocks.append(block.to(device=ref.device, dtype=ref.dtype))
 
     @torch.no_grad()
-    def widen(self, width: int) -> None:
-        """Widen the residual stream to `width` so that the encoder computes what it did (up to rounding), to ask
-        whether a trained encoder is limited by its width (`scripts/formation/grow_encoder.py --width`).
+    def widen(self, width: int, mlp_width: int) -> None:
+        """Widen the residual stream to `width` and the MLP to `mlp_width` so that the encoder computes what it did (up
+        to rounding), to ask whether a trained encoder is limited by its width (`scripts/formation/grow_encoder.py
+        --width`).
 
-        Head width stays; the new heads and the new MLP units (the MLP keeps its ratio) are random. Everything that
+        Head width stays; the new heads and the new MLP units are random. Everything that
         writes the new stream dimensions starts at zero (input projections, positions, slots, attention output and
         MLP down projection rows), and so does every path from a new head or MLP unit into the old dimensions, so the
         new dimensions hold zeros until training moves them; what reads them is random, so they get a gradient.
@@ -187,7 +188,9 @@ class MemoryEncoder(nn.Module):
         hidden = first.down.in_features
         if width <= w or width % head_w:
             raise ValueError(f"widen to a multiple of the head width {head_w} above {w}, not {width}")
-        new_hidden = int(hidden * width / w)
+        if mlp_width < hidden:
+            raise ValueError(f"the MLP cannot narrow from {hidden} to {mlp_width}")
+        new_hidden = mlp_width
         ref = first.out.weight
         gain = (w / width) ** 0.5
 

@@ -105,18 +105,12 @@ class MemoryModel(nn.Module):
         self.config.encoder_layers = len(self.encoder.blocks)
 
     def widen_encoder(self, width: int) -> None:
-        """Widen the encoder's residual stream to `width` (`MemoryEncoder.widen`: the latents do not change) and
-        record the new width and head count in the config, so that `save_pretrained` writes a checkpoint that loads
-        as the widened model."""
+        """Widen the encoder's residual stream to `width`, its MLP to the config's ratio of it (`MemoryEncoder.widen`:
+        the latents do not change), and record the new width and head count in the config, so that
+        `save_pretrained` writes a checkpoint that loads as the widened model."""
         if self.config.encoder_type != "transformer":
             raise ValueError(f"only a transformer encoder can widen, not {self.config.encoder_type!r}")
-        if int(self.config.encoder_mlp_ratio * width) != int(
-            self.encoder.blocks[0].down.in_features * width / self.config.encoder_width
-        ):
-            raise ValueError(
-                f"encoder_mlp_ratio={self.config.encoder_mlp_ratio} gives no whole MLP width at {width}"
-            )
-        self.encoder.widen(width)
+        self.encoder.widen(width, int(self.config.encoder_mlp_ratio * width))
         self.config.encoder_width = width
         self.config.encoder_heads = self.encoder.blocks[0].heads
 
