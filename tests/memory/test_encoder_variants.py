@@ -187,7 +187,7 @@ def test_only_a_transformer_encoder_grows():
 def test_grow_encoder_script_checks_the_latents():
     grow = load_script("formation/grow_encoder.py").grow
     memory = small_memory(tiny_reasoner("llama"))
-    assert grow(memory, 2) == 0.0
+    assert grow(memory, 2) == (0.0, 0.0)
     assert memory.config.encoder_layers == 4
 
 
@@ -237,5 +237,70 @@ def test_reasoner_states_follow_the_padding_and_are_checked():
 def test_grow_encoder_script_adds_the_reasoner_states():
     grow = load_script("formation/grow_encoder.py").grow
     memory = small_memory(tiny_reasoner("llama"))
-    assert grow(memory, 0, states=True) == 0.0
+    assert grow(memory, 0, states=True) == (0.0, 0.0)
     assert memory.config.encoder_reasoner_states and memory.config.encoder_layers == 2
+
+
+def test_slot_spans_cut_each_rows_real_tokens_into_contiguous_chunks():
+    from memsplice.memory.encoder import slot_spans
+
+    mask = torch.zeros(3, 10, dtype=torch.long)
+    mask[0] = 1  # 10 tokens into 4 slots: [0,2) [2,5) [5,7) [7,10)
+    mask[1, :6] = 1  # right-padded, 6 tokens: [0,1) [1,3) [3,4) [4,6)
+    mask[2, 4:] = 1  # left-padded, the same 6 tokens at positions 4-9
+    spans = slot_spans(mask, 4)
+    assert spans.shape == (3, 4, 10)
+    assert [row.nonzero().flatten().tolist() for row in spans[0]] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert [row.nonzero().flatten().tolist() for row in spans[1]] == [[0], [1, 2], [3], [4, 5]]
+    torch.testing.assert_close(spans[2, :, 4:], spans[1, :, :6])
+    assert not spans[2, :, :4].any() and not spans[1, :, 6:].any()
+    # every real token belongs to exactly one slot when there are at least as many tokens as slots
+    assert (spans.sum(1) == mask.bool()).all()
+    # fewer tokens than slots: every slot still reads one token, tokens are shared
+    short = slot_spans(torch.ones(1, 2, dtype=torch.long), 4)
+    assert short.sum(-1).tolist() == [[1, 1, 1, 1]]
+    assert not slot_spans(torch.zeros(1, 3, dtype=torch.long), 2).any()
+
+
+def test_chunk_slot_attention_makes_a_slot_read_only_its_chunk():
+    """With one layer, a slot's latent depends on its chunk's tokens alone under "chunk" (tokens mix only from the
+    first layer on), and on every token under "global"."""
+    reasoner = tiny_reasoner("llama")
+    ids = random_ids(1, 12)
+    other = ids.clone()
+    other[0, 10] = (ids[0, 10] + 1) % 300 + 3  # a token of the last chunk (slots of 3 tokens: 9-11)
+    for mode, first_slots_move in (("chunk", False), ("global", True)):
+        memory = small_memory(reasoner, encoder_layers=1, slot_attention=mode)
+        a, b = memory.encode(ids), memory.encode(other)
+        assert bool((a[0, :3] - b[0, :3]).abs().max() > 1e-6) == first_slots_move
+        assert (a[0, 3] - b[0, 3]).abs().max() > 1e-6
+    deep = small_memory(reasoner, slot_attention="chunk")  # two layers: the rest arrives through the tokens
+    assert (deep.encode(ids)[0, 0] - deep.encode(other)[0, 0]).abs().max() > 1e-6
+
+
+def test_chunk_slot_attention_follows_the_padding_and_round_trips(tmp_path):
+    reasoner = tiny_reasoner("llama")
+    memory = small_memory(reasoner, slot_attention="chunk")
+    ids = random_ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    torch.testing.assert_close(memory.encode(ids, mask)[1:], memory.encode(ids[1:, :7]), atol=1e-5, rtol=1e-4)
+    memory.save_pretrained(tmp_path / "chunk")
+    loaded = MemoryModel.from_pretrained(tmp_path / "chunk", reasoner=reasoner)
+    assert loaded.config.slot_attention == "chunk"
+    torch.testing.assert_close(loaded.encode(ids), memory.encode(ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="slot_attention"):
+        MemoryConfig(slot_attention="local")
+    with pytest.raises(ValueError, match="slot_attention"):
+        MemoryConfig(slot_attention="chunk", encoder_type="causal_pool")
+
+
+def test_slot_attention_changes_on_a_trained_memory_and_is_reported():
+    grow = load_script("formation/grow_encoder.py").grow
+    memory = small_memory(tiny_reasoner("llama"))
+    with pytest.raises(ValueError, match="slot_attention"):
+        memory.set_slot_attention("local")
+    assert memory.config.slot_attention == "global"
+    diff, changed = grow(memory, 0, slot_attention="chunk")
+    assert diff == 0.0 and changed > 0
+    assert memory.config.slot_attention == "chunk" and memory.encoder.slot_attention == "chunk"

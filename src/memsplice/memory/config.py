@@ -44,6 +44,11 @@ class MemoryConfig:
     RMS-normalised, mixed by learned softmax weights) through a projection added to its token inputs that starts at
     zero. The encoder's weights stay zero-pretrained; what it reads is the reasoner's own view of the passage, the
     representation its queries come from when it reads the memory back. Costs one reasoner forward per write."""
+    slot_attention: str = "global"
+    """transformer only: what each slot may attend to in every encoder layer. "global": all tokens and slots.
+    "chunk": slot j reads only the j-th of M contiguous chunks of the input's tokens (the chunking of the causal-pool
+    baseline) and all slots, so each slot is made responsible for one span of the passage; tokens still read
+    everything. Asks whether the encoder's loss along a long passage comes from how it shares its slots out."""
     operator: str = "prepend_kv"
     """Injection operator: "prepend_kv", "layer_concat" or "prepend_embed" (see memsplice.inject)."""
     target_layers: list[int] | None = None
@@ -137,6 +142,16 @@ class MemoryConfig:
             'must be "transformer" or "causal_pool"',
         )
         need(self.encoder_init in ("random", "reasoner"), "encoder_init", 'must be "random" or "reasoner"')
+        need(
+            self.slot_attention in ("global", "chunk"),
+            "slot_attention",
+            'must be "global" or "chunk"',
+        )
+        need(
+            self.slot_attention == "global" or self.encoder_type == "transformer",
+            "slot_attention",
+            '"chunk" needs encoder_type="transformer"',
+        )
         need(
             not self.encoder_reasoner_states or self.encoder_type == "transformer",
             "encoder_reasoner_states",

@@ -14,6 +14,10 @@ With `MemoryConfig.encoder_reasoner_states` the encoder also reads the frozen re
 the token inputs by a matrix that starts at zero, so adding the channel to a trained encoder changes nothing until
 training gives it a use (`add_reasoner_states`). The states are computed without gradient: the reasoner stays frozen.
 
+With `MemoryConfig.slot_attention="chunk"` slot j attends, in every layer, only to the j-th of M contiguous chunks of
+the input's tokens (`slot_spans`, the chunking of the causal-pool baseline) and to the slots; tokens still read
+everything, so a slot sees the rest of the passage through its own chunk's token states.
+
 Two variants serve as baselines, chosen by `MemoryConfig.encoder_type` / `encoder_init` through `build_encoder`:
 - `encoder_init="reasoner"` starts the blocks as copies of the reasoner's first layers (the language-prior
   ablation). The copy is as close as the architectures allow: the encoder is bidirectional and has learned absolute
@@ -52,6 +56,20 @@ def reasoner_states(reasoner, input_ids: torch.Tensor, attention_mask: torch.Ten
     return torch.stack(out.hidden_states)
 
 
+def slot_spans(attention_mask: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(B, M, T) bool: slot j's chunk of each row's n real tokens, counted in order whatever the padding: tokens
+    [floor(j*n/M), floor((j+1)*n/M)), at least one token (a row shorter than M shares tokens between slots; a row
+    without tokens gives its slots none)."""
+    real = attention_mask.bool()
+    rank = real.long().cumsum(1) - 1  # (B, T): index among the row's real tokens
+    n = real.long().sum(1, keepdim=True)  # (B, 1)
+    j = torch.arange(num_slots, device=real.device)[None]  # (1, M)
+    start = j * n // num_slots  # (B, M)
+    end = torch.maximum((j + 1) * n // num_slots, start + 1)
+    r = rank[:, None, :]
+    return real[:, None, :] & (r >= start[..., None]) & (r < end[..., None])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, width: int, eps: float = 1e-6):
         super().__init__()
@@ -75,7 +93,7 @@ class EncoderBlock(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        # x (B, S, w); key_mask (B, 1, 1, S) bool, True where a key may be attended
+        # x (B, S, w); key_mask (B, 1, 1 or S, S) bool, True where a key may be attended
         b, s, w = x.shape
         q, k, v = (
             self.qkv(self.attn_norm(x)).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
@@ -95,6 +113,7 @@ class MemoryEncoder(nn.Module):
         self.num_slots = config.num_slots
         self.max_tokens = config.max_memory_tokens
         self.vocab_size = vocab
+        self.slot_attention = getattr(config, "slot_attention", "global")
         # While tied, the embedding is the reasoner's own tensor, held outside the module's parameters.
         self.__dict__["_tied_embedding"] = reasoner_embedding
         self.token_embedding: nn.Parameter | None = None
@@ -284,7 +303,16 @@ class MemoryEncoder(nn.Module):
         keep = torch.cat(
             [attention_mask.bool(), torch.ones(b, self.num_slots, dtype=torch.bool, device=x.device)], 1
         )
-        key_mask = keep[:, None, None, :]  # (B, 1, 1, T+M)
+        key_mask = keep[:, None, None, :]  # (B, 1, 1, T+M): every query reads every real key
+        if self.slot_attention == "chunk":
+            slot_rows = torch.cat(
+                [
+                    slot_spans(attention_mask, self.num_slots),
+                    torch.ones(b, self.num_slots, self.num_slots, dtype=torch.bool, device=x.device),
+                ],
+                2,
+            )  # (B, M, T+M): slot j reads its chunk and the slots
+            key_mask = torch.cat([keep[:, None, :].expand(b, t, -1), slot_rows], 1)[:, None]  # (B, 1, S, S)
         for block in self.blocks:
             x = block(x, key_mask)
         return self.out_proj(self.final_norm(x[:, t:]))  # (B, M, d)
@@ -369,29 +397,17 @@ class CausalPoolEncoder(nn.Module):
             "the causal-pool encoder reads through the frozen reasoner; it has no embedding to untie"
         )
 
-    def pooling_weights(self, lengths: torch.Tensor, t: int) -> torch.Tensor:
-        """(B, M, T) averaging weights: slot j covers tokens [j*n/M, (j+1)*n/M) of a row with n tokens."""
-        m = self.num_slots
-        j = torch.arange(m, device=lengths.device, dtype=torch.float64)
-        n = lengths.to(torch.float64)[:, None]  # (B, 1)
-        start = torch.floor(j[None] * n / m).long()  # (B, M)
-        end = torch.maximum(torch.floor((j[None] + 1) * n / m).long(), start + 1)
-        pos = torch.arange(t, device=lengths.device)
-        inside = (pos[None, None] >= start[..., None]) & (pos[None, None] < end[..., None])  # (B, M, T)
-        weights = inside.float()
-        return weights / weights.sum(-1, keepdim=True)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t = input_ids.shape
         attention_mask = checked_memory_mask(input_ids, attention_mask, self.max_tokens)
-        lengths = attention_mask.long().sum(1).clamp(min=1)
         if bool((attention_mask[:, 1:].long() > attention_mask[:, :-1].long()).any()):
             raise ValueError("the causal-pool encoder needs right-padded input (ones, then zeros)")
         with torch.no_grad():
             hidden = self.reasoner.decoder(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state  # (B, T, d)
-        return torch.bmm(self.pooling_weights(lengths, t), hidden.float())  # (B, M, d)
+        weights = slot_spans(attention_mask, self.num_slots).float()  # (B, M, T)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)
+        return torch.bmm(weights, hidden.float())  # (B, M, d)
 
 
 def build_encoder(config, reasoner) -> nn.Module:

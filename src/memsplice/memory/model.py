@@ -125,6 +125,17 @@ class MemoryModel(nn.Module):
         self.encoder.add_reasoner_states(self.reasoner.shapes.num_layers)
         self.config.encoder_reasoner_states = True
 
+    def set_slot_attention(self, mode: str) -> None:
+        """Change what the encoder's slots attend to (`MemoryConfig.slot_attention`) and record it in the config.
+        Unlike growth this changes the latents of a trained encoder: training has to adapt it."""
+        if self.config.encoder_type != "transformer":
+            raise ValueError(
+                f"only a transformer encoder has slot attention, not {self.config.encoder_type!r}"
+            )
+        MemoryConfig.from_dict({**self.config.to_dict(), "slot_attention": mode})  # refuses an unknown mode
+        self.config.slot_attention = mode
+        self.encoder.slot_attention = mode
+
     # -- writing memory ----------------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> latents (B, M, d)."""
