@@ -34,7 +34,8 @@
 #                                       from $INIT on the same data, seed and schedule of GROWTH_STEPS (default 2400):
 #                                       `same` as it is, `grown` grown by GROW_FLAGS (default `--add-blocks
 #                                       $GROW_BLOCKS`, GROW_BLOCKS=4 identity-initialised blocks; `--reasoner-states`
-#                                       adds the reasoner-state input, `--width W` a wider stream) by
+#                                       adds the reasoner-state input, `--width W` a wider stream,
+#                                       `--slot-attention chunk` slots that read one chunk each) by
 #                                       scripts/formation/grow_encoder.py; ARMS
 #                                       (default "same grown") picks the arms; the extend settings of the shipped
 #                                       checkpoint's last run (lr 3e-4, lengths 64-512); run it again to continue
