@@ -192,3 +192,17 @@ def test_reasoner_state_input_trains_with_the_reasoner_frozen(corpus, tmp_path):
     rows, n = batches["reconstruction"].shape
     forward = 0.5 * reasoner_read_flops(plain.cost, rows, 0, n, 0)  # at least the reconstruction passages
     assert extra > forward > 0
+
+
+def test_chunk_slot_attention_trains_and_exports(corpus, tmp_path):
+    """memory.slot_attention=chunk goes through the whole recipe and the export loads back reading by chunks."""
+    reasoner = tiny_reasoner("llama")
+    out = tmp_path / "chunk"
+    recipe, summary = _run(tiny_config(corpus, out, memory={"slot_attention": "chunk"}), reasoner=reasoner)
+    assert summary["finished"] and recipe.memory.encoder.slot_attention == "chunk"
+    loaded = MemoryModel.from_pretrained(out / "memory", reasoner=reasoner)
+    assert loaded.config.slot_attention == "chunk" and loaded.encoder.slot_attention == "chunk"
+    ids = torch.randint(3, 200, (2, 24))
+    by_chunk = loaded.encode(ids)
+    loaded.set_slot_attention("global")
+    assert (loaded.encode(ids) - by_chunk).abs().max() > 1e-4
