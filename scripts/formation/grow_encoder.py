@@ -12,7 +12,7 @@
   attends only to the j-th chunk of the passage's tokens (is it how the encoder shares its slots out along a long
   passage?). This changes the latents; the change is reported and training has to adapt the encoder.
 
-Growth alone keeps the latents the original wrote the latents the original did (the script checks this on a few passages before saving):
+A growth alone keeps the latents the original wrote (the script checks this on a few passages before saving):
 exactly for blocks and the state channel, to within the norms' eps for width (refused above 1e-3 of the latents'
 norm; the shipped checkpoint moves by 1.7e-4 to width 512 and 4.7e-4 to 576); the check is made before a change of
 slot attention.
