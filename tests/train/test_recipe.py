@@ -1,14 +1,17 @@
 """The formation recipe end to end on a tiny reasoner: learning, exact resume, atomic checkpoints, a frozen reasoner."""
 
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from formation_helpers import tiny_config
 from memsplice.memory import MemoryModel
-from memsplice.train import FormationRecipe, latest_checkpoint
+from memsplice.train import FormationRecipe, latest_checkpoint, loop
 from memsplice.train.flops import reasoner_read_flops
+from memsplice.train.loop import StepTimes, batch_shapes
 from memsplice.train.state import LATEST, checkpoint_root
 from tiny import tiny_reasoner
 
@@ -169,6 +172,56 @@ def test_plan_minutes_sizes_the_schedule(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "plan", run={"plan_minutes": 0.01, "steps": 1000, "eval_every": 0})
     recipe, summary = _run(cfg)
     assert summary["finished"] and 16 <= summary["planned_steps"] < 1000
+
+
+def test_step_times_leave_out_the_first_step_at_new_shapes():
+    times = StepTimes()
+    for shapes, seconds in [("a", 9.0), ("a", 0.1), ("b", 7.0), ("a", 0.3), ("b", 0.2)]:
+        times.add(shapes, seconds)
+    assert times.seconds_per_step() == pytest.approx(0.2)
+    only_new = StepTimes()  # no step repeated its shapes: the median of all
+    for i, seconds in enumerate([5.0, 0.1, 0.3]):
+        only_new.add(i, seconds)
+    assert only_new.seconds_per_step() == 0.3
+
+
+def test_batch_shapes_tell_passage_lengths_apart(corpus, tmp_path):
+    recipe = FormationRecipe(
+        tiny_config(corpus, tmp_path / "shapes"), reasoner=tiny_reasoner("llama"), show_progress=False
+    )
+    recipe.setup()
+    keys = {batch_shapes(recipe._batches(step)) for step in range(12)}
+    lengths = {dict(k)["reconstruction"][0][1] for k in keys}
+    assert lengths == {8, 16}
+    recipe.cleanup()
+
+
+def test_plan_minutes_is_not_fooled_by_compilation(corpus, tmp_path, monkeypatch):
+    """A step at new shapes that takes 5 s (as compiling them does) does not shrink the plan: on a clock where every
+    other step takes 10 ms, 0.02 minutes plan 0.92 * 1.2 s / 10 ms = 110 steps. With eight passage lengths the first
+    step at some of them falls among the timed steps (timing them all planned 16)."""
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "plan-compile",
+        run={"plan_minutes": 0.02, "steps": 1000, "eval_every": 0},
+        data={"lengths": [4, 8, 12, 16, 20, 24, 28, 32]},
+        objectives={"continuation": 0.0, "denoising": 0.0, "infonce": 0.0},
+    )
+    recipe = FormationRecipe(cfg, reasoner=tiny_reasoner("llama"), show_progress=False)
+    recipe.setup()
+    clock, seen, real_step = [0.0], set(), recipe.train_step
+
+    def step():
+        out = real_step()
+        clock[0] += 0.01 + (5.0 if out["shapes"] not in seen else 0.0)
+        seen.add(out["shapes"])
+        return out
+
+    monkeypatch.setattr(recipe, "train_step", step)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
+    summary = recipe.train()
+    recipe.cleanup()
+    assert len(seen) == 8 and summary["planned_steps"] == 110 and summary["finished"]
 
 
 def test_reasoner_state_input_trains_with_the_reasoner_frozen(corpus, tmp_path):

@@ -49,8 +49,48 @@ from .state import TrainState, latest_checkpoint, load_trainer_file, save_checkp
 
 logger = logging.getLogger(__name__)
 
-PROBE_STEPS = 12
-"""Steps timed (after 3 warm-up steps) to turn run.plan_minutes into a step count."""
+PROBE_STEPS = 40
+"""Steps timed, one by one, to turn run.plan_minutes into a step count (see `StepTimes`)."""
+
+
+def batch_shapes(batches: dict) -> tuple:
+    """The shapes of one step's batches, per objective: a step with shapes not seen before pays for compiling them."""
+    key = []
+    for name, b in sorted(batches.items()):
+        if isinstance(b, torch.Tensor):
+            tensors = (b,)
+        elif isinstance(b, tuple):
+            tensors = b
+        else:
+            tensors = tuple(v for v in vars(b).values() if isinstance(v, torch.Tensor))
+        key.append((name, tuple(tuple(t.shape) for t in tensors)))
+    return tuple(key)
+
+
+class StepTimes:
+    """Seconds per step for planning a schedule, from the probe's steps minus each first step of a set of shapes.
+
+    The first step at new shapes pays for compilation (`run.compile`: one static graph per passage length) and
+    allocator warm-up. On a mix of passage lengths most of the first steps are such steps; averaging them in once
+    planned 155 steps for a 7-minute schedule on an H200 that then ran them in about 2 minutes (six lengths compiled
+    within the timed steps). Steps at shapes already seen are what the rest of the run looks like. When no step
+    repeated its shapes (e.g. denoising, whose corrupted lengths vary), the median of all steps is used."""
+
+    def __init__(self):
+        self._seen: set = set()
+        self._repeat: list[float] = []
+        self._all: list[float] = []
+
+    def add(self, shapes: tuple, seconds: float) -> None:
+        self._all.append(seconds)
+        if shapes in self._seen:
+            self._repeat.append(seconds)
+        self._seen.add(shapes)
+
+    def seconds_per_step(self) -> float:
+        if self._repeat:
+            return sum(self._repeat) / len(self._repeat)
+        return sorted(self._all)[len(self._all) // 2]
 
 
 class FormationObjective(nn.Module):
@@ -450,6 +490,7 @@ class FormationRecipe:
         cost = self._step_cost(batches)
         self.state.step += 1
         return {
+            "shapes": batch_shapes(batches),
             "loss": loss.detach(),
             "stats": stats,
             "lr": lr,
@@ -558,19 +599,21 @@ class FormationRecipe:
             "correct": 0,
             "targets": 0,
         }
-        probe_t0 = None
+        probe = StepTimes() if planning else None
         stopped_by_time = False
         while self.state.step < self.state.planned_steps:
-            if self.state.step == 3 and planning:
+            if probe is not None:
                 self._sync()
-                probe_t0 = time.perf_counter()
+                t0 = time.perf_counter()
             out = self.train_step()
             self._accumulate(window, out)
-            if planning and probe_t0 is not None and self.state.step == 3 + PROBE_STEPS:
+            if probe is not None:
                 self._sync()
-                self._plan((time.perf_counter() - probe_t0) / PROBE_STEPS)
-                bar.total = self.state.planned_steps
-                planning = False
+                probe.add(out["shapes"], time.perf_counter() - t0)
+                if self.state.step == PROBE_STEPS:  # every rank plans at the same step; rank 0's plan is kept
+                    self._plan(probe.seconds_per_step())
+                    bar.total = self.state.planned_steps
+                    probe = None
             bar.update(1)
             step = self.state.step
             if step % r.log_every == 0 or step == self.state.planned_steps:
