@@ -199,7 +199,7 @@ def test_batch_shapes_tell_passage_lengths_apart(corpus, tmp_path):
 def test_plan_minutes_is_not_fooled_by_compilation(corpus, tmp_path, monkeypatch):
     """A step at new shapes that takes 5 s (as compiling them does) does not shrink the plan: on a clock where every
     other step takes 10 ms, 0.02 minutes plan 0.92 * 1.2 s / 10 ms = 110 steps. With eight passage lengths the first
-    step at some of them falls among the timed steps (timing them all planned 16)."""
+    step at several of them falls among the timed steps (averaging every timed step in plans 41)."""
     cfg = tiny_config(
         corpus,
         tmp_path / "plan-compile",
