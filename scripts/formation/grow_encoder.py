@@ -62,10 +62,10 @@ def grow(
             memory.read_reasoner_states()
         if width:
             memory.widen_encoder(width)
-        grown = memory.encode(ids)
+        grown = after = memory.encode(ids)
         if slot_attention:
             memory.set_slot_attention(slot_attention)
-        after = memory.encode(ids)
+            after = memory.encode(ids)
     return float((grown - before).norm() / before.norm()), float((after - before).norm() / before.norm())
 
 

@@ -113,7 +113,7 @@ class MemoryEncoder(nn.Module):
         self.num_slots = config.num_slots
         self.max_tokens = config.max_memory_tokens
         self.vocab_size = vocab
-        self.slot_attention = getattr(config, "slot_attention", "global")
+        self.slot_attention = config.slot_attention
         # While tied, the embedding is the reasoner's own tensor, held outside the module's parameters.
         self.__dict__["_tied_embedding"] = reasoner_embedding
         self.token_embedding: nn.Parameter | None = None
