@@ -7,6 +7,7 @@ that in flash attention's kernel, which rounds the head dim up to 96. This scrip
 backend would save, before any of them goes into the training code:
 
 - `lower-right`: the shipped call as it is (SDPA's own choice of backend);
+- `square`: the fast reader's `run.reader_attention: square` as it is (cuDNN first, grouped K/V);
 - `square-<backend>`: the same attention with M query rows of zeros put in front of the text's, so the score
   matrix is square (M+T, M+T) and the mask the ordinary causal one (`is_causal=True`); text row M+i then sees the
   M memory keys and text keys <= i, exactly as before, and the M extra rows are dropped. Square causal attention is
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memsplice.bench.record import save_result
-from memsplice.train.fused_attention import EXTRA_DIMS, GATE_FLOOR, gated_causal_attention
+from memsplice.train.fused_attention import gate_folded, gated_causal_attention
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -47,24 +48,13 @@ BACKENDS = {
 
 
 def square_gated_attention(query, key, value, gate_bias, scale, backend=None, gqa=False):
-    """`gated_causal_attention` with M zero query rows in front: a square score matrix and the plain causal mask.
-
-    query (B, Hq, T, D); key, value (B, H, M+T, D), memory first; gate_bias (B, M). Returns (B, Hq, T, D)."""
+    """`gated_causal_attention(..., layout="square")` on one named SDPA backend, grouped K/V as they are (`gqa`) or
+    repeated per query head. query (B, Hq, T, D); key, value (B, H, M+T, D), memory first; gate_bias (B, M)."""
     b, hq, t, d = query.shape
-    hk, s = key.shape[1], key.shape[2]
-    m = s - t
-    bias = gate_bias.clamp(min=GATE_FLOOR).to(query.dtype) / scale
-    key_extra = torch.cat([bias, bias.new_zeros(b, t)], dim=1)  # (B, M+T)
-    q_text = torch.cat(
-        [query, query.new_ones(b, hq, t, 1), query.new_zeros(b, hq, t, EXTRA_DIMS - 1)], dim=-1
-    )
-    q = torch.cat([q_text.new_zeros(b, hq, m, d + EXTRA_DIMS), q_text], dim=2)  # (B, Hq, M+T, D+8)
-    k = torch.cat(
-        [key, key_extra[:, None, :, None].expand(b, hk, s, 1), key.new_zeros(b, hk, s, EXTRA_DIMS - 1)],
-        dim=-1,
-    )
-    v = F.pad(value, (0, EXTRA_DIMS))
-    rep = hq // hk
+    m = key.shape[2] - t
+    q, k, v = gate_folded(query, key, value, gate_bias, scale)
+    q = torch.cat([q.new_zeros(b, hq, m, q.shape[-1]), q], dim=2)
+    rep = hq // key.shape[1]
     if not gqa and rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     kwargs = {"enable_gqa": True} if gqa else {}
@@ -161,7 +151,10 @@ def main() -> int:
         [x.float() if x.is_floating_point() else x for x in few],
         scale,
     )
-    variants = {"lower-right": lambda q, k, v, g, s: gated_causal_attention(q, k, v, g, s)}
+    variants = {
+        "lower-right": lambda q, k, v, g, s: gated_causal_attention(q, k, v, g, s),
+        "square": lambda q, k, v, g, s: gated_causal_attention(q, k, v, g, s, layout="square"),
+    }
     for name in ("flash", "efficient", "cudnn"):
         variants[f"square-{name}"] = lambda q, k, v, g, s, n=name: square_gated_attention(q, k, v, g, s, n)
         variants[f"square-{name}-gqa"] = lambda q, k, v, g, s, n=name: square_gated_attention(

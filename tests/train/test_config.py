@@ -23,6 +23,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"data": {"lengths": []}}, "data.lengths"),
         ({"run": {"compile": "max"}}, "run.compile"),
         ({"run": {"reader_shapes": "dynamic"}}, "run.reader_shapes"),
+        ({"run": {"reader_attention": "upper_left"}}, "run.reader_attention"),
         ({"objectives": {"reconstruction": 0.0}}, "objectives.reconstruction"),
         ({"run": {"stpes": 3}}, "unknown fields in run"),
         ({"traning": {}}, "unknown config sections"),

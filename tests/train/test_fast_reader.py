@@ -10,13 +10,14 @@ from memsplice.train.objectives import reconstruction
 from tiny import tiny_reasoner
 
 
+@pytest.mark.parametrize("attention", ["lower_right", "square"])
 @pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
-def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator):
+def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator, attention):
     memory = small_memory(reasoner, operator)
     with torch.no_grad():
         memory.gate.weight.normal_(0, 0.05)  # a gate that differs per slot
     ids, text = random_ids(3, 10), random_ids(3, 7)
-    reader = FastReader(reasoner)
+    reader = FastReader(reasoner, attention=attention)
 
     memory.zero_grad()
     want = hidden_states_with_memory(reasoner, text, None, memory.write(ids).kv)
@@ -58,6 +59,11 @@ def test_reconstruction_loss_is_the_same_through_the_fast_reader(reasoner):
         got = reconstruction(memory, passage, instruction)
     torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
     assert int(got.correct) == int(want.correct)
+
+
+def test_fast_reader_refuses_an_unknown_attention_layout(reasoner):
+    with pytest.raises(ValueError, match="attention layout 'upper_left'"):
+        FastReader(reasoner, attention="upper_left")
 
 
 def test_fast_reader_refuses_what_it_cannot_run():

@@ -258,6 +258,13 @@ class RunArgs:
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
+    reader_attention: str = "lower_right"
+    """The fast reader's gated attention layout (`memsplice.train.fused_attention.gated_causal_attention`):
+    "lower_right" (the (T, M+T) scores under a lower-right causal mask; SDPA picks flash, 96-wide for 64-wide heads)
+    or "square" (zero query rows in front, the plain causal mask, grouped K/V, cuDNN first). Both compute the same
+    values and gradients. Alone on an H200 the square layout's attention took 1.20 ms a layer against 1.64
+    (benchmarks/results/formation/attention-kernels-h200.json); a compiled training step with it has not yet run on a
+    GPU, so it is not the default."""
     reader_shapes: str = "static"
     """How the compiled fast reader treats a new passage shape: "static" (one specialised graph per shape) or "auto"
     (dynamo's default: after its second shape it recompiles with the changed dims dynamic, one graph for all). On the
@@ -305,6 +312,13 @@ class RunArgs:
         )
         _need(
             s, self, self.reader_shapes in ("auto", "static"), "reader_shapes", 'must be "auto" or "static"'
+        )
+        _need(
+            s,
+            self,
+            self.reader_attention in ("lower_right", "square"),
+            "reader_attention",
+            'must be "lower_right" or "square"',
         )
         _need(
             s,

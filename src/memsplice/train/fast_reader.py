@@ -14,7 +14,8 @@ head's chunked cross-entropy (`memsplice.reasoner.head_loss.chunk_cross_entropy`
 Attention is one SDPA call over [memory][text] with the gate folded into one padded key dimension
 (`memsplice.train.fused_attention.gated_causal_attention`), which runs flash attention's 96-wide kernels for
 64-wide heads, with K/V repeated per query head and copied into the kernel's layout: about a quarter of a step on an
-H200. Measured and dropped (README, "Memory formation"): FlexAttention with the gate as a score modification (3.6x
+H200. `attention="square"` (`run.reader_attention`) runs the same attention as a square causal one with grouped K/V,
+cuDNN first: 1.20 against 1.64 ms a layer timed alone on an H200, not yet timed in a compiled step. Measured and dropped (README, "Memory formation"): FlexAttention with the gate as a score modification (3.6x
 slower per step, its gradient for the captured gate goes through atomics; `benchmarks/results/formation/
 profile-h200-*-flex.json`), the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`),
 grouped K/V heads handed to SDPA as they are (`enable_gqa`: the GPU was busy as long a step, 107.6 against 105.7
@@ -45,7 +46,7 @@ from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
 from ..reasoner.head_loss import chunk_cross_entropy
-from .fused_attention import gated_causal_attention
+from .fused_attention import LAYOUTS, gated_causal_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -88,8 +89,10 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
+    layout: str = "lower_right",
 ) -> torch.Tensor:
-    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M)."""
+    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M); `layout`
+    is the attention's (`gated_causal_attention`)."""
     b, t, _ = x.shape
     h = _rms_norm(x, input_norm, eps)
     proj = F.linear(h, qkv, qkv_bias)
@@ -101,7 +104,7 @@ def _decoder_layer(
     k = k * cos + rotate_half(k) * sin
     k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
     v = torch.cat([memory_values.to(v.dtype), v], dim=2)
-    a = gated_causal_attention(q, k, v, gate_bias, scale)  # (B, Hq, T, D)
+    a = gated_causal_attention(q, k, v, gate_bias, scale, layout=layout)  # (B, Hq, T, D)
     x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -110,12 +113,20 @@ def _decoder_layer(
 class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
-    def __init__(self, reasoner, compile: bool = False, static_shapes: bool = False):
+    def __init__(
+        self, reasoner, compile: bool = False, static_shapes: bool = False, attention: str = "lower_right"
+    ):
         """compile: torch.compile the layer function and the head loss; static_shapes: one graph per input shape
-        (else dynamo's default, which makes changed dims dynamic from the second shape on)."""
+        (else dynamo's default, which makes changed dims dynamic from the second shape on); attention: the layout
+        of the gated attention, "lower_right" or "square" (`memsplice.train.fused_attention`)."""
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
+        if attention not in LAYOUTS:
+            raise ValueError(
+                f"FastReader: unknown attention layout {attention!r}: one of {', '.join(LAYOUTS)}"
+            )
+        self.attention = attention
         self.reasoner = reasoner
         text = reasoner.model.config.get_text_config(decoder=True)
         s = reasoner.shapes
@@ -202,6 +213,7 @@ class FastReader:
                 self.head_dim,
                 self.eps,
                 self.scale,
+                self.attention,
             )
         return _rms_norm(x, self.final_norm, self.eps)
 

@@ -12,9 +12,19 @@ same attention with no mask tensor at all:
   keys 0, so every score gains exactly log(g) on memory columns (gradients reach the gate through the keys). Head
   dims are zero-padded by `EXTRA_DIMS` so they stay a multiple of 8.
 
+`gated_causal_attention(..., layout="square")` computes the same attention another way: M query rows of zeros go in
+front of the text's, so the score matrix is square (M+T, M+T) and the mask is the plain causal one; text row M+i
+sees the M memory keys and text keys <= i, as before, and the M extra rows are dropped. The grouped K/V heads go to
+SDPA as they are (`enable_gqa`), and cuDNN is asked for first: it runs the 72-wide heads at their own width, where
+flash rounds them up to 96. Timed alone on an H200 at a formation step's shapes it took 1.20 ms a layer against
+1.64 ms for the lower-right call (benchmarks/results/formation/attention-kernels-h200.json); it is the fast
+reader's `run.reader_attention: square`, not the default, until a compiled training step with it has been checked
+and timed on a GPU.
+
 Guarantee: inside `fused_memory_attention(reasoner)`, a forward pass with `memory_gate_bias` computes what the core
 gated attention computes for that layout (tests/train/test_fused_attention.py checks logits and gradients against
 it); a forward pass without memory is the stock attention, unchanged. Callers must only use it for the layout above.
+Both layouts of `gated_causal_attention` compute the same values and gradients (the same tests).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from ..compat import attention_registries, base_attention_function, set_attention_implementation
@@ -32,6 +43,14 @@ FUSED_NAME = "memsplice_fused_training"
 EXTRA_DIMS = 8
 GATE_FLOOR = -1e4
 """log g below this counts as a closed slot (a finite stand-in for -inf, so no 0 * inf reaches the gradients)."""
+LAYOUTS = ("lower_right", "square")
+SQUARE_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+"""The square layout's SDPA backends in order of preference (the first that accepts the inputs runs)."""
 _registered = False
 
 
@@ -69,19 +88,12 @@ def fused_gated_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def gated_causal_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    gate_bias: torch.Tensor,
-    scale: float,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """query (B, Hq, T, D); key, value (B, H, M+T, D) with memory first; gate_bias (B, M) log g per slot.
-
-    Returns (B, Hq, T, D): text token i attends to every memory slot (its score raised by log g) and to text tokens
-    <= i, in one SDPA call with no mask tensor (see the module docstring)."""
-    b, hq, t, d = query.shape
+def gate_folded(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gate_bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v with the gate folded into one extra key dimension and the head dim padded by `EXTRA_DIMS`:
+    (B, Hq, T, D+8), (B, H, M+T, D+8), (B, H, M+T, D+8). q . k * scale is then the score plus log g on memory keys."""
+    b, hq, t, _ = query.shape
     hk, s = key.shape[1], key.shape[2]
     bias = gate_bias.clamp(min=GATE_FLOOR).to(query.dtype) / scale  # (B, M)
     key_extra = torch.cat([bias, bias.new_zeros(b, t)], dim=1)  # (B, M+T)
@@ -89,9 +101,39 @@ def gated_causal_attention(
     k = torch.cat(
         [key, key_extra[:, None, :, None].expand(b, hk, s, 1), key.new_zeros(b, hk, s, EXTRA_DIMS - 1)],
         dim=-1,
-    )  # (B, H, M+T, D+8)
-    v = F.pad(value, (0, EXTRA_DIMS))
-    rep = hq // hk
+    )
+    return q, k, F.pad(value, (0, EXTRA_DIMS))
+
+
+def gated_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gate_bias: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+    layout: str = "lower_right",
+) -> torch.Tensor:
+    """query (B, Hq, T, D); key, value (B, H, M+T, D) with memory first; gate_bias (B, M) log g per slot.
+
+    Returns (B, Hq, T, D): text token i attends to every memory slot (its score raised by log g) and to text tokens
+    <= i, in one SDPA call with no mask tensor. `layout`: "lower_right" (the (T, M+T) score matrix under its
+    lower-right causal mask, K/V repeated per query head) or "square" (zero query rows in front, the plain causal
+    mask, grouped K/V as they are, cuDNN first); see the module docstring."""
+    b, hq, t, d = query.shape
+    s = key.shape[2]
+    q, k, v = gate_folded(query, key, value, gate_bias, scale)
+    if layout == "square":
+        m = s - t
+        q = torch.cat([q.new_zeros(b, hq, m, d + EXTRA_DIMS), q], dim=2)  # (B, Hq, M+T, D+8)
+        with sdpa_kernel(SQUARE_BACKENDS, set_priority=True):
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=True
+            )
+        return out[:, :, m:, :d]
+    if layout != "lower_right":
+        raise ValueError(f"unknown attention layout {layout!r}: one of {', '.join(LAYOUTS)}")
+    rep = hq // key.shape[1]
     out = F.scaled_dot_product_attention(
         q,
         _repeat_kv(k, rep),

@@ -372,7 +372,10 @@ class FormationRecipe:
             logger.info("training reads go through the transformers decoder: %s", why)
             return None
         return FastReader(
-            self.reasoner, compile=r.compile == "all", static_shapes=r.reader_shapes == "static"
+            self.reasoner,
+            compile=r.compile == "all",
+            static_shapes=r.reader_shapes == "static",
+            attention=r.reader_attention,
         )
 
     def _compile(self) -> None:
