@@ -11,7 +11,7 @@ backend would save, before any of them goes into the training code:
 - `square-<backend>`: the same attention with M query rows of zeros put in front of the text's, so the score
   matrix is square (M+T, M+T) and the mask the ordinary causal one (`is_causal=True`); text row M+i then sees the
   M memory keys and text keys <= i, exactly as before, and the M extra rows are dropped. Square causal attention is
-  what every backend supports; cuDNN also runs head dim 72 at its own width;
+  what every backend supports;
 - `square-<backend>-gqa`: the same with the grouped K/V heads handed over as they are (`enable_gqa=True`);
 - `text-only-<backend>`: causal attention over the text alone at head dim 64, no memory and no gate: the floor
   any gated memory attention is measured against.

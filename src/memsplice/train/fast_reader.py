@@ -15,14 +15,15 @@ Attention is one SDPA call over [memory][text] with the gate folded into one pad
 (`memsplice.train.fused_attention.gated_causal_attention`), which runs flash attention's 96-wide kernels for
 64-wide heads, with K/V repeated per query head and copied into the kernel's layout: about a quarter of a step on an
 H200. `attention="square"` (`run.reader_attention`) runs the same attention as a square causal one with grouped K/V,
-cuDNN first: 1.20 against 1.64 ms a layer timed alone on an H200, not yet timed in a compiled step. Measured and dropped (README, "Memory formation"): FlexAttention with the gate as a score modification (3.6x
-slower per step, its gradient for the captured gate goes through atomics; `benchmarks/results/formation/
-profile-h200-*-flex.json`), the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`),
-grouped K/V heads handed to SDPA as they are (`enable_gqa`: the GPU was busy as long a step, 107.6 against 105.7
-ms with the copies, and the copy kernels took as long; `formation/profile-ceiling-h200.json`),
-and the text through the flash kernel at its own head dim with the memory columns merged by log-sum-exp ("split":
-5-7% faster compiled with static shapes, but then its gradients were wrong on an H200; right and no faster with the
-batch dim dynamic; `formation/profile-h200-256-split*.json`).
+cuDNN first: 1.20 against 1.64 ms a layer timed alone on an H200, not yet timed in a compiled step. Measured and
+dropped (README, "Memory formation"): FlexAttention with the gate as a score modification (3.6x slower per step,
+its gradient for the captured gate goes through atomics; `benchmarks/results/formation/profile-h200-*-flex.json`),
+the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`), grouped K/V heads handed
+to SDPA as they are in the lower-right call (`enable_gqa`: the GPU was busy as long a step, 107.6 against 105.7 ms
+with the copies, and the copy kernels took as long; `formation/profile-ceiling-h200.json`), and the text through
+the flash kernel at its own head dim with the memory columns merged by log-sum-exp ("split": 5-7% faster compiled
+with static shapes, but then its gradients were wrong on an H200; right and no faster with the batch dim dynamic;
+`formation/profile-h200-256-split*.json`).
 
 Supported: decoders of the Llama family (llama, mistral without a sliding window, qwen2) with SiLU gated MLPs and
 full rotary dimensions. `FastReader.refusal(reasoner)` says why another one is refused; the caller then keeps the

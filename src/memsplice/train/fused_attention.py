@@ -15,8 +15,8 @@ same attention with no mask tensor at all:
 `gated_causal_attention(..., layout="square")` computes the same attention another way: M query rows of zeros go in
 front of the text's, so the score matrix is square (M+T, M+T) and the mask is the plain causal one; text row M+i
 sees the M memory keys and text keys <= i, as before, and the M extra rows are dropped. The grouped K/V heads go to
-SDPA as they are (`enable_gqa`), and cuDNN is asked for first: it runs the 72-wide heads at their own width, where
-flash rounds them up to 96. Timed alone on an H200 at a formation step's shapes it took 1.20 ms a layer against
+SDPA as they are (`enable_gqa`), and cuDNN is asked for first (flash, which the lower-right call gets, rounds the
+72-wide heads up to 96). Timed alone on an H200 at a formation step's shapes it took 1.20 ms a layer against
 1.64 ms for the lower-right call (benchmarks/results/formation/attention-kernels-h200.json); it is the fast
 reader's `run.reader_attention: square`, not the default, until a compiled training step with it has been checked
 and timed on a GPU.
