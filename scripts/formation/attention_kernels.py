@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memsplice.bench.record import save_result
+from memsplice.bench.timing import cuda_ms_per_call
 from memsplice.train.fused_attention import gate_folded, gated_causal_attention
 
 BACKENDS = {
@@ -104,22 +103,14 @@ def run_variant(fn, inputs, scale):
 
 
 def time_ms(fn, inputs, scale, iters: int) -> float:
+    """Milliseconds per forward + backward of one variant."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
 
     def step():
         out = fn(*leaves, scale)
         out.backward(torch.ones_like(out))
 
-    for _ in range(3):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return cuda_ms_per_call(step, iters)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -182,12 +173,7 @@ def main() -> int:
         result["variants"][name] = entry
         print(name, json.dumps(entry), flush=True)
     if args.record:
-        path = save_result(
-            f"attention-kernels-{args.record}",
-            result,
-            device=device,
-            directory=Path(os.environ.get("MEMSPLICE_RESULTS", "benchmarks/results")) / "formation",
-        )
+        path = save_result(f"formation/attention-kernels-{args.record}", result, device=device)
         print(f"saved {path}")
     return 0
 

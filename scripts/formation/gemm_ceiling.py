@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from memsplice.bench.record import save_result
+from memsplice.bench.timing import cuda_ms_per_call
 from memsplice.train.flops import peak_flops
 
 
@@ -67,26 +66,12 @@ PRESETS = {  # the published SmolLM2 configurations
 }
 
 
-def _time_ms(fn, iters: int) -> float:
-    """Mean milliseconds per call on the current CUDA device, after warm-up."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def copy_bandwidth(device: torch.device, gib: float = 1.0, iters: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
     n = int(gib * 2**30) // 2
     src = torch.empty(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), iters)
+    ms = cuda_ms_per_call(lambda: dst.copy_(src), iters)
     return 2 * n * 2 / (ms / 1000)
 
 
@@ -99,7 +84,7 @@ def gemm(m: int, k: int, n: int, device: torch.device, iters: int, peak: float) 
     bytes_moved = 2.0 * (m * k + n * k + m * n)
     out = {"M": m, "K": k, "N": n, "flops": flops, "intensity": flops / bytes_moved}
     for name, fn in (("forward", lambda: F.linear(x, w)), ("input_grad", lambda: dy @ w)):
-        ms = _time_ms(fn, iters)
+        ms = cuda_ms_per_call(fn, iters)
         out[f"{name}_ms"] = ms
         out[f"{name}_tflops"] = flops / (ms / 1000) / 1e12
         out[f"{name}_share"] = flops / (ms / 1000) / peak
@@ -204,12 +189,7 @@ def main() -> int:
         )
     print(json.dumps(result, indent=2), flush=True)
     if args.record:
-        path = save_result(
-            f"gemm-ceiling-{args.record}",
-            result,
-            device=device,
-            directory=Path(os.environ.get("MEMSPLICE_RESULTS", "benchmarks/results")) / "formation",
-        )
+        path = save_result(f"formation/gemm-ceiling-{args.record}", result, device=device)
         print(f"saved {path}")
     return 0
 
