@@ -1,6 +1,7 @@
 """The formation recipe end to end on a tiny reasoner: learning, exact resume, atomic checkpoints, a frozen reasoner."""
 
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -222,6 +223,45 @@ def test_plan_minutes_is_not_fooled_by_compilation(corpus, tmp_path, monkeypatch
     summary = recipe.train()
     recipe.cleanup()
     assert len(seen) == 8 and summary["planned_steps"] == 110 and summary["finished"]
+
+
+def test_plan_warns_when_the_time_limit_will_cut_the_schedule(corpus, tmp_path, monkeypatch, caplog):
+    """At 10 ms a step, 0.02 minutes plan 110 steps; a time limit of 0.01 minutes (0.4 s of it gone by the plan at
+    step 40) fits about 60 of them, so the plan says where the schedule will stop (and the run stops there, by time);
+    a limit that fits the schedule says nothing."""
+    summaries = {}
+    for name, max_minutes in (("cut", 0.01), ("fits", 1.0)):
+        cfg = tiny_config(
+            corpus,
+            tmp_path / f"plan-{name}",
+            run={"plan_minutes": 0.02, "max_minutes": max_minutes, "steps": 1000, "eval_every": 0},
+            objectives={"continuation": 0.0, "denoising": 0.0, "infonce": 0.0},
+        )
+        recipe = FormationRecipe(cfg, reasoner=tiny_reasoner("llama"), show_progress=False)
+        recipe.setup()
+        clock, real_step = [0.0], recipe.train_step
+
+        def step(real_step=real_step, clock=clock):
+            clock[0] += 0.01
+            return real_step()
+
+        monkeypatch.setattr(recipe, "train_step", step)
+        monkeypatch.setattr(recipe, "save", lambda *a, **k: None)
+        monkeypatch.setattr(
+            loop, "time", SimpleNamespace(perf_counter=lambda clock=clock: clock[0], time=time.time)
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=loop.logger.name):
+            summaries[name] = recipe.train()
+        summaries[name]["warnings"] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        recipe.cleanup()
+    cut, fits = summaries["cut"], summaries["fits"]
+    assert cut["planned_steps"] == fits["planned_steps"] == 110
+    assert len(cut["warnings"]) == 1, cut["warnings"]
+    near = int(re.search(r"stops near step (\d+) of 110", cut["warnings"][0]).group(1))
+    assert 58 <= near <= 60, cut["warnings"]
+    assert cut["stopped_by_time"] and not cut["finished"] and 58 <= cut["step"] <= 62
+    assert fits["warnings"] == [] and fits["finished"]
 
 
 def test_reasoner_state_input_trains_with_the_reasoner_frozen(corpus, tmp_path):

@@ -566,12 +566,26 @@ class FormationRecipe:
         return self.memory.save_pretrained(self.output_dir / "memory", dtype=dtype, max_shard_bytes=shard)
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def _plan(self, seconds_per_step: float) -> None:
+    def _plan(self, seconds_per_step: float, seconds_left: float | None = None) -> None:
+        """Size the schedule to run.plan_minutes at `seconds_per_step`; warn when the run's time limit
+        (`seconds_left` of run.max_minutes / run.stop_at) will stop it before its learning rate has decayed."""
         minutes = self._plan_minutes
         steps = max(self.state.step + 1, int(0.92 * minutes * 60 / seconds_per_step))
         steps = broadcast_object(self.dist, steps)
         self.state.planned_steps = steps
         logger.info("planned %d steps (%.3f s/step for %.1f minutes)", steps, seconds_per_step, minutes)
+        if seconds_left is not None:
+            fit = self.state.step + int(seconds_left / seconds_per_step)
+            if fit < steps:
+                logger.warning(
+                    "the time limit (run.max_minutes / run.stop_at) leaves about %.0f s: at %.3f s/step the "
+                    "schedule stops near step %d of %d, before its learning rate has decayed; plan fewer minutes, "
+                    "or continue it with --resume",
+                    seconds_left,
+                    seconds_per_step,
+                    fit,
+                    steps,
+                )
 
     def train(self) -> dict:
         r = self.config.run
@@ -614,7 +628,10 @@ class FormationRecipe:
                 self._sync()
                 probe.add(out["shapes"], time.perf_counter() - t0)
                 if self.state.step == PROBE_STEPS:  # every rank plans at the same step; rank 0's plan is kept
-                    self._plan(probe.seconds_per_step())
+                    left = None
+                    if max_minutes is not None:
+                        left = 60 * max_minutes - (time.perf_counter() - start_wall)
+                    self._plan(probe.seconds_per_step(), left)
                     bar.total = self.state.planned_steps
                     probe = None
             bar.update(1)
