@@ -17,6 +17,11 @@
 #                                       reasoner, and random-weight reasoners of the 360M and 1.7B shapes (records
 #                                       formation/gemm-ceiling-$CEILING_RECORD, profile-ceiling-$CEILING_RECORD[-wide],
 #                                       default h200)
+#   scripts/gpu/formation.sh attention  is the square attention layout right and faster inside a compiled training
+#                                       step? attention_kernels.py (the kernels alone), then profile_step.py --check
+#                                       of run.reader_attention lower_right and square, compiled, at 256- and
+#                                       512-token passages (ATTENTION_LENGTHS; records formation/attention-kernels-,
+#                                       profile-attention-$ATTENTION_RECORD-<length>, default h200)
 #   scripts/gpu/formation.sh ablation   the language-prior ablation at equal compute: configs/formation-prior.yaml
 #                                       trained twice side by side on one GPU, encoder initialised from the reasoner's
 #                                       layers and at random, the same architecture, data, seed and schedule of
@@ -55,7 +60,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ceiling|ablation|scratch|growth}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ceiling|attention|ablation|scratch|growth}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -215,6 +220,18 @@ case "$PHASE" in
     done
     [ "${#WIDE[@]}" -gt 0 ] && { $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "ceiling-$REC-wide" \
       "${WIDE[@]}" || true; }
+    package ""
+    ;;
+  attention)
+    REC=${ATTENTION_RECORD:-h200}
+    if [ "${SMALL:-0}" = 1 ]; then echo "(SMALL: no kernel timing on the CPU)"
+    else $PY scripts/formation/attention_kernels.py --record "$REC" || true; fi
+    for length in ${ATTENTION_LENGTHS:-256 512}; do
+      PROFILE=(--length "$length" --warmup 6 --steps 20 --profile-steps 3 --check)
+      [ "${SMALL:-0}" = 1 ] && PROFILE=(--length 32 --tokens-per-step 128 --warmup 1 --steps 1 --profile-steps 0 --check)
+      $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "attention-$REC-$length" \
+        --variant lower_right run.compile=all --variant square run.compile=all run.reader_attention=square || true
+    done
     package ""
     ;;
   ablation)
