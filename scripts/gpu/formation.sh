@@ -20,7 +20,8 @@
 #   scripts/gpu/formation.sh attention  is the square attention layout right and faster inside a compiled training
 #                                       step? attention_kernels.py (the kernels alone), then profile_step.py --check
 #                                       of run.reader_attention lower_right and square, compiled, at 256- and
-#                                       512-token passages (ATTENTION_LENGTHS; records formation/attention-kernels-,
+#                                       512-token passages (ATTENTION_LENGTHS; records
+#                                       formation/attention-kernels-$ATTENTION_RECORD and
 #                                       profile-attention-$ATTENTION_RECORD-<length>, default h200)
 #   scripts/gpu/formation.sh ablation   the language-prior ablation at equal compute: configs/formation-prior.yaml
 #                                       trained twice side by side on one GPU, encoder initialised from the reasoner's
