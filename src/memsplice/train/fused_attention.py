@@ -120,6 +120,8 @@ def gated_causal_attention(
     <= i, in one SDPA call with no mask tensor. `layout`: "lower_right" (the (T, M+T) score matrix under its
     lower-right causal mask, K/V repeated per query head) or "square" (zero query rows in front, the plain causal
     mask, grouped K/V as they are, cuDNN first); see the module docstring."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown attention layout {layout!r}: one of {', '.join(LAYOUTS)}")
     b, hq, t, d = query.shape
     s = key.shape[2]
     q, k, v = gate_folded(query, key, value, gate_bias, scale)
@@ -131,8 +133,6 @@ def gated_causal_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=True
             )
         return out[:, :, m:, :d]
-    if layout != "lower_right":
-        raise ValueError(f"unknown attention layout {layout!r}: one of {', '.join(LAYOUTS)}")
     rep = hq // key.shape[1]
     out = F.scaled_dot_product_attention(
         q,
