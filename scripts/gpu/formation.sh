@@ -231,7 +231,8 @@ case "$PHASE" in
       PROFILE=(--length "$length" --warmup 6 --steps 20 --profile-steps 3 --check)
       [ "${SMALL:-0}" = 1 ] && PROFILE=(--length 32 --tokens-per-step 128 --warmup 1 --steps 1 --profile-steps 0 --check)
       $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "attention-$REC-$length" \
-        --variant lower_right run.compile=all --variant square run.compile=all run.reader_attention=square || true
+        --variant lower_right run.compile=all run.reader_attention=lower_right \
+        --variant square run.compile=all run.reader_attention=square || true
     done
     package ""
     ;;

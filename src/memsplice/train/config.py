@@ -258,13 +258,13 @@ class RunArgs:
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
-    reader_attention: str = "lower_right"
+    reader_attention: str = "square"
     """The fast reader's gated attention layout (`memsplice.train.fused_attention.gated_causal_attention`):
-    "lower_right" (the (T, M+T) scores under a lower-right causal mask; SDPA picks flash, 96-wide for 64-wide heads)
-    or "square" (zero query rows in front, the plain causal mask, grouped K/V, cuDNN first). Both compute the same
-    values and gradients. Alone on an H200 the square layout's attention took 1.20 ms a layer against 1.64
-    (benchmarks/results/formation/attention-kernels-h200.json); a compiled training step with it has not yet run on a
-    GPU, so it is not the default."""
+    "square" (zero query rows in front, the plain causal mask, grouped K/V, cuDNN first) or "lower_right" (the
+    (T, M+T) scores under a lower-right causal mask, K/V repeated per query head; SDPA picks flash, 96-wide for 64-wide
+    heads). Both compute the same values and gradients. Compiled, on an H200, a training step took 99.9 against
+    124.4 ms at 256-token passages and 101.5 against 160.0 ms at 512 (22.2-22.3% against 14.2-17.9% MFU), with loss
+    and gradient as the transformers path's (benchmarks/results/formation/profile-attention-h200-{256,512}.json)."""
     reader_shapes: str = "static"
     """How the compiled fast reader treats a new passage shape: "static" (one specialised graph per shape) or "auto"
     (dynamo's default: after its second shape it recompiles with the changed dims dynamic, one graph for all). On the

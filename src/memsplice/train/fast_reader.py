@@ -12,10 +12,11 @@ head's chunked cross-entropy (`memsplice.reasoner.head_loss.chunk_cross_entropy`
 (chunk, vocab) logits are read by one fused kernel instead of several float32 passes.
 
 Attention is one SDPA call over [memory][text] with the gate folded into one padded key dimension
-(`memsplice.train.fused_attention.gated_causal_attention`), which runs flash attention's 96-wide kernels for
-64-wide heads, with K/V repeated per query head and copied into the kernel's layout: about a quarter of a step on an
-H200. `attention="square"` (`run.reader_attention`) runs the same attention as a square causal one with grouped K/V,
-cuDNN first: 1.20 against 1.64 ms a layer timed alone on an H200, not yet timed in a compiled step. Measured and
+(`memsplice.train.fused_attention.gated_causal_attention`). By default (`attention="square"`, `run.reader_attention`)
+M query rows of zeros go in front of the text's so that the plain causal mask applies, and the grouped K/V heads go
+to cuDNN as they are: compiled on an H200 a step took 99.9 ms at 256-token passages, against 124.4 ms with the
+lower-right layout (`attention="lower_right"`: flash attention's 96-wide kernels for 64-wide heads, K/V repeated per
+query head and copied into the kernel's layout; `benchmarks/results/formation/profile-attention-h200-256.json`). Measured and
 dropped (README, "Memory formation"): FlexAttention with the gate as a score modification (3.6x slower per step,
 its gradient for the captured gate goes through atomics; `benchmarks/results/formation/profile-h200-*-flex.json`),
 the score matrix written out (1.3-1.9x slower; `formation/profile-h200-*-scores.json`), grouped K/V heads handed
@@ -115,7 +116,7 @@ class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
     def __init__(
-        self, reasoner, compile: bool = False, static_shapes: bool = False, attention: str = "lower_right"
+        self, reasoner, compile: bool = False, static_shapes: bool = False, attention: str = "square"
     ):
         """compile: torch.compile the layer function and the head loss; static_shapes: one graph per input shape
         (else dynamo's default, which makes changed dims dynamic from the second shape on); attention: the layout

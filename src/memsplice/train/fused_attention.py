@@ -16,10 +16,10 @@ same attention with no mask tensor at all:
 front of the text's, so the score matrix is square (M+T, M+T) and the mask is the plain causal one; text row M+i
 sees the M memory keys and text keys <= i, as before, and the M extra rows are dropped. The grouped K/V heads go to
 SDPA as they are (`enable_gqa`), and cuDNN is asked for first (flash, which the lower-right call gets, rounds the
-72-wide heads up to 96). Timed alone on an H200 at a formation step's shapes it took 1.20 ms a layer against
-1.64 ms for the lower-right call (benchmarks/results/formation/attention-kernels-h200.json); it is the fast
-reader's `run.reader_attention: square`, not the default, until a compiled training step with it has been checked
-and timed on a GPU.
+72-wide heads up to 96). Timed alone on an H200 at a formation step's shapes it took 1.20-1.29 ms a layer against
+1.63-1.64 ms for the lower-right call (benchmarks/results/formation/attention-kernels-h200*.json); compiled in the
+fast reader, whose default it is (`run.reader_attention`), a training step took 99.9 against 124.4 ms at 256-token
+passages (formation/profile-attention-h200-256.json).
 
 Guarantee: inside `fused_memory_attention(reasoner)`, a forward pass with `memory_gate_bias` computes what the core
 gated attention computes for that layout (tests/train/test_fused_attention.py checks logits and gradients against
