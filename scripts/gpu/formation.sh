@@ -48,6 +48,14 @@
 #                                       (exact resume); every call ends with the fidelity bench of the arms' latest
 #                                       weights (--record formation/$GROWTH_RECORD, default encoder-growth, once every
 #                                       schedule is finished)
+#   scripts/gpu/formation.sh target     does the refined-latent target (objectives.refined_target) teach the encoder
+#                                       of $INIT more than reconstruction alone? Two arms side by side on one GPU from
+#                                       $INIT, the same data, seed and schedule of TARGET_STEPS (default 600; lr 2e-4,
+#                                       128- and 512-token passages): `plain` and `target` (objectives.refined_target=
+#                                       TARGET_WEIGHT, default 30, with TARGET_REFINE_STEPS refinement steps, default
+#                                       2); run it again to continue (exact resume); then the fidelity bench of both
+#                                       at 8x and 32x (--record formation/$TARGET_RECORD, default refined-target, once
+#                                       both schedules are finished)
 #   scripts/gpu/formation.sh extend     more training for the weights in $INIT (default: the shipped checkpoint) on a
 #                                       new schedule of PLAN_MINUTES; COMPILE=auto first times compile=none and
 #                                       compile=all (SECONDS_EACH) and trains with the faster; continue with `resume`
@@ -61,7 +69,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ceiling|attention|ablation|scratch|growth}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ceiling|attention|ablation|scratch|growth|target}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -296,6 +304,26 @@ case "$PHASE" in
       "${BENCH_SMALL[@]}" > "$STAGE/fidelity-growth.json" || echo "the fidelity bench failed"
     # one arm: its weights come back too (two arms' would not fit in what returns)
     if [ "${#ARM_LIST[@]}" = 1 ]; then package "$RUN/growth-${ARM_LIST[0]}"; else package ""; fi
+    ;;
+  target)
+    STEPS=${TARGET_STEPS:-600}
+    [ "${SMALL:-0}" = 1 ] && STEPS=4
+    TARGET_SETS=(--set optim.lr=2e-4 --set optim.warmup_steps=50 --set data.curriculum_steps=0
+                 --set "data.lengths=[128,512]" --set data.length_weights=null --set run.eval_every=200
+                 --set "run.eval_lengths=[128,512]")
+    start_arm target plain configs/formation-smollm2.yaml --init-from "$INIT" --steps "$STEPS" "${TARGET_SETS[@]}"
+    start_arm target target configs/formation-smollm2.yaml --init-from "$INIT" --steps "$STEPS" "${TARGET_SETS[@]}" \
+      --set objectives.refined_target="${TARGET_WEIGHT:-30}" \
+      --set objectives.refined_target_steps="${TARGET_REFINE_STEPS:-2}"
+    wait_arms
+    RECORD=()
+    if finished_pair target plain target; then RECORD=(--record "formation/${TARGET_RECORD:-refined-target}")
+    else echo "the schedules are not finished: run this phase again (it resumes exactly)"; fi
+    LENGTHS=(--lengths 128 512); [ "${SMALL:-0}" = 1 ] && LENGTHS=()
+    $PY -m memsplice.cli.main bench fidelity --checkpoint "$RUN/target-plain/memory" \
+      --checkpoint "$RUN/target-target/memory" "${LENGTHS[@]}" --passages "$PASSAGES" "${RECORD[@]}" --json \
+      "${BENCH_SMALL[@]}" > "$STAGE/fidelity-target.json" || echo "the fidelity bench failed"
+    package ""
     ;;
   extend)
     if [ "${COMPILE:-none}" = auto ]; then

@@ -72,3 +72,29 @@ def test_training_reduces_reconstruction_loss(reasoner):
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.7 * first
+
+
+def test_refined_target_is_write_time_refinement_and_trains_the_encoder(reasoner):
+    from memsplice.memory.refine import refine_latents
+
+    memory = small_memory(reasoner, reconstruction_instruction="Repeat the text.")
+    passage = random_ids(3, 8)
+    instruction = torch.tensor(
+        reasoner.require_tokenizer()("Repeat the text.", add_special_tokens=False)["input_ids"]
+    )
+    result, distance = obj.reconstruction_with_target(memory, passage, instruction, steps=3, lr=0.05)
+    # the reconstruction part is the plain objective's
+    torch.testing.assert_close(result.loss, obj.reconstruction(memory, passage, instruction).loss)
+    # the target is where write-time refinement takes the encoder's latents: rebuild the distance from it
+    z = memory.encode(passage).detach()
+    target, _ = refine_latents(memory, passage, steps=3, lr=0.05, latents=z)
+    assert not torch.allclose(target, z)
+    expected = (z - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+    torch.testing.assert_close(distance.loss.detach(), expected, atol=1e-5, rtol=1e-4)
+    assert distance.tokens == 3 * memory.config.num_slots and distance.correct is None
+    # its gradient reaches the encoder; the refinement itself left no gradient anywhere
+    assert all(p.grad is None for p in memory.parameters())
+    distance.loss.backward()
+    grads = [p.grad for p in memory.encoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in [*memory.operator.parameters(), *memory.gate.parameters()])

@@ -299,3 +299,24 @@ def test_chunk_slot_attention_trains_and_exports(corpus, tmp_path):
     by_chunk = loaded.encode(ids)
     loaded.set_slot_attention("global")
     assert (loaded.encode(ids) - by_chunk).abs().max() > 1e-4
+
+
+def test_refined_target_trains_logs_and_counts_its_reads(corpus, tmp_path):
+    """objectives.refined_target runs through the recipe (logged as loss/refined_target, the reasoner frozen), and
+    a step's FLOPs count one more reconstruction read per refinement step."""
+    reasoner = tiny_reasoner("llama")
+    digest = reasoner.weights_digest()
+    out = tmp_path / "target"
+    objectives = {"refined_target": 0.5, "refined_target_steps": 2}
+    recipe, summary = _run(tiny_config(corpus, out, objectives=objectives), reasoner=reasoner)
+    assert summary["finished"] and reasoner.weights_digest() == digest
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all(r["loss/refined_target"] > 0 for r in train)
+    plain, _ = _run(tiny_config(corpus, tmp_path / "plain"), reasoner=reasoner)
+    batches = plain._batches(0)
+    rows, n = batches["reconstruction"].shape
+    m, i = plain.memory.config.num_slots, plain.instruction.numel()
+    read = reasoner_read_flops(plain.cost, rows, m, i + n, n)
+    extra = recipe._step_cost(batches).flops - plain._step_cost(batches).flops
+    assert extra == pytest.approx(2 * read)

@@ -93,23 +93,46 @@ def refine_latents(
     if rows.numel() == 0:
         return start, []
     instruction = reconstruction_instruction(memory_model)
-    z = start[rows].clone().requires_grad_(True)
+
+    def loss_of(z: torch.Tensor) -> torch.Tensor:
+        return reconstruction_loss(memory_model, z, input_ids[rows], mask[rows], instruction)
+
+    def seen(step: int, z: torch.Tensor) -> None:
+        if on_step is not None:
+            on_step(step, _merged(start, rows, z))
+
+    z, losses = adam_on_latents(
+        start[rows], loss_of, steps=steps, lr=lr, max_norm=memory_model.config.max_latent_norm, on_step=seen
+    )
+    return _merged(start, rows, z), [loss / rows.numel() for loss in losses]
+
+
+def adam_on_latents(
+    start: torch.Tensor, loss_of, *, steps: int, lr: float, max_norm: float, on_step=None
+) -> tuple[torch.Tensor, list[float]]:
+    """(latents after `steps` Adam steps on `loss_of(latents)` from `start` (B, M, d), the loss before each step).
+
+    The loop of write-time refinement: only the latents get a gradient (the loss's graph may hold parameters, which
+    are left alone); after each step every latent is scaled back inside 0.99 * `max_norm`, the safety bound, so a
+    refined row is never refused. `loss_of` should be a sum of per-row losses, so rows stay independent.
+    `on_step(step, latents)` sees the latents after each step. Returns detached float32 latents."""
+    z = start.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=lr)
-    bound = 0.99 * memory_model.config.max_latent_norm
+    bound = 0.99 * max_norm
     losses = []
     with torch.enable_grad():
-        for _ in range(steps):
-            loss = reconstruction_loss(memory_model, z, input_ids[rows], mask[rows], instruction)
+        for step in range(1, steps + 1):
+            loss = loss_of(z)
             (grad,) = torch.autograd.grad(loss, [z])
-            losses.append(float(loss.detach()) / rows.numel())
+            losses.append(float(loss.detach()))
             z.grad = grad
             optimizer.step()
             with torch.no_grad():  # stay inside the safety bound, or the refined row would be refused
                 norms = z.norm(dim=-1, keepdim=True).clamp(min=1e-12)
                 z.mul_((bound / norms).clamp(max=1.0))
             if on_step is not None:
-                on_step(len(losses), _merged(start, rows, z))
-    return _merged(start, rows, z), losses
+                on_step(step, z.detach())
+    return z.detach(), losses
 
 
 def _merged(start: torch.Tensor, rows: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,15 @@ class ObjectiveArgs:
     """Weight of span denoising: the encoder sees the passage with spans masked or dropped, the reasoner restores it."""
     infonce: float = 0.0
     """Weight of InfoNCE between the latents of a query and of the passage it comes from (in-batch negatives)."""
+    refined_target: float = 0.0
+    """Weight of the refined-latent target: the encoder's latents of the reconstruction passages are pulled towards
+    the latents `refined_target_steps` steps of write-time refinement reach from them (semi-amortised training;
+    `memsplice.train.objectives.reconstruction_with_target`). Needs reconstruction > 0. Each step costs one more
+    reasoner read with its gradient to the latents."""
+    refined_target_steps: int = 2
+    """Refinement steps that make the refined-latent target."""
+    refined_target_lr: float = 0.1
+    """Adam learning rate of those steps (write-time refinement's default)."""
     continuation_length: int = 64
     """Tokens of following text predicted by the continuation objective."""
     denoise_ratio: float = 0.15
@@ -174,6 +183,16 @@ class ObjectiveArgs:
             "reconstruction",
             "at least one objective needs a positive weight",
         )
+        _need(s, self, self.refined_target >= 0, "refined_target", "must be >= 0")
+        _need(
+            s,
+            self,
+            self.refined_target == 0 or self.reconstruction > 0,
+            "refined_target",
+            "needs reconstruction > 0 (the target is made from the reconstruction passages)",
+        )
+        _need(s, self, self.refined_target_steps >= 1, "refined_target_steps", "must be >= 1")
+        _need(s, self, self.refined_target_lr > 0, "refined_target_lr", "must be positive")
         _need(s, self, self.continuation_length >= 2, "continuation_length", "must be >= 2")
         _need(s, self, 0.0 < self.denoise_ratio < 1.0, "denoise_ratio", "must be in (0, 1)")
         _need(s, self, self.denoise_span >= 1.0, "denoise_span", "must be >= 1")

@@ -114,7 +114,17 @@ class FormationObjective(nn.Module):
             if weight <= 0:
                 continue
             b = batches[name]
-            if name == "reconstruction":
+            if name == "reconstruction" and w.refined_target > 0:
+                result, distance = obj.reconstruction_with_target(
+                    self.memory, b, self.instruction, w.refined_target_steps, w.refined_target_lr
+                )
+                total = (
+                    w.refined_target * distance.loss
+                    if total is None
+                    else total + w.refined_target * distance.loss
+                )
+                stats["refined_target"] = distance
+            elif name == "reconstruction":
                 result = obj.reconstruction(self.memory, b, self.instruction)
             elif name == "continuation":
                 result = obj.continuation(self.memory, *b)
@@ -436,7 +446,13 @@ class FormationRecipe:
         if "reconstruction" in batches:
             b, t = batches["reconstruction"].shape
             encode(b, t)
-            flops += reasoner_read_flops(self.cost, b, m, i + t, t)
+            # the read itself, plus one more for each refinement step of the refined-latent target
+            reads = 1 + (
+                self.config.objectives.refined_target_steps
+                if self.config.objectives.refined_target > 0
+                else 0
+            )
+            flops += reads * reasoner_read_flops(self.cost, b, m, i + t, t)
         if "continuation" in batches:
             ctx, follow = batches["continuation"]
             encode(*ctx.shape)
