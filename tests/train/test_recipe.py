@@ -320,3 +320,37 @@ def test_refined_target_trains_logs_and_counts_its_reads(corpus, tmp_path):
     read = reasoner_read_flops(plain.cost, rows, m, i + n, n)
     extra = recipe._step_cost(batches).flops - plain._step_cost(batches).flops
     assert extra == pytest.approx(2 * read)
+
+
+def test_throughput_leaves_out_the_windows_that_compiled_new_shapes():
+    """A window in which a step ran at shapes new to the process paid for compiling them: the steady-state summary
+    leaves it out wherever it falls (on a mix of lengths, long after the first two windows)."""
+
+    def window(seconds, new):
+        return {
+            "seconds": seconds,
+            "tokens_per_s": 1000 / seconds,
+            "flops_per_s": 1e6 / seconds,
+            "new_shapes": new,
+        }
+
+    recipe = SimpleNamespace(
+        _windows=[window(100, True), window(1, False), window(30, True), window(1, False), window(2, False)],
+        dist=SimpleNamespace(world_size=1),
+        peak=None,
+    )
+    out = loop.FormationRecipe._throughput_summary(recipe)
+    assert out["windows_measured"] == 3 and out["windows_left_out"] == 2
+    assert out["seconds_measured"] == 4 and out["tokens_per_s"] == pytest.approx(3000 / 4)
+    recipe._windows = [
+        window(5, True) for _ in range(5)
+    ]  # every window compiled (varying shapes): all but two
+    assert loop.FormationRecipe._throughput_summary(recipe)["windows_measured"] == 3
+
+
+def test_a_run_marks_the_windows_that_met_new_shapes(corpus, tmp_path):
+    recipe, summary = _run(tiny_config(corpus, tmp_path / "run"))
+    flags = [w["new_shapes"] for w in recipe._windows]
+    assert flags[0] and len(flags) == 6  # log_every=1: one window a step; the first step is new
+    shapes = {batch_shapes(recipe._batches(step)) for step in range(6)}
+    assert sum(flags) == len(shapes)

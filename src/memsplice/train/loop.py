@@ -631,7 +631,9 @@ class FormationRecipe:
             "losses": {},
             "correct": 0,
             "targets": 0,
+            "new_shapes": False,
         }
+        self._shapes_seen: set = set()
         probe = StepTimes() if planning else None
         stopped_by_time = False
         while self.state.step < self.state.planned_steps:
@@ -711,6 +713,9 @@ class FormationRecipe:
 
     def _accumulate(self, window: dict, out: dict) -> None:
         window["steps"] += 1
+        if out["shapes"] not in self._shapes_seen:  # this window paid for compiling the step's shapes
+            self._shapes_seen.add(out["shapes"])
+            window["new_shapes"] = True
         window["flops"] += out["cost"].flops
         window["tokens"] += out["cost"].tokens
         self.state.passages_seen += out["cost"].passages * self.dist.world_size
@@ -759,9 +764,18 @@ class FormationRecipe:
             record["mfu"] = flops / seconds / (self.peak * self.dist.world_size)
         if self.dist.is_main:
             self.metrics.write(record)
-        self._windows = getattr(self, "_windows", []) + [record]
+        self._windows = getattr(self, "_windows", []) + [{**record, "new_shapes": window["new_shapes"]}]
         window.update(
-            {"t": now, "steps": 0, "flops": 0.0, "tokens": 0, "losses": {}, "correct": 0, "targets": 0}
+            {
+                "t": now,
+                "steps": 0,
+                "flops": 0.0,
+                "tokens": 0,
+                "losses": {},
+                "correct": 0,
+                "targets": 0,
+                "new_shapes": False,
+            }
         )
         return record
 
@@ -781,9 +795,14 @@ class FormationRecipe:
         return results
 
     def _throughput_summary(self) -> dict:
-        """Steady-state throughput: windows after the first two (compilation and warm-up excluded)."""
+        """Steady-state throughput: the metrics windows after the first (warm-up) in which no step ran at batch
+        shapes new to this process (those pay for compiling them: one graph per passage length with `run.compile`,
+        so on a mix of lengths such windows come long after the first two). When every window saw new shapes (e.g.
+        denoising, whose corrupted lengths vary), the windows after the first two."""
         windows = getattr(self, "_windows", [])
-        steady = windows[2:] if len(windows) > 3 else windows
+        steady = [w for w in windows[1:] if not w.get("new_shapes")]
+        if not steady:
+            steady = windows[2:] if len(windows) > 3 else windows
         seconds = sum(w["seconds"] for w in steady)
         if not seconds:
             return {}
@@ -793,6 +812,8 @@ class FormationRecipe:
             "tokens_per_s": tokens / seconds,
             "flops_per_s": flops / seconds,
             "seconds_measured": seconds,
+            "windows_measured": len(steady),
+            "windows_left_out": len(windows) - len(steady),
             "world_size": self.dist.world_size,
         }
         if self.peak:
