@@ -25,7 +25,10 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"run": {"reader_shapes": "dynamic"}}, "run.reader_shapes"),
         ({"run": {"reader_attention": "upper_left"}}, "run.reader_attention"),
         ({"objectives": {"reconstruction": 0.0}}, "objectives.reconstruction"),
-        ({"objectives": {"reconstruction": 0.0, "continuation": 1.0, "refined_target": 1.0}}, "refined_target"),
+        (
+            {"objectives": {"reconstruction": 0.0, "continuation": 1.0, "refined_target": 1.0}},
+            "refined_target",
+        ),
         ({"objectives": {"refined_target_steps": 0}}, "objectives.refined_target_steps"),
         ({"run": {"stpes": 3}}, "unknown fields in run"),
         ({"traning": {}}, "unknown config sections"),
