@@ -67,6 +67,20 @@ def batch_shapes(batches: dict) -> tuple:
     return tuple(key)
 
 
+def _fresh_window(t: float) -> dict:
+    """An empty metrics window opened at time `t`: what `_accumulate` adds steps to and `_flush` turns into a record."""
+    return {
+        "t": t,
+        "steps": 0,
+        "flops": 0.0,
+        "tokens": 0,
+        "losses": {},
+        "correct": 0,
+        "targets": 0,
+        "new_shapes": False,  # a step in it ran at batch shapes new to this process (it paid for compiling them)
+    }
+
+
 class StepTimes:
     """Seconds per step for planning a schedule, from the probe's steps minus each first step of a set of shapes.
 
@@ -623,16 +637,7 @@ class FormationRecipe:
             disable=not (self.dist.is_main and self.show_progress),
             dynamic_ncols=True,
         )
-        window = {
-            "t": time.perf_counter(),
-            "steps": 0,
-            "flops": 0.0,
-            "tokens": 0,
-            "losses": {},
-            "correct": 0,
-            "targets": 0,
-            "new_shapes": False,
-        }
+        window = _fresh_window(time.perf_counter())
         self._shapes_seen: set = set()
         probe = StepTimes() if planning else None
         stopped_by_time = False
@@ -765,18 +770,7 @@ class FormationRecipe:
         if self.dist.is_main:
             self.metrics.write(record)
         self._windows = getattr(self, "_windows", []) + [{**record, "new_shapes": window["new_shapes"]}]
-        window.update(
-            {
-                "t": now,
-                "steps": 0,
-                "flops": 0.0,
-                "tokens": 0,
-                "losses": {},
-                "correct": 0,
-                "targets": 0,
-                "new_shapes": False,
-            }
-        )
+        window.update(_fresh_window(now))
         return record
 
     def _log_eval(self) -> dict:
