@@ -7,8 +7,8 @@ Every objective returns an `ObjectiveResult` with a differentiable mean loss plu
 - `infonce`: latents of a query span and of the passage it comes from are pulled together against in-batch negatives.
 - `reconstruction_with_target`: reconstruction, plus the encoder's latents pulled towards where a few steps of
   write-time refinement (`memsplice.memory.refine`) take them: the refined latents are read back better than the
-  encoder's own (at 8x, 2 steps take the shipped memory from ~95% to ~98%), so they are a target the encoder can
-  learn to jump to (semi-amortised training).
+  encoder's own (at 8x two steps took the reasoner-state memory from 94.0% to 98.4% on 16 passages), so they are a
+  target the encoder might learn to jump to (semi-amortised training; measured without gain, docs/formation.md).
 - `answer`: the reasoner reads [memory][question prompt] and produces the answer (teacher-forced cross-entropy on the
   answer tokens only): what question answering from memory asks of it. `answer_groups` computes several such
   objectives (any [memory][prompt] -> target read) in one reasoner pass.
