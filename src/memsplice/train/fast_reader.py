@@ -91,7 +91,7 @@ def _decoder_layer(
     head_dim: int,
     eps: float,
     scale: float,
-    layout: str = "lower_right",
+    layout: str = "square",
 ) -> torch.Tensor:
     """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M); `layout`
     is the attention's (`gated_causal_attention`)."""
