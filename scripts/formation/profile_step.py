@@ -51,6 +51,8 @@ def check_against_transformers(recipe) -> dict:
     runs = {}
     for name, reader in (("variant", recipe.reader), ("transformers", None)):
         recipe.optimizer.zero_grad(set_to_none=True)
+        if reader is not None:
+            reader.mark_step_begin()
         with (
             recipe._autocast(),
             fused_memory_attention(recipe.reasoner, recipe.config.run.fused_attention),

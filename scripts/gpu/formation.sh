@@ -23,6 +23,11 @@
 #                                       512-token passages (ATTENTION_LENGTHS; records
 #                                       formation/attention-kernels-$ATTENTION_RECORD and
 #                                       profile-attention-$ATTENTION_RECORD-<length>, default h200)
+#   scripts/gpu/formation.sh modes      do CUDA graphs or tuned matrix-multiply templates pay in a compiled training step?
+#                                       profile_step.py --check of run.compile_mode default, reduce-overhead,
+#                                       max-autotune-no-cudagraphs and max-autotune (COMPILE_MODES picks some), one
+#                                       process each, at 256-token passages (MODES_LENGTH; records
+#                                       formation/profile-mode-$MODES_RECORD-<length>-<mode>, default h200)
 #   scripts/gpu/formation.sh ablation   the language-prior ablation at equal compute: configs/formation-prior.yaml
 #                                       trained twice side by side on one GPU, encoder initialised from the reasoner's
 #                                       layers and at random, the same architecture, data, seed and schedule of
@@ -69,7 +74,7 @@
 # SMALL=1 runs every phase at a toy size on the CPU (the same code path), to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ceiling|attention|ablation|scratch|growth|target}
+PHASE=${1:?usage: formation.sh main|resume|extend|baselines|throughput|ceiling|attention|modes|ablation|scratch|growth|target}
 T0=$(date +%s)
 LIMIT_S=${LIMIT_S:-590}           # the host kills a command at 600 s
 RESERVE_S=${RESERVE_S:-75}        # after training: final eval, export, bench, packaging
@@ -241,6 +246,17 @@ case "$PHASE" in
       $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "attention-$REC-$length" \
         --variant lower_right run.compile=all run.reader_attention=lower_right \
         --variant square run.compile=all run.reader_attention=square || true
+    done
+    package ""
+    ;;
+  modes)
+    REC=${MODES_RECORD:-h200}
+    LEN=${MODES_LENGTH:-256}
+    PROFILE=(--length "$LEN" --warmup 6 --steps 20 --profile-steps 3 --check)
+    [ "${SMALL:-0}" = 1 ] && PROFILE=(--length 32 --tokens-per-step 128 --warmup 1 --steps 1 --profile-steps 0 --check)
+    for mode in ${COMPILE_MODES:-default reduce-overhead max-autotune-no-cudagraphs max-autotune}; do
+      $PY scripts/formation/profile_step.py "${PROFILE[@]}" --record "mode-$REC-$LEN-$mode" \
+        --variant "$mode" run.compile=all run.compile_mode="$mode" || echo "compile_mode=$mode failed"
     done
     package ""
     ;;

@@ -24,6 +24,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"run": {"compile": "max"}}, "run.compile"),
         ({"run": {"reader_shapes": "dynamic"}}, "run.reader_shapes"),
         ({"run": {"reader_attention": "upper_left"}}, "run.reader_attention"),
+        ({"run": {"compile_mode": "fast"}}, "run.compile_mode"),
         ({"objectives": {"reconstruction": 0.0}}, "objectives.reconstruction"),
         (
             {"objectives": {"reconstruction": 0.0, "continuation": 1.0, "refined_target": 1.0}},

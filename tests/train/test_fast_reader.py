@@ -83,3 +83,32 @@ def test_compiled_reader_shapes_follow_the_option(monkeypatch, static, dynamic):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("dynamic", "unset")) or fn)
     FastReader(tiny_reasoner("llama"), compile=True, static_shapes=static)
     assert seen == [dynamic, dynamic]  # the layer function and the head loss
+
+
+@pytest.mark.parametrize(
+    "mode, head_mode, graphs",
+    [
+        ("default", "default", False),
+        ("reduce-overhead", "default", True),
+        ("max-autotune", "max-autotune-no-cudagraphs", True),
+        ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", False),
+    ],
+)
+def test_compile_mode_reaches_the_layer_function_and_the_head_loss_without_graphs(
+    monkeypatch, mode, head_mode, graphs
+):
+    """run.compile_mode compiles the layer function in that mode; the head loss, whose outputs are kept past the step,
+    never gets CUDA graphs; only CUDA-graph modes mark a training step's start."""
+    seen, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("mode")) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    reader = FastReader(tiny_reasoner("llama"), compile=True, compile_mode=mode)
+    assert seen == [mode, head_mode]
+    reader.mark_step_begin()
+    assert marks == ([1] if graphs else [])
+    assert not FastReader(tiny_reasoner("llama"), compile=False, compile_mode=mode).cuda_graphs
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile mode"):
+        FastReader(tiny_reasoner("llama"), compile=True, compile_mode="fastest")

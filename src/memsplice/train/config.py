@@ -23,6 +23,9 @@ import yaml
 
 from ..memory.config import MemoryConfig
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""`torch.compile` modes `run.compile_mode` accepts."""
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads 1e-3 as a string; configs mean a float."""
@@ -277,6 +280,12 @@ class RunArgs:
     compile: str = "none"
     """torch.compile: "none", "encoder" (the memory encoder) or "all" (also the reasoner's decoder layers: the fast
     reader's layer function and LM-head loss when it is used, else the transformers decoder layers)."""
+    compile_mode: str = "default"
+    """`torch.compile` mode of the fast reader's layer function with `compile: all`: "default", "reduce-overhead"
+    (each layer's compiled forward and backward replayed as CUDA graphs, so the host's kernel launches stop leaving
+    the GPU idle), "max-autotune" (Triton matrix-multiply templates tuned per shape, with their element-wise
+    neighbours fused in, and CUDA graphs) or "max-autotune-no-cudagraphs". The LM-head loss compiles with the same
+    mode less its CUDA graphs (its outputs are kept past the step). CUDA graphs only apply on a GPU."""
     reader_attention: str = "square"
     """The fast reader's gated attention layout (`memsplice.train.fused_attention.gated_causal_attention`):
     "square" (zero query rows in front, the plain causal mask, grouped K/V, cuDNN first) or "lower_right" (the
@@ -331,6 +340,13 @@ class RunArgs:
         )
         _need(
             s, self, self.reader_shapes in ("auto", "static"), "reader_shapes", 'must be "auto" or "static"'
+        )
+        _need(
+            s,
+            self,
+            self.compile_mode in COMPILE_MODES,
+            "compile_mode",
+            "must be one of " + ", ".join(f'"{m}"' for m in COMPILE_MODES),
         )
         _need(
             s,

@@ -48,6 +48,7 @@ from ..inject.memory_kv import MemoryKV
 from ..inject.rope import rotate_half
 from ..inject.splice import hidden_states_with_memory
 from ..reasoner.head_loss import chunk_cross_entropy
+from .config import COMPILE_MODES
 from .fused_attention import LAYOUTS, gated_causal_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -116,14 +117,26 @@ class FastReader:
     """Final hidden states of [memory][text] for the training layout, from the reasoner's frozen weights."""
 
     def __init__(
-        self, reasoner, compile: bool = False, static_shapes: bool = False, attention: str = "square"
+        self,
+        reasoner,
+        compile: bool = False,
+        static_shapes: bool = False,
+        attention: str = "square",
+        compile_mode: str = "default",
     ):
         """compile: torch.compile the layer function and the head loss; static_shapes: one graph per input shape
         (else dynamo's default, which makes changed dims dynamic from the second shape on); attention: the layout
-        of the gated attention, "lower_right" or "square" (`memsplice.train.fused_attention`)."""
+        of the gated attention, "lower_right" or "square" (`memsplice.train.fused_attention`); compile_mode: the
+        layer function's `torch.compile` mode (`run.compile_mode`); the head loss gets it less CUDA graphs, since its
+        outputs outlive the step. With CUDA graphs the caller marks each training step's start
+        (`mark_step_begin`)."""
         why = self.refusal(reasoner)
         if why:
             raise ValueError(f"FastReader: {why}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"FastReader: unknown compile mode {compile_mode!r}: one of {', '.join(COMPILE_MODES)}"
+            )
         if attention not in LAYOUTS:
             raise ValueError(
                 f"FastReader: unknown attention layout {attention!r}: one of {', '.join(LAYOUTS)}"
@@ -140,10 +153,24 @@ class FastReader:
         self.final_norm = decoder.norm.weight
         self.embedding = decoder.embed_tokens
         dynamic = False if static_shapes else None
-        self._layer = torch.compile(_decoder_layer, dynamic=dynamic) if compile else _decoder_layer
-        self.chunk_cross_entropy = (
-            torch.compile(chunk_cross_entropy, dynamic=dynamic) if compile else chunk_cross_entropy
+        self.cuda_graphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
+        head_mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(
+            compile_mode, compile_mode
         )
+        self._layer = (
+            torch.compile(_decoder_layer, dynamic=dynamic, mode=compile_mode) if compile else _decoder_layer
+        )
+        self.chunk_cross_entropy = (
+            torch.compile(chunk_cross_entropy, dynamic=dynamic, mode=head_mode)
+            if compile
+            else chunk_cross_entropy
+        )
+
+    def mark_step_begin(self) -> None:
+        """Tell CUDA graph trees a new training step starts (with CUDA graphs: the layer outputs of the last step may
+        be overwritten from here on); nothing otherwise."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @staticmethod
     def refusal(reasoner) -> str | None:

@@ -400,6 +400,7 @@ class FormationRecipe:
             compile=r.compile == "all",
             static_shapes=r.reader_shapes == "static",
             attention=r.reader_attention,
+            compile_mode=r.compile_mode,
         )
 
     def _compile(self) -> None:
@@ -506,6 +507,8 @@ class FormationRecipe:
             group["lr"] = lr * group["lr_scale"]
         batches = self._batches(step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.reader is not None:
+            self.reader.mark_step_begin()
         with (
             self._autocast(),
             fused_memory_attention(self.reasoner, cfg.run.fused_attention),
