@@ -10,7 +10,7 @@ from memsplice.train.objectives import reconstruction
 from tiny import tiny_reasoner
 
 
-@pytest.mark.parametrize("attention", ["lower_right", "square", "square_bshd"])
+@pytest.mark.parametrize("attention", ["lower_right", "square"])
 @pytest.mark.parametrize("operator", ["prepend_kv", "layer_concat"])
 def test_fast_reader_matches_decoder_values_and_gradients(reasoner, operator, attention):
     memory = small_memory(reasoner, operator)

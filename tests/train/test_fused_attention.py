@@ -48,9 +48,8 @@ def test_fused_refuses_eager_reasoner():
 
 @pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4)])
 def test_square_layout_computes_the_lower_right_attention(heads, kv_heads):
-    """Zero query rows in front, the plain causal mask and grouped K/V as they are, on (B, H, T, D) tensors or on
-    (B, T, H, D) ones: the same values and gradients (queries, keys, values and the gate, a closed slot included) as
-    the lower-right layout."""
+    """Zero query rows in front, the plain causal mask and grouped K/V as they are: the same values and gradients
+    (queries, keys, values and the gate, a closed slot included) as the lower-right layout."""
     torch.manual_seed(0)
     b, t, m, d = 3, 9, 4, 16
     inputs = [
@@ -60,26 +59,17 @@ def test_square_layout_computes_the_lower_right_attention(heads, kv_heads):
         torch.rand(b, m).log(),
     ]
     inputs[3][1, 2] = 2 * GATE_FLOOR  # a slot closed below the floor
-    grad_out = torch.randn(b, heads, t, d, generator=torch.Generator().manual_seed(1))
     results = {}
-    for layout in ("lower_right", "square", "square_bshd"):
+    for layout in ("lower_right", "square"):
         leaves = [x.clone().requires_grad_(True) for x in inputs]
-        if layout == "square_bshd":  # the same tensors laid out (B, T, H, D), the gate as it is
-            args = [x.transpose(1, 2) for x in leaves[:3]] + [leaves[3]]
-            out = gated_causal_attention(*args, d**-0.5, layout=layout)
-            assert out.shape == (b, t, heads, d)
-            out = out.transpose(1, 2)
-        else:
-            out = gated_causal_attention(*leaves, d**-0.5, layout=layout)
-        out.backward(grad_out)
+        out = gated_causal_attention(*leaves, d**-0.5, layout=layout)
+        out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
         results[layout] = (out.detach(), [x.grad for x in leaves])
-    want, want_grads = results["lower_right"]
-    for layout in ("square", "square_bshd"):
-        got, got_grads = results[layout]
-        assert got.shape == (b, heads, t, d)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for g, w in zip(got_grads, want_grads, strict=True):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    (want, want_grads), (got, got_grads) = results["lower_right"], results["square"]
+    assert got.shape == (b, heads, t, d)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
 def test_unknown_layout_is_refused():

@@ -290,11 +290,9 @@ class RunArgs:
     """The fast reader's gated attention layout (`memsplice.train.fused_attention.gated_causal_attention`):
     "square" (zero query rows in front, the plain causal mask, grouped K/V, cuDNN first) or "lower_right" (the
     (T, M+T) scores under a lower-right causal mask, K/V repeated per query head; SDPA picks flash, 96-wide for 64-wide
-    heads) or "square_bshd" (the square layout with q/k/v and the attention's output laid out (batch, sequence,
-    heads, dim), so no kernel moves data across heads). All compute the same values and gradients. Compiled, on an
-    H200, a training step took 99.9 against 124.4 ms at 256-token passages and 101.5 against 160.0 ms at 512
-    (22.2-22.3% against 14.2-17.9% MFU), with loss and gradient as the transformers path's
-    (benchmarks/results/formation/profile-attention-h200-{256,512}.json)."""
+    heads). Both compute the same values and gradients. Compiled, on an H200, a training step took 99.9 against
+    124.4 ms at 256-token passages and 101.5 against 160.0 ms at 512 (22.2-22.3% against 14.2-17.9% MFU), with loss
+    and gradient as the transformers path's (benchmarks/results/formation/profile-attention-h200-{256,512}.json)."""
     reader_shapes: str = "static"
     """How the compiled fast reader treats a new passage shape: "static" (one specialised graph per shape) or "auto"
     (dynamo's default: after its second shape it recompiles with the changed dims dynamic, one graph for all). On the
@@ -353,9 +351,9 @@ class RunArgs:
         _need(
             s,
             self,
-            self.reader_attention in ("lower_right", "square", "square_bshd"),
+            self.reader_attention in ("lower_right", "square"),
             "reader_attention",
-            'must be "lower_right", "square" or "square_bshd"',
+            'must be "lower_right" or "square"',
         )
         _need(
             s,

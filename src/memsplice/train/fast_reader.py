@@ -94,34 +94,21 @@ def _decoder_layer(
     scale: float,
     layout: str = "square",
 ) -> torch.Tensor:
-    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M); cos, sin
-    (1, T, D); `layout` is the attention's (`gated_causal_attention`)."""
+    """One decoder layer over x (B, T, d) after memory K/V (B, Hk, M, D) with per-slot log-gate (B, M); `layout`
+    is the attention's (`gated_causal_attention`)."""
     b, t, _ = x.shape
     h = _rms_norm(x, input_norm, eps)
     proj = F.linear(h, qkv, qkv_bias)
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
-    q = proj[..., :q_width].view(b, t, heads, head_dim)
-    k = proj[..., q_width : q_width + kv_width].view(b, t, kv_heads, head_dim)
-    v = proj[..., q_width + kv_width :].view(b, t, kv_heads, head_dim)
-    if layout == "square_bshd":  # (B, T, H, D) throughout; cos, sin (1, T, D) broadcast over the heads
-        cos, sin, seq, memory_keys, memory_values = (
-            cos[:, :, None],
-            sin[:, :, None],
-            1,
-            memory_keys.transpose(1, 2),
-            memory_values.transpose(1, 2),
-        )
-    else:  # (B, H, T, D)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin, seq = cos[:, None], sin[:, None], 2
+    q = proj[..., :q_width].view(b, t, heads, head_dim).transpose(1, 2)
+    k = proj[..., q_width : q_width + kv_width].view(b, t, kv_heads, head_dim).transpose(1, 2)
+    v = proj[..., q_width + kv_width :].view(b, t, kv_heads, head_dim).transpose(1, 2)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    k = torch.cat([memory_keys.to(k.dtype), k], dim=seq)
-    v = torch.cat([memory_values.to(v.dtype), v], dim=seq)
-    a = gated_causal_attention(q, k, v, gate_bias, scale, layout=layout)
-    if layout != "square_bshd":
-        a = a.transpose(1, 2)
-    x = x + F.linear(a.reshape(b, t, q_width), out)
+    k = torch.cat([memory_keys.to(k.dtype), k], dim=2)
+    v = torch.cat([memory_values.to(v.dtype), v], dim=2)
+    a = gated_causal_attention(q, k, v, gate_bias, scale, layout=layout)  # (B, Hq, T, D)
+    x = x + F.linear(a.transpose(1, 2).reshape(b, t, q_width), out)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
 
@@ -234,7 +221,7 @@ class FastReader:
         x = self.embedding(input_ids)
         positions = torch.arange(m, m + t, device=input_ids.device)[None]
         cos, sin = self.reasoner.rotary_cos_sin(positions, like=x)  # (1, T, D)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
         for i, w in enumerate(self.layers):
             x = self._layer(
                 x,

@@ -21,12 +21,6 @@ SDPA as they are (`enable_gqa`), and cuDNN is asked for first (flash, which the 
 fast reader, whose default it is (`run.reader_attention`), a training step took 99.9 against 124.4 ms at 256-token
 passages (formation/profile-attention-h200-256.json).
 
-`layout="square_bshd"` is the square layout on tensors laid out (batch, sequence, heads, dim): the zero query rows,
-the gate's key dimension and the memory are concatenated in that order, and SDPA gets transposed views, so its output
-and its input gradients keep that order (cuDNN allocates them matching the query's layout). The fast reader's
-q/k/v projection and its output projection read and write (batch, sequence, heads x dim), so neither the rotary
-embedding's backward nor the output's reshape then moves data across heads.
-
 Guarantee: inside `fused_memory_attention(reasoner)`, a forward pass with `memory_gate_bias` computes what the core
 gated attention computes for that layout (tests/train/test_fused_attention.py checks logits and gradients against
 it); a forward pass without memory is the stock attention, unchanged. Callers must only use it for the layout above.
@@ -49,7 +43,7 @@ FUSED_NAME = "memsplice_fused_training"
 EXTRA_DIMS = 8
 GATE_FLOOR = -1e4
 """log g below this counts as a closed slot (a finite stand-in for -inf, so no 0 * inf reaches the gradients)."""
-LAYOUTS = ("lower_right", "square", "square_bshd")
+LAYOUTS = ("lower_right", "square")
 SQUARE_BACKENDS = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
@@ -124,13 +118,10 @@ def gated_causal_attention(
 
     Returns (B, Hq, T, D): text token i attends to every memory slot (its score raised by log g) and to text tokens
     <= i, in one SDPA call with no mask tensor. `layout`: "lower_right" (the (T, M+T) score matrix under its
-    lower-right causal mask, K/V repeated per query head), "square" (zero query rows in front, the plain causal
-    mask, grouped K/V as they are, cuDNN first) or "square_bshd" (the same with every tensor, the result included,
-    laid out (B, T, H, D) instead); see the module docstring."""
+    lower-right causal mask, K/V repeated per query head) or "square" (zero query rows in front, the plain causal
+    mask, grouped K/V as they are, cuDNN first); see the module docstring."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown attention layout {layout!r}: one of {', '.join(LAYOUTS)}")
-    if layout == "square_bshd":
-        return _square_sequence_major(query, key, value, gate_bias, scale, dropout)
     b, hq, t, d = query.shape
     s = key.shape[2]
     q, k, v = gate_folded(query, key, value, gate_bias, scale)
@@ -152,40 +143,6 @@ def gated_causal_attention(
         scale=scale,
     )  # (B, Hq, T, D+8)
     return out[..., :d]
-
-
-def _square_sequence_major(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    gate_bias: torch.Tensor,
-    scale: float,
-    dropout: float,
-) -> torch.Tensor:
-    """The square layout on query (B, T, Hq, D), key and value (B, M+T, H, D): (B, T, Hq, D)."""
-    b, t, hq, d = query.shape
-    s, hk = key.shape[1], key.shape[2]
-    m = s - t
-    bias = gate_bias.clamp(min=GATE_FLOOR).to(query.dtype) / scale  # (B, M)
-    key_extra = torch.cat([bias, bias.new_zeros(b, t)], dim=1)  # (B, M+T)
-    q = torch.cat([query, query.new_ones(b, t, hq, 1), query.new_zeros(b, t, hq, EXTRA_DIMS - 1)], dim=-1)
-    q = torch.cat([q.new_zeros(b, m, hq, d + EXTRA_DIMS), q], dim=1)  # (B, M+T, Hq, D+8)
-    k = torch.cat(
-        [key, key_extra[:, :, None, None].expand(b, s, hk, 1), key.new_zeros(b, s, hk, EXTRA_DIMS - 1)],
-        dim=-1,
-    )
-    v = F.pad(value, (0, EXTRA_DIMS))
-    with sdpa_kernel(SQUARE_BACKENDS, set_priority=True):
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        )  # (B, Hq, M+T, D+8), in memory (B, M+T, Hq, D+8) when the kernel matches the query's layout
-    return out.transpose(1, 2)[:, m:, :, :d]
 
 
 def register_fused_attention() -> str:
