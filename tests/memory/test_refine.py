@@ -101,3 +101,33 @@ def test_checkpoints_older_than_the_field_take_the_instruction_training_recorded
         == "A"
     )
     assert MemoryConfig().reconstruction_instruction is None
+
+
+def test_unpadded_passages_are_read_through_the_fast_reader_with_the_decoders_values(reasoner, monkeypatch):
+    """An unpadded batch's loss goes through the shared fast reader; it equals the transformers decoder's, which
+    padded batches use, in value and in gradient with respect to the latents."""
+    from memsplice.inject.splice import passage_hidden_states
+    from memsplice.memory import refine
+    from memsplice.train.fast_reader import shared_reader
+
+    memory = _memory(reasoner)
+    ids = random_ids(2, 9)
+    z = memory.encode(ids).detach().requires_grad_(True)
+    instruction = reconstruction_instruction(memory)
+    calls = []
+    reader = shared_reader(reasoner)
+    original = reader.hidden_states
+    monkeypatch.setattr(reader, "hidden_states", lambda *a: calls.append(1) or original(*a))
+    fast = reconstruction_loss(memory, z, ids, torch.ones_like(ids), instruction)
+    (fast_grad,) = torch.autograd.grad(fast, z)
+    assert calls == [1]
+    monkeypatch.setattr(
+        refine,
+        "_unpadded_hidden_states",
+        lambda r, i, p, kv: passage_hidden_states(r, i, p, kv, None),
+    )
+    slow = reconstruction_loss(memory, z, ids, torch.ones_like(ids), instruction)
+    (slow_grad,) = torch.autograd.grad(slow, z)
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, slow_grad, atol=1e-6, rtol=1e-4)

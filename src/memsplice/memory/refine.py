@@ -13,7 +13,9 @@ Guarantees:
 - only the latents change: no parameter of the memory model or of the reasoner gets a gradient or is modified, and
   the call works inside `torch.no_grad()`;
 - rows are independent (the loss is a sum of per-row means), so a batch refines each passage as it would alone;
-- positions where `attention_mask` is 0 are not scored (right-padded passages);
+- positions where `attention_mask` is 0 are not scored (right-padded passages); unpadded batches are read through
+  the fast reader (`memsplice.train.fast_reader`) when the reasoner has one, padded ones through the transformers
+  decoder, with the same values (tests/memory/test_refine.py);
 - rows whose latents fail the safety check (non-finite, over `max_latent_norm`) are returned unchanged, for
   `MemoryModel.inject` to refuse and log as before; refined rows are kept within `max_latent_norm`;
 - `steps=0` returns the latents unchanged.
@@ -50,8 +52,11 @@ def reconstruction_loss(
     """Sum over rows of each row's mean teacher-forced cross-entropy of its passage after [memory][instruction]."""
     reasoner = memory_model.reasoner
     memory = memory_model.inject(latents)
-    hidden = passage_hidden_states(reasoner, instruction, input_ids, memory.kv, attention_mask)
     scored = attention_mask.bool()
+    if bool(scored.all()):
+        hidden = _unpadded_hidden_states(reasoner, instruction, input_ids, memory.kv)
+    else:
+        hidden = passage_hidden_states(reasoner, instruction, input_ids, memory.kv, attention_mask)
     counts = scored.sum(1)
     total = hidden.new_zeros((), dtype=torch.float32)
     # rows with equally many scored tokens share one chunked head-loss call (all rows, for unpadded passages)
@@ -62,6 +67,20 @@ def reconstruction_loss(
         loss, _ = lm_head_cross_entropy(reasoner, hidden[pick], input_ids[pick])
         total = total + loss / n
     return total
+
+
+def _unpadded_hidden_states(reasoner, instruction, passages, memory) -> torch.Tensor:
+    """`passage_hidden_states` for unpadded passages, through the fast reader when the reasoner has one (the reader
+    active in this block, else the process's shared eager one, `memsplice.train.fast_reader.shared_reader`): the same
+    values with fused projections and no mask tensor, so a refinement step launches fewer kernels. Rows whose memory
+    is not live go through the transformers decoder (`read_hidden_states` decides)."""
+    from ..train.fast_reader import active_reader, fast_reading, read_hidden_states, shared_reader
+
+    b, t = passages.shape
+    i = instruction.numel()
+    text = torch.cat([instruction.to(passages.device).view(1, -1).expand(b, -1), passages], dim=1)
+    with fast_reading(active_reader(reasoner) or shared_reader(reasoner)):
+        return read_hidden_states(reasoner, text, memory)[:, i - 1 : i + t - 1]
 
 
 def refine_latents(
