@@ -106,8 +106,7 @@ def test_checkpoints_older_than_the_field_take_the_instruction_training_recorded
 def test_unpadded_passages_are_read_through_the_fast_reader_with_the_decoders_values(reasoner, monkeypatch):
     """An unpadded batch's loss goes through the shared fast reader; it equals the transformers decoder's, which
     padded batches use, in value and in gradient with respect to the latents."""
-    from memsplice.inject.splice import passage_hidden_states
-    from memsplice.memory import refine
+    from memsplice.train import fast_reader
     from memsplice.train.fast_reader import shared_reader
 
     memory = _memory(reasoner)
@@ -121,11 +120,7 @@ def test_unpadded_passages_are_read_through_the_fast_reader_with_the_decoders_va
     fast = reconstruction_loss(memory, z, ids, torch.ones_like(ids), instruction)
     (fast_grad,) = torch.autograd.grad(fast, z)
     assert calls == [1]
-    monkeypatch.setattr(
-        refine,
-        "_unpadded_hidden_states",
-        lambda r, i, p, kv: passage_hidden_states(r, i, p, kv, None),
-    )
+    monkeypatch.setattr(fast_reader, "shared_reader", lambda r: None)  # a reasoner without one: the decoder
     slow = reconstruction_loss(memory, z, ids, torch.ones_like(ids), instruction)
     (slow_grad,) = torch.autograd.grad(slow, z)
     assert calls == [1]

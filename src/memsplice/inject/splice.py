@@ -102,13 +102,18 @@ def passage_hidden_states(
     passages: torch.Tensor,
     memory: MemoryKV | None,
     passage_mask: torch.Tensor | None = None,
+    read_unpadded=None,
 ) -> torch.Tensor:
     """(B, T, d) hidden states from which the reasoner predicts each token of `passages` (B, T), teacher-forced,
     reading [memory][instruction (I,)] P: the read of reconstruction, scored at the T positions before each token.
-    `passage_mask` (B, T) marks right-padded passages' real tokens (None: all real)."""
+    `passage_mask` (B, T) marks right-padded passages' real tokens (None: all real). `read_unpadded(reasoner, text,
+    memory)`, when given, reads unpadded passages instead of `hidden_states_with_memory` and must compute the same
+    values (e.g. `memsplice.train.fast_reader.read_hidden_states`)."""
     b, t = passages.shape
     i = instruction.numel()
     text = torch.cat([instruction.to(passages.device).view(1, -1).expand(b, -1), passages], dim=1)
+    if passage_mask is None and read_unpadded is not None:
+        return read_unpadded(reasoner, text, memory)[:, i - 1 : i + t - 1]
     mask = None
     if passage_mask is not None:
         mask = torch.cat([torch.ones_like(text[:, :i]), passage_mask.to(text.dtype)], dim=1)

@@ -54,7 +54,14 @@ def reconstruction_loss(
     memory = memory_model.inject(latents)
     scored = attention_mask.bool()
     if bool(scored.all()):
-        hidden = _unpadded_hidden_states(reasoner, instruction, input_ids, memory.kv)
+        # unpadded: through the fast reader when the reasoner has one (the one active in this block, else the shared
+        # eager one): the same values with fused projections and no mask tensor, so a step launches fewer kernels
+        from ..train.fast_reader import active_reader, fast_reading, read_hidden_states, shared_reader
+
+        with fast_reading(active_reader(reasoner) or shared_reader(reasoner)):
+            hidden = passage_hidden_states(
+                reasoner, instruction, input_ids, memory.kv, read_unpadded=read_hidden_states
+            )
     else:
         hidden = passage_hidden_states(reasoner, instruction, input_ids, memory.kv, attention_mask)
     counts = scored.sum(1)
@@ -67,20 +74,6 @@ def reconstruction_loss(
         loss, _ = lm_head_cross_entropy(reasoner, hidden[pick], input_ids[pick])
         total = total + loss / n
     return total
-
-
-def _unpadded_hidden_states(reasoner, instruction, passages, memory) -> torch.Tensor:
-    """`passage_hidden_states` for unpadded passages, through the fast reader when the reasoner has one (the reader
-    active in this block, else the process's shared eager one, `memsplice.train.fast_reader.shared_reader`): the same
-    values with fused projections and no mask tensor, so a refinement step launches fewer kernels. Rows whose memory
-    is not live go through the transformers decoder (`read_hidden_states` decides)."""
-    from ..train.fast_reader import active_reader, fast_reading, read_hidden_states, shared_reader
-
-    b, t = passages.shape
-    i = instruction.numel()
-    text = torch.cat([instruction.to(passages.device).view(1, -1).expand(b, -1), passages], dim=1)
-    with fast_reading(active_reader(reasoner) or shared_reader(reasoner)):
-        return read_hidden_states(reasoner, text, memory)[:, i - 1 : i + t - 1]
 
 
 def refine_latents(
